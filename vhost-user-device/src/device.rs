@@ -1,0 +1,106 @@
+//! The traits a device implements to plug into the layer.
+//!
+//! A device describes itself (features, config space, queues) through [`VhostUserDevice`]
+//! and processes its queues through [`QueueWorker`]s: one worker per group of queues, each
+//! on its own thread, owning the rings of its group while they are started. A worker may
+//! register its own fds (an io_uring eventfd, a tap fd) and keep requests in flight; the
+//! layer asks it to finish them before a ring is stopped (GET_VRING_BASE), so the frontend
+//! never sees a stopped ring with work outstanding.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use vhost::vhost_user::VhostUserProtocolFeatures;
+
+use crate::ring::Ring;
+use crate::worker::Rings;
+
+/// Errors a device reports to the layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A config space access outside the config space or to a read-only field.
+    #[error("config space access at offset {offset} length {len} is not allowed")]
+    ConfigAccess {
+        /// Offset the frontend gave.
+        offset: u32,
+        /// Length the frontend gave.
+        len: usize,
+    },
+    /// Setting up a worker's resources failed (io_uring, fds).
+    #[error("cannot set up queue worker: {0}")]
+    Worker(#[source] io::Error),
+}
+
+/// A virtio device served over vhost-user.
+pub trait VhostUserDevice: Send + Sync + 'static {
+    /// Short name for logs and thread names ("blk", "net", "console").
+    fn name(&self) -> &str;
+
+    /// Number of virtqueues.
+    fn num_queues(&self) -> u16;
+
+    /// Largest ring size the device accepts (a power of two).
+    fn max_queue_size(&self) -> u16;
+
+    /// Device and transport virtio feature bits offered. The layer adds
+    /// VHOST_USER_F_PROTOCOL_FEATURES, VHOST_F_LOG_ALL, VIRTIO_F_VERSION_1,
+    /// VIRTIO_RING_F_INDIRECT_DESC and VIRTIO_RING_F_EVENT_IDX, which it implements.
+    fn features(&self) -> u64;
+
+    /// Protocol features the device needs beyond the ones the layer always offers (MQ,
+    /// LOG_SHMFD, REPLY_ACK, RESET_DEVICE, CONFIGURE_MEM_SLOTS, BACKEND_REQ). For example
+    /// CONFIG, INFLIGHT_SHMFD (only for devices whose requests are safe to resubmit), MTU.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures;
+
+    /// Reads `buf.len()` bytes of config space at `offset`.
+    fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<(), DeviceError>;
+
+    /// Writes config space (only fields the driver may write).
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
+        Err(DeviceError::ConfigAccess {
+            offset,
+            len: data.len(),
+        })
+    }
+
+    /// Which queues share a worker thread. Default: one worker per queue.
+    fn worker_groups(&self) -> Vec<Vec<u16>> {
+        (0..self.num_queues()).map(|q| vec![q]).collect()
+    }
+
+    /// Creates the worker for a group of queues, with the features the driver acked.
+    fn create_worker(
+        &self,
+        queues: &[u16],
+        acked_features: u64,
+    ) -> Result<Box<dyn QueueWorker>, DeviceError>;
+
+    /// The frontend reset the device or went away: drop per-connection state.
+    fn reset(&self) {}
+}
+
+/// Processes the queues of one group on one thread.
+pub trait QueueWorker: Send {
+    /// Extra fds to wait on; readiness of fd `i` calls [`QueueWorker::handle_event`]
+    /// with `i`. Asked once when the worker starts.
+    fn event_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// The ring was kicked, started or enabled: process what the guest made available.
+    fn process_queue(&mut self, ring: &mut Ring);
+
+    /// One of [`QueueWorker::event_fds`] is readable (the worker consumes it).
+    fn handle_event(&mut self, _fd_index: usize, _rings: &mut Rings) {}
+
+    /// Requests of `queue` taken from the ring and not yet put on the used ring.
+    fn in_flight(&self, _queue: u16) -> usize {
+        0
+    }
+
+    /// Blocks until at least one in-flight request completes, and completes it (used
+    /// ring, dirty log, notification). Called only while `in_flight` is non-zero.
+    fn wait_completions(&mut self, _rings: &mut Rings) -> io::Result<()> {
+        Ok(())
+    }
+}

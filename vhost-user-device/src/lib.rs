@@ -1,0 +1,46 @@
+//! The vhost-user device layer shared by the project's backends.
+//!
+//! # Why our own layer
+//!
+//! rust-vmm's `vhost-user-backend` 0.24 is close, but it cannot do four things every backend
+//! here needs: it has no hook to finish in-flight requests before answering GET_VRING_BASE
+//! (an io_uring backend would let the frontend read a used index that is still moving), it
+//! has no inflight tracking (INFLIGHT_SHMFD), regions added after SET_LOG_BASE are never
+//! logged, and clearing VHOST_F_LOG_ALL does not stop logging. Patching it would mean
+//! forking its private handler. Instead this crate implements the vhost crate's
+//! [`vhost::vhost_user::VhostUserBackendReqHandlerMut`] directly (message parsing and
+//! validation stay in `vhost`) and owns the rest:
+//!
+//! - [`server`]: listening on `--socket-path` or `--fd`, one connection after another,
+//!   SIGTERM/SIGINT handling that drains in-flight I/O before exiting;
+//! - [`handler`]: the per-connection protocol state machine;
+//! - [`memory`] and [`dirty_log`]: guest memory regions (SET_MEM_TABLE, ADD/REM_MEM_REG)
+//!   sharing one dirty log, which covers late regions and honours LOG_ALL on and off;
+//! - [`ring`], [`chain`]: started rings and a descriptor-chain walker that checks every
+//!   index, length and address the guest gives;
+//! - [`inflight`]: the INFLIGHT_SHMFD region and the resubmission of chains a previous
+//!   backend process left in flight;
+//! - [`worker`] and [`device`]: worker threads and the two traits devices implement.
+//!
+//! Devices describe themselves with [`device::VhostUserDevice`] and process queues in a
+//! [`device::QueueWorker`]; a worker owns its rings while they run, so the data path takes
+//! no locks, and the protocol thread talks to it through a command channel (start, enable,
+//! new call fd, stop-after-drain).
+
+pub mod chain;
+pub mod device;
+pub mod dirty_log;
+pub mod handler;
+pub mod inflight;
+pub mod memory;
+pub mod rate_limit;
+pub mod ring;
+pub mod server;
+pub mod worker;
+
+pub use chain::{Chain, Segment};
+pub use device::{DeviceError, QueueWorker, VhostUserDevice};
+pub use memory::{GuestMem, GuestMemAtomic};
+pub use ring::{QueueStats, Ring};
+pub use server::{Server, ServerError, Shutdown};
+pub use worker::Rings;

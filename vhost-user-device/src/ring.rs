@@ -1,0 +1,285 @@
+//! A started virtqueue as a worker sees it: the split ring, its eventfds, the guest memory
+//! it lives in, inflight tracking and the dirty log.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::chain::{self, Chain, ChainError};
+use crate::dirty_log::DirtyLog;
+use crate::inflight::InflightQueue;
+use crate::memory::{GuestMem, GuestMemAtomic};
+use crate::rate_limit::RateLimitedLog;
+
+/// Counters of one queue, shared with whoever reports statistics.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Chains taken from the avail ring (or resubmitted).
+    pub chains: AtomicU64,
+    /// Chains put on the used ring.
+    pub completed: AtomicU64,
+    /// Interrupts sent to the guest.
+    pub notifications: AtomicU64,
+    /// Malformed chains (bad indices, loops, addresses outside memory, bad indirect tables).
+    pub bad_chains: AtomicU64,
+    /// Chains resubmitted from the inflight region after a reconnect.
+    pub resubmitted: AtomicU64,
+}
+
+/// A started ring, owned by exactly one worker thread while started.
+pub struct Ring {
+    index: u16,
+    queue: Queue,
+    mem: GuestMemAtomic,
+    log: Arc<DirtyLog>,
+    pub(crate) kick: EventFd,
+    call: Option<EventFd>,
+    pub(crate) enabled: bool,
+    inflight: Option<InflightQueue>,
+    resubmit: VecDeque<u16>,
+    acked_features: u64,
+    stats: Arc<QueueStats>,
+    bad_chain_log: RateLimitedLog,
+}
+
+/// Everything needed to start a ring, gathered by the protocol handler.
+pub struct RingSetup {
+    /// Queue index.
+    pub index: u16,
+    /// Ring size negotiated with SET_VRING_NUM.
+    pub size: u16,
+    /// Largest size the device allows.
+    pub max_size: u16,
+    /// Guest-physical addresses of descriptor table, avail ring, used ring.
+    pub desc: u64,
+    /// Avail ring address.
+    pub avail: u64,
+    /// Used ring address.
+    pub used: u64,
+    /// Avail index to start from (SET_VRING_BASE).
+    pub base: u16,
+    /// VIRTIO_RING_F_EVENT_IDX negotiated.
+    pub event_idx: bool,
+    /// All acked virtio features.
+    pub acked_features: u64,
+    /// Kick eventfd.
+    pub kick: EventFd,
+    /// Call eventfd, if any.
+    pub call: Option<EventFd>,
+    /// Whether the ring starts enabled.
+    pub enabled: bool,
+    /// Inflight tracking, if the frontend set up a region.
+    pub inflight: Option<InflightQueue>,
+    /// Guest memory.
+    pub mem: GuestMemAtomic,
+    /// Dirty log.
+    pub log: Arc<DirtyLog>,
+    /// Counters.
+    pub stats: Arc<QueueStats>,
+}
+
+/// Why a ring could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// The size or addresses are not acceptable to virtio-queue.
+    #[error("queue {index}: invalid ring configuration: {reason}")]
+    Invalid {
+        /// Queue index.
+        index: u16,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+impl Ring {
+    /// Builds and validates a ring; reads the used index from guest memory and applies
+    /// inflight recovery.
+    pub fn start(setup: RingSetup) -> Result<Self, RingError> {
+        let index = setup.index;
+        let invalid = |reason: String| RingError::Invalid { index, reason };
+        let mut queue = Queue::new(setup.max_size).map_err(|e| invalid(e.to_string()))?;
+        queue
+            .try_set_size(setup.size)
+            .map_err(|e| invalid(format!("size {}: {e}", setup.size)))?;
+        queue
+            .try_set_desc_table_address(GuestAddress(setup.desc))
+            .map_err(|e| invalid(format!("descriptor table {:#x}: {e}", setup.desc)))?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(setup.avail))
+            .map_err(|e| invalid(format!("avail ring {:#x}: {e}", setup.avail)))?;
+        queue
+            .try_set_used_ring_address(GuestAddress(setup.used))
+            .map_err(|e| invalid(format!("used ring {:#x}: {e}", setup.used)))?;
+        queue.set_event_idx(setup.event_idx);
+        queue.set_ready(true);
+        let mem = setup.mem.memory();
+        if !queue.is_valid(&*mem) {
+            return Err(invalid("rings are not inside guest memory".into()));
+        }
+        let used_idx = queue
+            .used_idx(&*mem, Ordering::Acquire)
+            .map_err(|e| invalid(format!("cannot read used index: {e}")))?
+            .0;
+        queue.set_next_used(used_idx);
+        queue.set_next_avail(setup.base);
+        let mut inflight = setup.inflight;
+        let mut resubmit = VecDeque::new();
+        if let Some(infl) = inflight.as_mut() {
+            let rec = infl.recover(used_idx);
+            if let Some(next) = rec.next_avail {
+                if next != setup.base {
+                    log::info!(
+                        "queue {index}: continuing from avail index {next} (frontend said {}), \
+                         resubmitting {} in-flight request(s)",
+                        setup.base,
+                        rec.resubmit.len()
+                    );
+                }
+                queue.set_next_avail(next);
+            }
+            resubmit.extend(rec.resubmit);
+        }
+        drop(mem);
+        Ok(Self {
+            index,
+            queue,
+            mem: setup.mem,
+            log: setup.log,
+            kick: setup.kick,
+            call: setup.call,
+            enabled: setup.enabled,
+            inflight,
+            resubmit,
+            acked_features: setup.acked_features,
+            stats: setup.stats,
+            bad_chain_log: RateLimitedLog::new(),
+        })
+    }
+
+    /// Queue index.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Ring size.
+    pub fn size(&self) -> u16 {
+        self.queue.size()
+    }
+
+    /// Acked virtio features.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Whether the ring is enabled (a started but disabled ring must not be processed).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The avail index we will read next.
+    pub fn next_avail(&self) -> u16 {
+        self.queue.next_avail()
+    }
+
+    /// A snapshot of guest memory; keep it for as long as the kernel may touch buffers.
+    pub fn memory(&self) -> Arc<GuestMem> {
+        self.mem.memory().into_inner()
+    }
+
+    /// The dirty log, for writes made behind vm-memory's back (io_uring).
+    pub fn dirty_log(&self) -> &Arc<DirtyLog> {
+        &self.log
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
+    }
+
+    /// Suppresses guest kicks while we drain the ring.
+    pub fn disable_notification(&mut self, mem: &GuestMem) {
+        let _ = self.queue.disable_notification(mem);
+    }
+
+    /// Re-enables kicks; returns true if new chains arrived meanwhile (process again).
+    pub fn enable_notification(&mut self, mem: &GuestMem) -> bool {
+        self.queue.enable_notification(mem).unwrap_or(false)
+    }
+
+    /// Takes the next chain: first chains to resubmit after a reconnect, then the avail
+    /// ring. Malformed chains are returned to the guest with length 0, counted and logged,
+    /// and the next chain is tried.
+    pub fn pop(&mut self, mem: &GuestMem, chain: &mut Chain) -> bool {
+        loop {
+            let (head, resubmitted) = match self.resubmit.pop_front() {
+                Some(h) => (h, true),
+                None => match self.queue.pop_descriptor_chain(mem) {
+                    Some(c) => (c.head_index(), false),
+                    None => return false,
+                },
+            };
+            if !resubmitted {
+                if let Some(infl) = self.inflight.as_mut() {
+                    infl.begin(head);
+                }
+            } else {
+                self.stats.resubmitted.fetch_add(1, Ordering::Relaxed);
+            }
+            self.stats.chains.fetch_add(1, Ordering::Relaxed);
+            match chain::walk(mem, self.queue.desc_table(), self.queue.size(), head, chain) {
+                Ok(()) => return true,
+                Err(e) => self.reject_chain(mem, head, e),
+            }
+        }
+    }
+
+    fn reject_chain(&mut self, mem: &GuestMem, head: u16, e: ChainError) {
+        self.stats.bad_chains.fetch_add(1, Ordering::Relaxed);
+        let index = self.index;
+        self.bad_chain_log
+            .warn(|| format!("queue {index}: dropping malformed chain (head {head}): {e}"));
+        if head < self.queue.size() {
+            self.add_used(mem, head, 0);
+        }
+    }
+
+    /// Puts `head` on the used ring with `len` bytes written.
+    pub fn add_used(&mut self, mem: &GuestMem, head: u16, len: u32) {
+        if let Some(infl) = self.inflight.as_mut() {
+            infl.before_used(head);
+        }
+        if let Err(e) = self.queue.add_used(mem, head, len) {
+            let index = self.index;
+            self.bad_chain_log
+                .warn(|| format!("queue {index}: cannot write used ring: {e}"));
+            return;
+        }
+        if let Some(infl) = self.inflight.as_mut() {
+            infl.after_used(head, self.queue.next_used());
+        }
+        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Interrupts the guest if the ring's notification rules ask for it.
+    pub fn notify(&mut self, mem: &GuestMem) {
+        if self.queue.needs_notification(mem).unwrap_or(true) {
+            if let Some(call) = &self.call {
+                let _ = call.write(1);
+                self.stats.notifications.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub(crate) fn set_call(&mut self, call: Option<EventFd>) {
+        self.call = call;
+    }
+
+    /// Chains waiting to be resubmitted from the inflight region.
+    pub fn has_resubmits(&self) -> bool {
+        !self.resubmit.is_empty()
+    }
+}

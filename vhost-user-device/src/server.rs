@@ -1,0 +1,316 @@
+//! Accepting frontends, one connection at a time, and staying up when they leave.
+//!
+//! Backend program conventions (QEMU docs/interop/vhost-user.rst): listen on
+//! `--socket-path` or an inherited `--fd`, never daemonize, and exit cleanly on SIGTERM and
+//! SIGINT. Each connection gets a fresh protocol [`Handler`]; the device (disk, tap, ports)
+//! outlives connections, so a restarted VMM or a new VM reconnects to the same process.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::VhostUserDevice;
+use crate::handler::Handler;
+use crate::rate_limit::RateLimitedLog;
+use crate::ring::QueueStats;
+
+/// Errors that end serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The socket path could not be bound.
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// `--fd` is not a listening unix socket.
+    #[error("fd {fd} is not a listening unix socket: {source}")]
+    BadFd {
+        /// The descriptor number.
+        fd: RawFd,
+        /// What was wrong.
+        source: io::Error,
+    },
+    /// accept/poll failed.
+    #[error("accepting a frontend connection failed: {0}")]
+    Accept(#[source] io::Error),
+    /// A queue worker failed; the process should exit non-zero.
+    #[error("a queue worker failed (see the log above); giving up")]
+    WorkerFailed,
+}
+
+/// Shared shutdown request: set by the signal thread (or a test), observed by the server.
+pub struct Shutdown {
+    efd: EventFd,
+    requested: AtomicBool,
+    conn: Mutex<Option<UnixStream>>,
+}
+
+impl Shutdown {
+    /// A new, untriggered shutdown flag.
+    pub fn new() -> io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            efd: EventFd::new(EFD_NONBLOCK)?,
+            requested: AtomicBool::new(false),
+            conn: Mutex::new(None),
+        }))
+    }
+
+    /// Asks the server to finish: the current connection is closed once its in-flight I/O
+    /// completed, and no new one is accepted.
+    pub fn trigger(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        let _ = self.efd.write(1);
+        if let Some(s) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Whether shutdown was asked for.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    fn set_conn(&self, s: Option<UnixStream>) {
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        if self.is_requested() {
+            self.trigger();
+        }
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (call it before spawning any thread,
+/// so every thread inherits the mask) and starts a thread that turns them into a
+/// [`Shutdown::trigger`]. A second signal while shutting down exits at once.
+pub fn handle_termination_signals(shutdown: Arc<Shutdown>) -> io::Result<()> {
+    // SAFETY: plain sigset manipulation on a zeroed local set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    };
+    // SAFETY: valid set pointer; old mask not needed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: valid pointers to a local set and int.
+            let rc = unsafe { libc::sigwait(&set, &mut sig) };
+            if rc != 0 {
+                continue;
+            }
+            if shutdown.is_requested() {
+                log::warn!("second signal {sig}: exiting without waiting");
+                std::process::exit(1);
+            }
+            log::info!("signal {sig}: finishing in-flight I/O and exiting");
+            shutdown.trigger();
+        })?;
+    Ok(())
+}
+
+/// Binds `path` (removing a stale socket file first).
+pub fn listen_path(path: &Path) -> Result<UnixListener, ServerError> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|source| ServerError::Bind {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Takes over an inherited listening socket (`--fd`).
+pub fn listen_fd(fd: RawFd) -> Result<UnixListener, ServerError> {
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let mut accepting: libc::c_int = 0;
+    let mut len2 = len;
+    // SAFETY: getsockopt with valid out pointers; failure is reported through errno.
+    let ok = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        ) == 0
+            && libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ACCEPTCONN,
+                (&mut accepting as *mut libc::c_int).cast(),
+                &mut len2,
+            ) == 0
+    };
+    if !ok {
+        return Err(ServerError::BadFd {
+            fd,
+            source: io::Error::last_os_error(),
+        });
+    }
+    if ty != libc::SOCK_STREAM || accepting == 0 {
+        return Err(ServerError::BadFd {
+            fd,
+            source: io::Error::other("not a listening stream socket"),
+        });
+    }
+    // SAFETY: the fd is a listening stream socket handed to us; we take ownership.
+    Ok(unsafe { UnixListener::from_raw_fd(fd) })
+}
+
+/// Errors after which the connection cannot continue.
+fn is_fatal(e: &VuError) -> bool {
+    matches!(
+        e,
+        VuError::Disconnected
+            | VuError::PartialMessage
+            | VuError::OversizedMsg
+            | VuError::SocketBroken(_)
+            | VuError::SocketError(_)
+            | VuError::SocketConnect(_)
+    )
+}
+
+/// Serves a device to one frontend after another.
+pub struct Server<D: VhostUserDevice> {
+    device: Arc<D>,
+    stats: Vec<Arc<QueueStats>>,
+    shutdown: Arc<Shutdown>,
+}
+
+impl<D: VhostUserDevice> Server<D> {
+    /// A server for `device`, stopping when `shutdown` is triggered.
+    pub fn new(device: Arc<D>, shutdown: Arc<Shutdown>) -> Self {
+        let stats = (0..device.num_queues())
+            .map(|_| Arc::new(QueueStats::default()))
+            .collect();
+        Self {
+            device,
+            stats,
+            shutdown,
+        }
+    }
+
+    /// Per-queue counters, kept across connections.
+    pub fn stats(&self) -> &[Arc<QueueStats>] {
+        &self.stats
+    }
+
+    /// Accepts and serves connections until shutdown is requested.
+    pub fn serve(&self, listener: &UnixListener) -> Result<(), ServerError> {
+        loop {
+            let Some(stream) = self.accept(listener)? else {
+                return Ok(());
+            };
+            log::info!("frontend connected");
+            self.serve_connection(stream)?;
+            if self.shutdown.is_requested() {
+                return Ok(());
+            }
+            log::info!("frontend disconnected; waiting for the next one");
+        }
+    }
+
+    fn accept(&self, listener: &UnixListener) -> Result<Option<UnixStream>, ServerError> {
+        loop {
+            if self.shutdown.is_requested() {
+                return Ok(None);
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.shutdown.efd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: fds is a valid array of two pollfd structs.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(ServerError::Accept(e));
+            }
+            if fds[1].revents != 0 {
+                return Ok(None);
+            }
+            if fds[0].revents != 0 {
+                match listener.accept() {
+                    Ok((s, _)) => return Ok(Some(s)),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::Interrupted
+                                | io::ErrorKind::WouldBlock
+                                | io::ErrorKind::ConnectionAborted
+                        ) =>
+                    {
+                        continue
+                    }
+                    Err(e) => return Err(ServerError::Accept(e)),
+                }
+            }
+        }
+    }
+
+    /// Serves one connection until the frontend hangs up or shutdown is requested; every
+    /// in-flight request has completed when this returns.
+    pub fn serve_connection(&self, stream: UnixStream) -> Result<(), ServerError> {
+        let handler = Arc::new(Mutex::new(Handler::new(
+            self.device.clone(),
+            self.stats.clone(),
+        )));
+        let mut req = BackendReqHandler::from_stream(stream, handler.clone());
+        self.shutdown.set_conn(req.try_clone_connection().ok());
+        let mut bad_msg_log = RateLimitedLog::new();
+        loop {
+            match req.handle_request() {
+                Ok(()) => {}
+                Err(e) if is_fatal(&e) => {
+                    if !matches!(e, VuError::Disconnected) && !self.shutdown.is_requested() {
+                        log::warn!("frontend connection ended: {e}");
+                    }
+                    break;
+                }
+                Err(e) => bad_msg_log.warn(|| format!("frontend request failed: {e}")),
+            }
+            let failed = handler
+                .lock()
+                .map(|h| h.worker_failed())
+                .unwrap_or(true);
+            if failed || self.shutdown.is_requested() {
+                break;
+            }
+        }
+        self.shutdown.set_conn(None);
+        let ok = match handler.lock() {
+            Ok(mut h) => h.shutdown(),
+            Err(_) => false,
+        };
+        self.device.reset();
+        if ok {
+            Ok(())
+        } else {
+            Err(ServerError::WorkerFailed)
+        }
+    }
+}
