@@ -1,0 +1,18 @@
+//! vhost-blk-backend: a vhost-user virtio-blk device on a raw image or block device.
+//!
+//! - [`spec`]: virtio-blk structures and constants;
+//! - [`disk`]: opening the image (O_DIRECT where possible), size and alignment;
+//! - [`request`]: parsing and checking a descriptor chain into a [`request::Request`];
+//! - [`uring`]: the io_uring engine;
+//! - [`worker`]: the queue worker (zero-copy submission, completion, dirty logging);
+//! - [`device`]: features, config space, worker creation.
+
+pub mod device;
+pub mod disk;
+pub mod request;
+pub mod spec;
+pub mod uring;
+pub mod worker;
+
+pub use device::{BlkDevice, BlkOptions};
+pub use disk::{CacheMode, Disk};

@@ -1,1 +1,137 @@
-fn main() {}
+//! Command line of vhost-blk-backend. Everything else lives in the library.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
+use vhost_user_device::server::{handle_termination_signals, listen_fd, listen_path};
+use vhost_user_device::{Server, Shutdown};
+
+/// A vhost-user virtio-blk backend: serves a raw image file or a block device to a VMM
+/// (QEMU's vhost-user-blk-pci, cloud-hypervisor, crosvm, ...) with io_uring, zero-copy.
+///
+/// Logs go to stderr; set RUST_LOG (error, warn, info, debug) to choose how much.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Unix socket to listen on for the VMM (a stale socket file is replaced).
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
+    socket_path: Option<PathBuf>,
+
+    /// Listen on this inherited, already listening unix socket instead of --socket-path.
+    #[arg(long, value_name = "FDNUM")]
+    fd: Option<RawFd>,
+
+    /// Print the backend's capabilities as JSON (vhost-user.json schema) and exit.
+    #[arg(long)]
+    print_capabilities: bool,
+
+    /// Raw disk image file or block device to serve.
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "print_capabilities"
+    )]
+    blk_file: Option<PathBuf>,
+
+    /// Open the disk read-only and offer a read-only device (writes fail with an I/O error).
+    #[arg(long)]
+    read_only: bool,
+
+    /// Number of request queues; each gets its own worker thread and io_uring.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    num_queues: u16,
+
+    /// Entries per queue (a power of two, up to 1024).
+    #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
+    queue_size: u16,
+
+    /// Serial number the guest reads with GET_ID (at most 20 bytes; default: the file name).
+    #[arg(long)]
+    serial: Option<String>,
+
+    /// Host cache mode: "none" uses O_DIRECT (falls back to buffered with a warning where
+    /// the file system cannot), "writeback" goes through the host page cache.
+    #[arg(long, value_enum, default_value_t = CacheMode::None)]
+    cache: CacheMode,
+
+    /// Logical block size the guest sees (512 or 4096).
+    #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
+    block_size: u32,
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|e| format!("{e}"))?;
+    if n.is_power_of_two() && (2..=1024).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not a power of two between 2 and 1024"))
+    }
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n @ (512 | 1024 | 2048 | 4096)) => Ok(n),
+        _ => Err(format!("{s} is not one of 512, 1024, 2048, 4096")),
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    if args.print_capabilities {
+        println!(r#"{{"type": "block", "features": ["read-only", "blk-file"]}}"#);
+        return ExitCode::SUCCESS;
+    }
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let path = args.blk_file.ok_or("--blk-file is required")?;
+    let disk = Disk::open(&path, args.read_only, args.cache, args.block_size)?;
+    let serial = args.serial.unwrap_or_else(|| {
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    log::info!(
+        "serving {} ({} bytes, {}{}, block size {}) on {} queue(s) of {}",
+        path.display(),
+        disk.size,
+        if disk.direct { "O_DIRECT" } else { "buffered" },
+        if disk.read_only { ", read-only" } else { "" },
+        args.block_size,
+        args.num_queues,
+        args.queue_size
+    );
+    let device = BlkDevice::new(
+        disk,
+        &BlkOptions {
+            num_queues: args.num_queues,
+            queue_size: args.queue_size,
+            block_size: args.block_size,
+            serial,
+        },
+    );
+    let shutdown = Shutdown::new()?;
+    // Before any other thread exists, so every thread inherits the blocked signals.
+    handle_termination_signals(shutdown.clone())?;
+    let listener = match (args.socket_path, args.fd) {
+        (Some(p), _) => listen_path(&p)?,
+        (None, Some(fd)) => listen_fd(fd)?,
+        (None, None) => return Err("--socket-path or --fd is required".into()),
+    };
+    let server = Server::new(Arc::new(device), shutdown);
+    server.serve(&listener)?;
+    log::info!("exiting");
+    Ok(())
+}

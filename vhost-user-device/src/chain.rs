@@ -100,12 +100,13 @@ struct RawDesc {
 }
 
 fn read_desc(mem: &GuestMem, table: u64, index: u16) -> Result<RawDesc, ChainError> {
-    let addr = table
-        .checked_add(u64::from(index) * DESC_SIZE)
-        .ok_or(ChainError::OutsideMemory {
-            addr: table,
-            len: DESC_SIZE,
-        })?;
+    let addr =
+        table
+            .checked_add(u64::from(index) * DESC_SIZE)
+            .ok_or(ChainError::OutsideMemory {
+                addr: table,
+                len: DESC_SIZE,
+            })?;
     let mut raw = [0u8; 16];
     mem.read_slice(&mut raw, GuestAddress(addr))
         .map_err(|_| ChainError::OutsideMemory {

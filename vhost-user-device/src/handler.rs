@@ -8,10 +8,9 @@ use std::fs::File;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
-    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags,
-    VhostUserVringState,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{
     Backend, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
@@ -358,7 +357,11 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
                 handler_err(e)
             })
         };
-        let (d, u, a) = (translate(descriptor)?, translate(used)?, translate(available)?);
+        let (d, u, a) = (
+            translate(descriptor)?,
+            translate(used)?,
+            translate(available)?,
+        );
         let vr = self.vring(index)?;
         if vr.started && (vr.desc, vr.used, vr.avail) != (Some(d), Some(u), Some(a)) {
             log::warn!("queue {index}: ring moved while started; applies at next start");
@@ -463,7 +466,12 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         Ok(buf)
     }
 
-    fn set_config(&mut self, offset: u32, buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<()> {
         self.device.write_config(offset, buf).map_err(|e| {
             log::warn!("SET_CONFIG: {e}");
             handler_err(e)
@@ -479,7 +487,9 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
-        Err(VuError::InvalidOperation("shared objects are not supported"))
+        Err(VuError::InvalidOperation(
+            "shared objects are not supported",
+        ))
     }
 
     fn get_inflight_fd(
@@ -550,11 +560,15 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         _phase: VhostTransferStatePhase,
         _fd: File,
     ) -> VuResult<Option<File>> {
-        Err(VuError::InvalidOperation("device state transfer is not offered"))
+        Err(VuError::InvalidOperation(
+            "device state transfer is not offered",
+        ))
     }
 
     fn check_device_state(&mut self) -> VuResult<()> {
-        Err(VuError::InvalidOperation("device state transfer is not offered"))
+        Err(VuError::InvalidOperation(
+            "device state transfer is not offered",
+        ))
     }
 
     fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-    GuestRegionMmap,
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
 
 use crate::dirty_log::{DirtyLog, RegionLog};
@@ -120,10 +120,9 @@ impl MemoryTable {
     }
 
     fn publish(&mut self, regions: Vec<Region>) -> Result<(), MemoryError> {
-        let mem = GuestMemoryMmap::from_arc_regions(
-            regions.iter().map(|r| r.mapping.clone()).collect(),
-        )
-        .map_err(|e| MemoryError::Table(e.to_string()))?;
+        let mem =
+            GuestMemoryMmap::from_arc_regions(regions.iter().map(|r| r.mapping.clone()).collect())
+                .map_err(|e| MemoryError::Table(e.to_string()))?;
         // Regions must not overlap in the frontend's address space either, or ring
         // address translation would be ambiguous.
         for (i, a) in regions.iter().enumerate() {
@@ -197,4 +196,34 @@ impl MemoryTable {
     pub fn num_regions(&self) -> usize {
         self.atomic.memory().num_regions()
     }
+}
+
+/// Appends host iovecs covering `[gpa, gpa + len)` to `out`, one per region the range
+/// touches. Fails if any byte is outside guest memory. The pointers stay valid for as long
+/// as `mem` (the snapshot) is alive.
+pub fn host_iovecs(
+    mem: &GuestMem,
+    gpa: u64,
+    len: u64,
+    out: &mut Vec<libc::iovec>,
+) -> Result<(), MemoryError> {
+    let mut addr = gpa;
+    let mut left = len;
+    while left > 0 {
+        let (region, offset) = mem
+            .to_region_addr(GuestAddress(addr))
+            .ok_or(MemoryError::UnmappedAddress(addr))?;
+        let in_region = region.len() - offset.0;
+        let take = left.min(in_region);
+        let host = region
+            .get_host_address(offset)
+            .map_err(|_| MemoryError::UnmappedAddress(addr))?;
+        out.push(libc::iovec {
+            iov_base: host.cast(),
+            iov_len: take as usize,
+        });
+        addr += take;
+        left -= take;
+    }
+    Ok(())
 }

@@ -37,7 +37,11 @@ impl RateLimitedLog {
             return;
         }
         if self.suppressed > 0 {
-            log::warn!("{} ({} similar messages suppressed)", msg(), self.suppressed);
+            log::warn!(
+                "{} ({} similar messages suppressed)",
+                msg(),
+                self.suppressed
+            );
         } else {
             log::warn!("{}", msg());
         }

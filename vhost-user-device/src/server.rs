@@ -293,10 +293,7 @@ impl<D: VhostUserDevice> Server<D> {
                 }
                 Err(e) => bad_msg_log.warn(|| format!("frontend request failed: {e}")),
             }
-            let failed = handler
-                .lock()
-                .map(|h| h.worker_failed())
-                .unwrap_or(true);
+            let failed = handler.lock().map(|h| h.worker_failed()).unwrap_or(true);
             if failed || self.shutdown.is_requested() {
                 break;
             }

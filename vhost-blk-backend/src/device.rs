@@ -1,0 +1,233 @@
+//! The virtio-blk device: what it offers the driver and how it builds queue workers.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vhost::vhost_user::VhostUserProtocolFeatures;
+use vhost_user_device::{DeviceError, QueueWorker, VhostUserDevice};
+use vm_memory::ByteValued;
+
+use crate::disk::Disk;
+use crate::request::DiskGeometry;
+use crate::spec::{features, Config, CONFIG_WRITEBACK_OFFSET, ID_BYTES, SECTOR_SIZE};
+use crate::worker::BlkWorker;
+
+/// Largest discard / write-zeroes segment we advertise, in sectors (2 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// Most discard / write-zeroes segments per request.
+pub const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// The kernel's limit on iovecs per readv/writev.
+pub const MAX_IOVECS: usize = 1024;
+/// Config space bytes we answer for (reads past our fields return zeroes).
+const CONFIG_SPACE_SIZE: usize = 256;
+
+/// Device counters, readable from the process.
+#[derive(Debug, Default)]
+pub struct BlkStats {
+    /// Read requests submitted.
+    pub reads: AtomicU64,
+    /// Write requests submitted.
+    pub writes: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Flush requests.
+    pub flushes: AtomicU64,
+    /// Requests refused after parsing (bad header, range, direction, limits...).
+    pub bad_requests: AtomicU64,
+    /// Requests that failed in the kernel.
+    pub io_errors: AtomicU64,
+    /// Chains without a status byte, returned unanswered.
+    pub dropped: AtomicU64,
+    /// O_DIRECT requests that needed a bounce buffer (unaligned guest buffers).
+    pub bounced: AtomicU64,
+}
+
+/// Options the device is built from (the command line).
+#[derive(Clone, Debug)]
+pub struct BlkOptions {
+    /// Number of request queues.
+    pub num_queues: u16,
+    /// Ring size (power of two).
+    pub queue_size: u16,
+    /// Logical block size shown to the guest.
+    pub block_size: u32,
+    /// GET_ID answer (up to 20 bytes).
+    pub serial: String,
+}
+
+/// State shared by the device and its workers.
+#[derive(Debug)]
+pub struct BlkShared {
+    /// The backing disk.
+    pub disk: Disk,
+    /// What request parsing checks against.
+    pub geometry: DiskGeometry,
+    /// GET_ID answer, zero padded.
+    pub serial: [u8; ID_BYTES],
+    /// Writeback cache on (the guest may switch it off through CONFIG_WCE).
+    pub writeback: AtomicBool,
+    /// Ring size.
+    pub queue_size: u16,
+    /// Number of queues.
+    pub num_queues: u16,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Counters.
+    pub stats: BlkStats,
+}
+
+/// The virtio-blk device.
+pub struct BlkDevice {
+    shared: Arc<BlkShared>,
+}
+
+impl BlkDevice {
+    /// A device serving `disk`.
+    pub fn new(disk: Disk, opts: &BlkOptions) -> Self {
+        let mut serial = [0u8; ID_BYTES];
+        let bytes = opts.serial.as_bytes();
+        let n = bytes.len().min(ID_BYTES);
+        serial[..n].copy_from_slice(&bytes[..n]);
+        let geometry = DiskGeometry {
+            size: disk.size,
+            read_only: disk.read_only,
+            max_discard_seg: MAX_DISCARD_SEGMENTS,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg: MAX_DISCARD_SEGMENTS,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+            max_data_segments: MAX_IOVECS,
+        };
+        Self {
+            shared: Arc::new(BlkShared {
+                disk,
+                geometry,
+                serial,
+                writeback: AtomicBool::new(true),
+                queue_size: opts.queue_size,
+                num_queues: opts.num_queues,
+                block_size: opts.block_size,
+                stats: BlkStats::default(),
+            }),
+        }
+    }
+
+    /// Shared state (counters, disk).
+    pub fn shared(&self) -> &Arc<BlkShared> {
+        &self.shared
+    }
+
+    /// The config space as the driver sees it now.
+    pub fn config(&self) -> Config {
+        let s = &self.shared;
+        let align = s.block_size / SECTOR_SIZE as u32;
+        let (discard_sectors, discard_seg) = if s.disk.read_only {
+            (0, 0)
+        } else {
+            (MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS)
+        };
+        Config {
+            capacity: s.disk.size / SECTOR_SIZE,
+            size_max: 0,
+            seg_max: u32::from(s.queue_size.saturating_sub(2)).clamp(1, MAX_IOVECS as u32 - 2),
+            blk_size: s.block_size,
+            min_io_size: 1,
+            writeback: u8::from(s.writeback.load(Ordering::Relaxed)),
+            num_queues: s.num_queues,
+            max_discard_sectors: discard_sectors,
+            max_discard_seg: discard_seg,
+            discard_sector_alignment: align,
+            max_write_zeroes_sectors: discard_sectors,
+            max_write_zeroes_seg: discard_seg,
+            write_zeroes_may_unmap: 1,
+            ..Default::default()
+        }
+    }
+}
+
+impl VhostUserDevice for BlkDevice {
+    fn name(&self) -> &str {
+        "blk"
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.shared.num_queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.shared.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = features::SEG_MAX
+            | features::BLK_SIZE
+            | features::FLUSH
+            | features::TOPOLOGY
+            | features::CONFIG_WCE
+            | features::MQ;
+        if self.shared.disk.read_only {
+            f |= features::RO;
+        } else {
+            f |= features::DISCARD | features::WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // Reads, writes, flushes and discards are safe to resubmit after a crash.
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<(), DeviceError> {
+        let start = offset as usize;
+        let end = start
+            .checked_add(buf.len())
+            .filter(|&e| e <= CONFIG_SPACE_SIZE)
+            .ok_or(DeviceError::ConfigAccess {
+                offset,
+                len: buf.len(),
+            })?;
+        let mut space = [0u8; CONFIG_SPACE_SIZE];
+        let cfg = self.config();
+        let bytes = cfg.as_slice();
+        space[..bytes.len()].copy_from_slice(bytes);
+        buf.copy_from_slice(&space[start..end]);
+        Ok(())
+    }
+
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
+        match (offset, data) {
+            (CONFIG_WRITEBACK_OFFSET, [v]) => {
+                let on = *v != 0;
+                log::info!(
+                    "guest set the write cache to {}",
+                    if on { "writeback" } else { "writethrough" }
+                );
+                self.shared.writeback.store(on, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => Err(DeviceError::ConfigAccess {
+                offset,
+                len: data.len(),
+            }),
+        }
+    }
+
+    fn create_worker(
+        &self,
+        queues: &[u16],
+        _acked_features: u64,
+    ) -> Result<Box<dyn QueueWorker>, DeviceError> {
+        let fd = self.shared.disk.file().as_raw_fd();
+        let worker =
+            BlkWorker::new(self.shared.clone(), queues, fd).map_err(DeviceError::Worker)?;
+        Ok(Box::new(worker))
+    }
+
+    fn reset(&self) {
+        // A new driver starts with the default cache mode.
+        self.shared.writeback.store(true, Ordering::Relaxed);
+    }
+}

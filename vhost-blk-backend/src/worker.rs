@@ -1,0 +1,675 @@
+//! The per-queue-group worker: pops chains, parses them, executes them on io_uring with
+//! iovecs pointing straight into guest memory, and completes them when the kernel is done.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use vhost_user_device::memory::host_iovecs;
+use vhost_user_device::rate_limit::RateLimitedLog;
+use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings, Segment};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::device::BlkShared;
+use crate::request::{parse, ByteRange, Request};
+use crate::spec::{status, ID_BYTES};
+use crate::uring::{Op, Uring};
+
+/// An aligned buffer for the rare O_DIRECT request whose guest buffers are not aligned.
+struct Bounce {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl Bounce {
+    fn new(len: usize, align: usize) -> Option<Self> {
+        let layout = Layout::from_size_align(len.max(1), align.max(512)).ok()?;
+        // SAFETY: layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        (!ptr.is_null()).then_some(Self { ptr, layout })
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is a live allocation of layout.size() bytes owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.ptr, self.layout) }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+/// A request handed to the kernel.
+struct InFlight {
+    queue: u16,
+    head: u16,
+    status_addr: u64,
+    kind: Kind,
+    /// Operations not yet completed.
+    pending: u32,
+    status: u8,
+    /// Bytes still to transfer for reads/writes (short transfers are resubmitted).
+    remaining: u64,
+    offset: u64,
+    used_len: u32,
+    iovecs: Vec<libc::iovec>,
+    data: Vec<Segment>,
+    bounce: Option<Bounce>,
+    /// Write-zeroes ranges, kept for the ZERO_RANGE fallback.
+    zero_ranges: Vec<ByteRange>,
+    /// The ZERO_RANGE fallback was already queued for this request.
+    fell_back: bool,
+    /// Keeps guest memory mapped while the kernel may touch it.
+    mem: Arc<GuestMem>,
+}
+
+// SAFETY: the raw pointers (iovecs into guest memory, bounce buffer) are owned by or kept
+// alive through this record (the `mem` Arc, the Bounce), and the record moves between
+// threads only as part of the worker.
+unsafe impl Send for InFlight {}
+
+/// The virtio-blk queue worker.
+pub struct BlkWorker {
+    shared: Arc<BlkShared>,
+    uring: Uring,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    in_flight: Vec<(u16, usize)>,
+    chain: Chain,
+    completions: Vec<(u64, i32)>,
+    to_notify: Vec<u16>,
+    log: RateLimitedLog,
+}
+
+const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
+const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
+const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
+
+impl BlkWorker {
+    /// A worker for `queues`, with its own io_uring.
+    pub fn new(shared: Arc<BlkShared>, queues: &[u16], disk_fd: RawFd) -> io::Result<Self> {
+        let entries = u32::from(shared.queue_size).clamp(16, 4096);
+        Ok(Self {
+            uring: Uring::new(entries, disk_fd)?,
+            shared,
+            slots: Vec::new(),
+            free: Vec::new(),
+            in_flight: queues.iter().map(|&q| (q, 0)).collect(),
+            chain: Chain::default(),
+            completions: Vec::with_capacity(64),
+            to_notify: Vec::new(),
+            log: RateLimitedLog::new(),
+        })
+    }
+
+    fn count(&mut self, queue: u16, delta: isize) {
+        if let Some((_, n)) = self.in_flight.iter_mut().find(|(q, _)| *q == queue) {
+            *n = n.saturating_add_signed(delta);
+        }
+    }
+
+    fn alloc_slot(&mut self, req: InFlight) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(req);
+                i
+            }
+            None => {
+                self.slots.push(Some(req));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// Completes a request that needs no I/O (or was refused) right away.
+    fn complete_now(
+        &mut self,
+        ring: &mut Ring,
+        mem: &GuestMem,
+        head: u16,
+        status_addr: u64,
+        st: u8,
+        used_len: u32,
+    ) {
+        if mem.write_obj(st, GuestAddress(status_addr)).is_err() {
+            self.shared
+                .stats
+                .bad_requests
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        ring.add_used(mem, head, used_len);
+    }
+
+    /// Starts the request in `self.chain`. Returns true if it completed immediately.
+    fn start(&mut self, ring: &mut Ring, mem: &Arc<GuestMem>) -> bool {
+        let head = self.chain.head;
+        let queue = ring.index();
+        let Some(parsed) = parse(mem, &self.chain, &self.shared.geometry) else {
+            // No writable byte for the status: give the chain back unanswered.
+            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.log.warn(|| {
+                format!("queue {queue}: request without a status byte (head {head}) dropped")
+            });
+            ring.add_used(mem, head, 0);
+            return true;
+        };
+        let status_addr = parsed.status_addr;
+        let request = match parsed.request {
+            Ok(r) => r,
+            Err(e) => {
+                self.shared
+                    .stats
+                    .bad_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                self.log
+                    .warn(|| format!("queue {queue}: refusing request (head {head}): {e}"));
+                self.complete_now(ring, mem, head, status_addr, e.status(), 1);
+                return true;
+            }
+        };
+        let base = |kind| InFlight {
+            queue,
+            head,
+            status_addr,
+            kind,
+            pending: 0,
+            status: status::OK,
+            remaining: 0,
+            offset: 0,
+            used_len: 1,
+            iovecs: Vec::new(),
+            data: Vec::new(),
+            bounce: None,
+            zero_ranges: Vec::new(),
+            fell_back: false,
+            mem: mem.clone(),
+        };
+        match request {
+            Request::GetId { data } => {
+                let mut written = 0usize;
+                for s in &data {
+                    if written == ID_BYTES {
+                        break;
+                    }
+                    let take = (s.len as usize).min(ID_BYTES - written);
+                    let _ = mem.write_slice(
+                        &self.shared.serial[written..written + take],
+                        GuestAddress(s.addr),
+                    );
+                    written += take;
+                }
+                self.complete_now(ring, mem, head, status_addr, status::OK, written as u32 + 1);
+                true
+            }
+            Request::Read { offset, data } | Request::Write { offset, data } if data.is_empty() => {
+                let _ = offset;
+                self.complete_now(ring, mem, head, status_addr, status::OK, 1);
+                true
+            }
+            Request::Read { offset, data } => {
+                let mut req = base(Kind::Read);
+                self.prepare_rw(&mut req, mem, offset, data, false);
+                self.submit_request(ring, mem, req)
+            }
+            Request::Write { offset, data } => {
+                let mut req = base(Kind::Write);
+                self.prepare_rw(&mut req, mem, offset, data, true);
+                self.submit_request(ring, mem, req)
+            }
+            Request::Flush => {
+                self.shared.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                let req = base(Kind::Flush);
+                self.submit_ops(ring, mem, req, |_| vec![(Op::Flush, false)])
+            }
+            Request::Discard { ranges } => {
+                let req = base(Kind::Discard);
+                self.submit_ops(ring, mem, req, |_| {
+                    ranges.iter().map(|r| (punch(r), false)).collect()
+                })
+            }
+            Request::WriteZeroes { ranges, unmap } => {
+                let mut req = base(Kind::WriteZeroes);
+                if !unmap {
+                    req.zero_ranges = ranges.clone();
+                }
+                let no_zero_range = self.shared.disk.zero_range_unsupported();
+                self.submit_ops(ring, mem, req, |_| {
+                    ranges
+                        .iter()
+                        .flat_map(|r| zero_ops(r, unmap, no_zero_range))
+                        .collect()
+                })
+            }
+        }
+    }
+
+    /// Builds the iovecs of a read or write (or a bounce buffer when O_DIRECT cannot use
+    /// the guest's buffers as they are).
+    fn prepare_rw(
+        &mut self,
+        req: &mut InFlight,
+        mem: &GuestMem,
+        offset: u64,
+        data: Vec<Segment>,
+        write: bool,
+    ) {
+        let total: u64 = data.iter().map(|s| u64::from(s.len)).sum();
+        req.offset = offset;
+        req.remaining = total;
+        req.used_len = if write {
+            1
+        } else {
+            (total as u32).saturating_add(1)
+        };
+        let disk = &self.shared.disk;
+        let mut iovecs = Vec::with_capacity(data.len());
+        let mut ok = true;
+        for s in &data {
+            if host_iovecs(mem, s.addr, u64::from(s.len), &mut iovecs).is_err() {
+                ok = false;
+                break;
+            }
+        }
+        let aligned = iovecs
+            .iter()
+            .all(|v| (v.iov_base as u64 | v.iov_len as u64) % disk.mem_align == 0)
+            && offset % disk.offset_align == 0
+            && total % disk.offset_align == 0;
+        if !ok {
+            req.status = status::IOERR;
+        } else if !aligned {
+            self.shared.stats.bounced.fetch_add(1, Ordering::Relaxed);
+            match Bounce::new(total as usize, disk.mem_align.max(512) as usize) {
+                Some(mut b) => {
+                    if write {
+                        let mut at = 0usize;
+                        for s in &data {
+                            let end = at + s.len as usize;
+                            if mem
+                                .read_slice(&mut b.as_mut_slice()[at..end], GuestAddress(s.addr))
+                                .is_err()
+                            {
+                                req.status = status::IOERR;
+                            }
+                            at = end;
+                        }
+                    }
+                    iovecs = vec![libc::iovec {
+                        iov_base: b.ptr.cast(),
+                        iov_len: total as usize,
+                    }];
+                    req.bounce = Some(b);
+                }
+                None => req.status = status::IOERR,
+            }
+        }
+        req.iovecs = iovecs;
+        req.data = data;
+    }
+
+    fn rw_op(req: &InFlight, dsync: bool) -> Op {
+        let count = req.iovecs.len().min(1024) as u32;
+        if req.kind == Kind::Read {
+            Op::Readv {
+                iovecs: req.iovecs.as_ptr(),
+                count,
+                offset: req.offset,
+            }
+        } else {
+            Op::Writev {
+                iovecs: req.iovecs.as_ptr(),
+                count,
+                offset: req.offset,
+                dsync,
+            }
+        }
+    }
+
+    fn submit_request(&mut self, ring: &mut Ring, mem: &GuestMem, mut req: InFlight) -> bool {
+        if req.status != status::OK {
+            self.complete_now(ring, mem, req.head, req.status_addr, req.status, 1);
+            return true;
+        }
+        let stats = &self.shared.stats;
+        if req.kind == Kind::Read {
+            stats.reads.fetch_add(1, Ordering::Relaxed);
+            stats.read_bytes.fetch_add(req.remaining, Ordering::Relaxed);
+        } else {
+            stats.writes.fetch_add(1, Ordering::Relaxed);
+            stats
+                .write_bytes
+                .fetch_add(req.remaining, Ordering::Relaxed);
+        }
+        let dsync = !self.shared.writeback.load(Ordering::Relaxed);
+        let op = Self::rw_op(&req, dsync);
+        req.pending = 1;
+        let queue = req.queue;
+        let slot = self.alloc_slot(req);
+        // SAFETY: the iovecs (and the guest memory / bounce buffer they point to) live in
+        // the slot until the completion is reaped; the slot is not reused before that.
+        if let Err(e) = unsafe { self.uring.push(op, slot as u64, false) } {
+            self.fail_unsubmitted(ring, mem, slot, &e);
+            return true;
+        }
+        self.count(queue, 1);
+        false
+    }
+
+    fn submit_ops(
+        &mut self,
+        ring: &mut Ring,
+        mem: &GuestMem,
+        mut req: InFlight,
+        ops: impl FnOnce(&InFlight) -> Vec<(Op, bool)>,
+    ) -> bool {
+        let ops = ops(&req);
+        if ops.is_empty() {
+            self.complete_now(ring, mem, req.head, req.status_addr, status::OK, 1);
+            return true;
+        }
+        req.pending = ops.len() as u32;
+        let queue = req.queue;
+        let slot = self.alloc_slot(req);
+        for (op, link) in ops {
+            // SAFETY: these ops reference no memory.
+            if let Err(e) = unsafe { self.uring.push(op, slot as u64, link) } {
+                self.fail_unsubmitted(ring, mem, slot, &e);
+                return true;
+            }
+        }
+        self.count(queue, 1);
+        false
+    }
+
+    fn fail_unsubmitted(&mut self, ring: &mut Ring, mem: &GuestMem, slot: usize, e: &io::Error) {
+        // Only reachable if io_uring_enter itself fails; ops already queued for this slot
+        // would still complete, so keep the slot and let completions finish it.
+        self.log.warn(|| format!("io_uring submission failed: {e}"));
+        if let Some(req) = self.slots.get_mut(slot).and_then(|s| s.as_mut()) {
+            req.status = status::IOERR;
+            req.pending = req.pending.saturating_sub(1);
+            if req.pending == 0 {
+                if let Some(req) = self.slots[slot].take() {
+                    self.free.push(slot);
+                    self.complete_now(ring, mem, req.head, req.status_addr, status::IOERR, 1);
+                }
+            } else {
+                self.count(ring.index(), 1);
+            }
+        }
+    }
+
+    /// Handles one completion; returns the request when it is finished.
+    fn on_completion(&mut self, slot: usize, res: i32) -> Option<InFlight> {
+        let dsync = !self.shared.writeback.load(Ordering::Relaxed);
+        let req = self.slots.get_mut(slot)?.as_mut()?;
+        req.pending = req.pending.saturating_sub(1);
+        let failed = match req.kind {
+            Kind::Read | Kind::Write if res > 0 && (res as u64) < req.remaining => {
+                // Short transfer: continue where the kernel stopped.
+                let n = res as u64;
+                req.remaining -= n;
+                req.offset += n;
+                advance_iovecs(&mut req.iovecs, n as usize);
+                let op = Self::rw_op(req, dsync);
+                req.pending += 1;
+                // SAFETY: as in submit_request; the slot stays allocated until reaped.
+                if unsafe { self.uring.push(op, slot as u64, false) }.is_ok() {
+                    return None;
+                }
+                req.pending -= 1;
+                Some(libc::EIO)
+            }
+            Kind::Read | Kind::Write if res >= 0 && (res as u64) == req.remaining => None,
+            // End of file inside the disk's size: the image shrank under us.
+            Kind::Read | Kind::Write if res == 0 => Some(libc::EIO),
+            // Discard is a hint: a file system that cannot punch holes did nothing wrong.
+            Kind::Discard if res == -libc::EOPNOTSUPP => None,
+            _ if res < 0 => Some(-res),
+            _ => None,
+        };
+        if let Some(errno) = failed {
+            req.status = status::IOERR;
+            let kind = req.kind;
+            self.log
+                .warn(|| format!("{kind:?} failed: {}", io::Error::from_raw_os_error(errno)));
+        }
+        self.take_if_done(slot)
+    }
+
+    fn take_if_done(&mut self, slot: usize) -> Option<InFlight> {
+        if self.slots.get(slot)?.as_ref()?.pending > 0 {
+            return None;
+        }
+        let req = self.slots[slot].take()?;
+        self.free.push(slot);
+        Some(req)
+    }
+
+    /// Writes back a finished request: dirty log, bounce copy, status, used ring.
+    fn finish(&mut self, rings: &mut Rings, req: InFlight) {
+        self.count(req.queue, -1);
+        let Some(ring) = rings.get_mut(req.queue) else {
+            return;
+        };
+        let mem = &req.mem;
+        let mut st = req.status;
+        if st == status::OK && req.kind == Kind::Read {
+            match &req.bounce {
+                Some(b) => {
+                    // Copied through vm-memory, which logs the pages itself.
+                    let mut at = 0usize;
+                    for s in &req.data {
+                        let end = at + s.len as usize;
+                        // SAFETY: the bounce buffer holds `total` bytes; `end` <= total.
+                        let src =
+                            unsafe { std::slice::from_raw_parts(b.ptr.add(at), s.len as usize) };
+                        if mem.write_slice(src, GuestAddress(s.addr)).is_err() {
+                            st = status::IOERR;
+                        }
+                        at = end;
+                    }
+                }
+                None => {
+                    // The kernel wrote guest memory behind vm-memory's back: log it by hand,
+                    // before the used ring makes the data visible.
+                    for s in &req.data {
+                        ring.dirty_log().mark(s.addr, s.len as usize);
+                    }
+                }
+            }
+        }
+        if st != status::OK {
+            self.shared.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = mem.write_obj(st, GuestAddress(req.status_addr));
+        let used_len = if st == status::OK { req.used_len } else { 1 };
+        ring.add_used(mem, req.head, used_len);
+        if !self.to_notify.contains(&req.queue) {
+            self.to_notify.push(req.queue);
+        }
+    }
+
+    fn reap_all(&mut self, rings: &mut Rings) {
+        loop {
+            self.completions.clear();
+            let mut batch = std::mem::take(&mut self.completions);
+            self.uring.reap(&mut batch);
+            if batch.is_empty() {
+                self.completions = batch;
+                break;
+            }
+            for &(user_data, res) in &batch {
+                let slot = user_data as usize;
+                let fallback = self
+                    .slots
+                    .get(slot)
+                    .and_then(|s| s.as_ref())
+                    .is_some_and(|r| r.kind == Kind::WriteZeroes && res == -libc::EOPNOTSUPP);
+                if fallback {
+                    self.zero_range_fallback(slot);
+                }
+                let finished = if fallback {
+                    self.take_if_done(slot)
+                } else {
+                    self.on_completion(slot, res)
+                };
+                if let Some(req) = finished {
+                    self.finish(rings, req);
+                }
+            }
+            self.completions = batch;
+        }
+        if let Err(e) = self.uring.submit() {
+            self.log.warn(|| format!("io_uring submit failed: {e}"));
+        }
+        for q in std::mem::take(&mut self.to_notify) {
+            if let Some(ring) = rings.get_mut(q) {
+                let mem = ring.memory();
+                ring.notify(&mem);
+            }
+        }
+    }
+
+    /// ZERO_RANGE is not supported here (tmpfs, some file systems): remember that, and
+    /// zero the request's ranges by punching a hole and allocating it back, in order.
+    fn zero_range_fallback(&mut self, slot: usize) {
+        self.shared
+            .disk
+            .zero_range_unsupported
+            .store(true, Ordering::Relaxed);
+        let Some(req) = self.slots.get_mut(slot).and_then(|s| s.as_mut()) else {
+            return;
+        };
+        req.pending = req.pending.saturating_sub(1);
+        if !req.fell_back {
+            req.fell_back = true;
+            let ops: Vec<(Op, bool)> = req
+                .zero_ranges
+                .iter()
+                .flat_map(|r| zero_ops(r, false, true))
+                .collect();
+            for (op, link) in ops {
+                // SAFETY: fallocate ops reference no memory.
+                if unsafe { self.uring.push(op, slot as u64, link) }.is_ok() {
+                    req.pending += 1;
+                } else {
+                    req.status = status::IOERR;
+                }
+            }
+        }
+    }
+}
+
+fn punch(r: &ByteRange) -> Op {
+    Op::Fallocate {
+        mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+        offset: r.offset,
+        len: r.len,
+    }
+}
+
+/// Operations zeroing `r`: a hole when deallocation is allowed, otherwise ZERO_RANGE, or
+/// (where ZERO_RANGE is unsupported) a hole followed by re-allocation, linked in order.
+fn zero_ops(r: &ByteRange, unmap: bool, no_zero_range: bool) -> Vec<(Op, bool)> {
+    if unmap {
+        vec![(punch(r), false)]
+    } else if no_zero_range {
+        vec![
+            (punch(r), true),
+            (
+                Op::Fallocate {
+                    mode: FALLOC_FL_KEEP_SIZE,
+                    offset: r.offset,
+                    len: r.len,
+                },
+                false,
+            ),
+        ]
+    } else {
+        vec![(
+            Op::Fallocate {
+                mode: FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                offset: r.offset,
+                len: r.len,
+            },
+            false,
+        )]
+    }
+}
+
+/// Drops the first `n` bytes from an iovec array.
+fn advance_iovecs(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut drop_count = 0;
+    for v in iovecs.iter_mut() {
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            drop_count += 1;
+        } else {
+            // SAFETY: n < iov_len, so the pointer stays inside the buffer.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+            v.iov_len -= n;
+            break;
+        }
+    }
+    iovecs.drain(..drop_count);
+}
+
+impl QueueWorker for BlkWorker {
+    fn event_fds(&self) -> Vec<RawFd> {
+        vec![self.uring.eventfd()]
+    }
+
+    fn process_queue(&mut self, ring: &mut Ring) {
+        let mem = ring.memory();
+        let mut completed_now = false;
+        loop {
+            ring.disable_notification(&mem);
+            while ring.pop(&mem, &mut self.chain) {
+                completed_now |= self.start(ring, &mem);
+            }
+            if !ring.enable_notification(&mem) {
+                break;
+            }
+        }
+        if let Err(e) = self.uring.submit() {
+            self.log.warn(|| format!("io_uring submit failed: {e}"));
+        }
+        if completed_now {
+            ring.notify(&mem);
+        }
+    }
+
+    fn handle_event(&mut self, _fd_index: usize, rings: &mut Rings) {
+        self.uring.clear_event();
+        self.reap_all(rings);
+    }
+
+    fn in_flight(&self, queue: u16) -> usize {
+        self.in_flight
+            .iter()
+            .find(|(q, _)| *q == queue)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    fn wait_completions(&mut self, rings: &mut Rings) -> io::Result<()> {
+        self.uring.submit_and_wait()?;
+        self.uring.clear_event();
+        self.reap_all(rings);
+        Ok(())
+    }
+}
