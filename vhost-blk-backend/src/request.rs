@@ -231,7 +231,7 @@ fn parse_segments(
     type_: u32,
 ) -> Result<(Vec<ByteRange>, bool), RequestError> {
     let bytes = total(payload);
-    if bytes == 0 || bytes % DISCARD_SEGMENT_SIZE as u64 != 0 {
+    if bytes == 0 || !bytes.is_multiple_of(DISCARD_SEGMENT_SIZE as u64) {
         return Err(RequestError::BadSegmentList(bytes));
     }
     let count = bytes / DISCARD_SEGMENT_SIZE as u64;
@@ -322,7 +322,7 @@ fn parse_request(
                 return Err(RequestError::ReadOnly(t));
             }
             let len = total(&data);
-            if len % SECTOR_SIZE != 0 {
+            if !len.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::UnalignedLength(len));
             }
             if data.len() > geo.max_data_segments {

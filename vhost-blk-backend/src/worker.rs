@@ -286,9 +286,9 @@ impl BlkWorker {
         }
         let aligned = iovecs
             .iter()
-            .all(|v| (v.iov_base as u64 | v.iov_len as u64) % disk.mem_align == 0)
-            && offset % disk.offset_align == 0
-            && total % disk.offset_align == 0;
+            .all(|v| (v.iov_base as u64 | v.iov_len as u64).is_multiple_of(disk.mem_align))
+            && offset.is_multiple_of(disk.offset_align)
+            && total.is_multiple_of(disk.offset_align);
         if !ok {
             req.status = status::IOERR;
         } else if !aligned {

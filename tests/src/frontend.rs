@@ -1,0 +1,635 @@
+//! A vhost-user frontend that drives a backend without a VM.
+//!
+//! It plays both the VMM and the guest driver: guest RAM is a memfd mapped here and handed
+//! to the backend with SET_MEM_TABLE, and each queue is a split ring laid out in that memory
+//! and filled by hand, so a test can build any descriptor chain, well formed or hostile.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// VRING_DESC_F_NEXT.
+pub const F_NEXT: u16 = 1;
+/// VRING_DESC_F_WRITE.
+pub const F_WRITE: u16 = 2;
+/// VRING_DESC_F_INDIRECT.
+pub const F_INDIRECT: u16 = 4;
+/// VHOST_F_LOG_ALL.
+pub const LOG_ALL: u64 = 1 << 26;
+/// VIRTIO_RING_F_EVENT_IDX.
+pub const EVENT_IDX: u64 = 1 << 29;
+/// VIRTIO_RING_F_INDIRECT_DESC.
+pub const INDIRECT_DESC: u64 = 1 << 28;
+
+/// Harness errors.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// A vhost-user request failed.
+    #[error("vhost-user: {0}")]
+    Vhost(#[from] vhost::Error),
+    /// An OS call failed.
+    #[error("io: {0}")]
+    Io(#[from] io::Error),
+    /// Guest memory access failed.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The backend did not complete requests in time.
+    #[error("timed out waiting for {0}")]
+    Timeout(String),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, HarnessError>;
+
+fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File> {
+    // SAFETY: valid C string; result checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    // SAFETY: fresh descriptor we own.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(size)?;
+    Ok(f)
+}
+
+/// One buffer of a chain.
+#[derive(Clone, Copy, Debug)]
+pub struct Buf {
+    /// Guest-physical address.
+    pub addr: u64,
+    /// Length.
+    pub len: u32,
+    /// Device-writable.
+    pub write: bool,
+}
+
+impl Buf {
+    /// A device-readable buffer.
+    pub fn ro(addr: u64, len: u32) -> Self {
+        Self {
+            addr,
+            len,
+            write: false,
+        }
+    }
+    /// A device-writable buffer.
+    pub fn wo(addr: u64, len: u32) -> Self {
+        Self {
+            addr,
+            len,
+            write: true,
+        }
+    }
+}
+
+/// A used-ring element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Used {
+    /// Head index.
+    pub id: u32,
+    /// Bytes written by the device.
+    pub len: u32,
+}
+
+/// The driver side of one split ring.
+pub struct DriverQueue {
+    /// Queue index.
+    pub index: u16,
+    /// Ring size.
+    pub size: u16,
+    /// Descriptor table GPA.
+    pub desc: u64,
+    /// Avail ring GPA.
+    pub avail: u64,
+    /// Used ring GPA.
+    pub used: u64,
+    free: Vec<u16>,
+    chains: Vec<Vec<u16>>,
+    avail_idx: u16,
+    last_used: u16,
+    /// Kick eventfd (we write it).
+    pub kick: EventFd,
+    /// Call eventfd (the backend writes it).
+    pub call: EventFd,
+}
+
+impl DriverQueue {
+    fn write_u16(mem: &GuestMemoryMmap, gpa: u64, v: u16) {
+        let _ = mem.write_obj(v.to_le(), GuestAddress(gpa));
+    }
+
+    fn read_u16(mem: &GuestMemoryMmap, gpa: u64) -> u16 {
+        fence(Ordering::Acquire);
+        u16::from_le(mem.read_obj(GuestAddress(gpa)).unwrap_or(0))
+    }
+
+    /// Writes descriptor `idx` raw.
+    pub fn write_desc(
+        &self,
+        mem: &GuestMemoryMmap,
+        idx: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        write_desc_at(mem, self.desc, idx, addr, len, flags, next);
+    }
+
+    fn take_descs(&mut self, n: usize) -> Vec<u16> {
+        assert!(self.free.len() >= n, "test ring out of descriptors");
+        let at = self.free.len() - n;
+        self.free.split_off(at)
+    }
+
+    /// Builds a chain of direct descriptors; returns its head (not yet published).
+    pub fn add_chain(&mut self, mem: &GuestMemoryMmap, bufs: &[Buf]) -> u16 {
+        let ids = self.take_descs(bufs.len().max(1));
+        for (i, b) in bufs.iter().enumerate() {
+            let last = i + 1 == bufs.len();
+            let flags = if b.write { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+            let next = if last { 0 } else { ids[i + 1] };
+            self.write_desc(mem, ids[i], b.addr, b.len, flags, next);
+        }
+        let head = ids[0];
+        self.chains[usize::from(head)] = ids;
+        head
+    }
+
+    /// Builds a chain of one indirect descriptor whose table (at `table`) holds `bufs`.
+    pub fn add_indirect(&mut self, mem: &GuestMemoryMmap, table: u64, bufs: &[Buf]) -> u16 {
+        for (i, b) in bufs.iter().enumerate() {
+            let last = i + 1 == bufs.len();
+            let flags = if b.write { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+            write_desc_at(
+                mem,
+                table,
+                i as u16,
+                b.addr,
+                b.len,
+                flags,
+                if last { 0 } else { i as u16 + 1 },
+            );
+        }
+        let ids = self.take_descs(1);
+        self.write_desc(mem, ids[0], table, (bufs.len() * 16) as u32, F_INDIRECT, 0);
+        let head = ids[0];
+        self.chains[usize::from(head)] = ids;
+        head
+    }
+
+    /// Reserves `n` descriptors for a hand-built (possibly hostile) chain.
+    pub fn reserve(&mut self, n: usize) -> Vec<u16> {
+        let ids = self.take_descs(n);
+        self.chains[usize::from(ids[0])] = ids.clone();
+        ids
+    }
+
+    /// Publishes `head` on the avail ring (without kicking).
+    pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let slot = self.avail_idx % self.size;
+        Self::write_u16(mem, self.avail + 4 + 2 * u64::from(slot), head);
+        fence(Ordering::Release);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        Self::write_u16(mem, self.avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Kicks the backend.
+    pub fn notify(&self) {
+        let _ = self.kick.write(1);
+    }
+
+    /// The avail index published so far.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// The used index in guest memory.
+    pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+        Self::read_u16(mem, self.used + 2)
+    }
+
+    /// Sets `used_event` (for event_idx): interrupt only once used passes it.
+    pub fn set_used_event(&self, mem: &GuestMemoryMmap, v: u16) {
+        Self::write_u16(mem, self.avail + 4 + 2 * u64::from(self.size), v);
+        fence(Ordering::SeqCst);
+    }
+
+    /// `avail_event` as written by the backend (for event_idx).
+    pub fn avail_event(&self, mem: &GuestMemoryMmap) -> u16 {
+        Self::read_u16(mem, self.used + 4 + 8 * u64::from(self.size))
+    }
+
+    /// The used ring's flags (VRING_USED_F_NO_NOTIFY = 1).
+    pub fn used_flags(&self, mem: &GuestMemoryMmap) -> u16 {
+        Self::read_u16(mem, self.used)
+    }
+
+    /// Takes used elements that appeared since the last call; frees their descriptors.
+    pub fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<Used> {
+        let idx = self.used_idx(mem);
+        let mut out = Vec::new();
+        while self.last_used != idx {
+            let slot = u64::from(self.last_used % self.size);
+            let at = self.used + 4 + 8 * slot;
+            let id = u32::from_le(mem.read_obj(GuestAddress(at)).unwrap_or(u32::MAX));
+            let len = u32::from_le(mem.read_obj(GuestAddress(at + 4)).unwrap_or(0));
+            if let Some(chain) = self.chains.get_mut(id as usize) {
+                self.free.append(chain);
+            }
+            out.push(Used { id, len });
+            self.last_used = self.last_used.wrapping_add(1);
+        }
+        out
+    }
+
+    /// Waits until `n` more used elements appeared (sleeping on the call eventfd).
+    pub fn wait_used(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Used>> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        loop {
+            got.extend(self.take_used(mem));
+            if got.len() >= n {
+                return Ok(got);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HarnessError::Timeout(format!(
+                    "{n} used elements on queue {} (got {})",
+                    self.index,
+                    got.len()
+                )));
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // Poll in short slices: with event_idx the backend may rightly not signal.
+            let ms = left.as_millis().min(5) as i32;
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+            let _ = self.call.read();
+        }
+    }
+}
+
+fn write_desc_at(
+    mem: &GuestMemoryMmap,
+    table: u64,
+    idx: u16,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) {
+    let at = table + 16 * u64::from(idx);
+    let _ = mem.write_obj(addr.to_le(), GuestAddress(at));
+    let _ = mem.write_obj(len.to_le(), GuestAddress(at + 8));
+    let _ = mem.write_obj(flags.to_le(), GuestAddress(at + 12));
+    let _ = mem.write_obj(next.to_le(), GuestAddress(at + 14));
+}
+
+/// Options for [`TestFrontend::connect`].
+#[derive(Clone, Debug)]
+pub struct FrontendOptions {
+    /// Guest RAM size.
+    pub mem_size: u64,
+    /// Queues to set up.
+    pub num_queues: u16,
+    /// Ring size.
+    pub queue_size: u16,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX.
+    pub event_idx: bool,
+    /// Set up an inflight region (GET_INFLIGHT_FD) before starting rings.
+    pub inflight: bool,
+}
+
+impl Default for FrontendOptions {
+    fn default() -> Self {
+        Self {
+            mem_size: 32 << 20,
+            num_queues: 1,
+            queue_size: 128,
+            event_idx: false,
+            inflight: false,
+        }
+    }
+}
+
+/// The frontend's dirty log.
+pub struct DirtyLogView {
+    file: File,
+    size: u64,
+}
+
+impl DirtyLogView {
+    /// Whether the page holding `gpa` is marked.
+    pub fn is_dirty(&self, gpa: u64) -> bool {
+        let page = gpa / 4096;
+        let mut b = [0u8; 1];
+        use std::os::unix::fs::FileExt;
+        if self.file.read_exact_at(&mut b, page / 8).is_err() {
+            return false;
+        }
+        b[0] & (1 << (page % 8)) != 0
+    }
+
+    /// All marked pages.
+    pub fn dirty_pages(&self) -> Vec<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; self.size as usize];
+        let _ = self.file.read_exact_at(&mut buf, 0);
+        let mut out = Vec::new();
+        for (i, b) in buf.iter().enumerate() {
+            for bit in 0..8 {
+                if b & (1 << bit) != 0 {
+                    out.push(i as u64 * 8 + bit);
+                }
+            }
+        }
+        out
+    }
+
+    /// Clears the log (as a VMM does after each sync).
+    pub fn clear(&self) {
+        use std::os::unix::fs::FileExt;
+        let _ = self.file.write_all_at(&vec![0u8; self.size as usize], 0);
+    }
+}
+
+/// A connected test frontend with guest memory and rings.
+pub struct TestFrontend {
+    /// The vhost-user connection.
+    pub fe: Frontend,
+    /// Guest RAM as the driver sees it.
+    pub mem: GuestMemoryMmap,
+    /// Driver-side rings.
+    pub queues: Vec<DriverQueue>,
+    /// Virtio features acked.
+    pub features: u64,
+    /// Protocol features acked.
+    pub protocol: VhostUserProtocolFeatures,
+    /// Inflight region (if set up): the fd and its geometry, kept like a VMM would.
+    pub inflight: Option<(File, vhost::vhost_user::message::VhostUserInflight)>,
+    next_free: u64,
+    opts: FrontendOptions,
+}
+
+impl TestFrontend {
+    /// Connects and performs the whole handshake; rings are started and enabled.
+    pub fn connect(path: &Path, opts: FrontendOptions) -> Result<Self> {
+        let mut fe = Self::handshake(path, &opts)?;
+        if opts.inflight {
+            fe.setup_inflight()?;
+        }
+        for q in 0..opts.num_queues {
+            fe.add_queue(q)?;
+            fe.start_queue(q)?;
+        }
+        Ok(fe)
+    }
+
+    /// Connects, negotiates and sends the memory table, without touching rings.
+    pub fn handshake(path: &Path, opts: &FrontendOptions) -> Result<Self> {
+        let mut fe = Frontend::connect(path, u64::from(opts.num_queues.max(1)))?;
+        let offered = fe.get_features()?;
+        fe.set_owner()?;
+        let offered_proto = fe.get_protocol_features()?;
+        fe.set_protocol_features(offered_proto)?;
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let mut features = offered & !LOG_ALL;
+        if !opts.event_idx {
+            features &= !EVENT_IDX;
+        }
+        fe.set_features(features)?;
+        let memfd = memfd(c"test-guest-ram", opts.mem_size)?;
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            opts.mem_size as usize,
+            Some(FileOffset::new(memfd, 0)),
+        )])
+        .map_err(|e| HarnessError::Memory(e.to_string()))?;
+        let region = mem
+            .find_region(GuestAddress(0))
+            .ok_or_else(|| HarnessError::Memory("no region".into()))?;
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region)?;
+        fe.set_mem_table(&[info])?;
+        Ok(Self {
+            fe,
+            mem,
+            queues: Vec::new(),
+            features,
+            protocol: offered_proto,
+            inflight: None,
+            // Keep the first 1 MiB for rings.
+            next_free: 1 << 20,
+            opts: opts.clone(),
+        })
+    }
+
+    /// Asks the backend for an inflight region and hands it back (as QEMU does).
+    pub fn setup_inflight(&mut self) -> Result<()> {
+        let req = vhost::vhost_user::message::VhostUserInflight::new(
+            0,
+            0,
+            self.opts.num_queues,
+            self.opts.queue_size,
+        );
+        let (info, file) = self.fe.get_inflight_fd(&req)?;
+        self.fe.set_inflight_fd(&info, file.as_raw_fd())?;
+        self.inflight = Some((file, info));
+        Ok(())
+    }
+
+    /// Hands an existing inflight region to the backend (reconnect after a crash).
+    pub fn set_inflight(
+        &mut self,
+        file: File,
+        info: vhost::vhost_user::message::VhostUserInflight,
+    ) -> Result<()> {
+        self.fe.set_inflight_fd(&info, file.as_raw_fd())?;
+        self.inflight = Some((file, info));
+        Ok(())
+    }
+
+    /// Lays out queue `q` in guest memory (rings at a fixed place per queue index).
+    pub fn add_queue(&mut self, q: u16) -> Result<()> {
+        let size = self.opts.queue_size;
+        let base = 0x1000 + u64::from(q) * 0x20000;
+        let desc = base;
+        let avail = desc + 16 * u64::from(size);
+        let used = (avail + 6 + 2 * u64::from(size) + 4095) & !4095;
+        let dq = DriverQueue {
+            index: q,
+            size,
+            desc,
+            avail,
+            used,
+            free: (0..size).rev().collect(),
+            chains: vec![Vec::new(); usize::from(size)],
+            avail_idx: 0,
+            last_used: 0,
+            kick: EventFd::new(EFD_NONBLOCK)?,
+            call: EventFd::new(EFD_NONBLOCK)?,
+        };
+        // Zero the ring headers.
+        for gpa in [avail, used] {
+            let _ = self.mem.write_slice(&[0u8; 8], GuestAddress(gpa));
+        }
+        if self.queues.len() <= usize::from(q) {
+            self.queues.push(dq);
+        } else {
+            self.queues[usize::from(q)] = dq;
+        }
+        Ok(())
+    }
+
+    fn uaddr(&self, gpa: u64) -> Result<u64> {
+        let host = self
+            .mem
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|e| HarnessError::Memory(e.to_string()))?;
+        Ok(host as u64)
+    }
+
+    /// Sends SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE for queue `q` with base `base`.
+    pub fn start_queue_at(&mut self, q: u16, base: u16) -> Result<()> {
+        let (desc, avail, used, size) = {
+            let dq = &self.queues[usize::from(q)];
+            (dq.desc, dq.avail, dq.used, dq.size)
+        };
+        let i = usize::from(q);
+        self.fe.set_vring_num(i, size)?;
+        let cfg = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: self.uaddr(desc)?,
+            used_ring_addr: self.uaddr(used)?,
+            avail_ring_addr: self.uaddr(avail)?,
+            log_addr: None,
+        };
+        self.fe.set_vring_addr(i, &cfg)?;
+        self.fe.set_vring_base(i, base)?;
+        self.fe.set_vring_call(i, &self.queues[i].call)?;
+        self.fe.set_vring_kick(i, &self.queues[i].kick)?;
+        self.fe.set_vring_enable(i, true)?;
+        Ok(())
+    }
+
+    /// Starts queue `q` from avail index 0.
+    pub fn start_queue(&mut self, q: u16) -> Result<()> {
+        self.start_queue_at(q, 0)
+    }
+
+    /// Allocates `len` bytes of guest memory (page aligned), zeroed.
+    pub fn alloc(&mut self, len: u64) -> u64 {
+        let at = self.next_free;
+        self.next_free = (at + len + 4095) & !4095;
+        assert!(
+            self.next_free <= self.opts.mem_size,
+            "test guest memory exhausted"
+        );
+        let _ = self
+            .mem
+            .write_slice(&vec![0u8; len as usize], GuestAddress(at));
+        at
+    }
+
+    /// Writes guest memory.
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .expect("test wrote outside guest memory");
+    }
+
+    /// Reads guest memory.
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem
+            .read_slice(&mut v, GuestAddress(gpa))
+            .expect("test read outside guest memory");
+        v
+    }
+
+    /// Submits a chain of `bufs` on queue `q` and kicks; returns the head.
+    pub fn submit(&mut self, q: u16, bufs: &[Buf]) -> u16 {
+        let dq = &mut self.queues[usize::from(q)];
+        let head = dq.add_chain(&self.mem, bufs);
+        dq.publish(&self.mem, head);
+        dq.notify();
+        head
+    }
+
+    /// Waits for `n` completions on queue `q` (5 s timeout).
+    pub fn wait(&mut self, q: u16, n: usize) -> Result<Vec<Used>> {
+        self.queues[usize::from(q)].wait_used(&self.mem, n, Duration::from_secs(5))
+    }
+
+    /// Reads `size` bytes of config space.
+    pub fn config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>> {
+        let buf = vec![0u8; size as usize];
+        let (_, data) = self
+            .fe
+            .get_config(offset, size, VhostUserConfigFlags::WRITABLE, &buf)?;
+        Ok(data)
+    }
+
+    /// Turns on dirty logging: a log memfd covering all guest memory, then LOG_ALL.
+    pub fn enable_dirty_log(&mut self) -> Result<DirtyLogView> {
+        let pages = self.opts.mem_size.div_ceil(4096) + 1024;
+        let size = pages.div_ceil(8).div_ceil(4096) * 4096;
+        let file = memfd(c"test-dirty-log", size)?;
+        self.fe.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: size,
+                mmap_offset: 0,
+                mmap_handle: file.as_raw_fd(),
+            }),
+        )?;
+        self.fe.set_features(self.features | LOG_ALL)?;
+        Ok(DirtyLogView { file, size })
+    }
+
+    /// Turns dirty logging off (LOG_ALL cleared).
+    pub fn disable_dirty_log(&mut self) -> Result<()> {
+        self.fe.set_features(self.features)?;
+        Ok(())
+    }
+
+    /// Adds a second memory region at `gpa` of `size` bytes with ADD_MEM_REG; returns the
+    /// driver's view of it.
+    pub fn add_region(&mut self, gpa: u64, size: u64) -> Result<GuestMemoryMmap> {
+        let file = memfd(c"test-guest-ram-2", size)?;
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(gpa),
+            size as usize,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .map_err(|e| HarnessError::Memory(e.to_string()))?;
+        let region = mem
+            .find_region(GuestAddress(gpa))
+            .ok_or_else(|| HarnessError::Memory("no region".into()))?;
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region)?;
+        self.fe.add_mem_region(&info)?;
+        Ok(mem)
+    }
+}

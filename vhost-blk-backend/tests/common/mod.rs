@@ -1,0 +1,202 @@
+//! Starting an in-process vhost-blk backend on a temporary image for frontend tests.
+#![allow(dead_code)]
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vhost_blk_backend::device::BlkShared;
+use vhost_blk_backend::spec::{req_type, HEADER_SIZE};
+use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
+use vhost_tests::frontend::{Buf, TestFrontend, Used};
+use vhost_user_device::server::listen_path;
+use vhost_user_device::{Server, ServerError, Shutdown};
+
+/// A running backend on a temporary image.
+pub struct TestBackend {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub image: PathBuf,
+    pub shared: Arc<BlkShared>,
+    pub stats: Vec<Arc<vhost_user_device::QueueStats>>,
+    shutdown: Arc<Shutdown>,
+    thread: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+pub struct BackendConfig {
+    pub size: u64,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub block_size: u32,
+    pub cache: CacheMode,
+    /// Fill the image with this byte pattern function of the offset.
+    pub fill: bool,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            size: 4 << 20,
+            read_only: false,
+            num_queues: 1,
+            queue_size: 128,
+            block_size: 512,
+            cache: CacheMode::None,
+            fill: true,
+        }
+    }
+}
+
+/// The byte the test image holds at `offset` (never zero, so zeroing is visible).
+pub fn pattern(offset: u64) -> u8 {
+    ((offset.wrapping_mul(2654435761) >> 7) as u8) | 1
+}
+
+pub fn pattern_range(offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| pattern(offset + i)).collect()
+}
+
+impl TestBackend {
+    pub fn start(cfg: BackendConfig) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        let f = std::fs::File::create(&image).expect("create image");
+        f.set_len(cfg.size).expect("size image");
+        if cfg.fill {
+            f.write_all_at(&pattern_range(0, cfg.size as usize), 0)
+                .expect("fill image");
+        }
+        drop(f);
+        Self::start_on(dir, image, cfg)
+    }
+
+    pub fn start_on(dir: tempfile::TempDir, image: PathBuf, cfg: BackendConfig) -> Self {
+        let socket = dir.path().join("blk.sock");
+        let disk = Disk::open(&image, cfg.read_only, cfg.cache, cfg.block_size).expect("open disk");
+        let device = BlkDevice::new(
+            disk,
+            &BlkOptions {
+                num_queues: cfg.num_queues,
+                queue_size: cfg.queue_size,
+                block_size: cfg.block_size,
+                serial: "test-serial-0123".into(),
+            },
+        );
+        let shared = device.shared().clone();
+        let shutdown = Shutdown::new().expect("shutdown");
+        let server = Server::new(Arc::new(device), shutdown.clone());
+        let stats = server.stats().to_vec();
+        let listener = listen_path(&socket).expect("listen");
+        let thread = std::thread::spawn(move || server.serve(&listener));
+        Self {
+            dir,
+            socket,
+            image,
+            shared,
+            stats,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn read_image(&self, offset: u64, len: usize) -> Vec<u8> {
+        let f = std::fs::File::open(&self.image).expect("open image");
+        let mut v = vec![0u8; len];
+        f.read_exact_at(&mut v, offset).expect("read image");
+        v
+    }
+
+    /// Stops the server and returns what it returned.
+    pub fn stop(mut self) -> Result<(), ServerError> {
+        self.shutdown.trigger();
+        self.thread
+            .take()
+            .map_or(Ok(()), |t| t.join().expect("server thread"))
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Guest-side buffers of one blk request.
+pub struct BlkReq {
+    pub hdr: u64,
+    pub data: u64,
+    pub data_len: u32,
+    pub status: u64,
+}
+
+/// Allocates header/data/status buffers and writes the header.
+pub fn blk_req(fe: &mut TestFrontend, type_: u32, sector: u64, data_len: u32) -> BlkReq {
+    let hdr = fe.alloc(HEADER_SIZE as u64);
+    let data = if data_len > 0 {
+        fe.alloc(u64::from(data_len))
+    } else {
+        0
+    };
+    let status = fe.alloc(1);
+    let mut h = Vec::with_capacity(16);
+    h.extend_from_slice(&type_.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&sector.to_le_bytes());
+    fe.write(hdr, &h);
+    fe.write(status, &[0xff]);
+    BlkReq {
+        hdr,
+        data,
+        data_len,
+        status,
+    }
+}
+
+impl BlkReq {
+    /// The usual three-descriptor chain; `device_writes_data` for IN / GET_ID.
+    pub fn chain(&self, device_writes_data: bool) -> Vec<Buf> {
+        let mut v = vec![Buf::ro(self.hdr, HEADER_SIZE as u32)];
+        if self.data_len > 0 {
+            v.push(Buf {
+                addr: self.data,
+                len: self.data_len,
+                write: device_writes_data,
+            });
+        }
+        v.push(Buf::wo(self.status, 1));
+        v
+    }
+
+    pub fn status(&self, fe: &TestFrontend) -> u8 {
+        fe.read(self.status, 1)[0]
+    }
+}
+
+/// Submits one request and waits for it; returns (used element, status byte).
+pub fn run(fe: &mut TestFrontend, q: u16, req: &BlkReq, device_writes: bool) -> (Used, u8) {
+    fe.submit(q, &req.chain(device_writes));
+    let used = fe.wait(q, 1).expect("completion");
+    (used[0], req.status(fe))
+}
+
+pub fn read(fe: &mut TestFrontend, sector: u64, len: u32) -> (Vec<u8>, u8) {
+    let r = blk_req(fe, req_type::IN, sector, len);
+    let (used, st) = run(fe, 0, &r, true);
+    assert_eq!(used.len, if st == 0 { len + 1 } else { 1 });
+    (fe.read(r.data, len as usize), st)
+}
+
+pub fn write(fe: &mut TestFrontend, sector: u64, data: &[u8]) -> u8 {
+    let r = blk_req(fe, req_type::OUT, sector, data.len() as u32);
+    fe.write(r.data, data);
+    run(fe, 0, &r, false).1
+}

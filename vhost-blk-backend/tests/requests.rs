@@ -1,0 +1,298 @@
+//! Every virtio-blk request type, driven through the vhost-user socket, data checked.
+
+mod common;
+
+use common::*;
+use vhost_blk_backend::spec::{req_type, status, ID_BYTES, WRITE_ZEROES_FLAG_UNMAP};
+use vhost_tests::frontend::{Buf, FrontendOptions, TestFrontend};
+
+fn connect(b: &TestBackend) -> TestFrontend {
+    TestFrontend::connect(b.socket(), FrontendOptions::default()).expect("connect")
+}
+
+#[test]
+fn read_returns_image_data() {
+    let b = TestBackend::start(BackendConfig::default());
+    let mut fe = connect(&b);
+    let (data, st) = read(&mut fe, 8, 8192);
+    assert_eq!(st, status::OK);
+    assert_eq!(data, pattern_range(8 * 512, 8192));
+    // The last sector of the disk.
+    let (data, st) = read(&mut fe, (4 << 20) / 512 - 1, 512);
+    assert_eq!(st, status::OK);
+    assert_eq!(data, pattern_range((4 << 20) - 512, 512));
+}
+
+#[test]
+fn write_reaches_the_image() {
+    let b = TestBackend::start(BackendConfig::default());
+    let mut fe = connect(&b);
+    let data: Vec<u8> = (0..16384u32).map(|i| (i * 7 % 251) as u8).collect();
+    assert_eq!(write(&mut fe, 100, &data), status::OK);
+    let flush = blk_req(&mut fe, req_type::FLUSH, 0, 0);
+    assert_eq!(run(&mut fe, 0, &flush, false).1, status::OK);
+    assert_eq!(b.read_image(100 * 512, data.len()), data);
+    // Neighbours untouched.
+    assert_eq!(b.read_image(99 * 512, 512), pattern_range(99 * 512, 512));
+    assert_eq!(b.read_image(132 * 512, 512), pattern_range(132 * 512, 512));
+    // And reading it back through the device gives the same bytes.
+    let (back, st) = read(&mut fe, 100, 16384);
+    assert_eq!(st, status::OK);
+    assert_eq!(back, data);
+}
+
+#[test]
+fn buffered_cache_mode_reads_and_writes() {
+    let b = TestBackend::start(BackendConfig {
+        cache: vhost_blk_backend::CacheMode::Writeback,
+        ..Default::default()
+    });
+    assert!(!b.shared.disk.direct);
+    let mut fe = connect(&b);
+    let data = vec![0x5au8; 4096];
+    assert_eq!(write(&mut fe, 3, &data), status::OK);
+    let flush = blk_req(&mut fe, req_type::FLUSH, 0, 0);
+    assert_eq!(run(&mut fe, 0, &flush, false).1, status::OK);
+    assert_eq!(b.read_image(3 * 512, 4096), data);
+}
+
+#[test]
+fn get_id_returns_the_serial() {
+    let b = TestBackend::start(BackendConfig::default());
+    let mut fe = connect(&b);
+    let r = blk_req(&mut fe, req_type::GET_ID, 0, ID_BYTES as u32);
+    let (used, st) = run(&mut fe, 0, &r, true);
+    assert_eq!(st, status::OK);
+    assert_eq!(used.len, ID_BYTES as u32 + 1);
+    let id = fe.read(r.data, ID_BYTES);
+    assert_eq!(&id[..16], b"test-serial-0123");
+    assert_eq!(&id[16..], &[0, 0, 0, 0]);
+}
+
+fn segments(fe: &mut TestFrontend, segs: &[(u64, u32, u32)]) -> u64 {
+    let at = fe.alloc(16 * segs.len() as u64);
+    let mut raw = Vec::new();
+    for &(sector, num, flags) in segs {
+        raw.extend_from_slice(&sector.to_le_bytes());
+        raw.extend_from_slice(&num.to_le_bytes());
+        raw.extend_from_slice(&flags.to_le_bytes());
+    }
+    fe.write(at, &raw);
+    at
+}
+
+fn range_request(fe: &mut TestFrontend, type_: u32, segs: &[(u64, u32, u32)]) -> u8 {
+    let r = blk_req(fe, type_, 0, 0);
+    let payload = segments(fe, segs);
+    let chain = vec![
+        Buf::ro(r.hdr, 16),
+        Buf::ro(payload, 16 * segs.len() as u32),
+        Buf::wo(r.status, 1),
+    ];
+    fe.submit(0, &chain);
+    fe.wait(0, 1).expect("completion");
+    r.status(fe)
+}
+
+#[test]
+fn discard_and_write_zeroes_read_back_as_zeroes() {
+    let b = TestBackend::start(BackendConfig::default());
+    let mut fe = connect(&b);
+    // Discard two ranges in one request.
+    assert_eq!(
+        range_request(&mut fe, req_type::DISCARD, &[(64, 64, 0), (256, 8, 0)]),
+        status::OK
+    );
+    assert_eq!(b.read_image(64 * 512, 64 * 512), vec![0u8; 64 * 512]);
+    assert_eq!(b.read_image(256 * 512, 8 * 512), vec![0u8; 8 * 512]);
+    assert_eq!(b.read_image(63 * 512, 512), pattern_range(63 * 512, 512));
+    assert_eq!(b.read_image(128 * 512, 512), pattern_range(128 * 512, 512));
+    // Write zeroes without unmap, then with.
+    assert_eq!(
+        range_request(&mut fe, req_type::WRITE_ZEROES, &[(1000, 16, 0)]),
+        status::OK
+    );
+    assert_eq!(
+        range_request(
+            &mut fe,
+            req_type::WRITE_ZEROES,
+            &[(2000, 24, WRITE_ZEROES_FLAG_UNMAP)]
+        ),
+        status::OK
+    );
+    let (z1, st1) = read(&mut fe, 1000, 16 * 512);
+    let (z2, st2) = read(&mut fe, 2000, 24 * 512);
+    assert_eq!((st1, st2), (status::OK, status::OK));
+    assert!(z1.iter().all(|&b| b == 0) && z2.iter().all(|&b| b == 0));
+    assert_eq!(b.read_image(999 * 512, 512), pattern_range(999 * 512, 512));
+    assert_eq!(
+        b.read_image(1016 * 512, 512),
+        pattern_range(1016 * 512, 512)
+    );
+    assert_eq!(
+        b.read_image(2024 * 512, 512),
+        pattern_range(2024 * 512, 512)
+    );
+    // Without unmap the range stays allocated (no hole reported by SEEK_HOLE).
+    let f = std::fs::File::open(&b.image).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on an open fd.
+    let hole = unsafe { libc::lseek(f.as_raw_fd(), 1000 * 512, libc::SEEK_HOLE) };
+    assert!(
+        hole >= 1016 * 512,
+        "write-zeroes without UNMAP left a hole at {hole}"
+    );
+}
+
+#[test]
+fn config_space_describes_the_disk() {
+    let b = TestBackend::start(BackendConfig {
+        num_queues: 2,
+        block_size: 4096,
+        ..Default::default()
+    });
+    let mut fe = TestFrontend::connect(
+        b.socket(),
+        FrontendOptions {
+            num_queues: 2,
+            ..Default::default()
+        },
+    )
+    .expect("connect");
+    let c = fe.config(0, 60).expect("config");
+    let u64at = |o: usize| u64::from_le_bytes(c[o..o + 8].try_into().unwrap());
+    let u32at = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
+    let u16at = |o: usize| u16::from_le_bytes(c[o..o + 2].try_into().unwrap());
+    assert_eq!(u64at(0), (4 << 20) / 512, "capacity");
+    assert_eq!(u32at(12), 126, "seg_max");
+    assert_eq!(u32at(20), 4096, "blk_size");
+    assert_eq!(c[32], 1, "writeback");
+    assert_eq!(u16at(34), 2, "num_queues");
+    assert!(u32at(36) > 0 && u32at(40) > 0, "discard limits");
+    assert_eq!(u32at(44), 8, "discard alignment in sectors");
+    assert!(u32at(48) > 0 && u32at(52) > 0, "write zeroes limits");
+    assert_eq!(c[56], 1, "write_zeroes_may_unmap");
+    // A partial read at an offset, as QEMU does for single fields.
+    assert_eq!(fe.config(20, 4).unwrap(), 4096u32.to_le_bytes());
+    // Writethrough: the driver clears writeback and the device reports it.
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    use vhost::vhost_user::VhostUserFrontend;
+    fe.fe
+        .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+        .expect("set writeback");
+    assert_eq!(fe.config(32, 1).unwrap(), vec![0]);
+    assert!(!b
+        .shared
+        .writeback
+        .load(std::sync::atomic::Ordering::Relaxed));
+    // Writes still land (now with RWF_DSYNC).
+    assert_eq!(write(&mut fe, 8, &[7u8; 4096]), status::OK);
+    assert_eq!(b.read_image(8 * 512, 4096), vec![7u8; 4096]);
+    // Capacity is not writable.
+    assert!(fe
+        .fe
+        .set_config(0, VhostUserConfigFlags::WRITABLE, &[0; 8])
+        .is_err());
+}
+
+#[test]
+fn read_only_disk_refuses_writes_and_serves_reads() {
+    let b = TestBackend::start(BackendConfig {
+        read_only: true,
+        ..Default::default()
+    });
+    let mut fe = connect(&b);
+    assert_ne!(fe.features & (1 << 5), 0, "VIRTIO_BLK_F_RO offered");
+    assert_eq!(write(&mut fe, 0, &[0u8; 512]), status::IOERR);
+    assert_eq!(
+        range_request(&mut fe, req_type::DISCARD, &[(0, 8, 0)]),
+        status::IOERR
+    );
+    assert_eq!(
+        range_request(&mut fe, req_type::WRITE_ZEROES, &[(0, 8, 0)]),
+        status::IOERR
+    );
+    let (data, st) = read(&mut fe, 0, 4096);
+    assert_eq!(st, status::OK);
+    assert_eq!(data, pattern_range(0, 4096));
+    assert_eq!(b.read_image(0, 4096), pattern_range(0, 4096));
+    let flush = blk_req(&mut fe, req_type::FLUSH, 0, 0);
+    assert_eq!(run(&mut fe, 0, &flush, false).1, status::OK);
+}
+
+#[test]
+fn scattered_and_oddly_framed_chains() {
+    let b = TestBackend::start(BackendConfig::default());
+    let mut fe = connect(&b);
+    // Header split over two descriptors, data over three, status in its own.
+    let hdr = fe.alloc(16);
+    let mut h = Vec::new();
+    h.extend_from_slice(&req_type::IN.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&40u64.to_le_bytes());
+    fe.write(hdr, &h);
+    let d1 = fe.alloc(512);
+    let d2 = fe.alloc(1024);
+    let d3 = fe.alloc(512);
+    let st = fe.alloc(1);
+    fe.submit(
+        0,
+        &[
+            Buf::ro(hdr, 5),
+            Buf::ro(hdr + 5, 11),
+            Buf::wo(d1, 512),
+            Buf::wo(d2, 1024),
+            Buf::wo(d3, 512),
+            Buf::wo(st, 1),
+        ],
+    );
+    let used = fe.wait(0, 1).unwrap();
+    assert_eq!(fe.read(st, 1)[0], status::OK);
+    assert_eq!(used[0].len, 2049);
+    let mut got = fe.read(d1, 512);
+    got.extend(fe.read(d2, 1024));
+    got.extend(fe.read(d3, 512));
+    assert_eq!(got, pattern_range(40 * 512, 2048));
+    // Data and status in one descriptor.
+    let r = blk_req(&mut fe, req_type::IN, 2, 0);
+    let buf = fe.alloc(513);
+    fe.submit(0, &[Buf::ro(r.hdr, 16), Buf::wo(buf, 513)]);
+    fe.wait(0, 1).unwrap();
+    assert_eq!(fe.read(buf + 512, 1)[0], status::OK);
+    assert_eq!(fe.read(buf, 512), pattern_range(1024, 512));
+}
+
+#[test]
+fn unaligned_guest_buffers_bounce_under_o_direct() {
+    let b = TestBackend::start(BackendConfig::default());
+    let mut fe = connect(&b);
+    // 512 bytes at an odd guest address: O_DIRECT cannot use it in place.
+    let r = blk_req(&mut fe, req_type::IN, 6, 0);
+    let buf = fe.alloc(1024) + 3;
+    fe.submit(
+        0,
+        &[Buf::ro(r.hdr, 16), Buf::wo(buf, 512), Buf::wo(r.status, 1)],
+    );
+    fe.wait(0, 1).unwrap();
+    assert_eq!(r.status(&fe), status::OK);
+    assert_eq!(fe.read(buf, 512), pattern_range(6 * 512, 512));
+    let w = blk_req(&mut fe, req_type::OUT, 9, 0);
+    let src = fe.alloc(1024) + 1;
+    fe.write(src, &[0xabu8; 512]);
+    fe.submit(
+        0,
+        &[Buf::ro(w.hdr, 16), Buf::ro(src, 512), Buf::wo(w.status, 1)],
+    );
+    fe.wait(0, 1).unwrap();
+    assert_eq!(w.status(&fe), status::OK);
+    assert_eq!(b.read_image(9 * 512, 512), vec![0xab; 512]);
+    if b.shared.disk.direct && b.shared.disk.mem_align > 1 {
+        assert!(
+            b.shared
+                .stats
+                .bounced
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 2
+        );
+    }
+}
