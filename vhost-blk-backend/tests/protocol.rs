@@ -1,0 +1,391 @@
+//! vhost-user protocol behaviour of the blk backend: multiqueue, event_idx, indirect
+//! descriptors, dirty logging, draining on GET_VRING_BASE, reconnects and inflight replay.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::VhostBackend;
+use vhost_blk_backend::spec::{req_type, status, HEADER_SIZE};
+use vhost_tests::frontend::{Buf, FrontendOptions, TestFrontend};
+use vhost_user_device::inflight::InflightRegion;
+
+fn opts(num_queues: u16) -> FrontendOptions {
+    FrontendOptions {
+        num_queues,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn offers_the_promised_features() {
+    let b = TestBackend::start(BackendConfig::default());
+    let fe = TestFrontend::connect(b.socket(), opts(1)).unwrap();
+    let offered = fe.fe.get_features().unwrap();
+    for (bit, name) in [
+        (26, "LOG_ALL"),
+        (28, "INDIRECT_DESC"),
+        (29, "EVENT_IDX"),
+        (30, "PROTOCOL_FEATURES"),
+        (32, "VERSION_1"),
+        (9, "FLUSH"),
+        (12, "MQ"),
+        (13, "DISCARD"),
+        (14, "WRITE_ZEROES"),
+        (11, "CONFIG_WCE"),
+    ] {
+        assert_ne!(offered & (1 << bit), 0, "{name} offered");
+    }
+    assert_eq!(offered & (1 << 34), 0, "no packed ring");
+    for p in [
+        VhostUserProtocolFeatures::MQ,
+        VhostUserProtocolFeatures::LOG_SHMFD,
+        VhostUserProtocolFeatures::REPLY_ACK,
+        VhostUserProtocolFeatures::CONFIG,
+        VhostUserProtocolFeatures::RESET_DEVICE,
+        VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+    ] {
+        assert!(fe.protocol.contains(p), "{p:?} offered");
+    }
+    assert!(!fe.protocol.contains(VhostUserProtocolFeatures::STATUS));
+}
+
+#[test]
+fn two_queues_serve_requests_independently() {
+    let b = TestBackend::start(BackendConfig {
+        num_queues: 2,
+        ..Default::default()
+    });
+    let mut fe = TestFrontend::connect(b.socket(), opts(2)).unwrap();
+    assert_eq!(fe.fe.get_queue_num().unwrap(), 2);
+    let mut reqs = Vec::new();
+    for i in 0..32u64 {
+        let q = (i % 2) as u16;
+        let r = blk_req(&mut fe, req_type::IN, i * 16, 4096);
+        let chain = r.chain(true);
+        let dq = &mut fe.queues[usize::from(q)];
+        let head = dq.add_chain(&fe.mem, &chain);
+        dq.publish(&fe.mem, head);
+        reqs.push((q, i, r));
+    }
+    fe.queues[0].notify();
+    fe.queues[1].notify();
+    assert_eq!(fe.wait(0, 16).unwrap().len(), 16);
+    assert_eq!(fe.wait(1, 16).unwrap().len(), 16);
+    for (_, i, r) in &reqs {
+        assert_eq!(r.status(&fe), status::OK);
+        assert_eq!(fe.read(r.data, 4096), pattern_range(i * 16 * 512, 4096));
+    }
+    assert!(b.stats[0].completed.load(Ordering::Relaxed) >= 16);
+    assert!(b.stats[1].completed.load(Ordering::Relaxed) >= 16);
+}
+
+#[test]
+fn event_idx_suppresses_and_publishes_indices() {
+    let b = TestBackend::start(BackendConfig::default());
+    let mut fe = TestFrontend::connect(
+        b.socket(),
+        FrontendOptions {
+            event_idx: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_ne!(fe.features & (1 << 29), 0);
+    // Ask for an interrupt only after the 4th completion (used_event = 3).
+    fe.queues[0].set_used_event(&fe.mem, 3);
+    let reqs: Vec<_> = (0..4u64)
+        .map(|i| blk_req(&mut fe, req_type::IN, i * 8, 512))
+        .collect();
+    for r in &reqs[..2] {
+        fe.submit(0, &r.chain(true));
+        fe.queues[0]
+            .wait_used(&fe.mem, 1, Duration::from_secs(5))
+            .unwrap();
+    }
+    // Two completions so far, below used_event: no interrupt may have been sent.
+    let _ = fe.queues[0].call.read();
+    assert_eq!(b.stats[0].notifications.load(Ordering::Relaxed), 0);
+    // The backend tells the driver which avail index to kick at.
+    assert_eq!(fe.queues[0].avail_event(&fe.mem), 2);
+    for r in &reqs[2..] {
+        fe.submit(0, &r.chain(true));
+        fe.queues[0]
+            .wait_used(&fe.mem, 1, Duration::from_secs(5))
+            .unwrap();
+    }
+    assert_eq!(b.stats[0].notifications.load(Ordering::Relaxed), 1);
+    for (i, r) in reqs.iter().enumerate() {
+        assert_eq!(fe.read(r.data, 512), pattern_range(i as u64 * 8 * 512, 512));
+    }
+}
+
+#[test]
+fn indirect_chains_read_and_write() {
+    let b = TestBackend::start(BackendConfig::default());
+    let mut fe = TestFrontend::connect(b.socket(), opts(1)).unwrap();
+    let w = blk_req(&mut fe, req_type::OUT, 500, 2048);
+    fe.write(w.data, &[0x3cu8; 2048]);
+    let table = fe.alloc(64);
+    let chain = vec![
+        Buf::ro(w.hdr, HEADER_SIZE as u32),
+        Buf::ro(w.data, 1024),
+        Buf::ro(w.data + 1024, 1024),
+        Buf::wo(w.status, 1),
+    ];
+    let dq = &mut fe.queues[0];
+    let head = dq.add_indirect(&fe.mem, table, &chain);
+    dq.publish(&fe.mem, head);
+    dq.notify();
+    fe.wait(0, 1).unwrap();
+    assert_eq!(w.status(&fe), status::OK);
+    assert_eq!(b.read_image(500 * 512, 2048), vec![0x3c; 2048]);
+    let r = blk_req(&mut fe, req_type::IN, 500, 2048);
+    let table = fe.alloc(48);
+    let chain = vec![
+        Buf::ro(r.hdr, HEADER_SIZE as u32),
+        Buf::wo(r.data, 2048),
+        Buf::wo(r.status, 1),
+    ];
+    let dq = &mut fe.queues[0];
+    let head = dq.add_indirect(&fe.mem, table, &chain);
+    dq.publish(&fe.mem, head);
+    dq.notify();
+    fe.wait(0, 1).unwrap();
+    assert_eq!(r.status(&fe), status::OK);
+    assert_eq!(fe.read(r.data, 2048), vec![0x3c; 2048]);
+}
+
+#[test]
+fn dirty_log_marks_exactly_the_pages_we_write() {
+    let b = TestBackend::start(BackendConfig::default());
+    let mut fe = TestFrontend::connect(b.socket(), opts(1)).unwrap();
+    let log = fe.enable_dirty_log().unwrap();
+    // A read of 3 pages into a buffer spanning pages; header and the write's data are
+    // only read by the device and must stay clean.
+    let r = blk_req(&mut fe, req_type::IN, 0, 3 * 4096);
+    let w = blk_req(&mut fe, req_type::OUT, 64, 4096);
+    log.clear();
+    fe.submit(0, &r.chain(true));
+    fe.wait(0, 1).unwrap();
+    fe.submit(0, &w.chain(false));
+    fe.wait(0, 1).unwrap();
+    let dirty = log.dirty_pages();
+    let used_page = fe.queues[0].used / 4096;
+    let mut want = vec![
+        r.data / 4096,
+        r.data / 4096 + 1,
+        r.data / 4096 + 2,
+        r.status / 4096,
+        w.status / 4096,
+        used_page,
+    ];
+    want.sort_unstable();
+    want.dedup();
+    assert_eq!(dirty, want, "dirty pages");
+    assert!(!log.is_dirty(r.hdr) || want.contains(&(r.hdr / 4096)));
+    assert!(!want.contains(&(w.data / 4096)));
+    // LOG_ALL cleared: nothing is logged any more.
+    fe.disable_dirty_log().unwrap();
+    log.clear();
+    let r2 = blk_req(&mut fe, req_type::IN, 8, 4096);
+    fe.submit(0, &r2.chain(true));
+    fe.wait(0, 1).unwrap();
+    assert!(log.dirty_pages().is_empty(), "logging continued after LOG_ALL was cleared");
+}
+
+#[test]
+fn dirty_log_covers_regions_added_after_set_log_base() {
+    let b = TestBackend::start(BackendConfig::default());
+    let mut fe = TestFrontend::connect(b.socket(), opts(1)).unwrap();
+    let log = fe.enable_dirty_log().unwrap();
+    // A second region added after SET_LOG_BASE, like a hot-plugged DIMM.
+    let hi = 48u64 << 20;
+    let region = fe.add_region(hi, 1 << 20).unwrap();
+    let r = blk_req(&mut fe, req_type::IN, 16, 0);
+    log.clear();
+    fe.submit(
+        0,
+        &[
+            Buf::ro(r.hdr, 16),
+            Buf::wo(hi + 0x3000, 4096),
+            Buf::wo(r.status, 1),
+        ],
+    );
+    fe.wait(0, 1).unwrap();
+    assert_eq!(r.status(&fe), status::OK);
+    use vm_memory::{Bytes, GuestAddress};
+    let mut got = vec![0u8; 4096];
+    region.read_slice(&mut got, GuestAddress(hi + 0x3000)).unwrap();
+    assert_eq!(got, pattern_range(16 * 512, 4096));
+    assert!(log.is_dirty(hi + 0x3000), "late region's page not logged");
+    assert!(!log.is_dirty(hi + 0x2000) && !log.is_dirty(hi + 0x4000));
+}
+
+#[test]
+fn get_vring_base_waits_for_in_flight_requests() {
+    let b = TestBackend::start(BackendConfig {
+        size: 64 << 20,
+        fill: false,
+        ..Default::default()
+    });
+    // Write real data so reads take real I/O.
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&b.image).unwrap();
+        f.write_all_at(&pattern_range(0, 64 << 20), 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    let mut fe = TestFrontend::connect(b.socket(), opts(1)).unwrap();
+    let n = 40u16;
+    let mut reqs = Vec::new();
+    for i in 0..u64::from(n) {
+        let r = blk_req(&mut fe, req_type::IN, (i * 256) % ((64 << 20) / 512 - 512), 128 * 1024);
+        let dq = &mut fe.queues[0];
+        let head = dq.add_chain(&fe.mem, &r.chain(true));
+        dq.publish(&fe.mem, head);
+        reqs.push(r);
+    }
+    fe.queues[0].notify();
+    // Let the backend pop them, then stop the ring while the reads are in the kernel.
+    std::thread::sleep(Duration::from_millis(2));
+    let base = fe.fe.get_vring_base(0).unwrap();
+    let used = fe.queues[0].used_idx(&fe.mem);
+    assert_eq!(
+        u32::from(used),
+        base,
+        "GET_VRING_BASE answered before every popped request was completed"
+    );
+    // Whatever was popped is complete and correct.
+    for (i, r) in reqs.iter().enumerate().take(used as usize) {
+        assert_eq!(r.status(&fe), status::OK, "request {i}");
+    }
+    assert!(base > 0, "nothing was popped before the stop");
+    // Restart from that base: the rest completes too.
+    fe.start_queue_at(0, base as u16).unwrap();
+    fe.queues[0].notify();
+    fe.queues[0]
+        .wait_used(&fe.mem, usize::from(n), Duration::from_secs(10))
+        .unwrap();
+    for (i, r) in reqs.iter().enumerate() {
+        assert_eq!(r.status(&fe), status::OK);
+        let sector = (i as u64 * 256) % ((64 << 20) / 512 - 512);
+        assert_eq!(fe.read(r.data, 4096), pattern_range(sector * 512, 4096));
+    }
+}
+
+#[test]
+fn a_new_frontend_can_connect_after_the_first_hangs_up() {
+    let b = TestBackend::start(BackendConfig::default());
+    {
+        let mut fe = TestFrontend::connect(b.socket(), opts(1)).unwrap();
+        assert_eq!(write(&mut fe, 10, &[0x11u8; 1024]), status::OK);
+        // Dropped without GET_VRING_BASE, like a killed VMM.
+    }
+    for round in 0..2u8 {
+        let mut fe = TestFrontend::connect(b.socket(), opts(1)).unwrap();
+        let (data, st) = read(&mut fe, 10, 1024);
+        assert_eq!(st, status::OK);
+        assert_eq!(data, vec![0x11 + round; 1024]);
+        assert_eq!(write(&mut fe, 10, &[0x12 + round; 1024]), status::OK);
+    }
+}
+
+#[test]
+fn inflight_requests_of_a_dead_backend_are_resubmitted() {
+    let b = TestBackend::start(BackendConfig::default());
+    let o = FrontendOptions {
+        inflight: true,
+        ..Default::default()
+    };
+    // Session 1: the region is created, one request completes normally.
+    let (file, info) = {
+        let mut fe = TestFrontend::connect(b.socket(), o.clone()).unwrap();
+        assert_eq!(write(&mut fe, 0, &[1u8; 512]), status::OK);
+        fe.fe.get_vring_base(0).unwrap();
+        fe.inflight.take().unwrap()
+    };
+    // Simulate a backend that died with two requests popped but not completed: publish
+    // them on the avail ring and mark them in flight in the shared region, as the dead
+    // process would have.
+    let mut fe = TestFrontend::handshake(b.socket(), &o).unwrap();
+    fe.add_queue(0).unwrap();
+    let w = blk_req(&mut fe, req_type::OUT, 20, 1024);
+    fe.write(w.data, &[0x77u8; 1024]);
+    let r = blk_req(&mut fe, req_type::IN, 30, 512);
+    let dq = &mut fe.queues[0];
+    let hw = dq.add_chain(&fe.mem, &w.chain(false));
+    dq.publish(&fe.mem, hw);
+    let hr = dq.add_chain(&fe.mem, &r.chain(true));
+    dq.publish(&fe.mem, hr);
+    {
+        let region = InflightRegion::map(&file, 0, info.mmap_size, 1, 128).unwrap();
+        let mut q = region.queue(0, 128).unwrap();
+        q.recover(0);
+        q.set_entry(hw, 7, true);
+        q.set_entry(hr, 8, true);
+    }
+    fe.set_inflight(file, info).unwrap();
+    // The VMM restores the avail index from the used index (0): the backend must not pop
+    // the two chains again as new, but resubmit them once from the region.
+    fe.start_queue_at(0, 0).unwrap();
+    let used = fe.wait(0, 2).unwrap();
+    assert_eq!(used.len(), 2);
+    let mut ids: Vec<u32> = used.iter().map(|u| u.id).collect();
+    ids.sort_unstable();
+    let mut want = vec![u32::from(hw), u32::from(hr)];
+    want.sort_unstable();
+    assert_eq!(ids, want, "both in-flight chains completed, each once");
+    assert_eq!(w.status(&fe), status::OK);
+    assert_eq!(r.status(&fe), status::OK);
+    assert_eq!(b.read_image(20 * 512, 1024), vec![0x77; 1024]);
+    assert_eq!(fe.read(r.data, 512), pattern_range(30 * 512, 512));
+    assert_eq!(b.stats[0].resubmitted.load(Ordering::Relaxed), 2);
+    // Nothing extra completes.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(fe.queues[0].used_idx(&fe.mem), 2);
+    assert_eq!(fe.fe.get_vring_base(0).unwrap(), 2);
+}
+
+#[test]
+fn reset_device_stops_rings_and_allows_a_fresh_start() {
+    let b = TestBackend::start(BackendConfig::default());
+    let mut fe = TestFrontend::connect(b.socket(), opts(1)).unwrap();
+    assert_eq!(write(&mut fe, 4, &[9u8; 512]), status::OK);
+    fe.fe.reset_device().unwrap();
+    let features = fe.features;
+    fe.fe.set_features(features).unwrap();
+    fe.add_queue(0).unwrap();
+    fe.start_queue(0).unwrap();
+    let (data, st) = read(&mut fe, 4, 512);
+    assert_eq!(st, status::OK);
+    assert_eq!(data, vec![9u8; 512]);
+}
+
+#[test]
+fn write_zeroes_on_tmpfs_falls_back_when_zero_range_is_unsupported() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, pattern_range(0, 1 << 20)).unwrap();
+    let b = TestBackend::start_on(dir, image, BackendConfig::default());
+    let mut fe = TestFrontend::connect(b.socket(), opts(1)).unwrap();
+    for round in 0..2 {
+        let r = blk_req(&mut fe, req_type::WRITE_ZEROES, 0, 0);
+        let seg = fe.alloc(16);
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&(100u64 + round * 50).to_le_bytes());
+        raw.extend_from_slice(&16u32.to_le_bytes());
+        raw.extend_from_slice(&0u32.to_le_bytes());
+        fe.write(seg, &raw);
+        fe.submit(0, &[Buf::ro(r.hdr, 16), Buf::ro(seg, 16), Buf::wo(r.status, 1)]);
+        fe.wait(0, 1).unwrap();
+        assert_eq!(r.status(&fe), status::OK, "round {round}");
+        let at = (100 + round * 50) * 512;
+        assert_eq!(b.read_image(at, 16 * 512), vec![0u8; 16 * 512]);
+        assert_eq!(b.read_image(at + 16 * 512, 512), pattern_range(at + 16 * 512, 512));
+    }
+}
