@@ -97,7 +97,15 @@ fn looping_and_over_long_chains_are_dropped() {
     still_serving(&mut fe);
 }
 
-fn vhost_tests_write_desc(fe: &TestFrontend, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+fn vhost_tests_write_desc(
+    fe: &TestFrontend,
+    table: u64,
+    i: u16,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) {
     let mut raw = Vec::with_capacity(16);
     raw.extend_from_slice(&addr.to_le_bytes());
     raw.extend_from_slice(&len.to_le_bytes());
@@ -123,7 +131,11 @@ fn bad_indirect_tables_are_dropped() {
         fe.queues[0].write_desc(&fe.mem, ids[0], addr, len, flags, 0);
         fe.queues[0].publish(&fe.mem, ids[0]);
         fe.queues[0].notify();
-        assert_eq!(fe.wait(0, 1).unwrap()[0].len, 0, "table {addr:#x} len {len}");
+        assert_eq!(
+            fe.wait(0, 1).unwrap()[0].len,
+            0,
+            "table {addr:#x} len {len}"
+        );
     }
     let ids = fe.queues[0].reserve(2);
     fe.queues[0].write_desc(&fe.mem, ids[0], table, 16, F_INDIRECT | F_NEXT, ids[1]);
@@ -150,7 +162,11 @@ fn head_index_out_of_range_is_skipped() {
 fn short_header_gets_ioerr() {
     let (b, mut fe) = setup();
     let r = blk_req(&mut fe, req_type::IN, 0, 0);
-    let (len, st) = raw(&mut fe, &[(r.hdr, 8, F_NEXT), (r.status, 1, F_WRITE)], r.status);
+    let (len, st) = raw(
+        &mut fe,
+        &[(r.hdr, 8, F_NEXT), (r.status, 1, F_WRITE)],
+        r.status,
+    );
     assert_eq!((len, st), (1, status::IOERR));
     // No readable descriptor at all.
     fe.write(r.status, &[0xff]);
@@ -172,13 +188,25 @@ fn missing_or_read_only_status_is_dropped() {
         w.status,
     );
     assert_eq!(len, 0);
-    assert_eq!(fe.read(w.status, 1)[0], 0xff, "read-only status byte written");
-    assert_eq!(b.read_image(0, 512), pattern_range(0, 512), "unanswerable write executed");
+    assert_eq!(
+        fe.read(w.status, 1)[0],
+        0xff,
+        "read-only status byte written"
+    );
+    assert_eq!(
+        b.read_image(0, 512),
+        pattern_range(0, 512),
+        "unanswerable write executed"
+    );
     // IN whose status descriptor is read-only (after writable data).
     let r = blk_req(&mut fe, req_type::IN, 0, 512);
     let (len, st) = raw(
         &mut fe,
-        &[(r.hdr, 16, F_NEXT), (r.data, 512, F_WRITE | F_NEXT), (r.status, 1, 0)],
+        &[
+            (r.hdr, 16, F_NEXT),
+            (r.data, 512, F_WRITE | F_NEXT),
+            (r.status, 1, 0),
+        ],
         r.status,
     );
     assert_eq!((len, st), (0, 0xff));
@@ -194,7 +222,11 @@ fn wrong_data_direction_gets_ioerr() {
     let r = blk_req(&mut fe, req_type::IN, 0, 512);
     let (len, st) = raw(
         &mut fe,
-        &[(r.hdr, 16, F_NEXT), (r.data, 512, F_NEXT), (r.status, 1, F_WRITE)],
+        &[
+            (r.hdr, 16, F_NEXT),
+            (r.data, 512, F_NEXT),
+            (r.status, 1, F_WRITE),
+        ],
         r.status,
     );
     assert_eq!((len, st), (1, status::IOERR));
@@ -203,22 +235,38 @@ fn wrong_data_direction_gets_ioerr() {
     fe.write(w.data, &[0xdd; 512]);
     let (len, st) = raw(
         &mut fe,
-        &[(w.hdr, 16, F_NEXT), (w.data, 512, F_WRITE | F_NEXT), (w.status, 1, F_WRITE)],
+        &[
+            (w.hdr, 16, F_NEXT),
+            (w.data, 512, F_WRITE | F_NEXT),
+            (w.status, 1, F_WRITE),
+        ],
         w.status,
     );
     assert_eq!((len, st), (1, status::IOERR));
-    assert_eq!(fe.read(w.data, 512), vec![0xdd; 512], "guest buffer overwritten");
+    assert_eq!(
+        fe.read(w.data, 512),
+        vec![0xdd; 512],
+        "guest buffer overwritten"
+    );
     assert_eq!(b.read_image(0, 512), pattern_range(0, 512));
     // GET_ID without a writable buffer.
     let g = blk_req(&mut fe, req_type::GET_ID, 0, 0);
-    let (_, st) = raw(&mut fe, &[(g.hdr, 16, F_NEXT), (g.status, 1, F_WRITE)], g.status);
+    let (_, st) = raw(
+        &mut fe,
+        &[(g.hdr, 16, F_NEXT), (g.status, 1, F_WRITE)],
+        g.status,
+    );
     assert_eq!(st, status::IOERR);
     // Data length not a multiple of 512.
     let r = blk_req(&mut fe, req_type::IN, 0, 0);
     let d = fe.alloc(4096);
     let (_, st) = raw(
         &mut fe,
-        &[(r.hdr, 16, F_NEXT), (d, 700, F_WRITE | F_NEXT), (r.status, 1, F_WRITE)],
+        &[
+            (r.hdr, 16, F_NEXT),
+            (d, 700, F_WRITE | F_NEXT),
+            (r.status, 1, F_WRITE),
+        ],
         r.status,
     );
     assert_eq!(st, status::IOERR);
@@ -240,9 +288,16 @@ fn out_of_range_sectors_get_ioerr() {
         let (used, st) = run(&mut fe, 0, &r, true);
         assert_eq!((used.len, st), (1, status::IOERR), "read at {sector}");
         let w = blk_req(&mut fe, req_type::OUT, sector, len);
-        assert_eq!(run(&mut fe, 0, &w, false).1, status::IOERR, "write at {sector}");
+        assert_eq!(
+            run(&mut fe, 0, &w, false).1,
+            status::IOERR,
+            "write at {sector}"
+        );
     }
-    assert_eq!(b.read_image((4 << 20) - 512, 512), pattern_range((4 << 20) - 512, 512));
+    assert_eq!(
+        b.read_image((4 << 20) - 512, 512),
+        pattern_range((4 << 20) - 512, 512)
+    );
     still_serving(&mut fe);
 }
 
@@ -273,8 +328,14 @@ fn bad_discard_and_write_zeroes_segments() {
     let sectors = (4u64 << 20) / 512;
     for t in [req_type::DISCARD, req_type::WRITE_ZEROES] {
         // Past the end, overflowing, over the advertised segment size.
-        assert_eq!(range_req(&mut fe, t, &[(sectors - 4, 8, 0)], 0), status::IOERR);
-        assert_eq!(range_req(&mut fe, t, &[(u64::MAX - 2, 8, 0)], 0), status::IOERR);
+        assert_eq!(
+            range_req(&mut fe, t, &[(sectors - 4, 8, 0)], 0),
+            status::IOERR
+        );
+        assert_eq!(
+            range_req(&mut fe, t, &[(u64::MAX - 2, 8, 0)], 0),
+            status::IOERR
+        );
         assert_eq!(range_req(&mut fe, t, &[(0, u32::MAX, 0)], 0), status::IOERR);
         // More segments than max_discard_seg (32).
         let many: Vec<_> = (0..33).map(|i| (i * 8, 8, 0)).collect();
@@ -286,7 +347,10 @@ fn bad_discard_and_write_zeroes_segments() {
         assert_eq!(range_req(&mut fe, t, &[(0, 8, 0x80)], 0), status::UNSUPP);
     }
     // UNMAP on DISCARD is not allowed by the spec.
-    assert_eq!(range_req(&mut fe, req_type::DISCARD, &[(0, 8, 1)], 0), status::UNSUPP);
+    assert_eq!(
+        range_req(&mut fe, req_type::DISCARD, &[(0, 8, 1)], 0),
+        status::UNSUPP
+    );
     // Nothing was zeroed.
     assert_eq!(b.read_image(0, 64 * 1024), pattern_range(0, 64 * 1024));
     assert_eq!(

@@ -196,7 +196,10 @@ fn dirty_log_marks_exactly_the_pages_we_write() {
     let r2 = blk_req(&mut fe, req_type::IN, 8, 4096);
     fe.submit(0, &r2.chain(true));
     fe.wait(0, 1).unwrap();
-    assert!(log.dirty_pages().is_empty(), "logging continued after LOG_ALL was cleared");
+    assert!(
+        log.dirty_pages().is_empty(),
+        "logging continued after LOG_ALL was cleared"
+    );
 }
 
 #[test]
@@ -221,7 +224,9 @@ fn dirty_log_covers_regions_added_after_set_log_base() {
     assert_eq!(r.status(&fe), status::OK);
     use vm_memory::{Bytes, GuestAddress};
     let mut got = vec![0u8; 4096];
-    region.read_slice(&mut got, GuestAddress(hi + 0x3000)).unwrap();
+    region
+        .read_slice(&mut got, GuestAddress(hi + 0x3000))
+        .unwrap();
     assert_eq!(got, pattern_range(16 * 512, 4096));
     assert!(log.is_dirty(hi + 0x3000), "late region's page not logged");
     assert!(!log.is_dirty(hi + 0x2000) && !log.is_dirty(hi + 0x4000));
@@ -236,7 +241,10 @@ fn get_vring_base_waits_for_in_flight_requests() {
     });
     // Write real data so reads take real I/O.
     {
-        let f = std::fs::OpenOptions::new().write(true).open(&b.image).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&b.image)
+            .unwrap();
         f.write_all_at(&pattern_range(0, 64 << 20), 0).unwrap();
         f.sync_all().unwrap();
     }
@@ -244,7 +252,12 @@ fn get_vring_base_waits_for_in_flight_requests() {
     let n = 40u16;
     let mut reqs = Vec::new();
     for i in 0..u64::from(n) {
-        let r = blk_req(&mut fe, req_type::IN, (i * 256) % ((64 << 20) / 512 - 512), 128 * 1024);
+        let r = blk_req(
+            &mut fe,
+            req_type::IN,
+            (i * 256) % ((64 << 20) / 512 - 512),
+            128 * 1024,
+        );
         let dq = &mut fe.queues[0];
         let head = dq.add_chain(&fe.mem, &r.chain(true));
         dq.publish(&fe.mem, head);
@@ -381,11 +394,17 @@ fn write_zeroes_on_tmpfs_falls_back_when_zero_range_is_unsupported() {
         raw.extend_from_slice(&16u32.to_le_bytes());
         raw.extend_from_slice(&0u32.to_le_bytes());
         fe.write(seg, &raw);
-        fe.submit(0, &[Buf::ro(r.hdr, 16), Buf::ro(seg, 16), Buf::wo(r.status, 1)]);
+        fe.submit(
+            0,
+            &[Buf::ro(r.hdr, 16), Buf::ro(seg, 16), Buf::wo(r.status, 1)],
+        );
         fe.wait(0, 1).unwrap();
         assert_eq!(r.status(&fe), status::OK, "round {round}");
         let at = (100 + round * 50) * 512;
         assert_eq!(b.read_image(at, 16 * 512), vec![0u8; 16 * 512]);
-        assert_eq!(b.read_image(at + 16 * 512, 512), pattern_range(at + 16 * 512, 512));
+        assert_eq!(
+            b.read_image(at + 16 * 512, 512),
+            pattern_range(at + 16 * 512, 512)
+        );
     }
 }

@@ -1,0 +1,170 @@
+//! The vhost-blk-backend program: QEMU's backend program conventions, errors a user can
+//! act on, a clean exit on SIGTERM with I/O completed.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vhost_blk_backend::spec::{req_type, status};
+use vhost_tests::frontend::{FrontendOptions, TestFrontend};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-blk-backend");
+
+fn image(dir: &std::path::Path, size: usize) -> std::path::PathBuf {
+    let p = dir.join("disk.img");
+    std::fs::write(&p, pattern_range(0, size)).unwrap();
+    p
+}
+
+fn wait_for_socket(p: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "backend never created {}",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn print_capabilities_is_json_for_libvirt() {
+    let out = Command::new(BIN)
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        s.trim(),
+        r#"{"type": "block", "features": ["read-only", "blk-file"]}"#
+    );
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let s = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--socket-path",
+        "--fd",
+        "--print-capabilities",
+        "--blk-file",
+        "--read-only",
+        "--num-queues",
+        "--queue-size",
+        "--serial",
+        "--cache",
+        "--block-size",
+    ] {
+        assert!(s.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn bad_command_lines_fail_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--blk-file", "/nonexistent/disk.img", "--socket-path"],
+            "cannot open /nonexistent/disk.img",
+        ),
+        (
+            &["--blk-file", "/dev/null", "--socket-path"],
+            "neither a regular file nor a block device",
+        ),
+        (
+            &["--blk-file", "x", "--queue-size", "100", "--socket-path"],
+            "not a power of two",
+        ),
+        (
+            &["--blk-file", "x", "--block-size", "1000", "--socket-path"],
+            "not one of",
+        ),
+        (
+            &["--blk-file", "x", "--num-queues", "0", "--socket-path"],
+            "0 is not in 1..=64",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(BIN)
+            .args(*args)
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(want),
+            "{args:?}: stderr {err:?} lacks {want:?}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_exits_cleanly_after_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let sock = dir.path().join("blk.sock");
+    let mut child = Command::new(BIN)
+        .args(["--blk-file"])
+        .arg(&img)
+        .arg("--socket-path")
+        .arg(&sock)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock);
+    let mut fe = TestFrontend::connect(&sock, FrontendOptions::default()).unwrap();
+    assert_eq!(write(&mut fe, 2, &[0x42; 4096]), status::OK);
+    let (data, st) = read(&mut fe, 2, 4096);
+    assert_eq!((st, data), (status::OK, vec![0x42; 4096]));
+    // SIGTERM while connected: the backend finishes and exits 0.
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "backend did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(code.success(), "exit status {code:?}");
+    let on_disk = std::fs::read(&img).unwrap();
+    assert_eq!(&on_disk[1024..1024 + 4096], &[0x42; 4096][..]);
+}
+
+#[test]
+fn listens_on_an_inherited_fd() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let sock = dir.path().join("inherited.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    // Clear CLOEXEC so the child inherits it.
+    // SAFETY: fcntl on our own fd.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    let mut child = Command::new(BIN)
+        .arg("--blk-file")
+        .arg(&img)
+        .args(["--fd", &fd.to_string(), "--read-only"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(listener);
+    let mut fe = TestFrontend::connect(&sock, FrontendOptions::default()).unwrap();
+    let (data, st) = read(&mut fe, 0, 512);
+    assert_eq!((st, data), (status::OK, pattern_range(0, 512)));
+    let r = blk_req(&mut fe, req_type::OUT, 0, 512);
+    assert_eq!(run(&mut fe, 0, &r, false).1, status::IOERR);
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
