@@ -1,0 +1,49 @@
+//! `bench`: a vhost-user load generator (the frontend and guest driver in one, native
+//! speed) that drives any vhost-user backend socket, so ours and the peers' are measured by
+//! the same instrument.
+
+mod blk;
+
+use clap::{Parser, Subcommand};
+
+/// vhost-user load generator and benchmarks.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Generate load on a backend socket.
+    Load {
+        #[command(subcommand)]
+        device: LoadDevice,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LoadDevice {
+    /// Drive a vhost-user-blk backend (ours, qemu-storage-daemon, SPDK, ...).
+    Blk(blk::BlkLoadArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Load {
+            device: LoadDevice::Blk(a),
+        } => blk::run(&a),
+    };
+    match res {
+        Ok(report) => {
+            println!("{report}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
