@@ -136,7 +136,7 @@ struct Slot {
 
 /// Runs the load and reports.
 pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
-    if a.bs == 0 || a.bs % 512 != 0 {
+    if a.bs == 0 || !a.bs.is_multiple_of(512) {
         return Err(LoadError::Usage("--bs must be a multiple of 512".into()));
     }
     let depth = usize::from(a.iodepth.max(1));

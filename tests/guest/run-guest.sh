@@ -60,6 +60,8 @@ run_dir=$(mktemp -d "${TMPDIR:-/tmp}/run-guest.XXXXXX")
 trap 'rm -rf "$run_dir"' EXIT
 mkdir -p "$run_dir/root/test"
 install -m 755 "$script" "$run_dir/root/test/run.sh"
+# scripts/lib.sh (helpers for the blk scripts) is always there as /test/lib.sh.
+cp "$HARNESS_DIR/scripts/lib.sh" "$run_dir/root/test/"
 for f in ${files[@]+"${files[@]}"}; do cp -L "$f" "$run_dir/root/test/"; done
 # busybox sh sources this with set -a: single-quote every value.
 for kv in ${envs[@]+"${envs[@]}"}; do
