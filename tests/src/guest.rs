@@ -29,7 +29,8 @@
 //! * `VHOST_GUEST_SKIP=1`: skip every guest test (loudly).
 //! * `VHOST_GUEST_REQUIRE=1`: a skip becomes a test failure (for CI).
 //! * `VHOST_GUEST_KEEP=1`: keep disk images of passing tests.
-//! * `GUEST_ACCEL=auto|kvm|tcg`, `GUEST_KERNEL_SUITE`, `QEMU`, `QSD`: see
+//! * `GUEST_ACCEL=auto|kvm|tcg`, `GUEST_KERNEL_SUITE`, `QEMU`, `QSD`,
+//!   `GUEST_VERBOSE=1` (full kernel log on the console): see
 //!   `tests/guest/common.sh`.
 //! * `VHOST_GUEST_BLK_IMPL=vhost-blk-backend|qsd`, `VHOST_BLK_BACKEND=PATH`:
 //!   see [`BlkBackend::from_env`].
@@ -234,6 +235,12 @@ fn is_executable(p: &Path) -> bool {
     fs::metadata(p)
         .map(|m| m.is_file() && m.mode() & 0o111 != 0)
         .unwrap_or(false)
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
 }
 
 fn prune_old_runs(runs: &Path, age: Duration) {
@@ -475,7 +482,13 @@ impl GuestTest {
             .arg(&initrd)
             .arg("-append")
             .arg(format!(
-                "console=ttyS0 panic=-1 mitigations=off quiet {}",
+                "console=ttyS0 panic=-1 mitigations=off {} {}",
+                // GUEST_VERBOSE=1: the whole kernel log on the console.
+                if env_flag("GUEST_VERBOSE") {
+                    ""
+                } else {
+                    "quiet"
+                },
                 boot.append
             ))
             .args(&boot.qemu_args)
@@ -534,11 +547,11 @@ impl GuestTest {
             stderr_log,
         };
         eprintln!(
-            "guest test {} {label}: {} exit={:?} qemu={:?} timed_out={} wall={:.1}s",
+            "guest test {} {label}: {} exit={:?} qemu={} timed_out={} wall={:.1}s",
             self.name,
             boot.script.display(),
             out.exit_status,
-            out.qemu_status,
+            status_str(out.qemu_status),
             out.timed_out,
             wall.as_secs_f64()
         );
@@ -711,8 +724,8 @@ impl GuestOutcome {
         } else {
             match self.exit_status {
                 None => Some(format!(
-                    "QEMU exited ({:?}) without a guest exit status",
-                    self.qemu_status
+                    "QEMU ended ({}) without a guest exit status",
+                    status_str(self.qemu_status)
                 )),
                 Some(0) => None,
                 Some(n) => Some(format!("guest script exited with status {n}")),
@@ -760,6 +773,10 @@ impl GuestOutcome {
         v.parse()
             .unwrap_or_else(|_| panic!("{}: result {key}={v:?} is not a number", self.label))
     }
+}
+
+fn status_str(st: Option<ExitStatus>) -> String {
+    st.map_or_else(|| "killed by the harness".to_string(), |s| s.to_string())
 }
 
 /// Parses `@@RESULT` pairs and the `@@GUEST-EXIT@@` status from a console log.
@@ -1155,7 +1172,8 @@ impl BlkBackend {
             Ok("qsd") | Ok("qemu-storage-daemon") => {
                 let qsd = std::env::var_os("QSD")
                     .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-storage-daemon"));
+                    .or_else(|| find_in_path("qemu-storage-daemon"))
+                    .unwrap_or_else(|| PathBuf::from("qemu-storage-daemon"));
                 if is_executable(&qsd) {
                     Ok(BlkBackend::Qsd(qsd))
                 } else {
@@ -1301,6 +1319,25 @@ pub fn sha256_file_range(path: &Path, offset: u64, len: u64) -> io::Result<Strin
         left -= n as u64;
     }
     Ok(hex(&h.finalize()))
+}
+
+/// Whether `len` bytes of `path` at `offset` are all zero (a memcmp per
+/// MiB: fast even in unoptimised test builds, unlike hashing).
+pub fn file_range_is_zero(path: &Path, offset: u64, len: u64) -> io::Result<bool> {
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+        f.read_exact(&mut buf[..n])?;
+        if buf[..n] != zeros[..n] {
+            return Ok(false);
+        }
+        left -= n as u64;
+    }
+    Ok(true)
 }
 
 /// Hex sha256 of a whole file.

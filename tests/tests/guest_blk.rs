@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use vhost_tests::guest::{
-    sha256_file, sha256_file_range, sha256_zeros, vhost_user_blk_args, write_random, Backend,
-    BlkBackend, BlkOpts, GuestBoot, GuestTest,
+    file_range_is_zero, sha256_file_range, sha256_zeros, vhost_user_blk_args, write_random,
+    Backend, BlkBackend, BlkOpts, GuestBoot, GuestTest,
 };
 
 const KIB: u64 = 1 << 10;
@@ -46,6 +46,11 @@ fn serve(t: &GuestTest, blk: &BlkBackend, img: &Path, opts: &BlkOpts) -> (Backen
 
 fn image_sha(img: &Path, off: u64, len: u64) -> String {
     sha256_file_range(img, off, len)
+        .unwrap_or_else(|e| panic!("reading {} at {off}+{len}: {e}", img.display()))
+}
+
+fn image_zero(img: &Path, off: u64, len: u64) -> bool {
+    file_range_is_zero(img, off, len)
         .unwrap_or_else(|e| panic!("reading {} at {off}+{len}: {e}", img.display()))
 }
 
@@ -79,16 +84,14 @@ fn guest_blk_pattern_roundtrip() {
         written,
         "image range vs guest pattern"
     );
-    assert_eq!(
-        image_sha(&img, 0, off),
-        sha256_zeros(off),
-        "bytes before the range"
+    assert!(
+        image_zero(&img, 0, off),
+        "image: bytes before the range not zero"
     );
     let end = off + len;
-    assert_eq!(
-        image_sha(&img, end, size - end),
-        sha256_zeros(size - end),
-        "bytes after the range"
+    assert!(
+        image_zero(&img, end, size - end),
+        "image: bytes after the range not zero"
     );
 }
 
@@ -193,15 +196,13 @@ fn guest_blk_discard_write_zeroes() {
     );
 
     be.stop_expect_clean();
-    assert_eq!(
-        image_sha(&img, off + 4 * MIB, 4 * MIB),
-        zeros,
-        "image: discarded range"
+    assert!(
+        image_zero(&img, off + 4 * MIB, 4 * MIB),
+        "image: discarded range not zero"
     );
-    assert_eq!(
-        image_sha(&img, off + 12 * MIB, 4 * MIB),
-        zeros,
-        "image: write-zeroes range"
+    assert!(
+        image_zero(&img, off + 12 * MIB, 4 * MIB),
+        "image: write-zeroes range not zero"
     );
     let keep = [(0, 4 * MIB), (8 * MIB, 4 * MIB), (16 * MIB, len - 16 * MIB)];
     for (i, (o, l)) in keep.into_iter().enumerate() {
@@ -277,7 +278,7 @@ fn guest_blk_read_only() {
     let img = t.create_image("disk.img", 32 * MIB).expect("create image");
     let head = write_random(&img, 0, MIB, 0x5eed_0001).expect("fill image");
     write_random(&img, 16 * MIB, MIB, 0x5eed_0002).expect("fill image");
-    let before = sha256_file(&img).expect("hash image");
+    let before = std::fs::read(&img).expect("read image");
     let opts = BlkOpts {
         read_only: true,
         ..Default::default()
@@ -298,11 +299,8 @@ fn guest_blk_read_only() {
         assert_ne!(out.result(k), "0", "{k}: a write succeeded");
     }
     be.stop_expect_clean();
-    assert_eq!(
-        sha256_file(&img).expect("hash image"),
-        before,
-        "image changed"
-    );
+    let after = std::fs::read(&img).expect("read image");
+    assert!(after == before, "image changed under a read-only backend");
 }
 
 /// Test 7: Reconnect: one backend process serves two guests in a row; the second
