@@ -6,3 +6,5 @@
 
 pub mod frontend;
 pub mod guest;
+pub mod guest_console;
+pub mod guest_net;

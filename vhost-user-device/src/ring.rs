@@ -42,6 +42,9 @@ pub struct Ring {
     inflight: Option<InflightQueue>,
     resubmit: VecDeque<u16>,
     acked_features: u64,
+    event_idx: bool,
+    /// Used elements published since the last notification decision (event_idx).
+    added_since_notify: u16,
     stats: Arc<QueueStats>,
     bad_chain_log: RateLimitedLog,
 }
@@ -155,6 +158,8 @@ impl Ring {
             inflight,
             resubmit,
             acked_features: setup.acked_features,
+            event_idx: setup.event_idx,
+            added_since_notify: 0,
             stats: setup.stats,
             bad_chain_log: RateLimitedLog::new(),
         })
@@ -261,12 +266,89 @@ impl Ring {
         if let Some(infl) = self.inflight.as_mut() {
             infl.after_used(head, self.queue.next_used());
         }
+        self.added_since_notify = self.added_since_notify.wrapping_add(1);
         self.stats.completed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Puts several chains on the used ring and publishes them with one used-index update,
+    /// so the driver sees them together (virtio-net's mergeable receive buffers need this:
+    /// the driver reads `num_buffers` buffers as soon as it sees the first).
+    pub fn add_used_batch(&mut self, mem: &GuestMem, used: &[(u16, u32)]) {
+        use vm_memory::Bytes;
+        let size = self.queue.size();
+        let ring = self.queue.used_ring();
+        let mut next = self.queue.next_used();
+        for &(head, len) in used {
+            if head >= size {
+                continue;
+            }
+            if let Some(infl) = self.inflight.as_mut() {
+                infl.before_used(head);
+            }
+            let slot = u64::from(next % size);
+            let at = GuestAddress(ring + 4 + 8 * slot);
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            if mem.write_slice(&elem, at).is_err() {
+                let index = self.index;
+                self.bad_chain_log
+                    .warn(|| format!("queue {index}: cannot write used ring"));
+                return;
+            }
+            next = next.wrapping_add(1);
+        }
+        std::sync::atomic::fence(Ordering::Release);
+        if mem
+            .store(next.to_le(), GuestAddress(ring + 2), Ordering::Release)
+            .is_err()
+        {
+            return;
+        }
+        let added = next.wrapping_sub(self.queue.next_used());
+        self.added_since_notify = self.added_since_notify.wrapping_add(added);
+        self.queue.set_next_used(next);
+        for &(head, _) in used {
+            if let Some(infl) = self.inflight.as_mut() {
+                infl.after_used(head, next);
+            }
+        }
+        self.stats
+            .completed
+            .fetch_add(used.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Gives back the last chain taken from the avail ring, e.g. when a received frame
+    /// does not fit the buffers the guest posted so far (it is taken again later).
+    /// Not for rings with inflight tracking or resubmissions.
+    pub fn undo_pop(&mut self) {
+        use virtio_queue::QueueOwnedT;
+        self.queue.go_to_previous_position();
+    }
+
     /// Interrupts the guest if the ring's notification rules ask for it.
+    ///
+    /// With event_idx this is the kernel's rule (vring_need_event): interrupt when the
+    /// driver's `used_event` lies among the used elements published since the last call.
+    /// We keep the count ourselves because [`Ring::add_used_batch`] bypasses virtio-queue.
     pub fn notify(&mut self, mem: &GuestMem) {
-        if self.queue.needs_notification(mem).unwrap_or(true) {
+        let added = std::mem::take(&mut self.added_since_notify);
+        let needed = if self.event_idx {
+            use vm_memory::Bytes;
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let at = self.queue.avail_ring() + 4 + 2 * u64::from(self.queue.size());
+            match mem.load::<u16>(GuestAddress(at), Ordering::Acquire) {
+                Ok(raw) => {
+                    let used_event = u16::from_le(raw);
+                    let new = self.queue.next_used();
+                    new.wrapping_sub(used_event).wrapping_sub(1) < added
+                }
+                Err(_) => true,
+            }
+        } else {
+            true
+        };
+        if needed {
             if let Some(call) = &self.call {
                 let _ = call.write(1);
                 self.stats.notifications.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,1 @@
+//! Guest-harness additions for console tests (QEMU 11 chroot, port sockets).

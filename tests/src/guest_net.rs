@@ -1,0 +1,1 @@
+//! Guest-harness additions for network tests (namespaces, taps, bridges).
