@@ -362,7 +362,7 @@ impl BlkWorker {
         // SAFETY: the iovecs (and the guest memory / bounce buffer they point to) live in
         // the slot until the completion is reaped; the slot is not reused before that.
         if let Err(e) = unsafe { self.uring.push(op, slot as u64, false) } {
-            self.fail_unsubmitted(ring, mem, slot, &e);
+            self.fail_unsubmitted(ring, mem, slot, 1, &e);
             return true;
         }
         self.count(queue, 1);
@@ -381,13 +381,14 @@ impl BlkWorker {
             self.complete_now(ring, mem, req.head, req.status_addr, status::OK, 1);
             return true;
         }
-        req.pending = ops.len() as u32;
+        let total = ops.len() as u32;
+        req.pending = total;
         let queue = req.queue;
         let slot = self.alloc_slot(req);
-        for (op, link) in ops {
+        for (pushed, (op, link)) in ops.into_iter().enumerate() {
             // SAFETY: these ops reference no memory.
             if let Err(e) = unsafe { self.uring.push(op, slot as u64, link) } {
-                self.fail_unsubmitted(ring, mem, slot, &e);
+                self.fail_unsubmitted(ring, mem, slot, total - pushed as u32, &e);
                 return true;
             }
         }
@@ -395,21 +396,28 @@ impl BlkWorker {
         false
     }
 
-    fn fail_unsubmitted(&mut self, ring: &mut Ring, mem: &GuestMem, slot: usize, e: &io::Error) {
-        // Only reachable if io_uring_enter itself fails; ops already queued for this slot
-        // would still complete, so keep the slot and let completions finish it.
+    /// A push failed because io_uring_enter itself failed. `unpushed` operations of the
+    /// request (the failed one included) will never complete; those already queued will,
+    /// so the request finishes (with IOERR) when they do, or now if there are none.
+    fn fail_unsubmitted(
+        &mut self,
+        ring: &mut Ring,
+        mem: &GuestMem,
+        slot: usize,
+        unpushed: u32,
+        e: &io::Error,
+    ) {
         self.log.warn(|| format!("io_uring submission failed: {e}"));
-        if let Some(req) = self.slots.get_mut(slot).and_then(|s| s.as_mut()) {
-            req.status = status::IOERR;
-            req.pending = req.pending.saturating_sub(1);
-            if req.pending == 0 {
-                if let Some(req) = self.slots[slot].take() {
-                    self.free.push(slot);
-                    self.complete_now(ring, mem, req.head, req.status_addr, status::IOERR, 1);
-                }
-            } else {
-                self.count(ring.index(), 1);
-            }
+        let Some(req) = self.slots.get_mut(slot).and_then(|s| s.as_mut()) else {
+            return;
+        };
+        req.status = status::IOERR;
+        req.pending = req.pending.saturating_sub(unpushed);
+        if req.pending > 0 {
+            self.count(ring.index(), 1);
+        } else if let Some(req) = self.slots[slot].take() {
+            self.free.push(slot);
+            self.complete_now(ring, mem, req.head, req.status_addr, status::IOERR, 1);
         }
     }
 
