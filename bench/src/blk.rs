@@ -46,6 +46,9 @@ pub struct BlkLoadArgs {
     /// Ring size to negotiate.
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
+    /// Request queues to drive, each with --iodepth requests in flight.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -147,12 +150,14 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
             depth * 3
         )));
     }
-    let mem_size = (2 << 20) + (depth as u64 * (a.bs + 8192)).next_multiple_of(1 << 20);
+    let nq = usize::from(a.queues.max(1));
+    let mem_size = (4 << 20) + (nq as u64 * depth as u64 * (a.bs + 8192)).next_multiple_of(1 << 20);
     let mut fe = TestFrontend::connect(
         &a.socket,
         FrontendOptions {
             mem_size,
             queue_size: a.queue_size,
+            num_queues: nq as u16,
             ..Default::default()
         },
     )?;
@@ -168,7 +173,7 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
     }
     let write = matches!(a.rw, Rw::Write | Rw::Randwrite);
     let random = matches!(a.rw, Rw::Randread | Rw::Randwrite);
-    let slots: Vec<Slot> = (0..depth)
+    let slots: Vec<Slot> = (0..depth * nq)
         .map(|_| Slot {
             hdr: fe.alloc(16),
             data: fe.alloc(a.bs),
@@ -189,7 +194,8 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
             o
         }
     };
-    let mut in_flight: HashMap<u16, (usize, Instant, u64)> = HashMap::new();
+    // Slot s belongs to queue s / depth.
+    let mut in_flight: Vec<HashMap<u16, (usize, Instant, u64)>> = vec![HashMap::new(); nq];
     let submit = |fe: &mut TestFrontend, slot: usize, offset: u64| -> u16 {
         let s = &slots[slot];
         let mut h = [0u8; 16];
@@ -206,68 +212,78 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
             },
             Buf::wo(s.status, 1),
         ];
-        let dq = &mut fe.queues[0];
+        let dq = &mut fe.queues[slot / depth];
         let head = dq.add_chain(&fe.mem, &chain);
         dq.publish(&fe.mem, head);
         head
     };
-    for slot in 0..depth {
+    for slot in 0..depth * nq {
         let off = next_offset(&mut rng);
         let head = submit(&mut fe, slot, off);
-        in_flight.insert(head, (slot, Instant::now(), off));
+        in_flight[slot / depth].insert(head, (slot, Instant::now(), off));
     }
-    fe.queues[0].notify();
+    for q in &fe.queues {
+        q.notify();
+    }
     let start = Instant::now();
     let mut lat_us = Vec::with_capacity(1 << 20);
     let mut ios = 0u64;
-    let call_fd = fe.queues[0].call.as_raw_fd();
-    while start.elapsed() < a.runtime {
-        let mut pfd = libc::pollfd {
-            fd: call_fd,
+    let mut pfds: Vec<libc::pollfd> = fe
+        .queues
+        .iter()
+        .map(|q| libc::pollfd {
+            fd: q.call.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut pfd, 1, 100) };
-        let _ = fe.queues[0].call.read();
-        let done = fe.queues[0].take_used(&fe.mem);
-        let now = Instant::now();
-        // Collect every finished slot before resubmitting: a resubmission may reuse the
-        // head index of a completion not yet looked at.
-        let mut free_slots = Vec::with_capacity(done.len());
-        for u in &done {
-            let Some((slot, t0, off)) = in_flight.remove(&(u.id as u16)) else {
+        })
+        .collect();
+    while start.elapsed() < a.runtime {
+        // SAFETY: pfds is a valid array of pollfd.
+        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 100) };
+        for q in 0..nq {
+            let _ = fe.queues[q].call.read();
+            let done = fe.queues[q].take_used(&fe.mem);
+            if done.is_empty() {
                 continue;
-            };
-            let st = fe.read(slots[slot].status, 1)[0];
-            if st != 0 {
-                return Err(LoadError::Status {
-                    offset: off,
-                    status: st,
-                });
             }
-            lat_us.push(now.duration_since(t0).as_micros() as u64);
-            ios += 1;
-            free_slots.push(slot);
-        }
-        for slot in free_slots {
-            let off = next_offset(&mut rng);
-            let head = submit(&mut fe, slot, off);
-            in_flight.insert(head, (slot, Instant::now(), off));
-        }
-        if !done.is_empty() {
-            fe.queues[0].notify();
+            let now = Instant::now();
+            // Collect every finished slot before resubmitting: a resubmission may reuse
+            // the head index of a completion not yet looked at.
+            let mut free_slots = Vec::with_capacity(done.len());
+            for u in &done {
+                let Some((slot, t0, off)) = in_flight[q].remove(&(u.id as u16)) else {
+                    continue;
+                };
+                let st = fe.read(slots[slot].status, 1)[0];
+                if st != 0 {
+                    return Err(LoadError::Status {
+                        offset: off,
+                        status: st,
+                    });
+                }
+                lat_us.push(now.duration_since(t0).as_micros() as u64);
+                ios += 1;
+                free_slots.push(slot);
+            }
+            for slot in free_slots {
+                let off = next_offset(&mut rng);
+                let head = submit(&mut fe, slot, off);
+                in_flight[q].insert(head, (slot, Instant::now(), off));
+            }
+            fe.queues[q].notify();
         }
     }
     let elapsed = start.elapsed();
     // Let the tail complete so the backend is left idle.
-    let _ = fe.queues[0].wait_used(&fe.mem, in_flight.len(), Duration::from_secs(5));
+    for (q, pending) in in_flight.iter().enumerate() {
+        let _ = fe.queues[q].wait_used(&fe.mem, pending.len(), Duration::from_secs(5));
+    }
     lat_us.sort_unstable();
     Ok(Report {
         ios,
         bytes: ios * a.bs,
         elapsed,
         lat_us,
-        args: format!("{:?} bs={} iodepth={}", a.rw, a.bs, a.iodepth).to_lowercase(),
+        args: format!("{:?} bs={} iodepth={} queues={}", a.rw, a.bs, a.iodepth, nq).to_lowercase(),
     })
 }
