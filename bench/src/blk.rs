@@ -240,7 +240,7 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
     while start.elapsed() < a.runtime {
         // SAFETY: pfds is a valid array of pollfd.
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 100) };
-        for q in 0..nq {
+        for (q, pending) in in_flight.iter_mut().enumerate() {
             let _ = fe.queues[q].call.read();
             let done = fe.queues[q].take_used(&fe.mem);
             if done.is_empty() {
@@ -251,7 +251,7 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
             // the head index of a completion not yet looked at.
             let mut free_slots = Vec::with_capacity(done.len());
             for u in &done {
-                let Some((slot, t0, off)) = in_flight[q].remove(&(u.id as u16)) else {
+                let Some((slot, t0, off)) = pending.remove(&(u.id as u16)) else {
                     continue;
                 };
                 let st = fe.read(slots[slot].status, 1)[0];
@@ -268,7 +268,7 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
             for slot in free_slots {
                 let off = next_offset(&mut rng);
                 let head = submit(&mut fe, slot, off);
-                in_flight[q].insert(head, (slot, Instant::now(), off));
+                pending.insert(head, (slot, Instant::now(), off));
             }
             fe.queues[q].notify();
         }
