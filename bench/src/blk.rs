@@ -27,31 +27,31 @@ pub enum Rw {
 pub struct BlkLoadArgs {
     /// The backend's vhost-user socket.
     #[arg(long)]
-    socket: PathBuf,
+    pub socket: PathBuf,
     /// Access pattern.
     #[arg(long, value_enum, default_value_t = Rw::Randread)]
-    rw: Rw,
+    pub rw: Rw,
     /// Block size, e.g. 4k, 128k.
     #[arg(long, default_value = "4k", value_parser = parse_size)]
-    bs: u64,
+    pub bs: u64,
     /// Requests kept in flight.
     #[arg(long, default_value_t = 32)]
-    iodepth: u16,
+    pub iodepth: u16,
     /// How long to run, e.g. 10s, 500ms.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    runtime: Duration,
+    pub runtime: Duration,
     /// Bytes of the disk to spread I/O over (default: the whole disk).
     #[arg(long, value_parser = parse_size)]
-    size: Option<u64>,
+    pub size: Option<u64>,
     /// Ring size to negotiate.
     #[arg(long, default_value_t = 256)]
-    queue_size: u16,
+    pub queue_size: u16,
     /// Request queues to drive, each with --iodepth requests in flight.
     #[arg(long, default_value_t = 1)]
-    queues: u16,
+    pub queues: u16,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim().to_ascii_lowercase();
     let (num, mult) = match s.chars().last() {
         Some('k') => (&s[..s.len() - 1], 1u64 << 10),
@@ -64,7 +64,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("bad size {s:?}: {e}"))
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Some(ms) = s.strip_suffix("ms") {
         return ms
@@ -99,23 +99,38 @@ pub enum LoadError {
 
 /// What a run measured.
 pub struct Report {
-    ios: u64,
-    bytes: u64,
-    elapsed: Duration,
-    lat_us: Vec<u64>,
-    args: String,
+    /// Completed requests.
+    pub ios: u64,
+    /// Bytes transferred.
+    pub bytes: u64,
+    /// Measured time.
+    pub elapsed: Duration,
+    /// Sorted latencies in microseconds.
+    pub lat_us: Vec<u64>,
+    /// The options, for the report line.
+    pub args: String,
+}
+
+impl Report {
+    /// Requests per second.
+    pub fn iops(&self) -> f64 {
+        self.ios as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Latency percentile `p` (0..1) in microseconds.
+    pub fn pct(&self, p: f64) -> u64 {
+        if self.lat_us.is_empty() {
+            0
+        } else {
+            self.lat_us[((self.lat_us.len() - 1) as f64 * p) as usize]
+        }
+    }
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let secs = self.elapsed.as_secs_f64();
-        let pct = |p: f64| {
-            if self.lat_us.is_empty() {
-                0
-            } else {
-                self.lat_us[((self.lat_us.len() - 1) as f64 * p) as usize]
-            }
-        };
+        let pct = |p: f64| self.pct(p);
         write!(
             f,
             "{}: {:.0} IOPS, {:.1} MB/s, latency p50 {} us, p99 {} us, p99.9 {} us ({} I/Os in {:.2} s)",

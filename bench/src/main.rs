@@ -3,6 +3,7 @@
 //! the same instrument.
 
 mod blk;
+mod compare;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,17 @@ enum Cmd {
         #[command(subcommand)]
         device: LoadDevice,
     },
+    /// Run every contender side by side and write a table (bench/results/).
+    Compare {
+        #[command(subcommand)]
+        what: CompareWhat,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CompareWhat {
+    /// vhost-blk-backend vs qemu-storage-daemon vs host fio, through the load generator.
+    Blk(compare::CompareBlkArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -34,7 +46,12 @@ fn main() -> std::process::ExitCode {
     let res = match cli.cmd {
         Cmd::Load {
             device: LoadDevice::Blk(a),
-        } => blk::run(&a),
+        } => blk::run(&a)
+            .map(|r| r.to_string())
+            .map_err(|e| e.to_string()),
+        Cmd::Compare {
+            what: CompareWhat::Blk(a),
+        } => compare::compare_blk(&a).map_err(|e| e.to_string()),
     };
     match res {
         Ok(report) => {

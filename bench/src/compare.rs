@@ -1,0 +1,457 @@
+//! `bench compare blk`: every contender on the same image in one run, alternating, with
+//! repetitions; a Markdown table and a JSON file of medians and spreads.
+//!
+//! Contenders: our vhost-blk-backend and qemu-storage-daemon's vhost-user-blk export, both
+//! driven by the same load generator, and fio with io_uring directly on the image (the host
+//! limit). CPU per I/O is the backend process's user+system time (all its threads,
+//! io_uring workers included) divided by the I/Os it served.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::blk::{self, parse_duration, parse_size, BlkLoadArgs, Rw};
+
+/// Options of `bench compare blk`.
+#[derive(Args, Debug)]
+pub struct CompareBlkArgs {
+    /// Directory for the test image (tmpfs such as /dev/shm, or a disk file system).
+    #[arg(long, default_value = "/dev/shm")]
+    dir: PathBuf,
+    /// Image size.
+    #[arg(long, default_value = "1g", value_parser = parse_size)]
+    size: u64,
+    /// Length of each measurement.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    runtime: Duration,
+    /// Repetitions of every case and contender.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Where to write results.md and results.json.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Only cases whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+/// Errors of a comparison run.
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    /// A program could not be started or failed.
+    #[error("{0}")]
+    Run(String),
+    /// The load generator failed.
+    #[error("load generator: {0}")]
+    Load(#[from] blk::LoadError),
+    /// File I/O.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+struct Case {
+    name: &'static str,
+    rw: Rw,
+    bs: u64,
+    qd: u16,
+    queues: u16,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "4k randread QD1",
+        rw: Rw::Randread,
+        bs: 4096,
+        qd: 1,
+        queues: 1,
+    },
+    Case {
+        name: "4k randread QD32",
+        rw: Rw::Randread,
+        bs: 4096,
+        qd: 32,
+        queues: 1,
+    },
+    Case {
+        name: "4k randread QD128",
+        rw: Rw::Randread,
+        bs: 4096,
+        qd: 128,
+        queues: 1,
+    },
+    Case {
+        name: "4k randwrite QD1",
+        rw: Rw::Randwrite,
+        bs: 4096,
+        qd: 1,
+        queues: 1,
+    },
+    Case {
+        name: "4k randwrite QD32",
+        rw: Rw::Randwrite,
+        bs: 4096,
+        qd: 32,
+        queues: 1,
+    },
+    Case {
+        name: "4k randwrite QD128",
+        rw: Rw::Randwrite,
+        bs: 4096,
+        qd: 128,
+        queues: 1,
+    },
+    Case {
+        name: "128k read QD32",
+        rw: Rw::Read,
+        bs: 128 << 10,
+        qd: 32,
+        queues: 1,
+    },
+    Case {
+        name: "4k randread QD32 x2 queues",
+        rw: Rw::Randread,
+        bs: 4096,
+        qd: 32,
+        queues: 2,
+    },
+];
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_us_per_io: f64,
+}
+
+/// A backend process serving a socket.
+struct Backend {
+    child: Child,
+    pid: u32,
+    socket: PathBuf,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on a process we started.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the ")" of the command name: state is field 3; utime 14, stime 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}
+
+fn wait_socket(p: &Path) -> Result<(), CompareError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.exists() {
+        if Instant::now() > deadline {
+            return Err(CompareError::Run(format!("{} never appeared", p.display())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    Ok(())
+}
+
+fn start_ours(image: &Path, work: &Path) -> Result<Backend, CompareError> {
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .map(|d| d.join("vhost-blk-backend"))
+        .filter(|p| p.exists())
+        .ok_or_else(|| {
+            CompareError::Run(
+                "vhost-blk-backend not found next to bench; run `cargo build --release` first"
+                    .into(),
+            )
+        })?;
+    let socket = work.join("ours.sock");
+    let child = Command::new(bin)
+        .arg("--blk-file")
+        .arg(image)
+        .arg("--socket-path")
+        .arg(&socket)
+        .args(["--num-queues", "2", "--queue-size", "512"])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let pid = child.id();
+    wait_socket(&socket)?;
+    Ok(Backend { child, pid, socket })
+}
+
+fn start_qsd(image: &Path, work: &Path) -> Result<Backend, CompareError> {
+    let socket = work.join("qsd.sock");
+    let child = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,filename={},node-name=f,aio=io_uring,cache.direct=on",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues=2",
+            socket.display()
+        ))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| CompareError::Run(format!("cannot start qemu-storage-daemon: {e}")))?;
+    let pid = child.id();
+    wait_socket(&socket)?;
+    Ok(Backend { child, pid, socket })
+}
+
+fn run_backend(b: &Backend, c: &Case, runtime: Duration) -> Result<Sample, CompareError> {
+    let cpu0 = cpu_seconds(b.pid);
+    let r = blk::run(&BlkLoadArgs {
+        socket: b.socket.clone(),
+        rw: c.rw,
+        bs: c.bs,
+        iodepth: c.qd,
+        runtime,
+        size: None,
+        queue_size: 512,
+        queues: c.queues,
+    })?;
+    let cpu = cpu_seconds(b.pid) - cpu0;
+    Ok(Sample {
+        iops: r.iops(),
+        p50_us: r.pct(0.5) as f64,
+        p99_us: r.pct(0.99) as f64,
+        cpu_us_per_io: if r.ios > 0 {
+            cpu * 1e6 / r.ios as f64
+        } else {
+            0.0
+        },
+    })
+}
+
+fn run_fio(image: &Path, c: &Case, runtime: Duration) -> Result<Sample, CompareError> {
+    let rw = match c.rw {
+        Rw::Read => "read",
+        Rw::Write => "write",
+        Rw::Randread => "randread",
+        Rw::Randwrite => "randwrite",
+    };
+    let out = Command::new("fio")
+        .args([
+            "--name=host",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--time_based",
+        ])
+        .arg(format!("--filename={}", image.display()))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={}", c.bs))
+        .arg(format!("--iodepth={}", c.qd))
+        .arg(format!("--numjobs={}", c.queues))
+        .arg("--group_reporting")
+        .arg(format!("--runtime={}ms", runtime.as_millis()))
+        .args(["--output-format=json"])
+        .output()
+        .map_err(|e| CompareError::Run(format!("cannot run fio: {e}")))?;
+    if !out.status.success() {
+        return Err(CompareError::Run(format!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| CompareError::Run(format!("fio output: {e}")))?;
+    let job = &v["jobs"][0];
+    let side = if matches!(c.rw, Rw::Read | Rw::Randread) {
+        &job["read"]
+    } else {
+        &job["write"]
+    };
+    let ios = side["total_ios"].as_f64().unwrap_or(0.0);
+    let cpu_s = (job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0))
+        / 100.0
+        * runtime.as_secs_f64();
+    let pct = |k: &str| side["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(Sample {
+        iops: side["iops"].as_f64().unwrap_or(0.0),
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+        cpu_us_per_io: if ios > 0.0 { cpu_s * 1e6 / ios } else { 0.0 },
+    })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn spread(v: &[f64]) -> f64 {
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+    let m = {
+        let mut c = v.to_vec();
+        median(&mut c)
+    };
+    if m > 0.0 {
+        (hi - lo) / m * 100.0
+    } else {
+        0.0
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    let n = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{n} x {cpu}, Linux {}", kernel.trim())
+}
+
+/// Runs the comparison and returns the Markdown table.
+pub fn compare_blk(a: &CompareBlkArgs) -> Result<String, CompareError> {
+    let work = tempfile_dir(&a.dir)?;
+    let image = work.join("bench.img");
+    eprintln!(
+        "creating a {} MiB image of random data in {}",
+        a.size >> 20,
+        work.display()
+    );
+    fill_random(&image, a.size)?;
+    let ours = start_ours(&image, &work)?;
+    let qsd = start_qsd(&image, &work)?;
+    let contenders = [
+        "vhost-blk-backend",
+        "qemu-storage-daemon",
+        "fio (host limit)",
+    ];
+    let mut json_cases = Vec::new();
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Machine: {}. Image: {} MiB in {} ({}). {} repetitions of {:.0} s, alternating; median (spread = (max-min)/median).\n",
+        machine(),
+        a.size >> 20,
+        a.dir.display(),
+        if is_tmpfs(&a.dir) { "tmpfs" } else { "disk" },
+        a.reps,
+        a.runtime.as_secs_f64()
+    );
+    md.push_str("| case | ours IOPS | QSD IOPS | host fio IOPS | ours/QSD | ours/fio | p50 µs ours / QSD | p99 µs ours / QSD | CPU µs/IO ours / QSD |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for c in CASES
+        .iter()
+        .filter(|c| a.only.as_deref().is_none_or(|o| c.name.contains(o)))
+    {
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); 3];
+        for rep in 0..a.reps {
+            eprintln!("{} (rep {}/{})", c.name, rep + 1, a.reps);
+            samples[0].push(run_backend(&ours, c, a.runtime)?);
+            samples[1].push(run_backend(&qsd, c, a.runtime)?);
+            samples[2].push(run_fio(&image, c, a.runtime)?);
+        }
+        let stat = |i: usize, f: fn(&Sample) -> f64| {
+            let mut v: Vec<f64> = samples[i].iter().map(f).collect();
+            (median(&mut v), spread(&v))
+        };
+        let iops: Vec<(f64, f64)> = (0..3).map(|i| stat(i, |s| s.iops)).collect();
+        let p50: Vec<f64> = (0..2).map(|i| stat(i, |s| s.p50_us).0).collect();
+        let p99: Vec<f64> = (0..2).map(|i| stat(i, |s| s.p99_us).0).collect();
+        let cpu: Vec<f64> = (0..2).map(|i| stat(i, |s| s.cpu_us_per_io).0).collect();
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} (±{:.0}%) | {:.0} (±{:.0}%) | {:.0} (±{:.0}%) | {:.2}× | {:.2}× | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} |",
+            c.name,
+            iops[0].0, iops[0].1, iops[1].0, iops[1].1, iops[2].0, iops[2].1,
+            iops[0].0 / iops[1].0.max(1.0),
+            iops[0].0 / iops[2].0.max(1.0),
+            p50[0], p50[1], p99[0], p99[1], cpu[0], cpu[1]
+        );
+        let per: Vec<serde_json::Value> = (0..3)
+            .map(|i| {
+                serde_json::json!({
+                    "contender": contenders[i],
+                    "iops_median": iops[i].0,
+                    "iops_spread_pct": iops[i].1,
+                    "samples": samples[i].iter().map(|s| serde_json::json!({
+                        "iops": s.iops, "p50_us": s.p50_us, "p99_us": s.p99_us,
+                        "cpu_us_per_io": s.cpu_us_per_io})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json_cases.push(serde_json::json!({"case": c.name, "results": per}));
+    }
+    drop(ours);
+    drop(qsd);
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&a.out)?;
+    std::fs::write(a.out.join("blk.md"), &md)?;
+    let json = serde_json::json!({"machine": machine(), "cases": json_cases});
+    std::fs::write(
+        a.out.join("blk.json"),
+        serde_json::to_string_pretty(&json).unwrap_or_default(),
+    )?;
+    Ok(md)
+}
+
+fn is_tmpfs(p: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: zeroed statfs is a valid out buffer; valid C string.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type == libc::TMPFS_MAGIC }
+}
+
+fn tempfile_dir(base: &Path) -> Result<PathBuf, CompareError> {
+    let d = base.join(format!("vhost-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+fn fill_random(path: &Path, size: u64) -> Result<(), CompareError> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let mut x: u64 = 0x243f_6a88_85a3_08d3;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for chunk in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
