@@ -11,6 +11,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ "$(id -u)" = 0 ]; then
     tests/guest/setup.sh
     tests/guest/build-initramfs.sh
+    # QEMU 11 in a trixie chroot: the only user-creatable vhost-user device for the console
+    # (first run: a few minutes; afterwards about a second).
+    tests/guest/setup-qemu-trixie.sh
 else
     echo "SKIPPED: guest set-up needs root; guest tests will report SKIPPED" >&2
 fi

@@ -443,6 +443,49 @@ impl GuestTest {
         })
     }
 
+    /// The QEMU command line for `boot` with `initrd` (accelerator, machine, shared
+    /// memfd RAM, kernel, console on stdio, the boot's extra arguments); stdio is left
+    /// to the caller. Used by [`GuestTest::boot_with`] and by tests that run QEMU
+    /// themselves (live migration needs two).
+    pub fn qemu_command(&self, boot: &GuestBoot, initrd: &Path) -> Command {
+        let mem = format!("{}M", boot.mem_mib);
+        let mut cmd = Command::new(&self.env.qemu);
+        cmd.args(self.env.accel.qemu_args())
+            .args(["-machine", "q35", "-m", &mem])
+            // maxcpus >= 2: with a plain -smp 1 a TCG guest can miss a
+            // completion interrupt and hang.
+            .arg("-smp")
+            .arg(format!("{},maxcpus={}", boot.cpus, boot.cpus.max(2)))
+            .arg("-object")
+            .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
+            .args(["-numa", "node,memdev=mem"])
+            .args(["-nodefaults", "-no-user-config", "-nographic"])
+            .args(["-serial", "stdio", "-no-reboot"])
+            .arg("-kernel")
+            .arg(&self.env.kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 panic=-1 mitigations=off {} {}",
+                // GUEST_VERBOSE=1: the whole kernel log on the console.
+                if env_flag("GUEST_VERBOSE") {
+                    ""
+                } else {
+                    "quiet"
+                },
+                boot.append
+            ))
+            .args(&boot.qemu_args);
+        set_pdeathsig(&mut cmd);
+        cmd
+    }
+
+    /// Writes the initrd for `boot` (base initramfs + the test script cpio) to `out`.
+    pub fn build_initrd(&self, boot: &GuestBoot, out: &Path) -> io::Result<()> {
+        build_initrd(&self.env.initramfs, boot, out)
+    }
+
     /// Boots a guest and waits for it (see [`GuestTest::boot_with`]).
     pub fn boot(&mut self, boot: &GuestBoot) -> GuestOutcome {
         self.boot_with(boot, |_| {})
@@ -463,39 +506,10 @@ impl GuestTest {
         build_initrd(&self.env.initramfs, boot, &initrd)
             .unwrap_or_else(|e| panic!("cannot build initrd {}: {e}", initrd.display()));
 
-        let mem = format!("{}M", boot.mem_mib);
-        let mut cmd = Command::new(&self.env.qemu);
-        cmd.args(self.env.accel.qemu_args())
-            .args(["-machine", "q35", "-m", &mem])
-            // maxcpus >= 2: with a plain -smp 1 a TCG guest can miss a
-            // completion interrupt and hang.
-            .arg("-smp")
-            .arg(format!("{},maxcpus={}", boot.cpus, boot.cpus.max(2)))
-            .arg("-object")
-            .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
-            .args(["-numa", "node,memdev=mem"])
-            .args(["-nodefaults", "-no-user-config", "-nographic"])
-            .args(["-serial", "stdio", "-no-reboot"])
-            .arg("-kernel")
-            .arg(&self.env.kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .arg("-append")
-            .arg(format!(
-                "console=ttyS0 panic=-1 mitigations=off {} {}",
-                // GUEST_VERBOSE=1: the whole kernel log on the console.
-                if env_flag("GUEST_VERBOSE") {
-                    ""
-                } else {
-                    "quiet"
-                },
-                boot.append
-            ))
-            .args(&boot.qemu_args)
-            .stdin(Stdio::null())
+        let mut cmd = self.qemu_command(boot, &initrd);
+        cmd.stdin(Stdio::null())
             .stdout(File::create(&console_log).expect("create console log"))
             .stderr(File::create(&stderr_log).expect("create qemu stderr log"));
-        set_pdeathsig(&mut cmd);
         let cmdline = command_line(&cmd);
         let _ = fs::write(self.path(&format!("{label}.qemu-cmd.txt")), &cmdline);
 

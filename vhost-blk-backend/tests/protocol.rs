@@ -437,3 +437,49 @@ fn bad_frontend_requests_are_refused_and_the_connection_survives() {
     let (data, st) = read(&mut fe, 5, 512);
     assert_eq!((st, data), (status::OK, pattern_range(5 * 512, 512)));
 }
+
+/// QEMU's vhost-user-net sends SET_VRING_ENABLE before SET_FEATURES, with REPLY_ACK
+/// negotiated, and waits for the ack: it must get one.
+#[test]
+fn set_vring_enable_before_set_features_is_acknowledged() {
+    use std::io::{Read, Write};
+    let b = TestBackend::start(BackendConfig::default());
+    let mut s = std::os::unix::net::UnixStream::connect(b.socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let msg = |req: u32, flags: u32, payload: &[u8]| {
+        let mut m = Vec::new();
+        m.extend_from_slice(&req.to_ne_bytes());
+        m.extend_from_slice(&(1 | flags).to_ne_bytes());
+        m.extend_from_slice(&(payload.len() as u32).to_ne_bytes());
+        m.extend_from_slice(payload);
+        m
+    };
+    let reply = |s: &mut std::os::unix::net::UnixStream| {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).expect("reply");
+        (
+            u32::from_ne_bytes(h[0..4].try_into().unwrap()),
+            u64::from_ne_bytes(h[12..20].try_into().unwrap()),
+        )
+    };
+    s.write_all(&msg(1, 0, &[])).unwrap(); // GET_FEATURES
+    let (code, features) = reply(&mut s);
+    assert_eq!(code, 1);
+    assert_ne!(features & (1 << 30), 0);
+    s.write_all(&msg(15, 0, &[])).unwrap(); // GET_PROTOCOL_FEATURES
+    let (_, proto) = reply(&mut s);
+    assert_ne!(proto & (1 << 3), 0, "REPLY_ACK");
+    s.write_all(&msg(16, 0, &(1u64 << 3).to_ne_bytes()))
+        .unwrap(); // SET_PROTOCOL_FEATURES
+    s.write_all(&msg(3, 0x8, &[])).unwrap(); // SET_OWNER, need reply
+    assert_eq!(reply(&mut s), (3, 0));
+    // SET_VRING_ENABLE {index 0, num 0}, need reply: answered, not left hanging.
+    let mut state = Vec::new();
+    state.extend_from_slice(&0u32.to_ne_bytes());
+    state.extend_from_slice(&0u32.to_ne_bytes());
+    s.write_all(&msg(18, 0x8, &state)).unwrap();
+    assert_eq!(reply(&mut s), (18, 0));
+    // The connection is still in step.
+    s.write_all(&msg(1, 0, &[])).unwrap();
+    assert_eq!(reply(&mut s), (1, features));
+}

@@ -119,6 +119,12 @@ impl<D: VhostUserDevice> Handler<D> {
         }
     }
 
+    /// Whether the frontend acked REPLY_ACK (it then waits for an ack to every request it
+    /// flags NEED_REPLY).
+    pub fn reply_ack_negotiated(&self) -> bool {
+        self.acked_protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
     /// The connection's dirty log (tests and stats).
     pub fn dirty_log(&self) -> &Arc<DirtyLog> {
         &self.log

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+use vhost::vhost_user::{BackendReqHandler, Error as VuError, VhostUserVirtioFeatures};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::VhostUserDevice;
@@ -184,6 +184,21 @@ fn is_fatal(e: &VuError) -> bool {
     )
 }
 
+/// Sends a successful REPLY_ACK for SET_VRING_ENABLE (see `serve_connection`).
+fn ack_vring_enable(mut conn: &UnixStream) {
+    use std::io::Write;
+    const SET_VRING_ENABLE: u32 = 18;
+    const VERSION_1_REPLY: u32 = 0x1 | 0x4;
+    let mut msg = [0u8; 20];
+    msg[0..4].copy_from_slice(&SET_VRING_ENABLE.to_ne_bytes());
+    msg[4..8].copy_from_slice(&VERSION_1_REPLY.to_ne_bytes());
+    msg[8..12].copy_from_slice(&8u32.to_ne_bytes());
+    // Payload: u64 0 = success.
+    if let Err(e) = conn.write_all(&msg) {
+        log::warn!("cannot acknowledge SET_VRING_ENABLE: {e}");
+    }
+}
+
 /// Serves a device to one frontend after another.
 pub struct Server<D: VhostUserDevice> {
     device: Arc<D>,
@@ -280,6 +295,7 @@ impl<D: VhostUserDevice> Server<D> {
             self.stats.clone(),
         )));
         let mut req = BackendReqHandler::from_stream(stream, handler.clone());
+        let conn = req.try_clone_connection().ok();
         self.shutdown.set_conn(req.try_clone_connection().ok());
         let mut bad_msg_log = RateLimitedLog::new();
         loop {
@@ -290,6 +306,25 @@ impl<D: VhostUserDevice> Server<D> {
                         log::warn!("frontend connection ended: {e}");
                     }
                     break;
+                }
+                Err(VuError::InactiveFeature(f))
+                    if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES =>
+                {
+                    // vhost 0.18 refuses SET_VRING_ENABLE until the frontend has *acked*
+                    // VHOST_USER_F_PROTOCOL_FEATURES, and then sends no reply at all. QEMU's
+                    // vhost-user-net sends SET_VRING_ENABLE before SET_FEATURES (the spec
+                    // only requires the feature to be offered) and waits for the REPLY_ACK
+                    // forever. Nothing is started before SET_FEATURES, and QEMU enables the
+                    // rings again when it starts them, so acknowledge it and carry on.
+                    let reply_ack = handler
+                        .lock()
+                        .map(|h| h.reply_ack_negotiated())
+                        .unwrap_or(false);
+                    if reply_ack {
+                        if let Some(c) = conn.as_ref() {
+                            ack_vring_enable(c);
+                        }
+                    }
                 }
                 Err(e) => bad_msg_log.warn(|| format!("frontend request failed: {e}")),
             }

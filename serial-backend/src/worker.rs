@@ -1,0 +1,1286 @@
+//! The one queue worker of the device: control queues, every port's queues, and the host
+//! side of every port (through an epoll fd of our own nested in the layer's).
+//!
+//! Guest → host: a tx chain is written to the host fd straight from guest memory; when the
+//! host is slow (EAGAIN) or, for a named port, absent, the chain stays popped and unused
+//! (one per port; the rest wait in the avail ring, so the guest blocks) and is finished when
+//! the fd becomes writable or a client connects. Host → guest: we read from the host only
+//! when the guest has the port open and we hold no undelivered bytes, so data waits in the
+//! host's socket or pty when the guest posts no buffers.
+//!
+//! The layer hands `process_queue` a single ring; whatever needs another ring (a control
+//! reply, the hostinfo port's end-of-document message) is queued and done in `pump`, which
+//! runs from `handle_event` with all rings after we poke our own wake eventfd.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vhost_user_device::memory::host_iovecs;
+use vhost_user_device::rate_limit::RateLimitedLog;
+use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::device::Shared;
+use crate::hostinfo;
+use crate::ports::{window_size, Client, HostSide};
+use crate::spec::{event, queue, Control, CONTROL_SIZE};
+
+/// Bytes read from a host fd at a time (and held until the guest took them).
+const RX_CHUNK: usize = 64 * 1024;
+/// Console output kept while no one is connected (oldest bytes dropped beyond this).
+const CONSOLE_BACKLOG: usize = 64 * 1024;
+/// How often console window sizes are checked.
+const SIZE_POLL: Duration = Duration::from_millis(250);
+/// Most iovecs per writev.
+const MAX_IOV: usize = 1024;
+
+const TOKEN_WAKE: u64 = u64::MAX;
+const TOKEN_TIMER: u64 = u64::MAX - 1;
+const TOKEN_EMERG: u64 = u64::MAX - 2;
+const KIND_LISTENER: u64 = 0;
+const KIND_DATA: u64 = 1;
+const KIND_STDOUT: u64 = 2;
+
+fn token(idx: usize, kind: u64) -> u64 {
+    (idx as u64) << 2 | kind
+}
+
+/// Bytes waiting to be read on a socket.
+fn unread_bytes(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes an int through a valid pointer.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        n.max(0) as usize
+    } else {
+        0
+    }
+}
+
+/// A tx chain being written to the host.
+struct Pending {
+    head: u16,
+    /// Readable buffers (gpa, len).
+    segs: Vec<(u64, u32)>,
+    total: u64,
+    done: u64,
+}
+
+/// One fd's registration in our epoll.
+#[derive(Clone, Copy)]
+struct Reg {
+    fd: RawFd,
+    events: u32,
+}
+
+impl Default for Reg {
+    fn default() -> Self {
+        Self { fd: -1, events: 0 }
+    }
+}
+
+/// A port: its host side and what the guest and we know about it.
+pub struct Port {
+    /// Port id.
+    pub id: u32,
+    /// Name.
+    pub name: Option<String>,
+    /// Console port.
+    pub console: bool,
+    /// Host side.
+    pub host: HostSide,
+    guest_ready: bool,
+    guest_open: bool,
+    /// What we last told the guest about the host side (PORT_OPEN).
+    host_open_sent: bool,
+    /// Guest output held by us (console backlog, spilled chains), written before new chains.
+    out_buf: VecDeque<u8>,
+    pending: Option<Pending>,
+    rx_buf: Vec<u8>,
+    rx_off: usize,
+    /// The guest closed the port: half-close the socket client once its output is flushed.
+    close_after_flush: bool,
+    /// Hostinfo: a document is being delivered.
+    doc_active: bool,
+    /// Console size (cols, rows).
+    size: (u16, u16),
+    regs: [Reg; 3],
+    /// stdin or stdout cannot be polled (a regular file, /dev/null).
+    unpollable: [bool; 3],
+}
+
+impl Port {
+    /// A port with nothing negotiated yet.
+    pub fn new(id: u32, name: Option<String>, console: bool, host: HostSide) -> Self {
+        let size = if console {
+            host.tty_fd().and_then(window_size).unwrap_or((0, 0))
+        } else {
+            (0, 0)
+        };
+        Self {
+            id,
+            name,
+            console,
+            host,
+            guest_ready: false,
+            guest_open: false,
+            host_open_sent: false,
+            out_buf: VecDeque::new(),
+            pending: None,
+            rx_buf: Vec::new(),
+            rx_off: 0,
+            close_after_flush: false,
+            doc_active: false,
+            size,
+            regs: [Reg::default(); 3],
+            unpollable: [false; 3],
+        }
+    }
+
+    fn rx_empty(&self) -> bool {
+        self.rx_off >= self.rx_buf.len()
+    }
+
+    fn reset_guest(&mut self) {
+        self.guest_ready = false;
+        self.guest_open = false;
+        self.host_open_sent = false;
+        self.close_after_flush = false;
+        if matches!(self.host, HostSide::Hostinfo) {
+            self.doc_active = false;
+            self.rx_buf.clear();
+            self.rx_off = 0;
+        }
+    }
+}
+
+/// Ports and our epoll: everything that outlives a VMM connection.
+pub struct PortsState {
+    /// The ports.
+    pub ports: Vec<Port>,
+    by_id: Vec<Option<usize>>,
+    epoll: Epoll,
+    wake: EventFd,
+    timer: TimerFd,
+}
+
+impl PortsState {
+    /// Sets up the epoll fd with the wake, timer and emergency-write fds.
+    pub fn new(ports: Vec<Port>, max_ports: u32, emerg_fd: RawFd) -> io::Result<Self> {
+        let epoll = Epoll::new()?;
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        let mut timer = TimerFd::new()?;
+        timer.reset(SIZE_POLL, Some(SIZE_POLL))?;
+        for (fd, t) in [
+            (wake.as_raw_fd(), TOKEN_WAKE),
+            (timer.as_raw_fd(), TOKEN_TIMER),
+            (emerg_fd, TOKEN_EMERG),
+        ] {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, t))?;
+        }
+        let mut by_id = vec![None; max_ports as usize];
+        for (i, p) in ports.iter().enumerate() {
+            if let Some(slot) = by_id.get_mut(p.id as usize) {
+                *slot = Some(i);
+            }
+        }
+        let mut st = Self {
+            ports,
+            by_id,
+            epoll,
+            wake,
+            timer,
+        };
+        for i in 0..st.ports.len() {
+            st.update_interest(i);
+        }
+        Ok(st)
+    }
+
+    fn set_reg(&mut self, idx: usize, kind: usize, fd: Option<RawFd>, events: u32, keep: bool) {
+        let port = &mut self.ports[idx];
+        let reg = port.regs[kind];
+        let want = fd.filter(|_| events != 0 || keep);
+        if reg.fd >= 0 && want != Some(reg.fd) {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, reg.fd, EpollEvent::default());
+            port.regs[kind] = Reg::default();
+        }
+        let Some(fd) = want else { return };
+        if port.unpollable[kind] || (port.regs[kind].fd == fd && port.regs[kind].events == events) {
+            return;
+        }
+        let ev = EpollEvent::new(
+            EventSet::from_bits_truncate(events),
+            token(idx, kind as u64),
+        );
+        let (first, second) = if port.regs[kind].fd == fd {
+            (ControlOperation::Modify, ControlOperation::Add)
+        } else {
+            (ControlOperation::Add, ControlOperation::Modify)
+        };
+        let r = self
+            .epoll
+            .ctl(first, fd, ev)
+            .or_else(|_| self.epoll.ctl(second, fd, ev));
+        match r {
+            Ok(()) => port.regs[kind] = Reg { fd, events },
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                // A regular file or /dev/null: always ready, never polled.
+                port.unpollable[kind] = true;
+            }
+            Err(e) => log::warn!("port {}: cannot poll fd {fd}: {e}", port.id),
+        }
+    }
+
+    /// Registers exactly the readiness we care about now.
+    fn update_interest(&mut self, idx: usize) {
+        let p = &self.ports[idx];
+        let want_read = p.guest_open && p.rx_empty();
+        let want_write = !p.out_buf.is_empty() || p.pending.is_some();
+        let inn = EventSet::IN.bits();
+        let out = EventSet::OUT.bits();
+        match &p.host {
+            HostSide::Socket {
+                listener, client, ..
+            } => {
+                let lfd = listener.as_raw_fd();
+                let lev = if client.is_none() { inn } else { 0 };
+                let (cfd, cev) = match client {
+                    Some(c) if !c.hung_up => {
+                        let mut ev = 0;
+                        if want_read {
+                            ev |= inn;
+                        }
+                        if want_write && !c.wr_shut {
+                            ev |= out;
+                        }
+                        (Some(c.stream.as_raw_fd()), ev)
+                    }
+                    _ => (None, 0),
+                };
+                self.set_reg(idx, KIND_LISTENER as usize, Some(lfd), lev, false);
+                // The client stays registered with no events, to see it hang up.
+                self.set_reg(idx, KIND_DATA as usize, cfd, cev, true);
+            }
+            HostSide::Pty(pty) => {
+                let fd = pty.master.as_raw_fd();
+                let ev = if want_read { inn } else { 0 } | if want_write { out } else { 0 };
+                self.set_reg(idx, KIND_DATA as usize, Some(fd), ev, false);
+            }
+            HostSide::Stdio { eof } => {
+                let rev = if want_read && !eof { inn } else { 0 };
+                let wev = if want_write { out } else { 0 };
+                self.set_reg(idx, KIND_DATA as usize, Some(0), rev, false);
+                self.set_reg(idx, KIND_STDOUT as usize, Some(1), wev, false);
+            }
+            HostSide::File(_) | HostSide::Hostinfo => {}
+        }
+    }
+}
+
+/// Everything the worker needs, moved back into [`Shared::slot`] when it ends.
+struct Engine {
+    shared: Arc<Shared>,
+    st: PortsState,
+    multiport: bool,
+    chain: Chain,
+    ctrl_out: VecDeque<Vec<u8>>,
+    /// Something happened that another ring must act on.
+    dirty: bool,
+    log: RateLimitedLog,
+    events: Vec<EpollEvent>,
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovec scratch vector only holds pointers while a writev runs on this thread;
+// everything else is Send.
+unsafe impl Send for Engine {}
+
+/// The device's queue worker.
+pub struct SerialWorker {
+    e: Option<Engine>,
+}
+
+impl SerialWorker {
+    /// A worker over `state`; `multiport` is whether the driver acked MULTIPORT.
+    pub fn new(shared: Arc<Shared>, mut st: PortsState, multiport: bool) -> Self {
+        for p in st.ports.iter_mut() {
+            p.reset_guest();
+            if !multiport && p.id == 0 {
+                // Without MULTIPORT port 0 exists and is open from the start.
+                p.guest_ready = true;
+                p.guest_open = true;
+                p.host_open_sent = true;
+            }
+        }
+        if !multiport && st.ports.iter().any(|p| p.id != 0) {
+            log::warn!(
+                "the driver did not accept VIRTIO_CONSOLE_F_MULTIPORT: only port 0 is served"
+            );
+        }
+        for i in 0..st.ports.len() {
+            st.update_interest(i);
+        }
+        Self {
+            e: Some(Engine {
+                shared,
+                st,
+                multiport,
+                chain: Chain::default(),
+                ctrl_out: VecDeque::new(),
+                dirty: false,
+                log: RateLimitedLog::new(),
+                events: vec![EpollEvent::default(); 64],
+                iov: Vec::with_capacity(MAX_IOV),
+            }),
+        }
+    }
+}
+
+impl Drop for SerialWorker {
+    fn drop(&mut self) {
+        if let Some(mut e) = self.e.take() {
+            for p in e.st.ports.iter_mut() {
+                if p.pending.take().is_some() {
+                    log::warn!(
+                        "port {}: a guest buffer was left unsent at disconnect",
+                        p.id
+                    );
+                }
+            }
+            *e.shared.slot.lock().unwrap_or_else(|x| x.into_inner()) = Some(e.st);
+        }
+    }
+}
+
+impl QueueWorker for SerialWorker {
+    fn event_fds(&self) -> Vec<RawFd> {
+        self.e
+            .as_ref()
+            .map(|e| vec![e.st.epoll.as_raw_fd()])
+            .unwrap_or_default()
+    }
+
+    fn process_queue(&mut self, ring: &mut Ring) {
+        if let Some(e) = self.e.as_mut() {
+            e.process_ring(ring);
+            if e.dirty || !e.ctrl_out.is_empty() {
+                let _ = e.st.wake.write(1);
+            }
+        }
+    }
+
+    fn handle_event(&mut self, _fd_index: usize, rings: &mut Rings) {
+        if let Some(e) = self.e.as_mut() {
+            e.host_events();
+            e.pump(rings);
+        }
+    }
+
+    fn in_flight(&self, q: u16) -> usize {
+        let Some(e) = self.e.as_ref() else { return 0 };
+        match queue::port_of(q) {
+            Some((id, true)) => e
+                .port_idx(id)
+                .map(|i| usize::from(e.st.ports[i].pending.is_some()))
+                .unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    fn wait_completions(&mut self, rings: &mut Rings) -> io::Result<()> {
+        // The ring is being stopped: copy what the host has not taken yet out of guest
+        // memory and give the buffers back, so GET_VRING_BASE sees no chain in flight.
+        if let Some(e) = self.e.as_mut() {
+            e.spill_all(rings);
+        }
+        Ok(())
+    }
+}
+
+/// How writing a port's output went.
+enum Flush {
+    /// Nothing is held any more.
+    Idle,
+    /// The host cannot take more now.
+    Blocked,
+}
+
+impl Engine {
+    fn port_idx(&self, id: u32) -> Option<usize> {
+        self.st.by_id.get(id as usize).copied().flatten()
+    }
+
+    fn bad(&mut self, msg: impl FnOnce() -> String) {
+        self.shared.stats.bad_input.fetch_add(1, Ordering::Relaxed);
+        self.log.warn(msg);
+    }
+
+    fn send_ctrl(&mut self, id: u32, ev: u16, value: u16, extra: &[u8]) {
+        let mut m = Control {
+            id,
+            event: ev,
+            value,
+        }
+        .to_bytes()
+        .to_vec();
+        m.extend_from_slice(extra);
+        self.ctrl_out.push_back(m);
+        self.dirty = true;
+    }
+
+    fn process_ring(&mut self, ring: &mut Ring) {
+        let q = ring.index();
+        match q {
+            queue::CONTROL_TX | queue::CONTROL_RX if !self.multiport => {}
+            queue::CONTROL_TX => self.control_tx(ring),
+            queue::CONTROL_RX => self.control_rx(ring),
+            q => {
+                let Some((id, tx)) = queue::port_of(q) else {
+                    return;
+                };
+                match self.port_idx(id) {
+                    Some(i) if self.multiport || id == 0 => {
+                        if tx {
+                            self.tx(i, ring);
+                        } else {
+                            self.rx(i, ring);
+                        }
+                        self.st.update_interest(i);
+                    }
+                    _ if tx => self.discard_tx(ring),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// All rings, in an order that puts data before the control messages it implies.
+    fn pump(&mut self, rings: &mut Rings) {
+        for _ in 0..4 {
+            self.dirty = false;
+            if self.multiport {
+                if let Some(r) = rings.get_mut(queue::CONTROL_TX).filter(|r| r.is_enabled()) {
+                    self.control_tx(r);
+                }
+            }
+            for i in 0..self.st.ports.len() {
+                let id = self.st.ports[i].id;
+                if !self.multiport && id != 0 {
+                    continue;
+                }
+                if let Some(r) = rings.get_mut(queue::tx(id)).filter(|r| r.is_enabled()) {
+                    self.tx(i, r);
+                }
+                if let Some(r) = rings.get_mut(queue::rx(id)).filter(|r| r.is_enabled()) {
+                    self.rx(i, r);
+                }
+                self.st.update_interest(i);
+            }
+            if self.multiport {
+                if let Some(r) = rings.get_mut(queue::CONTROL_RX).filter(|r| r.is_enabled()) {
+                    self.control_rx(r);
+                }
+            }
+            if !self.dirty {
+                break;
+            }
+        }
+    }
+
+    // ---- host side -------------------------------------------------------------------
+
+    fn host_events(&mut self) {
+        let mut events = std::mem::take(&mut self.events);
+        let n = match self.st.epoll.wait(0, &mut events) {
+            Ok(n) => n,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::warn!("epoll_wait on port fds: {e}");
+                }
+                0
+            }
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                TOKEN_WAKE => {
+                    let _ = self.st.wake.read();
+                }
+                TOKEN_TIMER => {
+                    let _ = self.st.timer.wait();
+                    self.check_sizes();
+                }
+                TOKEN_EMERG => {
+                    let _ = self.shared.emerg_efd.read();
+                    let bytes = std::mem::take(
+                        &mut *self.shared.emerg.lock().unwrap_or_else(|e| e.into_inner()),
+                    );
+                    if let Some(i) = self.port_idx(0) {
+                        self.st.ports[i].out_buf.extend(bytes);
+                        self.st.update_interest(i);
+                    }
+                }
+                t => {
+                    let idx = (t >> 2) as usize;
+                    if idx >= self.st.ports.len() {
+                        continue;
+                    }
+                    match t & 3 {
+                        KIND_LISTENER => self.accept(idx),
+                        KIND_DATA => {
+                            let hup = ev
+                                .event_set()
+                                .intersects(EventSet::HANG_UP | EventSet::ERROR);
+                            if hup {
+                                self.hang_up(idx);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.events = events;
+    }
+
+    fn accept(&mut self, idx: usize) {
+        let HostSide::Socket {
+            listener, client, ..
+        } = &mut self.st.ports[idx].host
+        else {
+            return;
+        };
+        if client.is_some() {
+            return;
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = stream.set_nonblocking(true) {
+                    log::warn!("port {}: client: {e}", self.st.ports[idx].id);
+                    return;
+                }
+                *client = Some(Client {
+                    stream,
+                    hung_up: false,
+                    wr_shut: false,
+                });
+                self.shared.stats.connects.fetch_add(1, Ordering::Relaxed);
+                let p = &mut self.st.ports[idx];
+                log::info!("port {}: host client connected", p.id);
+                let (id, tell) = (p.id, p.guest_ready && !p.console && !p.host_open_sent);
+                if tell {
+                    p.host_open_sent = true;
+                    self.send_ctrl(id, event::PORT_OPEN, 1, &[]);
+                }
+                self.dirty = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => log::warn!("port {}: accept: {e}", self.st.ports[idx].id),
+        }
+        self.st.update_interest(idx);
+    }
+
+    /// The socket client went away: tell the guest; keep the fd until its data is read.
+    fn hang_up(&mut self, idx: usize) {
+        let p = &mut self.st.ports[idx];
+        if let HostSide::Socket {
+            client: Some(c), ..
+        } = &mut p.host
+        {
+            c.hung_up = true;
+        }
+        self.host_gone(idx);
+        // Keep the connection only while it still holds bytes for the guest.
+        let unread = self.st.ports[idx]
+            .host
+            .read_fd()
+            .map(unread_bytes)
+            .unwrap_or(0);
+        if unread == 0 {
+            self.drop_client(idx);
+        }
+        self.st.update_interest(idx);
+    }
+
+    fn host_gone(&mut self, idx: usize) {
+        let p = &mut self.st.ports[idx];
+        if p.host_open_sent && p.guest_ready && !p.console {
+            p.host_open_sent = false;
+            let id = p.id;
+            log::info!("port {id}: host client disconnected");
+            self.send_ctrl(id, event::PORT_OPEN, 0, &[]);
+        }
+    }
+
+    fn drop_client(&mut self, idx: usize) {
+        self.host_gone(idx);
+        // Deregister before closing, so a reused fd number cannot be confused.
+        self.st.set_reg(idx, KIND_DATA as usize, None, 0, false);
+        if let HostSide::Socket { client, .. } = &mut self.st.ports[idx].host {
+            *client = None;
+        }
+        self.st.update_interest(idx);
+    }
+
+    /// Reads host input into `rx_buf`; true if there is some.
+    fn fill(&mut self, idx: usize) -> bool {
+        let p = &mut self.st.ports[idx];
+        let Some(fd) = p.host.read_fd() else {
+            return false;
+        };
+        p.rx_buf.resize(RX_CHUNK, 0);
+        p.rx_off = 0;
+        // SAFETY: reading into our own buffer of RX_CHUNK bytes.
+        let n = unsafe { libc::read(fd, p.rx_buf.as_mut_ptr().cast(), RX_CHUNK) };
+        let err = io::Error::last_os_error();
+        if n > 0 {
+            p.rx_buf.truncate(n as usize);
+            return true;
+        }
+        p.rx_buf.clear();
+        let id = p.id;
+        match (&mut p.host, n) {
+            (HostSide::Socket { .. }, 0) => self.drop_client(idx),
+            (HostSide::Stdio { eof }, 0) => *eof = true,
+            (_, 0) => {}
+            _ if err.kind() == io::ErrorKind::WouldBlock
+                || err.raw_os_error() == Some(libc::EIO) => {}
+            (HostSide::Socket { .. }, _) => {
+                log::info!("port {id}: reading from the client: {err}");
+                self.drop_client(idx);
+            }
+            _ => self.log.warn(|| format!("port {id}: read: {err}")),
+        }
+        false
+    }
+
+    fn check_sizes(&mut self) {
+        for i in 0..self.st.ports.len() {
+            let p = &mut self.st.ports[i];
+            if !p.console {
+                continue;
+            }
+            let Some(size) = p.host.tty_fd().and_then(window_size) else {
+                continue;
+            };
+            if size == p.size || size == (0, 0) {
+                continue;
+            }
+            p.size = size;
+            let (id, ready) = (p.id, p.guest_ready);
+            if id == 0 {
+                self.shared.size0.store(
+                    u32::from(size.0) | u32::from(size.1) << 16,
+                    Ordering::Relaxed,
+                );
+            }
+            log::info!("port {id}: console size {}x{}", size.0, size.1);
+            if ready && self.multiport {
+                self.send_resize(id, size);
+            }
+        }
+        if self.dirty {
+            let _ = self.st.wake.write(1);
+        }
+    }
+
+    fn send_resize(&mut self, id: u32, (cols, rows): (u16, u16)) {
+        let mut extra = [0u8; 4];
+        extra[0..2].copy_from_slice(&rows.to_le_bytes());
+        extra[2..4].copy_from_slice(&cols.to_le_bytes());
+        self.send_ctrl(id, event::RESIZE, 0, &extra);
+    }
+
+    // ---- guest → host -----------------------------------------------------------------
+
+    fn tx(&mut self, idx: usize, ring: &mut Ring) {
+        let mem = ring.memory();
+        let mut completed = false;
+        let mut drained = false;
+        loop {
+            if let Flush::Blocked = self.flush(idx, ring, &mem, &mut completed) {
+                break;
+            }
+            ring.disable_notification(&mem);
+            if !ring.pop(&mem, &mut self.chain) {
+                if ring.enable_notification(&mem) {
+                    continue;
+                }
+                drained = true;
+                break;
+            }
+            let segs: Vec<(u64, u32)> = self
+                .chain
+                .segments
+                .iter()
+                .filter(|s| !s.writable)
+                .map(|s| (s.addr, s.len))
+                .collect();
+            let total = segs.iter().map(|s| u64::from(s.1)).sum();
+            if total == 0 {
+                ring.add_used(&mem, self.chain.head, 0);
+                completed = true;
+                continue;
+            }
+            self.st.ports[idx].pending = Some(Pending {
+                head: self.chain.head,
+                segs,
+                total,
+                done: 0,
+            });
+        }
+        if completed {
+            ring.notify(&mem);
+        }
+        // The guest closed the port and everything it wrote before is out: EOF for the
+        // client (the guest queued all its data before sending PORT_OPEN 0).
+        let port = &mut self.st.ports[idx];
+        if drained && port.close_after_flush && port.pending.is_none() && port.out_buf.is_empty() {
+            port.close_after_flush = false;
+            if let HostSide::Socket {
+                client: Some(c), ..
+            } = &mut port.host
+            {
+                let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                c.wr_shut = true;
+                log::info!(
+                    "port {}: guest closed the port; sent EOF to the client",
+                    port.id
+                );
+            }
+        }
+    }
+
+    /// Pops and completes chains on a tx queue of a port that does not exist.
+    fn discard_tx(&mut self, ring: &mut Ring) {
+        let mem = ring.memory();
+        let q = ring.index();
+        let mut n = 0;
+        while ring.pop(&mem, &mut self.chain) {
+            ring.add_used(&mem, self.chain.head, 0);
+            n += 1;
+        }
+        if n > 0 {
+            ring.notify(&mem);
+            self.bad(|| format!("queue {q}: {n} buffer(s) for a port that does not exist"));
+        }
+        let _ = ring.enable_notification(&mem);
+    }
+
+    fn complete_pending(&mut self, idx: usize, ring: &mut Ring, mem: &GuestMem) {
+        if let Some(p) = self.st.ports[idx].pending.take() {
+            ring.add_used(mem, p.head, 0);
+        }
+    }
+
+    /// Copies the unsent part of the pending chain into `out_buf`, up to `cap` bytes kept.
+    fn copy_pending(&mut self, idx: usize, mem: &GuestMem, cap: Option<usize>) {
+        let port = &mut self.st.ports[idx];
+        let Some(p) = &port.pending else { return };
+        let mut skip = p.done;
+        let mut bad = false;
+        for &(addr, len) in &p.segs {
+            let len = u64::from(len);
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let mut buf = vec![0u8; (len - skip) as usize];
+            if mem.read_slice(&mut buf, GuestAddress(addr + skip)).is_err() {
+                bad = true;
+            }
+            skip = 0;
+            port.out_buf.extend(buf);
+        }
+        if let Some(cap) = cap {
+            let over = port.out_buf.len().saturating_sub(cap);
+            if over > 0 {
+                port.out_buf.drain(..over);
+                self.shared
+                    .stats
+                    .console_dropped
+                    .fetch_add(over as u64, Ordering::Relaxed);
+            }
+        }
+        if bad {
+            self.shared.stats.bad_input.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn flush(
+        &mut self,
+        idx: usize,
+        ring: &mut Ring,
+        mem: &GuestMem,
+        completed: &mut bool,
+    ) -> Flush {
+        loop {
+            let port = &mut self.st.ports[idx];
+            let id = port.id;
+            match &mut port.host {
+                HostSide::Hostinfo => {
+                    if let Some(p) = &port.pending {
+                        self.shared
+                            .stats
+                            .tx_bytes
+                            .fetch_add(p.total, Ordering::Relaxed);
+                        self.complete_pending(idx, ring, mem);
+                        *completed = true;
+                    }
+                    return Flush::Idle;
+                }
+                HostSide::File(_) => {
+                    use std::io::Write;
+                    if port.pending.is_some() {
+                        self.copy_pending(idx, mem, None);
+                        self.complete_pending(idx, ring, mem);
+                        *completed = true;
+                    }
+                    let port = &mut self.st.ports[idx];
+                    let HostSide::File(f) = &mut port.host else {
+                        return Flush::Idle;
+                    };
+                    let (a, b) = port.out_buf.as_slices();
+                    let n = (a.len() + b.len()) as u64;
+                    let r = f.write_all(a).and_then(|_| f.write_all(b));
+                    port.out_buf.clear();
+                    self.shared.stats.tx_bytes.fetch_add(n, Ordering::Relaxed);
+                    if let Err(e) = r {
+                        self.shared
+                            .stats
+                            .host_write_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.log
+                            .warn(|| format!("port {id}: writing the file: {e}"));
+                    }
+                    return Flush::Idle;
+                }
+                _ => {}
+            }
+            let Some(fd) = port.host.write_fd() else {
+                if port.console && !port.host.connected() {
+                    // No one listens to this console: keep a bounded backlog, free the
+                    // guest (hvc busy-waits for its buffers).
+                    if port.pending.is_some() {
+                        self.copy_pending(idx, mem, Some(CONSOLE_BACKLOG));
+                        self.complete_pending(idx, ring, mem);
+                        *completed = true;
+                    }
+                    return Flush::Idle;
+                }
+                return if port.pending.is_some() {
+                    Flush::Blocked
+                } else {
+                    Flush::Idle
+                };
+            };
+            // Held bytes first.
+            while !port.out_buf.is_empty() {
+                let (a, _) = port.out_buf.as_slices();
+                // SAFETY: writing from our own buffer.
+                let n = unsafe { libc::write(fd, a.as_ptr().cast(), a.len()) };
+                if n > 0 {
+                    port.out_buf.drain(..n as usize);
+                    self.shared
+                        .stats
+                        .tx_bytes
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    continue;
+                }
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::WouldBlock {
+                    return Flush::Blocked;
+                }
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                break;
+            }
+            if !port.out_buf.is_empty() {
+                self.write_failed(idx);
+                continue;
+            }
+            let Some(p) = &mut port.pending else {
+                return Flush::Idle;
+            };
+            self.iov.clear();
+            let mut skip = p.done;
+            let mut ok = true;
+            for &(addr, len) in &p.segs {
+                let len = u64::from(len);
+                if skip >= len {
+                    skip -= len;
+                    continue;
+                }
+                if host_iovecs(mem, addr + skip, len - skip, &mut self.iov).is_err() {
+                    ok = false;
+                    break;
+                }
+                skip = 0;
+                if self.iov.len() >= MAX_IOV {
+                    self.iov.truncate(MAX_IOV);
+                    break;
+                }
+            }
+            if !ok {
+                // The layer checked the chain; memory changed under us (unplug).
+                self.complete_pending(idx, ring, mem);
+                *completed = true;
+                self.bad(|| format!("port {id}: tx buffer outside guest memory"));
+                continue;
+            }
+            // SAFETY: the iovecs point into guest memory kept mapped by `mem`, and are
+            // only read by the kernel.
+            let n = unsafe { libc::writev(fd, self.iov.as_ptr(), self.iov.len() as i32) };
+            self.iov.clear();
+            if n > 0 {
+                p.done += n as u64;
+                self.shared
+                    .stats
+                    .tx_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                if p.done >= p.total {
+                    self.complete_pending(idx, ring, mem);
+                    *completed = true;
+                }
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock {
+                return Flush::Blocked;
+            }
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            self.write_failed(idx);
+        }
+    }
+
+    /// Writing to the host failed (client gone): the client is dropped, output stays held.
+    fn write_failed(&mut self, idx: usize) {
+        let id = self.st.ports[idx].id;
+        match &mut self.st.ports[idx].host {
+            HostSide::Socket { client, .. } => {
+                if let Some(c) = client {
+                    c.hung_up = true;
+                }
+                log::info!("port {id}: client went away while writing");
+                self.host_gone(idx);
+                let unread = self.st.ports[idx]
+                    .host
+                    .read_fd()
+                    .map(unread_bytes)
+                    .unwrap_or(0);
+                if unread == 0 {
+                    self.drop_client(idx);
+                }
+            }
+            _ => {
+                // A pty or stdio we cannot write to: drop what is held rather than spin.
+                let p = &mut self.st.ports[idx];
+                let n = p.out_buf.len() as u64;
+                p.out_buf.clear();
+                self.shared
+                    .stats
+                    .host_write_errors
+                    .fetch_add(1 + n, Ordering::Relaxed);
+                self.log.warn(|| format!("port {id}: host write failed"));
+            }
+        }
+    }
+
+    fn spill_all(&mut self, rings: &mut Rings) {
+        for i in 0..self.st.ports.len() {
+            if self.st.ports[i].pending.is_none() {
+                continue;
+            }
+            let id = self.st.ports[i].id;
+            let Some(ring) = rings.get_mut(queue::tx(id)) else {
+                continue;
+            };
+            let mem = ring.memory();
+            let mut completed = false;
+            let _ = self.flush(i, ring, &mem, &mut completed);
+            if self.st.ports[i].pending.is_some() {
+                self.copy_pending(i, &mem, None);
+                self.complete_pending(i, ring, &mem);
+            }
+            ring.notify(&mem);
+        }
+    }
+
+    // ---- host → guest -----------------------------------------------------------------
+
+    fn rx(&mut self, idx: usize, ring: &mut Ring) {
+        if !self.st.ports[idx].guest_open {
+            return;
+        }
+        let mem = ring.memory();
+        let mut used = false;
+        loop {
+            if self.st.ports[idx].rx_empty() && !self.fill(idx) {
+                break;
+            }
+            if !ring.pop(&mem, &mut self.chain) {
+                if ring.enable_notification(&mem) {
+                    continue;
+                }
+                break;
+            }
+            let p = &mut self.st.ports[idx];
+            let mut written = 0usize;
+            let mut bad = false;
+            for s in self.chain.segments.iter().filter(|s| s.writable) {
+                let left = &p.rx_buf[p.rx_off + written..];
+                if left.is_empty() {
+                    break;
+                }
+                let n = left.len().min(s.len as usize);
+                if mem.write_slice(&left[..n], GuestAddress(s.addr)).is_err() {
+                    bad = true;
+                    break;
+                }
+                written += n;
+            }
+            p.rx_off += written;
+            ring.add_used(&mem, self.chain.head, written as u32);
+            used = true;
+            self.shared
+                .stats
+                .rx_bytes
+                .fetch_add(written as u64, Ordering::Relaxed);
+            if bad {
+                let id = p.id;
+                self.bad(|| format!("port {id}: rx buffer not writable"));
+            }
+        }
+        if used {
+            ring.notify(&mem);
+        }
+        let p = &mut self.st.ports[idx];
+        if p.doc_active && p.rx_empty() {
+            // The whole document is on the used ring: end of file for the reader.
+            p.doc_active = false;
+            p.host_open_sent = false;
+            let id = p.id;
+            self.send_ctrl(id, event::PORT_OPEN, 0, &[]);
+        }
+    }
+
+    // ---- control queues ---------------------------------------------------------------
+
+    fn control_tx(&mut self, ring: &mut Ring) {
+        let mem = ring.memory();
+        let mut completed = false;
+        loop {
+            ring.disable_notification(&mem);
+            if !ring.pop(&mem, &mut self.chain) {
+                if ring.enable_notification(&mem) {
+                    continue;
+                }
+                break;
+            }
+            let mut buf = [0u8; CONTROL_SIZE];
+            let mut got = 0;
+            for s in self.chain.segments.iter().filter(|s| !s.writable) {
+                let n = (CONTROL_SIZE - got).min(s.len as usize);
+                if mem
+                    .read_slice(&mut buf[got..got + n], GuestAddress(s.addr))
+                    .is_err()
+                {
+                    break;
+                }
+                got += n;
+                if got == CONTROL_SIZE {
+                    break;
+                }
+            }
+            let head = self.chain.head;
+            ring.add_used(&mem, head, 0);
+            completed = true;
+            self.shared.stats.control_in.fetch_add(1, Ordering::Relaxed);
+            match Control::parse(&buf[..got]) {
+                Some(c) => self.control(c),
+                None => self.bad(|| format!("control message of {got} bytes (need 8) ignored")),
+            }
+        }
+        if completed {
+            ring.notify(&mem);
+        }
+    }
+
+    fn control(&mut self, c: Control) {
+        if c.event == event::DEVICE_READY {
+            if c.value != 1 {
+                log::warn!(
+                    "the guest driver failed to initialise (DEVICE_READY {})",
+                    c.value
+                );
+                return;
+            }
+            log::info!("guest driver ready; adding {} port(s)", self.st.ports.len());
+            self.ctrl_out.clear();
+            let ids: Vec<u32> = self.st.ports.iter().map(|p| p.id).collect();
+            for (i, id) in ids.into_iter().enumerate() {
+                self.st.ports[i].reset_guest();
+                self.st.update_interest(i);
+                self.send_ctrl(id, event::DEVICE_ADD, 1, &[]);
+            }
+            return;
+        }
+        let Some(idx) = self.port_idx(c.id) else {
+            let max = self.shared.max_ports;
+            self.bad(|| {
+                format!(
+                    "control event {} for port {} ignored: no such port (max {max})",
+                    c.event, c.id
+                )
+            });
+            return;
+        };
+        match c.event {
+            event::PORT_READY => self.port_ready(idx, c.value),
+            event::PORT_OPEN => self.guest_open(idx, c.value != 0),
+            ev => self.bad(|| format!("control event {ev} from the guest ignored (port {})", c.id)),
+        }
+    }
+
+    fn port_ready(&mut self, idx: usize, value: u16) {
+        let p = &mut self.st.ports[idx];
+        let id = p.id;
+        if value != 1 {
+            log::warn!("port {id}: the guest could not set the port up (PORT_READY {value})");
+            return;
+        }
+        if p.guest_ready {
+            self.bad(|| format!("port {id}: repeated PORT_READY ignored"));
+            return;
+        }
+        p.guest_ready = true;
+        let (console, name, size) = (p.console, p.name.clone(), p.size);
+        let open = p.host.connected();
+        if console {
+            self.send_ctrl(id, event::CONSOLE_PORT, 1, &[]);
+            if size != (0, 0) {
+                self.send_resize(id, size);
+            }
+        }
+        if let Some(n) = name {
+            self.send_ctrl(id, event::PORT_NAME, 1, n.as_bytes());
+        }
+        if open {
+            self.st.ports[idx].host_open_sent = true;
+            self.send_ctrl(id, event::PORT_OPEN, 1, &[]);
+        }
+    }
+
+    fn guest_open(&mut self, idx: usize, open: bool) {
+        let p = &mut self.st.ports[idx];
+        let id = p.id;
+        if !p.guest_ready {
+            self.bad(|| format!("port {id}: PORT_OPEN before PORT_READY ignored"));
+            return;
+        }
+        if p.guest_open == open {
+            return;
+        }
+        p.guest_open = open;
+        log::info!(
+            "port {id}: guest {}",
+            if open { "opened" } else { "closed" }
+        );
+        let hostinfo = matches!(p.host, HostSide::Hostinfo);
+        if open {
+            // A close still waiting for its data to drain keeps applying: the client gets
+            // EOF after the previous session's output.
+            if hostinfo {
+                p.rx_buf = hostinfo::document();
+                p.rx_off = 0;
+                p.doc_active = true;
+                if !p.host_open_sent {
+                    p.host_open_sent = true;
+                    self.send_ctrl(id, event::PORT_OPEN, 1, &[]);
+                }
+            }
+        } else if hostinfo {
+            p.rx_buf.clear();
+            p.rx_off = 0;
+            p.doc_active = false;
+            if !p.host_open_sent {
+                // Ready for the next open.
+                p.host_open_sent = true;
+                self.send_ctrl(id, event::PORT_OPEN, 1, &[]);
+            }
+        } else if matches!(
+            p.host,
+            HostSide::Socket {
+                client: Some(_),
+                ..
+            }
+        ) && !p.console
+        {
+            p.close_after_flush = true;
+        }
+        self.dirty = true;
+        self.st.update_interest(idx);
+    }
+
+    fn control_rx(&mut self, ring: &mut Ring) {
+        let mem = ring.memory();
+        let mut used = false;
+        while let Some(msg) = self.ctrl_out.front() {
+            if !ring.pop(&mem, &mut self.chain) {
+                if ring.enable_notification(&mem) {
+                    continue;
+                }
+                break;
+            }
+            let head = self.chain.head;
+            let room = self.chain.writable_len();
+            let mut written = 0usize;
+            let mut ok = room >= msg.len() as u64;
+            if ok {
+                for s in self.chain.segments.iter().filter(|s| s.writable) {
+                    let n = (msg.len() - written).min(s.len as usize);
+                    if n == 0 {
+                        break;
+                    }
+                    if mem
+                        .write_slice(&msg[written..written + n], GuestAddress(s.addr))
+                        .is_err()
+                    {
+                        ok = false;
+                        break;
+                    }
+                    written += n;
+                }
+            }
+            used = true;
+            if ok {
+                ring.add_used(&mem, head, written as u32);
+                self.ctrl_out.pop_front();
+                self.shared
+                    .stats
+                    .control_out
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                ring.add_used(&mem, head, 0);
+                self.bad(|| {
+                    format!("control receive buffer of {room} bytes too small or unwritable")
+                });
+            }
+        }
+        if used {
+            ring.notify(&mem);
+        }
+    }
+}

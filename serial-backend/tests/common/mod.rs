@@ -1,0 +1,277 @@
+//! An in-process serial-backend and a tiny virtio-console driver on the frontend harness.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serial_backend::device::Shared;
+use serial_backend::spec::{event, queue, Control};
+use serial_backend::{PortSpec, SerialDevice};
+use vhost_tests::frontend::{Buf, FrontendOptions, TestFrontend};
+use vhost_user_device::server::listen_path;
+use vhost_user_device::{Server, ServerError, Shutdown};
+
+pub struct TestBackend {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub shared: Arc<Shared>,
+    pub max_ports: u32,
+    shutdown: Arc<Shutdown>,
+    thread: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl TestBackend {
+    /// `specs` gets the temp dir to put sockets and files in.
+    pub fn start(max_ports: u32, specs: impl FnOnce(&Path) -> Vec<PortSpec>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("vhost.sock");
+        let device = SerialDevice::new(&specs(dir.path()), max_ports).expect("device");
+        let shared = device.shared().clone();
+        let listener = listen_path(&socket).expect("listen");
+        let shutdown = Shutdown::new().expect("shutdown");
+        let server = Server::new(Arc::new(device), shutdown.clone());
+        let thread = std::thread::spawn(move || server.serve(&listener));
+        Self {
+            dir,
+            socket,
+            shared,
+            max_ports,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn stat(
+        &self,
+        f: impl Fn(&serial_backend::SerialStats) -> &std::sync::atomic::AtomicU64,
+    ) -> u64 {
+        f(&self.shared.stats).load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub const RX_BUF: u32 = 4096;
+
+/// The guest driver side.
+pub struct Driver {
+    pub fe: TestFrontend,
+    /// (queue, head) -> buffer gpa of posted device-writable buffers.
+    rx: HashMap<(u16, u16), u64>,
+    /// Bytes received per port, not yet taken by the test.
+    pub data: HashMap<u32, Vec<u8>>,
+    pub ctrl: Vec<(Control, Vec<u8>)>,
+}
+
+impl Driver {
+    pub fn connect(b: &TestBackend) -> Self {
+        let opts = FrontendOptions {
+            mem_size: 64 << 20,
+            num_queues: queue::count(b.max_ports),
+            queue_size: 256,
+            ..Default::default()
+        };
+        let mut fe = TestFrontend::connect(&b.socket, opts).expect("connect");
+        // The harness puts ring q at 0x1000 + q * 128 KiB: keep allocations above them.
+        fe.alloc(8 << 20);
+        let mut d = Self {
+            fe,
+            rx: HashMap::new(),
+            data: HashMap::new(),
+            ctrl: Vec::new(),
+        };
+        d.post_rx(queue::CONTROL_RX, 32);
+        d
+    }
+
+    pub fn post_rx(&mut self, q: u16, n: usize) {
+        for _ in 0..n {
+            let gpa = self.fe.alloc(u64::from(RX_BUF));
+            let dq = &mut self.fe.queues[usize::from(q)];
+            let head = dq.add_chain(&self.fe.mem, &[Buf::wo(gpa, RX_BUF)]);
+            dq.publish(&self.fe.mem, head);
+            self.rx.insert((q, head), gpa);
+        }
+        self.fe.queues[usize::from(q)].notify();
+    }
+
+    /// Re-posts a used rx buffer.
+    fn repost(&mut self, q: u16, gpa: u64) {
+        let dq = &mut self.fe.queues[usize::from(q)];
+        let head = dq.add_chain(&self.fe.mem, &[Buf::wo(gpa, RX_BUF)]);
+        dq.publish(&self.fe.mem, head);
+        dq.notify();
+        self.rx.insert((q, head), gpa);
+    }
+
+    /// Takes what the device put on rx queue `q`; returns the buffers' contents.
+    fn take_rx(&mut self, q: u16) -> Vec<Vec<u8>> {
+        let used = self.fe.queues[usize::from(q)].take_used(&self.fe.mem);
+        // Take every buffer before reposting any: a repost may reuse a head just freed.
+        let bufs: Vec<(u64, u32)> = used
+            .iter()
+            .map(|u| {
+                (
+                    self.rx.remove(&(q, u.id as u16)).expect("known rx head"),
+                    u.len,
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (gpa, len) in bufs {
+            out.push(self.fe.read(gpa, len as usize));
+            self.repost(q, gpa);
+        }
+        out
+    }
+
+    pub fn send_ctrl(&mut self, id: u32, ev: u16, value: u16) {
+        self.send_ctrl_raw(
+            &Control {
+                id,
+                event: ev,
+                value,
+            }
+            .to_bytes(),
+        );
+    }
+
+    pub fn send_ctrl_raw(&mut self, bytes: &[u8]) {
+        let gpa = self.fe.alloc(bytes.len().max(1) as u64);
+        self.fe.write(gpa, bytes);
+        self.fe
+            .submit(queue::CONTROL_TX, &[Buf::ro(gpa, bytes.len() as u32)]);
+        self.fe
+            .wait(queue::CONTROL_TX, 1)
+            .expect("control message consumed");
+    }
+
+    /// Polls every rx queue (control and ports) once.
+    pub fn poll(&mut self) {
+        for m in self.take_rx(queue::CONTROL_RX) {
+            let c = Control::parse(&m).expect("control message of 8+ bytes");
+            self.ctrl.push((c, m[8..].to_vec()));
+        }
+        for id in 0..50u32 {
+            let q = queue::rx(id);
+            if usize::from(q) >= self.fe.queues.len() {
+                break;
+            }
+            for m in self.take_rx(q) {
+                self.data.entry(id).or_default().extend(m);
+            }
+        }
+    }
+
+    /// Waits until `pred` holds on the received control messages; returns and clears them.
+    pub fn wait_ctrl(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&[(Control, Vec<u8>)]) -> bool,
+    ) -> Vec<(Control, Vec<u8>)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.poll();
+            if pred(&self.ctrl) {
+                return std::mem::take(&mut self.ctrl);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; got {:?}",
+                self.ctrl
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// DEVICE_READY, then PORT_READY for every DEVICE_ADD; returns all messages seen.
+    pub fn handshake(&mut self, nports: usize) -> Vec<(Control, Vec<u8>)> {
+        self.send_ctrl(0, event::DEVICE_READY, 1);
+        let adds = self.wait_ctrl("DEVICE_ADD", |m| {
+            m.iter()
+                .filter(|(c, _)| c.event == event::DEVICE_ADD)
+                .count()
+                >= nports
+        });
+        let mut all = adds.clone();
+        for (c, _) in adds.iter().filter(|(c, _)| c.event == event::DEVICE_ADD) {
+            self.post_rx(queue::rx(c.id), 16);
+            self.send_ctrl(c.id, event::PORT_READY, 1);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        self.poll();
+        all.extend(std::mem::take(&mut self.ctrl));
+        all
+    }
+
+    /// Guest writes `data` on port `id` in chunks of `chunk`; does not wait.
+    pub fn write_port(&mut self, id: u32, data: &[u8], chunk: usize) -> usize {
+        let mut n = 0;
+        for c in data.chunks(chunk) {
+            let gpa = self.fe.alloc(c.len() as u64);
+            self.fe.write(gpa, c);
+            self.fe
+                .submit(queue::tx(id), &[Buf::ro(gpa, c.len() as u32)]);
+            n += 1;
+        }
+        n
+    }
+
+    /// Waits for `n` tx completions on port `id`.
+    pub fn wait_tx(&mut self, id: u32, n: usize, timeout: Duration) -> usize {
+        let q = usize::from(queue::tx(id));
+        match self.fe.queues[q].wait_used(&self.fe.mem, n, timeout) {
+            Ok(u) => u.len(),
+            Err(_) => 0,
+        }
+    }
+
+    /// Takes exactly `len` bytes received on port `id` (waits up to `timeout`).
+    pub fn read_port(&mut self, id: u32, len: usize, timeout: Duration) -> Vec<u8> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.poll();
+            let have = self.data.get(&id).map_or(0, |d| d.len());
+            if have >= len {
+                let d = self.data.get_mut(&id).expect("data");
+                return d.drain(..len).collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "port {id}: got {have} of {len} bytes"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    let mut x = u32::from(seed) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn has(m: &[(Control, Vec<u8>)], id: u32, ev: u16, value: u16) -> bool {
+    m.iter()
+        .any(|(c, _)| c.id == id && c.event == ev && c.value == value)
+}
