@@ -134,7 +134,8 @@ impl<D: VhostUserDevice> Handler<D> {
         self.device.features() | layer_features()
     }
 
-    fn protocol_negotiated(&self) -> bool {
+    /// Whether the frontend acked VHOST_USER_F_PROTOCOL_FEATURES.
+    pub fn protocol_negotiated(&self) -> bool {
         self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
 

@@ -12,7 +12,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vhost::vhost_user::{BackendReqHandler, Error as VuError, VhostUserVirtioFeatures};
+use std::io::Write;
+
+use vhost::vhost_user::{BackendReqHandler, Error as VuError, VhostUserBackendReqHandlerMut};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::VhostUserDevice;
@@ -184,19 +186,77 @@ fn is_fatal(e: &VuError) -> bool {
     )
 }
 
-/// Sends a successful REPLY_ACK for SET_VRING_ENABLE (see `serve_connection`).
-fn ack_vring_enable(mut conn: &UnixStream) {
-    use std::io::Write;
-    const SET_VRING_ENABLE: u32 = 18;
-    const VERSION_1_REPLY: u32 = 0x1 | 0x4;
-    let mut msg = [0u8; 20];
-    msg[0..4].copy_from_slice(&SET_VRING_ENABLE.to_ne_bytes());
-    msg[4..8].copy_from_slice(&VERSION_1_REPLY.to_ne_bytes());
-    msg[8..12].copy_from_slice(&8u32.to_ne_bytes());
-    // Payload: u64 0 = success.
-    if let Err(e) = conn.write_all(&msg) {
-        log::warn!("cannot acknowledge SET_VRING_ENABLE: {e}");
+const SET_VRING_ENABLE: u32 = 18;
+const HDR_REPLY: u32 = 0x4;
+const HDR_NEED_REPLY: u32 = 0x8;
+
+/// Handles a SET_VRING_ENABLE that arrives before the frontend acked
+/// VHOST_USER_F_PROTOCOL_FEATURES, which the vhost crate (0.18) would refuse without even
+/// sending the requested ack. The spec only requires the feature to be *offered*, and QEMU's
+/// vhost-user-net does exactly this at netdev init (it is the only enable a single-queue
+/// device ever gets) and then waits for the ack. We peek at the next header; if it is such a
+/// message we consume it, apply it and answer it ourselves. Returns whether we did.
+fn take_early_vring_enable<D: VhostUserDevice>(
+    conn: &UnixStream,
+    handler: &Mutex<Handler<D>>,
+) -> io::Result<bool> {
+    if handler
+        .lock()
+        .map(|h| h.protocol_negotiated())
+        .unwrap_or(true)
+    {
+        return Ok(false);
     }
+    let fd = conn.as_raw_fd();
+    let mut hdr = [0u8; 12];
+    // SAFETY: recv into a local buffer of the given length; MSG_PEEK leaves the data (and
+    // any file descriptors) queued for the vhost crate's reader.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            hdr.as_mut_ptr().cast(),
+            hdr.len(),
+            libc::MSG_PEEK | libc::MSG_WAITALL,
+        )
+    };
+    if n != hdr.len() as isize {
+        return Ok(false);
+    }
+    let word = |i: usize| u32::from_ne_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+    let (request, flags, size) = (word(0), word(4), word(8));
+    if request != SET_VRING_ENABLE || size != 8 {
+        return Ok(false);
+    }
+    let mut msg = [0u8; 20];
+    // SAFETY: recv into a local buffer of the given length.
+    let n = unsafe { libc::recv(fd, msg.as_mut_ptr().cast(), msg.len(), libc::MSG_WAITALL) };
+    if n != msg.len() as isize {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "truncated SET_VRING_ENABLE",
+        ));
+    }
+    let index = u32::from_ne_bytes([msg[12], msg[13], msg[14], msg[15]]);
+    let num = u32::from_ne_bytes([msg[16], msg[17], msg[18], msg[19]]);
+    let (ok, reply_ack) = match handler.lock() {
+        Ok(mut h) => {
+            let ok = num <= 1 && h.set_vring_enable(index, num == 1).is_ok();
+            (ok, h.reply_ack_negotiated())
+        }
+        Err(_) => (false, false),
+    };
+    if !ok {
+        log::warn!("SET_VRING_ENABLE {{index {index}, num {num}}} refused");
+    }
+    if reply_ack && flags & HDR_NEED_REPLY != 0 {
+        let mut reply = [0u8; 20];
+        reply[0..4].copy_from_slice(&SET_VRING_ENABLE.to_ne_bytes());
+        reply[4..8].copy_from_slice(&(0x1 | HDR_REPLY).to_ne_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_ne_bytes());
+        reply[12..20].copy_from_slice(&u64::from(!ok).to_ne_bytes());
+        (&*conn).write_all(&reply)?;
+    }
+    Ok(true)
 }
 
 /// Serves a device to one frontend after another.
@@ -299,6 +359,16 @@ impl<D: VhostUserDevice> Server<D> {
         self.shutdown.set_conn(req.try_clone_connection().ok());
         let mut bad_msg_log = RateLimitedLog::new();
         loop {
+            if let Some(c) = conn.as_ref() {
+                match take_early_vring_enable(c, &handler) {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => {
+                        log::warn!("frontend connection ended: {e}");
+                        break;
+                    }
+                }
+            }
             match req.handle_request() {
                 Ok(()) => {}
                 Err(e) if is_fatal(&e) => {
@@ -306,25 +376,6 @@ impl<D: VhostUserDevice> Server<D> {
                         log::warn!("frontend connection ended: {e}");
                     }
                     break;
-                }
-                Err(VuError::InactiveFeature(f))
-                    if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES =>
-                {
-                    // vhost 0.18 refuses SET_VRING_ENABLE until the frontend has *acked*
-                    // VHOST_USER_F_PROTOCOL_FEATURES, and then sends no reply at all. QEMU's
-                    // vhost-user-net sends SET_VRING_ENABLE before SET_FEATURES (the spec
-                    // only requires the feature to be offered) and waits for the REPLY_ACK
-                    // forever. Nothing is started before SET_FEATURES, and QEMU enables the
-                    // rings again when it starts them, so acknowledge it and carry on.
-                    let reply_ack = handler
-                        .lock()
-                        .map(|h| h.reply_ack_negotiated())
-                        .unwrap_or(false);
-                    if reply_ack {
-                        if let Some(c) = conn.as_ref() {
-                            ack_vring_enable(c);
-                        }
-                    }
                 }
                 Err(e) => bad_msg_log.warn(|| format!("frontend request failed: {e}")),
             }

@@ -34,4 +34,43 @@ drop_caches
 z=$(dev_sha $((40 << 20)) $((1 << 20)))
 [ "$z" = "$(zeros_sha $((1 << 20)))" ] || fail "discarded range not zero" 7
 result discard_reads_zero=1
+
+if [ -n "${HOST_IP:-}" ]; then
+    echo "== network: vhost-net-backend, tap in a private namespace on the host =="
+    ifc=$(ls /sys/class/net | grep -v '^lo$' | head -n1)
+    ip addr add "$GUEST_IP" dev "$ifc" && ip link set "$ifc" up
+    ok=0
+    for i in $(seq 1 30); do
+        if ping -c 1 -W 1 "$HOST_IP" >/dev/null 2>&1; then ok=1; break; fi
+    done
+    result net_ping=$([ $ok = 1 ] && echo ok || echo failed)
+    if [ $ok = 1 ]; then
+        for dir in tx rx; do
+            flag=""; [ $dir = rx ] && flag=-R
+            iperf3 -c "$HOST_IP" -t 2 $flag -f m > /tmp/iperf.out 2>&1
+            mbps=$(grep receiver /tmp/iperf.out | tail -n1 | awk '{for(i=1;i<=NF;i++) if($i=="Mbits/sec") print $(i-1)}')
+            result net_iperf_${dir}_mbps=${mbps:-0}
+        done
+    fi
+fi
+
+if [ -d /sys/class/virtio-ports ]; then
+    echo "== console: serial-backend (consoles, named ports, hostinfo) =="
+    for i in $(seq 100); do
+        [ "$(ls /sys/class/virtio-ports 2>/dev/null | wc -l)" -ge 3 ] && break
+        sleep 0.1
+    done
+    mkdir -p /dev/virtio-ports
+    for p in /sys/class/virtio-ports/*; do
+        n=$(cat "$p/name" 2>/dev/null)
+        [ -n "$n" ] && ln -sf "/dev/$(basename $p)" "/dev/virtio-ports/$n"
+    done
+    result console_ports=$(ls /dev/virtio-ports | tr '\n' ',' | sed 's/,$//')
+    result console_hvc0=$([ -c /dev/hvc0 ] && echo yes || echo no)
+    echo "hello from the guest console" > /dev/hvc0
+    echo "hello from the guest, $(uname -r)" > /dev/virtio-ports/org.demo.log
+    cat /dev/virtio-ports/org.hostinfo.0 > /tmp/hostinfo.json
+    result hostinfo_hostname=$(sed -n 's/.*"hostname": "\([^"]*\)".*/\1/p' /tmp/hostinfo.json)
+    result hostinfo_cpus=$(sed -n 's/.*"cpu_count": \([0-9]*\).*/\1/p' /tmp/hostinfo.json)
+fi
 exit 0
