@@ -14,6 +14,9 @@ if [ "$(id -u)" = 0 ]; then
     # QEMU 11 in a trixie chroot: the only user-creatable vhost-user device for the console
     # (first run: a few minutes; afterwards about a second).
     tests/guest/setup-qemu-trixie.sh
+    # DPDK's testpmd: a second real vhost-user frontend for the net backend.
+    DPDK_TESTPMD=$(tests/guest/setup-dpdk.sh)
+    export DPDK_TESTPMD
 else
     echo "SKIPPED: guest set-up needs root; guest tests will report SKIPPED" >&2
 fi

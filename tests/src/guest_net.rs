@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::guest::workspace_dir;
+use crate::guest::{workspace_dir, Backend};
 
 /// A network namespace, deleted on drop (with every interface in it).
 pub struct NetNs {
@@ -57,6 +57,32 @@ impl NetNs {
             std::thread::sleep(Duration::from_millis(50));
         }
         Err(format!("no interface {dev} in namespace {}", self.name))
+    }
+
+    /// Creates bridge `br` in the namespace (no STP, no forward delay, IPv6 off so no
+    /// autoconfiguration chatter) and brings it up.
+    pub fn add_bridge(&self, br: &str) -> Result<(), String> {
+        let _ = self.run(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        let _ = self.run(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+        self.run(&[
+            "ip",
+            "link",
+            "add",
+            br,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ])?;
+        self.run(&["ip", "link", "set", br, "up"])
+    }
+
+    /// Enslaves `dev` to bridge `br` and brings it up.
+    pub fn enslave(&self, dev: &str, br: &str) -> Result<(), String> {
+        self.run(&["ip", "link", "set", dev, "master", br])?;
+        self.run(&["ip", "link", "set", dev, "up"])
     }
 
     /// Starts an iperf3 server bound to `ip` inside the namespace (killed on drop).
@@ -152,4 +178,24 @@ pub fn locate_vhost_net_backend() -> Result<PathBuf, String> {
              (cargo build -p vhost-net-backend) or set VHOST_NET_BACKEND"
         )
     })
+}
+
+/// Waits until the backend `be` created its socket file `sock` (std binds and listens in
+/// one step, so the file existing is enough; the harness's `wait_for_socket` reads
+/// `/proc/net/unix` of our namespace, which does not show a socket bound in another one).
+pub fn wait_socket_file(be: &mut Backend, sock: &Path, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while !sock.exists() {
+        if !be.is_running() {
+            return Err(format!(
+                "backend exited early; see {}",
+                be.log_path().display()
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("backend did not listen on {}", sock.display()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }

@@ -228,10 +228,13 @@ impl Tap {
         let ifindex = read("ifindex")?.trim().to_string();
         let mac = parse_mac(read("address")?.trim());
         let dev = format!("/dev/tap{ifindex}");
+        let numbers = read(&format!("macvtap/tap{ifindex}/dev"))
+            .ok()
+            .and_then(|s| parse_dev_numbers(s.trim()));
+        let files = open_macvtap_queues(&dev, numbers, queues)?;
         let flags = tun::IFF_TAP | tun::IFF_NO_PI | tun::IFF_VNET_HDR | tun::IFF_MULTI_QUEUE;
         let mut out = Vec::new();
-        for _ in 0..queues {
-            let file = open_dev(&dev)?;
+        for file in files {
             let mut req = IfReq::new("", flags)?;
             ioctl_ptr(file.as_raw_fd(), tun::TUNSETIFF, &mut req).map_err(|source| {
                 TapError::Ioctl {
@@ -256,6 +259,78 @@ impl Tap {
             None => Ok(()),
         }
     }
+}
+
+/// Parses a sysfs `dev` file ("MAJOR:MINOR").
+fn parse_dev_numbers(s: &str) -> Option<(u32, u32)> {
+    let (maj, min) = s.split_once(':')?;
+    Some((maj.parse().ok()?, min.parse().ok()?))
+}
+
+/// The device number `meta` describes, if it is a character device.
+fn char_dev_of(meta: &std::fs::Metadata) -> Option<libc::dev_t> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    meta.file_type().is_char_device().then(|| meta.rdev())
+}
+
+/// Opens `queues` fds of a macvtap whose sysfs device numbers are `numbers`.
+///
+/// `/dev/tapN` (N = the ifindex) is what udev or devtmpfs creates, but it is only right
+/// when it exists and carries the macvtap's device numbers: without udev and devtmpfs
+/// there is no node at all, and ifindexes are per network namespace while /dev is not,
+/// so a macvtap in another namespace can own the name (or a stale node remain). Then a
+/// private node with the right numbers is made (in /dev, else the temp dir), opened and
+/// unlinked at once.
+fn open_macvtap_queues(
+    dev: &str,
+    numbers: Option<(u32, u32)>,
+    queues: u16,
+) -> Result<Vec<File>, TapError> {
+    let open_all = |path: &str| -> Result<Vec<File>, TapError> {
+        (0..queues).map(|_| open_dev(path)).collect()
+    };
+    let Some((maj, min)) = numbers else {
+        // No device numbers in sysfs (should not happen): trust the name.
+        return open_all(dev);
+    };
+    let want = libc::makedev(maj, min);
+    let matches = |f: &File| f.metadata().ok().as_ref().and_then(char_dev_of) == Some(want);
+    if std::fs::metadata(dev).ok().as_ref().and_then(char_dev_of) == Some(want) {
+        let files = open_all(dev)?;
+        if files.iter().all(matches) {
+            return Ok(files);
+        }
+    }
+    log::info!("{dev} missing or not the macvtap's device {maj}:{min}; using a private node");
+    let mut last = None;
+    for dir in [PathBuf::from("/dev"), std::env::temp_dir()] {
+        let node = dir.join(format!(
+            ".vhost-net-backend-{}-{maj}-{min}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&node);
+        let c = std::ffi::CString::new(node.as_os_str().as_encoded_bytes())
+            .map_err(|e| TapError::BadName(e.to_string()))?;
+        // SAFETY: valid C string; mknod creates a file and touches no memory of ours.
+        if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, want) } != 0 {
+            last = Some(TapError::Open {
+                path: node.display().to_string(),
+                source: io::Error::last_os_error(),
+            });
+            continue;
+        }
+        let files = open_all(&node.to_string_lossy());
+        let _ = std::fs::remove_file(&node);
+        match files {
+            Ok(f) if f.iter().all(matches) => return Ok(f),
+            Ok(_) => {}
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| TapError::Open {
+        path: dev.into(),
+        source: io::Error::other(format!("cannot create a node for device {maj}:{min}")),
+    }))
 }
 
 /// Parses "aa:bb:cc:dd:ee:ff".
@@ -284,6 +359,13 @@ mod tests {
         assert_eq!(parse_mac("52:54:00:12:34"), None);
         assert_eq!(parse_mac("52:54:00:12:34:56:78"), None);
         assert_eq!(parse_mac("zz:54:00:12:34:56"), None);
+    }
+
+    #[test]
+    fn dev_numbers() {
+        assert_eq!(parse_dev_numbers("246:1"), Some((246, 1)));
+        assert_eq!(parse_dev_numbers("246"), None);
+        assert_eq!(parse_dev_numbers("a:1"), None);
     }
 
     #[test]

@@ -28,14 +28,17 @@ pub fn enter_netns(test: &str) -> bool {
     let _ = env_logger::builder().is_test(true).try_init();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("\n*** SKIPPED {test}: needs root (network namespace and tap) ***\n");
+        vhost_tests::guest::report_skip(test, "needs root (network namespace and tap)");
         return false;
     }
     // SAFETY: unshare affects only this thread's namespaces.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        eprintln!(
-            "\n*** SKIPPED {test}: cannot create a network namespace: {} ***\n",
-            io::Error::last_os_error()
+        vhost_tests::guest::report_skip(
+            test,
+            &format!(
+                "cannot create a network namespace: {}",
+                io::Error::last_os_error()
+            ),
         );
         return false;
     }
@@ -264,6 +267,21 @@ impl PacketSocket {
         Self { fd, ifindex, vnet }
     }
 
+    /// Sets the receive buffer (SO_RCVBUFFORCE; root), for bursts.
+    pub fn set_rcvbuf(&self, bytes: i32) {
+        // SAFETY: valid option value pointer and length.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&bytes as *const i32).cast(),
+                4,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", io::Error::last_os_error());
+    }
+
     /// Sends `frame` out of the tap (towards the backend), with `hdr` if vnet.
     pub fn send(&self, hdr: Option<NetHdr>, frame: &[u8]) -> io::Result<()> {
         let mut buf = Vec::new();
@@ -335,6 +353,23 @@ impl PacketSocket {
             }
         }
     }
+}
+
+/// A packet socket on `ifname` in the named network namespace (`ip netns`), opened from
+/// a short-lived thread that joins it (the socket stays in that namespace).
+pub fn packet_socket_in_netns(netns: &str, ifname: &str, vnet: bool) -> PacketSocket {
+    let ns_file = PathBuf::from("/run/netns").join(netns);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let f = std::fs::File::open(&ns_file).expect("open netns");
+            // SAFETY: a valid namespace fd; affects only this short-lived thread.
+            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+            PacketSocket::open(ifname, vnet)
+        })
+        .join()
+        .expect("netns thread")
+    })
 }
 
 /// An Ethernet frame of our test EtherType with `len` bytes of payload starting with `tag`.
