@@ -134,6 +134,14 @@ impl CtrlWorker {
                 st.mac = mac;
                 ctrl::OK
             }
+            (ctrl::CLASS_ANNOUNCE, ctrl::ANNOUNCE_ACK)
+                if self.acked & features::GUEST_ANNOUNCE != 0 && data.is_empty() =>
+            {
+                // We never raise VIRTIO_NET_S_ANNOUNCE ourselves, so there is nothing to
+                // clear; the acknowledgement is still valid and answered as such.
+                log::debug!("control: guest announced itself");
+                ctrl::OK
+            }
             (ctrl::CLASS_MQ, ctrl::MQ_VQ_PAIRS_SET) if self.acked & features::MQ != 0 => {
                 let Ok(b) = <[u8; 2]>::try_from(data) else {
                     return ctrl::ERR;

@@ -164,7 +164,8 @@ impl VhostUserDevice for NetDevice {
             | f::STATUS
             | f::CTRL_VQ
             | f::CTRL_RX
-            | f::CTRL_MAC_ADDR;
+            | f::CTRL_MAC_ADDR
+            | f::GUEST_ANNOUNCE;
         if o.mrg_rxbuf {
             feat |= f::MRG_RXBUF;
         }

@@ -45,6 +45,10 @@ pub mod features {
     pub const CTRL_VQ: u64 = 1 << 17;
     /// Control channel RX mode support (promiscuous, allmulti, ...).
     pub const CTRL_RX: u64 = 1 << 18;
+    /// The driver announces itself (gratuitous ARP) when the device asks, e.g. after a
+    /// live migration. QEMU owns virtio-net's config space and asks itself; we answer the
+    /// driver's acknowledgement when the control queue comes to us.
+    pub const GUEST_ANNOUNCE: u64 = 1 << 21;
     /// Several queue pairs.
     pub const MQ: u64 = 1 << 22;
     /// The MAC address can be set through the control queue.
@@ -104,8 +108,10 @@ pub mod ctrl {
     pub const MAC_TABLE_SET: u8 = 0;
     /// MAC: set the device address.
     pub const MAC_ADDR_SET: u8 = 1;
-    /// Class announce (GUEST_ANNOUNCE, not offered).
+    /// Class announce (GUEST_ANNOUNCE).
     pub const CLASS_ANNOUNCE: u8 = 3;
+    /// Announce: the driver has announced itself.
+    pub const ANNOUNCE_ACK: u8 = 0;
     /// Class multiqueue.
     pub const CLASS_MQ: u8 = 4;
     /// MQ: set the number of queue pairs in use.

@@ -340,6 +340,8 @@ fn multiqueue_pairs_and_control_queue() {
     assert_eq!(ctrl(&mut fe, 1, 1, &[2, 0, 0, 0, 0, 9]), 0, "MAC address");
     assert_eq!(&fe.config(0, 6).expect("config")[..], &[2, 0, 0, 0, 0, 9]);
     assert_eq!(ctrl(&mut fe, 9, 0, &[]), 1, "unknown class");
+    assert_eq!(ctrl(&mut fe, 3, 0, &[]), 0, "announce acknowledged");
+    assert_eq!(ctrl(&mut fe, 3, 0, &[1]), 1, "announce with a payload");
     {
         let st = be.shared.ctrl.lock().expect("ctrl state");
         assert!(st.promisc && st.allmulti);
