@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
+use vhost_user_device::device::read_config_bytes;
 use vhost_user_device::{DeviceError, QueueWorker, VhostUserDevice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -157,18 +158,7 @@ impl VhostUserDevice for SerialDevice {
 
     fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<(), DeviceError> {
         // QEMU may read more than our 12 bytes (up to its config_size): zeroes past the end.
-        let start = offset as usize;
-        if start.checked_add(buf.len()).is_none_or(|e| e > 0x1000) {
-            return Err(DeviceError::ConfigAccess {
-                offset,
-                len: buf.len(),
-            });
-        }
-        let cfg = self.config();
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = cfg.get(start + i).copied().unwrap_or(0);
-        }
-        Ok(())
+        read_config_bytes(&self.config(), 0x1000, offset, buf)
     }
 
     fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {

@@ -10,6 +10,7 @@ use serial_backend::hostinfo;
 use serial_backend::ports::{parse_spec, HostKind, PortSpec};
 use serial_backend::spec::DEFAULT_MAX_PORTS;
 use serial_backend::SerialDevice;
+use vhost_user_device::program::backend_main;
 use vhost_user_device::server::{handle_termination_signals, listen_fd, listen_path};
 use vhost_user_device::{Server, Shutdown};
 
@@ -59,19 +60,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
-    if args.print_capabilities {
-        println!(r#"{{"type": "console"}}"#);
-        return ExitCode::SUCCESS;
-    }
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    backend_main(args.print_capabilities, r#"{"type": "console"}"#, || {
+        run(args)
+    })
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
+use vhost_user_device::device::read_config_bytes;
 use vhost_user_device::{DeviceError, QueueWorker, VhostUserDevice};
 use vm_memory::ByteValued;
 
@@ -181,20 +182,7 @@ impl VhostUserDevice for BlkDevice {
     }
 
     fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<(), DeviceError> {
-        let start = offset as usize;
-        let end = start
-            .checked_add(buf.len())
-            .filter(|&e| e <= CONFIG_SPACE_SIZE)
-            .ok_or(DeviceError::ConfigAccess {
-                offset,
-                len: buf.len(),
-            })?;
-        let mut space = [0u8; CONFIG_SPACE_SIZE];
-        let cfg = self.config();
-        let bytes = cfg.as_slice();
-        space[..bytes.len()].copy_from_slice(bytes);
-        buf.copy_from_slice(&space[start..end]);
-        Ok(())
+        read_config_bytes(self.config().as_slice(), CONFIG_SPACE_SIZE, offset, buf)
     }
 
     fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {

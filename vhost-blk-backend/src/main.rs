@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
+use vhost_user_device::program::backend_main;
 use vhost_user_device::server::{handle_termination_signals, listen_fd, listen_path};
 use vhost_user_device::{Server, Shutdown};
 
@@ -80,19 +81,12 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
-    if args.print_capabilities {
-        println!(r#"{{"type": "block", "features": ["read-only", "blk-file"]}}"#);
-        return ExitCode::SUCCESS;
-    }
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    backend_main(
+        args.print_capabilities,
+        r#"{"type": "block", "features": ["read-only", "blk-file"]}"#,
+        || run(args),
+    )
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
+use vhost_user_device::device::read_config_bytes;
 use vhost_user_device::{DeviceError, QueueWorker, VhostUserDevice};
 
 use crate::ctrl::{CtrlState, CtrlWorker};
@@ -185,19 +186,7 @@ impl VhostUserDevice for NetDevice {
     }
 
     fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<(), DeviceError> {
-        let start = offset as usize;
-        let end = start
-            .checked_add(buf.len())
-            .filter(|&e| e <= CONFIG_SPACE_SIZE)
-            .ok_or(DeviceError::ConfigAccess {
-                offset,
-                len: buf.len(),
-            })?;
-        let mut space = [0u8; CONFIG_SPACE_SIZE];
-        let bytes = self.config().to_bytes();
-        space[..bytes.len()].copy_from_slice(&bytes);
-        buf.copy_from_slice(&space[start..end]);
-        Ok(())
+        read_config_bytes(&self.config().to_bytes(), CONFIG_SPACE_SIZE, offset, buf)
     }
 
     fn worker_groups(&self) -> Vec<Vec<u16>> {

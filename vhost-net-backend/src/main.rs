@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::Parser;
 use vhost_net_backend::tap::parse_mac;
 use vhost_net_backend::{NetDevice, NetOptions, NetShared, Tap, TapSpec};
+use vhost_user_device::program::backend_main;
 use vhost_user_device::server::{handle_termination_signals, listen_fd, listen_path};
 use vhost_user_device::{Server, Shutdown};
 
@@ -113,19 +114,8 @@ fn handle_stats_signal(set: libc::sigset_t, shared: Arc<NetShared>) -> std::io::
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
-    if args.print_capabilities {
-        println!(r#"{{"type": "net"}}"#);
-        return ExitCode::SUCCESS;
-    }
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    backend_main(args.print_capabilities, r#"{"type": "net"}"#, || run(args))
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {

@@ -31,6 +31,32 @@ pub enum DeviceError {
     Worker(#[source] io::Error),
 }
 
+/// Answers a config-space read from the device's current config bytes: `buf` gets the bytes
+/// at `offset`, and zeroes past the end of `config` (frontends may read more than a device
+/// fills, e.g. QEMU's generic device reads `config_size`). Reads ending past `space_size`
+/// are refused.
+pub fn read_config_bytes(
+    config: &[u8],
+    space_size: usize,
+    offset: u32,
+    buf: &mut [u8],
+) -> Result<(), DeviceError> {
+    let start = offset as usize;
+    if start
+        .checked_add(buf.len())
+        .is_none_or(|end| end > space_size)
+    {
+        return Err(DeviceError::ConfigAccess {
+            offset,
+            len: buf.len(),
+        });
+    }
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = config.get(start + i).copied().unwrap_or(0);
+    }
+    Ok(())
+}
+
 /// A virtio device served over vhost-user.
 pub trait VhostUserDevice: Send + Sync + 'static {
     /// Short name for logs and thread names ("blk", "net", "console").

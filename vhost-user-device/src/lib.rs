@@ -33,6 +33,7 @@ pub mod dirty_log;
 pub mod handler;
 pub mod inflight;
 pub mod memory;
+pub mod program;
 pub mod rate_limit;
 pub mod ring;
 pub mod server;
