@@ -86,9 +86,6 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> bool {
 }
 
 #[test]
-#[ignore = "flaky: in about 1 of 3 runs the source QEMU 10.0.2 exits silently right after \
-            the migration and the destination reads a truncated stream; under investigation. \
-            Run with --ignored."]
 fn guest_blk_live_migration_keeps_backend_written_memory() {
     let Some(mut t) = GuestTest::start("guest_blk_live_migration") else {
         return;
