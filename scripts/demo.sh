@@ -26,6 +26,8 @@ work=$(mktemp -d "$guest_work/demo.XXXXXX")
 ns="vhost-demo-$$"
 pids=()
 cleanup() {
+    # Stopping is best effort and must not change the demo's exit status.
+    set +e
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
     ip netns del "$ns" 2>/dev/null
