@@ -142,7 +142,8 @@ impl Drop for Backend {
     }
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
+/// User + system CPU seconds of process `pid` (all threads).
+pub fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -158,7 +159,8 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / hz
 }
 
-fn wait_socket(p: &Path) -> Result<(), CompareError> {
+/// Waits for a backend's socket file to appear.
+pub fn wait_socket(p: &Path) -> Result<(), CompareError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !p.exists() {
         if Instant::now() > deadline {

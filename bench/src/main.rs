@@ -4,6 +4,7 @@
 
 mod blk;
 mod compare;
+mod idle;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,8 @@ enum Cmd {
 enum CompareWhat {
     /// vhost-blk-backend vs qemu-storage-daemon vs host fio, through the load generator.
     Blk(compare::CompareBlkArgs),
+    /// Each backend's RSS and CPU while idle.
+    Idle(idle::CompareIdleArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -52,6 +55,9 @@ fn main() -> std::process::ExitCode {
         Cmd::Compare {
             what: CompareWhat::Blk(a),
         } => compare::compare_blk(&a).map_err(|e| e.to_string()),
+        Cmd::Compare {
+            what: CompareWhat::Idle(a),
+        } => idle::compare_idle(&a).map_err(|e| e.to_string()),
     };
     match res {
         Ok(report) => {
