@@ -231,7 +231,8 @@ fn setup_inner() -> Result<GuestEnv, String> {
     Ok(env)
 }
 
-fn is_executable(p: &Path) -> bool {
+/// Whether `p` is an executable regular file.
+pub fn is_executable(p: &Path) -> bool {
     fs::metadata(p)
         .map(|m| m.is_file() && m.mode() & 0o111 != 0)
         .unwrap_or(false)
@@ -1133,6 +1134,44 @@ impl Drop for Backend {
     }
 }
 
+/// A project binary for a guest test: `$env_var` if set (it must be executable), else the
+/// newest `name` in `{<target dir of this test binary>,$CARGO_TARGET_DIR,<workspace>/target}/
+/// {release,debug}`.
+pub fn locate_binary(name: &str, env_var: &str) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(env_var).filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if is_executable(&p) {
+            Ok(p)
+        } else {
+            Err(format!("{env_var}={} is not an executable", p.display()))
+        };
+    }
+    let mut target_dirs = Vec::new();
+    // <target>/<profile>/deps/<test binary>
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(t) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
+            target_dirs.push(t.to_path_buf());
+        }
+    }
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        target_dirs.push(PathBuf::from(t));
+    }
+    target_dirs.push(workspace_dir().join("target"));
+    let mut candidates: Vec<(SystemTime, PathBuf)> = target_dirs
+        .iter()
+        .flat_map(|t| ["release", "debug"].map(|p| t.join(p).join(name)))
+        .filter(|p| is_executable(p))
+        .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    candidates.sort();
+    candidates.pop().map(|(_, p)| p).ok_or_else(|| {
+        format!(
+            "{name} not found in {target_dirs:?}/{{release,debug}}; build it \
+             (cargo build -p {name}) or set {env_var}"
+        )
+    })
+}
+
 /// Whether a unix socket bound at `path` is listening (/proc/net/unix
 /// `Flags` has `__SO_ACCEPTCON`).
 pub fn socket_listening(path: &Path) -> bool {
@@ -1209,42 +1248,7 @@ impl BlkBackend {
     /// `$VHOST_BLK_BACKEND`, else the newest existing
     /// `{<target dir of this test binary>,$CARGO_TARGET_DIR,<workspace>/target}/{release,debug}/vhost-blk-backend`.
     pub fn locate_vhost_blk_backend() -> Result<PathBuf, String> {
-        if let Some(p) = std::env::var_os("VHOST_BLK_BACKEND").filter(|p| !p.is_empty()) {
-            let p = PathBuf::from(p);
-            return if is_executable(&p) {
-                Ok(p)
-            } else {
-                Err(format!(
-                    "VHOST_BLK_BACKEND={} is not an executable",
-                    p.display()
-                ))
-            };
-        }
-        let mut target_dirs = Vec::new();
-        // <target>/<profile>/deps/<test binary>
-        if let Ok(exe) = std::env::current_exe() {
-            if let Some(t) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
-                target_dirs.push(t.to_path_buf());
-            }
-        }
-        if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
-            target_dirs.push(PathBuf::from(t));
-        }
-        target_dirs.push(workspace_dir().join("target"));
-        let mut candidates: Vec<(SystemTime, PathBuf)> = target_dirs
-            .iter()
-            .flat_map(|t| ["release", "debug"].map(|p| t.join(p).join("vhost-blk-backend")))
-            .filter(|p| is_executable(p))
-            .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
-            .collect();
-        candidates.sort();
-        candidates.pop().map(|(_, p)| p).ok_or_else(|| {
-            format!(
-                "vhost-blk-backend binary not found in {:?}/{{release,debug}}; \
-                 build it (cargo build -p vhost-blk-backend) or set VHOST_BLK_BACKEND",
-                target_dirs
-            )
-        })
+        locate_binary("vhost-blk-backend", "VHOST_BLK_BACKEND")
     }
 
     pub fn name(&self) -> &'static str {

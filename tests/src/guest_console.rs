@@ -4,21 +4,14 @@
 
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::guest::{harness_dir, work_dir, workspace_dir, GuestEnv, GuestTest};
-
-fn is_executable(p: &Path) -> bool {
-    fs::metadata(p)
-        .map(|m| m.is_file() && m.mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
+use crate::guest::{harness_dir, is_executable, locate_binary, work_dir, GuestEnv, GuestTest};
 
 /// Runs `tests/guest/setup-qemu-trixie.sh` (idempotent; needs root) and returns the QEMU 11
 /// wrapper, or `$QEMU_CONSOLE` if set. `Err` is the reason to skip.
@@ -70,32 +63,7 @@ pub fn use_qemu(t: &mut GuestTest, qemu: PathBuf) {
 
 /// `$SERIAL_BACKEND`, else the newest `{<test target dir>,$CARGO_TARGET_DIR,<workspace>/target}/{release,debug}/serial-backend`.
 pub fn locate_serial_backend() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("SERIAL_BACKEND").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
-    }
-    let mut dirs = Vec::new();
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(t) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
-            dirs.push(t.to_path_buf());
-        }
-    }
-    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
-        dirs.push(PathBuf::from(t));
-    }
-    dirs.push(workspace_dir().join("target"));
-    let mut c: Vec<(SystemTime, PathBuf)> = dirs
-        .iter()
-        .flat_map(|t| ["release", "debug"].map(|p| t.join(p).join("serial-backend")))
-        .filter(|p| is_executable(p))
-        .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
-        .collect();
-    c.sort();
-    c.pop().map(|(_, p)| p).ok_or_else(|| {
-        format!(
-            "serial-backend not found in {dirs:?}/{{release,debug}}; build it \
-             (cargo build -p serial-backend) or set SERIAL_BACKEND"
-        )
-    })
+    locate_binary("serial-backend", "SERIAL_BACKEND")
 }
 
 /// QEMU arguments attaching a vhost-user virtio-console with `max_ports` ports.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::guest::{workspace_dir, Backend};
+use crate::guest::{locate_binary, Backend};
 
 /// A network namespace, deleted on drop (with every interface in it).
 pub struct NetNs {
@@ -153,31 +153,7 @@ pub fn vhost_user_net_args(socket: &Path, queues: u16, mac: &str) -> Vec<String>
 /// `$VHOST_NET_BACKEND` or the newest
 /// `{<target dir of this test binary>,$CARGO_TARGET_DIR,<workspace>/target}/{release,debug}/vhost-net-backend`.
 pub fn locate_vhost_net_backend() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("VHOST_NET_BACKEND").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
-    }
-    let mut dirs = Vec::new();
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(t) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
-            dirs.push(t.to_path_buf());
-        }
-    }
-    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
-        dirs.push(PathBuf::from(t));
-    }
-    dirs.push(workspace_dir().join("target"));
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = dirs
-        .iter()
-        .flat_map(|t| ["release", "debug"].map(|p| t.join(p).join("vhost-net-backend")))
-        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
-        .collect();
-    found.sort();
-    found.pop().map(|(_, p)| p).ok_or_else(|| {
-        format!(
-            "vhost-net-backend binary not found in {dirs:?}/{{release,debug}}; build it \
-             (cargo build -p vhost-net-backend) or set VHOST_NET_BACKEND"
-        )
-    })
+    locate_binary("vhost-net-backend", "VHOST_NET_BACKEND")
 }
 
 /// Waits until the backend `be` created its socket file `sock` (std binds and listens in
