@@ -1,7 +1,5 @@
 //! Command line of serial-backend. Everything else lives in the library.
 
-use std::os::fd::RawFd;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -10,8 +8,8 @@ use serial_backend::hostinfo;
 use serial_backend::ports::{parse_spec, HostKind, PortSpec};
 use serial_backend::spec::DEFAULT_MAX_PORTS;
 use serial_backend::SerialDevice;
-use vhost_user_device::program::backend_main;
-use vhost_user_device::server::{handle_termination_signals, listen_fd, listen_path};
+use vhost_user_device::program::{backend_main, ListenArgs};
+use vhost_user_device::server::handle_termination_signals;
 use vhost_user_device::{Server, Shutdown};
 
 /// A vhost-user virtio-console backend with many ports: consoles (/dev/hvcN in the guest)
@@ -25,17 +23,8 @@ use vhost_user_device::{Server, Shutdown};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
-    /// Unix socket to listen on for the VMM (a stale socket file is replaced).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
-    socket_path: Option<PathBuf>,
-
-    /// Listen on this inherited, already listening unix socket instead of --socket-path.
-    #[arg(long, value_name = "FDNUM")]
-    fd: Option<RawFd>,
-
-    /// Print the backend's capabilities as JSON (vhost-user.json schema) and exit.
-    #[arg(long)]
-    print_capabilities: bool,
+    #[command(flatten)]
+    listen: ListenArgs,
 
     /// A console port (repeatable): `pty`, `socket=PATH` or `stdio`, optionally with
     /// `,name=NAME`. The first console is port 0 (/dev/hvc0). A socket listens for one
@@ -61,9 +50,11 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    backend_main(args.print_capabilities, r#"{"type": "console"}"#, || {
-        run(args)
-    })
+    backend_main(
+        args.listen.print_capabilities,
+        r#"{"type": "console"}"#,
+        || run(args),
+    )
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -88,11 +79,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Before any other thread exists, so every thread inherits the blocked signals.
     handle_termination_signals(shutdown.clone())?;
     let device = SerialDevice::new(&specs, args.max_ports)?;
-    let listener = match (args.socket_path, args.fd) {
-        (Some(p), _) => listen_path(&p)?,
-        (None, Some(fd)) => listen_fd(fd)?,
-        (None, None) => return Err("--socket-path or --fd is required".into()),
-    };
+    let listener = args.listen.listener()?;
     log::info!(
         "virtio-console with {} port(s), max {} (QEMU: num_vqs={}, config_size=12)",
         specs.len(),

@@ -591,15 +591,20 @@ impl Engine {
 
     /// The socket client went away: tell the guest; keep the fd until its data is read.
     fn hang_up(&mut self, idx: usize) {
-        let p = &mut self.st.ports[idx];
+        self.client_gone(idx);
+        self.st.update_interest(idx);
+    }
+
+    /// Marks port `idx`'s socket client hung up, tells the guest, and drops the client
+    /// unless it still holds bytes for the guest.
+    fn client_gone(&mut self, idx: usize) {
         if let HostSide::Socket {
             client: Some(c), ..
-        } = &mut p.host
+        } = &mut self.st.ports[idx].host
         {
             c.hung_up = true;
         }
         self.host_gone(idx);
-        // Keep the connection only while it still holds bytes for the guest.
         let unread = self.st.ports[idx]
             .host
             .read_fd()
@@ -608,7 +613,6 @@ impl Engine {
         if unread == 0 {
             self.drop_client(idx);
         }
-        self.st.update_interest(idx);
     }
 
     fn host_gone(&mut self, idx: usize) {
@@ -969,20 +973,9 @@ impl Engine {
     fn write_failed(&mut self, idx: usize) {
         let id = self.st.ports[idx].id;
         match &mut self.st.ports[idx].host {
-            HostSide::Socket { client, .. } => {
-                if let Some(c) = client {
-                    c.hung_up = true;
-                }
+            HostSide::Socket { .. } => {
                 log::info!("port {id}: client went away while writing");
-                self.host_gone(idx);
-                let unread = self.st.ports[idx]
-                    .host
-                    .read_fd()
-                    .map(unread_bytes)
-                    .unwrap_or(0);
-                if unread == 0 {
-                    self.drop_client(idx);
-                }
+                self.client_gone(idx);
             }
             _ => {
                 // A pty or stdio we cannot write to: drop what is held rather than spin.

@@ -1,14 +1,13 @@
 //! Command line of vhost-blk-backend. Everything else lives in the library.
 
-use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
-use vhost_user_device::program::backend_main;
-use vhost_user_device::server::{handle_termination_signals, listen_fd, listen_path};
+use vhost_user_device::program::{backend_main, ListenArgs};
+use vhost_user_device::server::handle_termination_signals;
 use vhost_user_device::{Server, Shutdown};
 
 /// A vhost-user virtio-blk backend: serves a raw image file or a block device to a VMM
@@ -18,17 +17,8 @@ use vhost_user_device::{Server, Shutdown};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
-    /// Unix socket to listen on for the VMM (a stale socket file is replaced).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
-    socket_path: Option<PathBuf>,
-
-    /// Listen on this inherited, already listening unix socket instead of --socket-path.
-    #[arg(long, value_name = "FDNUM")]
-    fd: Option<RawFd>,
-
-    /// Print the backend's capabilities as JSON (vhost-user.json schema) and exit.
-    #[arg(long)]
-    print_capabilities: bool,
+    #[command(flatten)]
+    listen: ListenArgs,
 
     /// Raw disk image file or block device to serve.
     #[arg(
@@ -83,7 +73,7 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     backend_main(
-        args.print_capabilities,
+        args.listen.print_capabilities,
         r#"{"type": "block", "features": ["read-only", "blk-file"]}"#,
         || run(args),
     )
@@ -119,11 +109,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = Shutdown::new()?;
     // Before any other thread exists, so every thread inherits the blocked signals.
     handle_termination_signals(shutdown.clone())?;
-    let listener = match (args.socket_path, args.fd) {
-        (Some(p), _) => listen_path(&p)?,
-        (None, Some(fd)) => listen_fd(fd)?,
-        (None, None) => return Err("--socket-path or --fd is required".into()),
-    };
+    let listener = args.listen.listener()?;
     let server = Server::new(Arc::new(device), shutdown);
     server.serve(&listener)?;
     log::info!("exiting");

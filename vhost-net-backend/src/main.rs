@@ -1,15 +1,13 @@
 //! Command line of vhost-net-backend. Everything else lives in the library.
 
-use std::os::fd::RawFd;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
 use vhost_net_backend::tap::parse_mac;
 use vhost_net_backend::{NetDevice, NetOptions, NetShared, Tap, TapSpec};
-use vhost_user_device::program::backend_main;
-use vhost_user_device::server::{handle_termination_signals, listen_fd, listen_path};
+use vhost_user_device::program::{backend_main, ListenArgs};
+use vhost_user_device::server::handle_termination_signals;
 use vhost_user_device::{Server, Shutdown};
 
 /// A vhost-user virtio-net backend: serves a NIC to a VMM (QEMU's `-netdev vhost-user`,
@@ -22,17 +20,8 @@ use vhost_user_device::{Server, Shutdown};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
-    /// Unix socket to listen on for the VMM (a stale socket file is replaced).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
-    socket_path: Option<PathBuf>,
-
-    /// Listen on this inherited, already listening unix socket instead of --socket-path.
-    #[arg(long, value_name = "FDNUM")]
-    fd: Option<RawFd>,
-
-    /// Print the backend's capabilities as JSON (vhost-user.json schema) and exit.
-    #[arg(long)]
-    print_capabilities: bool,
+    #[command(flatten)]
+    listen: ListenArgs,
 
     /// Tap interface to attach to; created (non-persistent) if it does not exist. An
     /// existing tap must be multi-queue with a vnet header
@@ -115,7 +104,9 @@ fn handle_stats_signal(set: libc::sigset_t, shared: Arc<NetShared>) -> std::io::
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    backend_main(args.print_capabilities, r#"{"type": "net"}"#, || run(args))
+    backend_main(args.listen.print_capabilities, r#"{"type": "net"}"#, || {
+        run(args)
+    })
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -155,11 +146,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let usr1 = block_sigusr1()?;
     handle_termination_signals(shutdown.clone())?;
     handle_stats_signal(usr1, device.shared().clone())?;
-    let listener = match (args.socket_path, args.fd) {
-        (Some(p), _) => listen_path(&p)?,
-        (None, Some(fd)) => listen_fd(fd)?,
-        (None, None) => return Err("--socket-path or --fd is required".into()),
-    };
+    let listener = args.listen.listener()?;
     let shared = device.shared().clone();
     let server = Server::new(Arc::new(device), shutdown);
     server.serve(&listener)?;

@@ -44,6 +44,9 @@ pub enum ServerError {
     /// accept/poll failed.
     #[error("accepting a frontend connection failed: {0}")]
     Accept(#[source] io::Error),
+    /// Neither --socket-path nor --fd was given.
+    #[error("--socket-path or --fd is required")]
+    NoListener,
     /// A queue worker failed; the process should exit non-zero.
     #[error("a queue worker failed (see the log above); giving up")]
     WorkerFailed,
