@@ -5,6 +5,7 @@
 mod blk;
 mod compare;
 mod idle;
+mod report;
 
 use clap::{Parser, Subcommand};
 
