@@ -80,6 +80,30 @@ pub struct Disk {
     pub logical_block_size: u32,
     /// FALLOC_FL_ZERO_RANGE failed with EOPNOTSUPP once: use punch + allocate instead.
     pub zero_range_unsupported: AtomicBool,
+    /// The file lives in memory (tmpfs, hugetlbfs, ramfs): see [`is_memory_backed`].
+    pub memory_backed: bool,
+}
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+/// Whether `file` lives on a memory file system. Reads and writes there never wait for a
+/// device, yet such file systems cannot do them without blocking in io_uring's sense (no
+/// IOCB_NOWAIT support), so io_uring hands every one to a kernel worker thread: two
+/// context switches per request for a memory copy. Doing them inline, on the queue's
+/// worker thread, is cheaper and still zero-copy (the kernel copies straight into guest
+/// memory).
+pub fn is_memory_backed(file: &File) -> bool {
+    // SAFETY: zeroed statfs is a valid out buffer for fstatfs.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and out pointer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut s) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets.
+    let t = s.f_type as i64;
+    matches!(t, TMPFS_MAGIC | HUGETLBFS_MAGIC | RAMFS_MAGIC)
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -174,6 +198,7 @@ impl Disk {
         } else {
             (1, 1)
         };
+        let memory_backed = !is_block_device && is_memory_backed(&file);
         Ok(Self {
             file,
             path: path.into(),
@@ -185,6 +210,7 @@ impl Disk {
             offset_align,
             logical_block_size: lbs,
             zero_range_unsupported: AtomicBool::new(false),
+            memory_backed,
         })
     }
 

@@ -88,10 +88,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or_default()
     });
     log::info!(
-        "serving {} ({} bytes, {}{}, block size {}) on {} queue(s) of {}",
+        "serving {} ({} bytes, {}{}{}, block size {}) on {} queue(s) of {}",
         path.display(),
         disk.size,
         if disk.direct { "O_DIRECT" } else { "buffered" },
+        if disk.memory_backed {
+            ", in memory: reads and writes inline"
+        } else {
+            ""
+        },
         if disk.read_only { ", read-only" } else { "" },
         args.block_size,
         args.num_queues,

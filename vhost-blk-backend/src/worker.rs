@@ -104,7 +104,7 @@ impl BlkWorker {
     pub fn new(shared: Arc<BlkShared>, queues: &[u16], disk_fd: RawFd) -> io::Result<Self> {
         let entries = u32::from(shared.queue_size).clamp(16, 4096);
         Ok(Self {
-            uring: Uring::new(entries, disk_fd)?,
+            uring: Uring::new(entries, disk_fd, shared.disk.memory_backed)?,
             shared,
             slots: Vec::new(),
             free: Vec::new(),
@@ -516,7 +516,9 @@ impl BlkWorker {
         loop {
             self.completions.clear();
             let mut batch = std::mem::take(&mut self.completions);
-            self.uring.reap(&mut batch);
+            if let Err(e) = self.uring.reap(&mut batch) {
+                self.log.warn(|| format!("io_uring completion wait failed: {e}"));
+            }
             if batch.is_empty() {
                 self.completions = batch;
                 break;

@@ -10,9 +10,28 @@ fn connect(b: &TestBackend) -> TestFrontend {
     TestFrontend::connect(b.socket(), FrontendOptions::default()).expect("connect")
 }
 
+/// The image on disk (io_uring) or in tmpfs (inline preadv2/pwritev2).
+fn backend_in(in_memory: bool) -> TestBackend {
+    let b = TestBackend::start(BackendConfig {
+        in_memory,
+        ..Default::default()
+    });
+    assert_eq!(b.shared.disk.memory_backed, in_memory);
+    b
+}
+
 #[test]
 fn read_returns_image_data() {
-    let b = TestBackend::start(BackendConfig::default());
+    check_read(false);
+}
+
+#[test]
+fn read_returns_image_data_in_memory() {
+    check_read(true);
+}
+
+fn check_read(in_memory: bool) {
+    let b = backend_in(in_memory);
     let mut fe = connect(&b);
     let (data, st) = read(&mut fe, 8, 8192);
     assert_eq!(st, status::OK);
@@ -25,7 +44,16 @@ fn read_returns_image_data() {
 
 #[test]
 fn write_reaches_the_image() {
-    let b = TestBackend::start(BackendConfig::default());
+    check_write(false);
+}
+
+#[test]
+fn write_reaches_the_image_in_memory() {
+    check_write(true);
+}
+
+fn check_write(in_memory: bool) {
+    let b = backend_in(in_memory);
     let mut fe = connect(&b);
     let data: Vec<u8> = (0..16384u32).map(|i| (i * 7 % 251) as u8).collect();
     assert_eq!(write(&mut fe, 100, &data), status::OK);
@@ -222,7 +250,16 @@ fn read_only_disk_refuses_writes_and_serves_reads() {
 
 #[test]
 fn scattered_and_oddly_framed_chains() {
-    let b = TestBackend::start(BackendConfig::default());
+    check_scattered(false);
+}
+
+#[test]
+fn scattered_and_oddly_framed_chains_in_memory() {
+    check_scattered(true);
+}
+
+fn check_scattered(in_memory: bool) {
+    let b = backend_in(in_memory);
     let mut fe = connect(&b);
     // Header split over two descriptors, data over three, status in its own.
     let hdr = fe.alloc(16);

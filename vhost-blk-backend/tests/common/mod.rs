@@ -33,6 +33,9 @@ pub struct BackendConfig {
     pub cache: CacheMode,
     /// Fill the image with this byte pattern function of the offset.
     pub fill: bool,
+    /// Put the image in /dev/shm (tmpfs: the backend does reads and writes inline)
+    /// instead of the default temporary directory.
+    pub in_memory: bool,
 }
 
 impl Default for BackendConfig {
@@ -45,6 +48,7 @@ impl Default for BackendConfig {
             block_size: 512,
             cache: CacheMode::None,
             fill: true,
+            in_memory: false,
         }
     }
 }
@@ -60,7 +64,11 @@ pub fn pattern_range(offset: u64, len: usize) -> Vec<u8> {
 
 impl TestBackend {
     pub fn start(cfg: BackendConfig) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = if cfg.in_memory {
+            tempfile::tempdir_in("/dev/shm").expect("tempdir in /dev/shm")
+        } else {
+            tempfile::tempdir().expect("tempdir")
+        };
         let image = dir.path().join("disk.img");
         let f = std::fs::File::create(&image).expect("create image");
         f.set_len(cfg.size).expect("size image");
