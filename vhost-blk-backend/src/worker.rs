@@ -517,7 +517,8 @@ impl BlkWorker {
             self.completions.clear();
             let mut batch = std::mem::take(&mut self.completions);
             if let Err(e) = self.uring.reap(&mut batch) {
-                self.log.warn(|| format!("io_uring completion wait failed: {e}"));
+                self.log
+                    .warn(|| format!("io_uring completion wait failed: {e}"));
             }
             if batch.is_empty() {
                 self.completions = batch;
