@@ -1,6 +1,6 @@
 //! `bench load blk`: fio-like load through a vhost-user-blk socket.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -20,6 +20,8 @@ pub enum Rw {
     Randread,
     /// Random writes.
     Randwrite,
+    /// Random mix, half reads and half writes.
+    Randrw,
 }
 
 /// Options of `bench load blk`.
@@ -49,6 +51,15 @@ pub struct BlkLoadArgs {
     /// Request queues to drive, each with --iodepth requests in flight.
     #[arg(long, default_value_t = 1)]
     pub queues: u16,
+    /// Check data: every write carries a stamp (block offset, generation); a read of a
+    /// block written earlier in the run must return its latest stamp, and at the end every
+    /// block written is read back and checked. Never two requests on one block at once.
+    /// Costs load-generator CPU, so measure without it.
+    #[arg(long)]
+    pub verify: bool,
+    /// PID of the backend process: report its CPU time (user+system, all threads) per I/O.
+    #[arg(long)]
+    pub pid: Option<u32>,
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -95,6 +106,16 @@ pub enum LoadError {
     /// Bad option combination.
     #[error("{0}")]
     Usage(String),
+    /// --verify found data that is not what was last written.
+    #[error("verify: block at offset {offset} holds {found}, expected generation {expected}")]
+    Verify {
+        /// Disk offset of the block.
+        offset: u64,
+        /// The generation last written there.
+        expected: u64,
+        /// What was found instead.
+        found: String,
+    },
 }
 
 /// What a run measured.
@@ -109,6 +130,10 @@ pub struct Report {
     pub lat_us: Vec<u64>,
     /// The options, for the report line.
     pub args: String,
+    /// Backend CPU microseconds per I/O, when its PID was given.
+    pub cpu_us_per_io: Option<f64>,
+    /// Blocks checked by --verify (on the fly and in the final read-back).
+    pub verified: u64,
 }
 
 impl Report {
@@ -142,14 +167,70 @@ impl fmt::Display for Report {
             pct(0.999),
             self.ios,
             secs
-        )
+        )?;
+        if let Some(c) = self.cpu_us_per_io {
+            write!(f, ", backend CPU {c:.1} us per I/O")?;
+        }
+        if self.verified > 0 {
+            write!(f, ", {} blocks verified", self.verified)?;
+        }
+        Ok(())
     }
 }
 
+/// The guest memory of one request slot.
 struct Slot {
     hdr: u64,
     data: u64,
     status: u64,
+}
+
+/// A request on the ring: its slot, start time, offset and direction.
+#[derive(Clone, Copy)]
+struct Pending {
+    slot: usize,
+    t0: Instant,
+    offset: u64,
+    write: bool,
+}
+
+/// xorshift64: cheap, repeatable offsets and read/write choices.
+fn next_rand(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// The --verify content of a block: every 8-byte word depends on the block's offset, the
+/// generation and the word's index, so a block from the wrong place, an older write or a
+/// torn transfer is told apart.
+fn stamp_word(offset: u64, generation: u64, i: usize) -> u64 {
+    offset.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (generation << 24) ^ i as u64
+}
+
+fn stamp(offset: u64, generation: u64, len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len);
+    for i in 0..len / 8 {
+        v.extend_from_slice(&stamp_word(offset, generation, i).to_le_bytes());
+    }
+    v
+}
+
+fn check_stamp(offset: u64, generation: u64, data: &[u8]) -> Result<(), LoadError> {
+    for (i, w) in data.chunks_exact(8).enumerate() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        let got = u64::from_le_bytes(b);
+        if got != stamp_word(offset, generation, i) {
+            return Err(LoadError::Verify {
+                offset,
+                expected: generation,
+                found: format!("word {i} = {got:#018x}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Runs the load and reports.
@@ -186,8 +267,12 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
     if blocks == 0 {
         return Err(LoadError::Usage("disk smaller than one block".into()));
     }
-    let write = matches!(a.rw, Rw::Write | Rw::Randwrite);
-    let random = matches!(a.rw, Rw::Randread | Rw::Randwrite);
+    if a.verify && blocks <= (depth * nq) as u64 {
+        return Err(LoadError::Usage(
+            "--verify needs more blocks than requests in flight".into(),
+        ));
+    }
+    let random = matches!(a.rw, Rw::Randread | Rw::Randwrite | Rw::Randrw);
     let slots: Vec<Slot> = (0..depth * nq)
         .map(|_| Slot {
             hdr: fe.alloc(16),
@@ -197,27 +282,58 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
         .collect();
     let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next_seq = 0u64;
-    let mut next_offset = |rng: &mut u64| {
-        if random {
-            *rng ^= *rng << 13;
-            *rng ^= *rng >> 7;
-            *rng ^= *rng << 17;
-            (*rng % blocks) * a.bs
-        } else {
-            let o = (next_seq % blocks) * a.bs;
-            next_seq += 1;
-            o
+    // --verify state: the generation last written to each block, and the blocks with a
+    // request in flight (never two at once on one block: their order would be undefined).
+    let mut written: HashMap<u64, u64> = HashMap::new();
+    let mut busy: HashSet<u64> = HashSet::new();
+    let mut generation = 0u64;
+    let mut verified = 0u64;
+    // The next generation for a --verify write, recorded as the block's latest.
+    let verify = a.verify;
+    let stamp_for =
+        |offset: u64, write: bool, generation: &mut u64, written: &mut HashMap<u64, u64>| {
+            (verify && write).then(|| {
+                *generation += 1;
+                written.insert(offset, *generation);
+                *generation
+            })
+        };
+    let mut next_request = |rng: &mut u64, busy: &HashSet<u64>| -> (u64, bool) {
+        loop {
+            let offset = if random {
+                (next_rand(rng) % blocks) * a.bs
+            } else {
+                let o = (next_seq % blocks) * a.bs;
+                next_seq += 1;
+                o
+            };
+            if a.verify && busy.contains(&offset) {
+                continue;
+            }
+            let write = match a.rw {
+                Rw::Write | Rw::Randwrite => true,
+                Rw::Read | Rw::Randread => false,
+                Rw::Randrw => next_rand(rng) & 1 == 1,
+            };
+            return (offset, write);
         }
     };
-    // Slot s belongs to queue s / depth.
-    let mut in_flight: Vec<HashMap<u16, (usize, Instant, u64)>> = vec![HashMap::new(); nq];
-    let submit = |fe: &mut TestFrontend, slot: usize, offset: u64| -> u16 {
+    // `stamp_gen`: the --verify generation a write carries.
+    let submit = |fe: &mut TestFrontend,
+                  slot: usize,
+                  offset: u64,
+                  write: bool,
+                  stamp_gen: Option<u64>|
+     -> u16 {
         let s = &slots[slot];
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&u32::from(write).to_le_bytes());
         h[8..16].copy_from_slice(&(offset / 512).to_le_bytes());
         fe.write(s.hdr, &h);
         fe.write(s.status, &[0xff]);
+        if let Some(g) = stamp_gen {
+            fe.write(s.data, &stamp(offset, g, a.bs as usize));
+        }
         let chain = [
             Buf::ro(s.hdr, 16),
             Buf {
@@ -232,10 +348,23 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
         dq.publish(&fe.mem, head);
         head
     };
+    let cpu0 = a.pid.map(crate::compare::cpu_seconds);
+    // Slot s belongs to queue s / depth.
+    let mut in_flight: Vec<HashMap<u16, Pending>> = vec![HashMap::new(); nq];
     for slot in 0..depth * nq {
-        let off = next_offset(&mut rng);
-        let head = submit(&mut fe, slot, off);
-        in_flight[slot / depth].insert(head, (slot, Instant::now(), off));
+        let (offset, write) = next_request(&mut rng, &busy);
+        busy.insert(offset);
+        let g = stamp_for(offset, write, &mut generation, &mut written);
+        let head = submit(&mut fe, slot, offset, write, g);
+        in_flight[slot / depth].insert(
+            head,
+            Pending {
+                slot,
+                t0: Instant::now(),
+                offset,
+                write,
+            },
+        );
     }
     for q in &fe.queues {
         q.notify();
@@ -266,32 +395,62 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
             // the head index of a completion not yet looked at.
             let mut free_slots = Vec::with_capacity(done.len());
             for u in &done {
-                let Some((slot, t0, off)) = pending.remove(&(u.id as u16)) else {
+                let Some(p) = pending.remove(&(u.id as u16)) else {
                     continue;
                 };
-                let st = fe.read(slots[slot].status, 1)[0];
+                let st = fe.read(slots[p.slot].status, 1)[0];
                 if st != 0 {
                     return Err(LoadError::Status {
-                        offset: off,
+                        offset: p.offset,
                         status: st,
                     });
                 }
-                lat_us.push(now.duration_since(t0).as_micros() as u64);
+                if a.verify {
+                    if !p.write {
+                        if let Some(&g) = written.get(&p.offset) {
+                            check_stamp(p.offset, g, &fe.read(slots[p.slot].data, a.bs as usize))?;
+                            verified += 1;
+                        }
+                    }
+                    busy.remove(&p.offset);
+                }
+                lat_us.push(now.duration_since(p.t0).as_micros() as u64);
                 ios += 1;
-                free_slots.push(slot);
+                free_slots.push(p.slot);
             }
             for slot in free_slots {
-                let off = next_offset(&mut rng);
-                let head = submit(&mut fe, slot, off);
-                pending.insert(head, (slot, Instant::now(), off));
+                let (offset, write) = next_request(&mut rng, &busy);
+                if a.verify {
+                    busy.insert(offset);
+                }
+                let g = stamp_for(offset, write, &mut generation, &mut written);
+                let head = submit(&mut fe, slot, offset, write, g);
+                pending.insert(
+                    head,
+                    Pending {
+                        slot,
+                        t0: Instant::now(),
+                        offset,
+                        write,
+                    },
+                );
             }
             fe.queues[q].notify();
         }
     }
     let elapsed = start.elapsed();
+    let cpu_us_per_io = match (a.pid, cpu0) {
+        (Some(pid), Some(c0)) if ios > 0 => {
+            Some((crate::compare::cpu_seconds(pid) - c0) * 1e6 / ios as f64)
+        }
+        _ => None,
+    };
     // Let the tail complete so the backend is left idle.
     for (q, pending) in in_flight.iter().enumerate() {
         let _ = fe.queues[q].wait_used(&fe.mem, pending.len(), Duration::from_secs(5));
+    }
+    if a.verify {
+        verified += read_back(&mut fe, &slots, &written, a.bs)?;
     }
     lat_us.sort_unstable();
     Ok(Report {
@@ -300,5 +459,67 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
         elapsed,
         lat_us,
         args: format!("{:?} bs={} iodepth={} queues={}", a.rw, a.bs, a.iodepth, nq).to_lowercase(),
+        cpu_us_per_io,
+        verified,
     })
+}
+
+/// Reads every block in `written` back through queue 0, one slot at a time per request
+/// kept in flight, and checks its latest stamp. Returns the number of blocks checked.
+fn read_back(
+    fe: &mut TestFrontend,
+    slots: &[Slot],
+    written: &HashMap<u64, u64>,
+    bs: u64,
+) -> Result<u64, LoadError> {
+    let mut todo: Vec<(u64, u64)> = written.iter().map(|(&o, &g)| (o, g)).collect();
+    todo.sort_unstable();
+    let depth = slots.len().min(fe.queues[0].size as usize / 3).max(1);
+    let mut checked = 0u64;
+    for batch in todo.chunks(depth) {
+        let mut heads = HashMap::new();
+        for (i, &(offset, generation)) in batch.iter().enumerate() {
+            let s = &slots[i];
+            let mut h = [0u8; 16];
+            h[8..16].copy_from_slice(&(offset / 512).to_le_bytes());
+            fe.write(s.hdr, &h);
+            fe.write(s.status, &[0xff]);
+            let chain = [
+                Buf::ro(s.hdr, 16),
+                Buf::wo(s.data, bs as u32),
+                Buf::wo(s.status, 1),
+            ];
+            let head = fe.submit(0, &chain);
+            heads.insert(head, (i, offset, generation));
+        }
+        fe.queues[0].notify();
+        for u in fe.wait(0, batch.len())? {
+            let Some(&(i, offset, generation)) = heads.get(&(u.id as u16)) else {
+                continue;
+            };
+            let st = fe.read(slots[i].status, 1)[0];
+            if st != 0 {
+                return Err(LoadError::Status { offset, status: st });
+            }
+            check_stamp(offset, generation, &fe.read(slots[i].data, bs as usize))?;
+            checked += 1;
+        }
+    }
+    Ok(checked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_tell_blocks_and_generations_apart() {
+        let s = stamp(8192, 3, 4096);
+        assert!(check_stamp(8192, 3, &s).is_ok());
+        assert!(check_stamp(8192, 2, &s).is_err());
+        assert!(check_stamp(4096, 3, &s).is_err());
+        let mut torn = s.clone();
+        torn[2048..].copy_from_slice(&stamp(8192, 2, 4096)[2048..]);
+        assert!(check_stamp(8192, 3, &torn).is_err());
+    }
 }

@@ -6,7 +6,6 @@
 //! limit). CPU per I/O is the backend process's user+system time (all its threads,
 //! io_uring workers included) divided by the I/Os it served.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,13 +13,15 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::blk::{self, parse_duration, parse_size, BlkLoadArgs, Rw};
+use crate::report::{self, machine, Row, Section};
 
 /// Options of `bench compare blk`.
 #[derive(Args, Debug)]
 pub struct CompareBlkArgs {
-    /// Directory for the test image (tmpfs such as /dev/shm, or a disk file system).
-    #[arg(long, default_value = "/dev/shm")]
-    dir: PathBuf,
+    /// Directories for the test image, comma-separated: tmpfs (/dev/shm) and a disk file
+    /// system (/var/tmp) by default; each gets its own set of rows.
+    #[arg(long, value_delimiter = ',', default_value = "/dev/shm,/var/tmp")]
+    dirs: Vec<PathBuf>,
     /// Image size.
     #[arg(long, default_value = "1g", value_parser = parse_size)]
     size: u64,
@@ -30,12 +31,15 @@ pub struct CompareBlkArgs {
     /// Repetitions of every case and contender.
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Where to write results.md and results.json.
+    /// Where to write blk.md, blk.json and blk.png.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
     /// Only cases whose name contains this.
     #[arg(long)]
     only: Option<String>,
+    /// Check data while measuring (see `bench load blk --verify`).
+    #[arg(long)]
+    verify: bool,
 }
 
 /// Errors of a comparison run.
@@ -220,7 +224,12 @@ fn start_qsd(image: &Path, work: &Path) -> Result<Backend, CompareError> {
     Ok(Backend { child, pid, socket })
 }
 
-fn run_backend(b: &Backend, c: &Case, runtime: Duration) -> Result<Sample, CompareError> {
+fn run_backend(
+    b: &Backend,
+    c: &Case,
+    runtime: Duration,
+    verify: bool,
+) -> Result<Sample, CompareError> {
     let cpu0 = cpu_seconds(b.pid);
     let r = blk::run(&BlkLoadArgs {
         socket: b.socket.clone(),
@@ -231,6 +240,8 @@ fn run_backend(b: &Backend, c: &Case, runtime: Duration) -> Result<Sample, Compa
         size: None,
         queue_size: 512,
         queues: c.queues,
+        verify,
+        pid: None,
     })?;
     let cpu = cpu_seconds(b.pid) - cpu0;
     Ok(Sample {
@@ -251,6 +262,7 @@ fn run_fio(image: &Path, c: &Case, runtime: Duration) -> Result<Sample, CompareE
         Rw::Write => "write",
         Rw::Randread => "randread",
         Rw::Randwrite => "randwrite",
+        Rw::Randrw => "randrw",
     };
     let out = Command::new("fio")
         .args([
@@ -296,48 +308,63 @@ fn run_fio(image: &Path, c: &Case, runtime: Duration) -> Result<Sample, CompareE
     })
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        0.0
-    } else {
-        v[v.len() / 2]
+/// Runs the comparison on every image directory and returns the section (also written to
+/// `<out>/blk.{md,json}`).
+pub fn compare_blk(a: &CompareBlkArgs) -> Result<Section, CompareError> {
+    let contenders = vec![
+        "vhost-blk-backend".to_string(),
+        "qemu-storage-daemon".to_string(),
+        "fio on the host (the limit)".to_string(),
+    ];
+    let mut rows = Vec::new();
+    let mut places = Vec::new();
+    for dir in &a.dirs {
+        let kind = if is_tmpfs(dir) { "tmpfs" } else { "disk" };
+        places.push(format!("{} ({kind})", dir.display()));
+        let work = tempfile_dir(dir)?;
+        let res = compare_in(a, &work, kind, &mut rows);
+        let _ = std::fs::remove_dir_all(&work);
+        res?;
     }
-}
-
-fn spread(v: &[f64]) -> f64 {
-    let (lo, hi) = v
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
-    let m = {
-        let mut c = v.to_vec();
-        median(&mut c)
+    let section = Section {
+        name: "blk".into(),
+        title: "Block: the load generator through each vhost-user-blk backend".into(),
+        description: format!(
+            "Machine: {}. Image: {} MiB of random data in {}. {} repetitions of {:.0} s per case and contender, alternating; median (±spread = (max-min)/median). Command: `bench compare blk --size {}m --runtime {}ms --reps {}{}{}`.",
+            machine(),
+            a.size >> 20,
+            places.join(" and "),
+            a.reps,
+            a.runtime.as_secs_f64(),
+            a.size >> 20,
+            a.runtime.as_millis(),
+            a.reps,
+            a.only
+                .as_deref()
+                .map(|o| format!(" --only '{o}'"))
+                .unwrap_or_default(),
+            if a.verify { " --verify" } else { "" },
+        ),
+        contenders,
+        ratios: true,
+        rows,
+        notes: vec![
+            "qemu-storage-daemon: `--blockdev driver=file,aio=io_uring,cache.direct=on`, exported as vhost-user-blk with 2 queues; ours: `--num-queues 2 --queue-size 512` (O_DIRECT).".into(),
+            "fio: io_uring, direct=1, the same image, one job per queue: the host without any vhost-user hop.".into(),
+            "CPU per op: the backend process's user+system time (all threads, io_uring workers included) over the I/Os it served.".into(),
+        ],
     };
-    if m > 0.0 {
-        (hi - lo) / m * 100.0
-    } else {
-        0.0
-    }
+    section.write(&a.out)?;
+    Ok(section)
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_default();
-    let n = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{n} x {cpu}, Linux {}", kernel.trim())
-}
-
-/// Runs the comparison and returns the Markdown table.
-pub fn compare_blk(a: &CompareBlkArgs) -> Result<String, CompareError> {
-    let work = tempfile_dir(&a.dir)?;
+/// Runs every case on a fresh image in `work`, appending rows named "<kind>: <case>".
+fn compare_in(
+    a: &CompareBlkArgs,
+    work: &Path,
+    kind: &str,
+    rows: &mut Vec<Row>,
+) -> Result<(), CompareError> {
     let image = work.join("bench.img");
     eprintln!(
         "creating a {} MiB image of random data in {}",
@@ -345,80 +372,47 @@ pub fn compare_blk(a: &CompareBlkArgs) -> Result<String, CompareError> {
         work.display()
     );
     fill_random(&image, a.size)?;
-    let ours = start_ours(&image, &work)?;
-    let qsd = start_qsd(&image, &work)?;
-    let contenders = [
-        "vhost-blk-backend",
-        "qemu-storage-daemon",
-        "fio (host limit)",
-    ];
-    let mut json_cases = Vec::new();
-    let mut md = String::new();
-    let _ = writeln!(
-        md,
-        "Machine: {}. Image: {} MiB in {} ({}). {} repetitions of {:.0} s, alternating; median (spread = (max-min)/median).\n",
-        machine(),
-        a.size >> 20,
-        a.dir.display(),
-        if is_tmpfs(&a.dir) { "tmpfs" } else { "disk" },
-        a.reps,
-        a.runtime.as_secs_f64()
-    );
-    md.push_str("| case | ours IOPS | QSD IOPS | host fio IOPS | ours/QSD | ours/fio | p50 µs ours / QSD | p99 µs ours / QSD | CPU µs/IO ours / QSD |\n");
-    md.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    let ours = start_ours(&image, work)?;
+    let qsd = start_qsd(&image, work)?;
     for c in CASES
         .iter()
         .filter(|c| a.only.as_deref().is_none_or(|o| c.name.contains(o)))
     {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); 3];
         for rep in 0..a.reps {
-            eprintln!("{} (rep {}/{})", c.name, rep + 1, a.reps);
-            samples[0].push(run_backend(&ours, c, a.runtime)?);
-            samples[1].push(run_backend(&qsd, c, a.runtime)?);
+            eprintln!("{kind}: {} (rep {}/{})", c.name, rep + 1, a.reps);
+            samples[0].push(run_backend(&ours, c, a.runtime, a.verify)?);
+            samples[1].push(run_backend(&qsd, c, a.runtime, a.verify)?);
             samples[2].push(run_fio(&image, c, a.runtime)?);
         }
-        let stat = |i: usize, f: fn(&Sample) -> f64| {
-            let mut v: Vec<f64> = samples[i].iter().map(f).collect();
-            (median(&mut v), spread(&v))
-        };
-        let iops: Vec<(f64, f64)> = (0..3).map(|i| stat(i, |s| s.iops)).collect();
-        let p50: Vec<f64> = (0..2).map(|i| stat(i, |s| s.p50_us).0).collect();
-        let p99: Vec<f64> = (0..2).map(|i| stat(i, |s| s.p99_us).0).collect();
-        let cpu: Vec<f64> = (0..2).map(|i| stat(i, |s| s.cpu_us_per_io).0).collect();
-        let _ = writeln!(
-            md,
-            "| {} | {:.0} (±{:.0}%) | {:.0} (±{:.0}%) | {:.0} (±{:.0}%) | {:.2}× | {:.2}× | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} |",
-            c.name,
-            iops[0].0, iops[0].1, iops[1].0, iops[1].1, iops[2].0, iops[2].1,
-            iops[0].0 / iops[1].0.max(1.0),
-            iops[0].0 / iops[2].0.max(1.0),
-            p50[0], p50[1], p99[0], p99[1], cpu[0], cpu[1]
-        );
-        let per: Vec<serde_json::Value> = (0..3)
-            .map(|i| {
-                serde_json::json!({
-                    "contender": contenders[i],
-                    "iops_median": iops[i].0,
-                    "iops_spread_pct": iops[i].1,
-                    "samples": samples[i].iter().map(|s| serde_json::json!({
-                        "iops": s.iops, "p50_us": s.p50_us, "p99_us": s.p99_us,
-                        "cpu_us_per_io": s.cpu_us_per_io})).collect::<Vec<_>>(),
+        let case = format!("{kind}: {}", c.name);
+        // `with` contenders have the metric; fio's CPU is its own submission cost, not a
+        // backend's, so it has no CPU-per-op entry.
+        let pick = |f: fn(&Sample) -> f64, with: usize| -> Vec<Vec<f64>> {
+            (0..3)
+                .map(|i| {
+                    if i < with {
+                        samples[i].iter().map(f).collect()
+                    } else {
+                        Vec::new()
+                    }
                 })
-            })
-            .collect();
-        json_cases.push(serde_json::json!({"case": c.name, "results": per}));
+                .collect()
+        };
+        for (metric, f, with) in [
+            (report::IOPS, (|s: &Sample| s.iops) as fn(&Sample) -> f64, 3),
+            (report::P50_US, |s: &Sample| s.p50_us, 3),
+            (report::P99_US, |s: &Sample| s.p99_us, 3),
+            (report::CPU_US_PER_OP, |s: &Sample| s.cpu_us_per_io, 2),
+        ] {
+            rows.push(Row {
+                case: case.clone(),
+                metric,
+                samples: pick(f, with),
+            });
+        }
     }
-    drop(ours);
-    drop(qsd);
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&a.out)?;
-    std::fs::write(a.out.join("blk.md"), &md)?;
-    let json = serde_json::json!({"machine": machine(), "cases": json_cases});
-    std::fs::write(
-        a.out.join("blk.json"),
-        serde_json::to_string_pretty(&json).unwrap_or_default(),
-    )?;
-    Ok(md)
+    Ok(())
 }
 
 fn is_tmpfs(p: &Path) -> bool {
@@ -437,7 +431,9 @@ fn tempfile_dir(base: &Path) -> Result<PathBuf, CompareError> {
     Ok(d)
 }
 
-fn fill_random(path: &Path, size: u64) -> Result<(), CompareError> {
+/// Fills `path` with `size` bytes of xorshift data: reads of an unwritten (sparse) image
+/// would cost the backends nothing and measure only the page cache's zero page.
+pub(crate) fn fill_random(path: &Path, size: u64) -> Result<(), CompareError> {
     use std::io::Write;
     let mut f = std::fs::File::create(path)?;
     let mut x: u64 = 0x243f_6a88_85a3_08d3;

@@ -3,8 +3,15 @@
 //! the same instrument.
 
 mod blk;
+mod chart;
 mod compare;
+mod compare_all;
+mod compare_guest_blk;
+mod compare_migrate;
+mod compare_net;
+mod compare_serial;
 mod idle;
+mod net;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -37,28 +44,82 @@ enum CompareWhat {
     Blk(compare::CompareBlkArgs),
     /// Each backend's RSS and CPU while idle.
     Idle(idle::CompareIdleArgs),
+    /// vhost-net-backend vs DPDK testpmd's vhost PMD through the load generator, and vs
+    /// QEMU's own tap in a guest (iperf3).
+    Net(compare_net::CompareNetArgs),
+    /// Every comparison in one run: bench/results/all.md, all.json and all.png.
+    All(compare_all::CompareAllArgs),
+    /// One console port in a real guest, both directions: serial-backend vs QEMU's
+    /// virtio-serial.
+    Serial(compare_serial::CompareSerialArgs),
+    /// fio in a real guest: vhost-blk-backend vs qemu-storage-daemon vs QEMU's virtio-blk.
+    GuestBlk(compare_guest_blk::CompareGuestBlkArgs),
+    /// Block migration over loopback: full copy and incremental return (ours not built
+    /// yet) vs qemu-storage-daemon's blockdev-mirror / incremental backup to NBD.
+    Migrate(compare_migrate::CompareMigrateArgs),
 }
 
 #[derive(Subcommand, Debug)]
 enum LoadDevice {
     /// Drive a vhost-user-blk backend (ours, qemu-storage-daemon, SPDK, ...).
     Blk(blk::BlkLoadArgs),
+    /// Drive a vhost-user-net backend (ours, DPDK's vhost PMD, ...): TX, RX or both.
+    Net(net::NetLoadArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Every comparison ends with a chart: a missing font is reported before measuring.
+    if matches!(cli.cmd, Cmd::Compare { .. }) {
+        if let Err(e) = chart::load_font() {
+            eprintln!("bench: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let res = match cli.cmd {
         Cmd::Load {
             device: LoadDevice::Blk(a),
         } => blk::run(&a)
             .map(|r| r.to_string())
             .map_err(|e| e.to_string()),
+        Cmd::Load {
+            device: LoadDevice::Net(a),
+        } => net::run(&a)
+            .map(|r| r.to_string())
+            .map_err(|e| e.to_string()),
         Cmd::Compare {
             what: CompareWhat::Blk(a),
-        } => compare::compare_blk(&a).map_err(|e| e.to_string()),
+        } => compare::compare_blk(&a)
+            .map(|s| s.markdown())
+            .map_err(|e| e.to_string()),
+        Cmd::Compare {
+            what: CompareWhat::Net(a),
+        } => compare_net::compare_net(&a)
+            .map(|s| s.markdown())
+            .map_err(|e| e.to_string()),
         Cmd::Compare {
             what: CompareWhat::Idle(a),
-        } => idle::compare_idle(&a).map_err(|e| e.to_string()),
+        } => idle::compare_idle(&a)
+            .map(|s| s.markdown())
+            .map_err(|e| e.to_string()),
+        Cmd::Compare {
+            what: CompareWhat::All(a),
+        } => compare_all::compare_all(&a).map_err(|e| e.to_string()),
+        Cmd::Compare {
+            what: CompareWhat::Serial(a),
+        } => compare_serial::compare_serial(&a)
+            .map(|s| s.markdown())
+            .map_err(|e| e.to_string()),
+        Cmd::Compare {
+            what: CompareWhat::GuestBlk(a),
+        } => compare_guest_blk::compare_guest_blk(&a)
+            .map(|s| s.markdown())
+            .map_err(|e| e.to_string()),
+        Cmd::Compare {
+            what: CompareWhat::Migrate(a),
+        } => compare_migrate::compare_migrate(&a)
+            .map(|s| s.markdown())
+            .map_err(|e| e.to_string()),
     };
     match res {
         Ok(report) => {

@@ -4,8 +4,6 @@
 //! Every `bench compare` subcommand fills one [`Section`]; `bench compare all` gathers the
 //! sections of one run into one table and one chart.
 
-// Used by the compare subcommands as they move onto it.
-#![allow(dead_code)]
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -63,6 +61,31 @@ pub const PPS: Metric = Metric {
     unit: "",
     higher_is_better: true,
 };
+/// Resident memory of a process.
+pub const RSS_MIB: Metric = Metric {
+    name: "RSS",
+    unit: "MiB",
+    higher_is_better: false,
+};
+/// CPU use of a process, percent of one CPU.
+pub const CPU_PCT: Metric = Metric {
+    name: "CPU",
+    unit: "%",
+    higher_is_better: false,
+};
+/// Data sent over a connection (an incremental copy should send little beyond what
+/// changed).
+pub const SENT_MIB: Metric = Metric {
+    name: "data sent",
+    unit: "MiB",
+    higher_is_better: false,
+};
+/// Wall-clock time of one operation.
+pub const TIME_MS: Metric = Metric {
+    name: "time",
+    unit: "ms",
+    higher_is_better: false,
+};
 
 /// One measured quantity for every contender.
 #[derive(Clone, Debug)]
@@ -84,8 +107,13 @@ pub struct Section {
     pub title: String,
     /// Setting of the run: machine, image, repetitions, the command.
     pub description: String,
-    /// Contenders; the first is ours, ratios are ours against each other one.
+    /// Contenders (the value columns); with `ratios`, the first is ours and every other
+    /// one is a peer it is compared with.
     pub contenders: Vec<String>,
+    /// Whether the section compares ours against peers (ratio columns, bars in the chart).
+    /// Off for measurements with nothing to compare against, such as `idle` (one row per
+    /// backend): a ratio between two of our own backends would mean nothing.
+    pub ratios: bool,
     /// Rows in display order.
     pub rows: Vec<Row>,
     /// Remarks printed under the table.
@@ -142,6 +170,32 @@ pub fn machine() -> String {
     format!("{n} x {cpu}, {mem_gib:.0} GiB, Linux {}", kernel.trim())
 }
 
+/// The current UTC date and time, "YYYY-MM-DD HH:MM UTC", for dating results (computed
+/// here because a calendar crate for one line is not worth the dependency).
+pub fn now_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    utc_string(secs)
+}
+
+/// Formats seconds since the Unix epoch as "YYYY-MM-DD HH:MM UTC" (proleptic Gregorian;
+/// the days-to-civil algorithm of Howard Hinnant's date library).
+fn utc_string(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let (hh, mm) = ((secs % 86_400) / 3600, (secs % 3600) / 60);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02} UTC")
+}
+
 impl Row {
     /// Median of contender `i` (None when not measured).
     pub fn median(&self, i: usize) -> Option<f64> {
@@ -176,8 +230,17 @@ fn fmt_value(v: f64) -> String {
 }
 
 impl Section {
+    /// The peers ours is compared with (contender indices), none without `ratios`.
+    pub fn peers(&self) -> std::ops::Range<usize> {
+        if self.ratios {
+            1..self.contenders.len().max(1)
+        } else {
+            0..0
+        }
+    }
+
     /// Markdown: heading, description, a table with median (±spread) per contender and
-    /// ours-vs-each-peer ratios, then the notes.
+    /// (with `ratios`) ours-vs-each-peer ratios, then the notes.
     pub fn markdown(&self) -> String {
         let mut md = String::new();
         let _ = writeln!(md, "### {}\n\n{}\n", self.title, self.description);
@@ -185,11 +248,11 @@ impl Section {
         for c in &self.contenders {
             let _ = write!(md, " {c} |");
         }
-        for c in self.contenders.iter().skip(1) {
-            let _ = write!(md, " ours vs {c} |");
+        for i in self.peers() {
+            let _ = write!(md, " ours vs {} |", self.contenders[i]);
         }
         md.push_str("\n|---|---|");
-        for _ in 0..(self.contenders.len() * 2).saturating_sub(1) {
+        for _ in 0..self.contenders.len() + self.peers().len() {
             md.push_str("---|");
         }
         md.push('\n');
@@ -211,7 +274,7 @@ impl Section {
                     None => md.push_str(" – |"),
                 }
             }
-            for i in 1..self.contenders.len() {
+            for i in self.peers() {
                 match r.advantage(i) {
                     Some(a) => {
                         let _ = write!(md, " {a:.2}× |");
@@ -227,9 +290,11 @@ impl Section {
                 let _ = writeln!(md, "- {n}");
             }
         }
-        md.push_str(
-            "\nRatios: above 1 means ours is better (for latency and CPU, the peer's value over ours).\n",
-        );
+        if self.ratios {
+            md.push_str(
+                "\nRatios: above 1 means ours is better (for latency and CPU, the peer's value over ours).\n",
+            );
+        }
         md
     }
 
@@ -250,7 +315,7 @@ impl Section {
                             "samples": s,
                             "median": r.median(i),
                             "spread_pct": spread_pct(&s),
-                            "ours_advantage": if i == 0 { None } else { r.advantage(i) },
+                            "ours_advantage": if self.peers().contains(&i) { r.advantage(i) } else { None },
                         })
                     })
                     .collect();
@@ -269,17 +334,27 @@ impl Section {
             "description": self.description,
             "machine": machine(),
             "contenders": self.contenders,
+            "ratios": self.ratios,
             "rows": rows,
             "notes": self.notes,
         })
     }
 
-    /// Writes `<out>/<name>.md` and `<out>/<name>.json`.
+    /// Writes `<out>/<name>.md`, `<out>/<name>.json` and the chart `<out>/<name>.png`.
+    ///
+    /// The chart comes last, so a chart that cannot be drawn (no font) still leaves the
+    /// tables behind; its error (which names the package to install) is an I/O error here
+    /// so that every caller's existing `?` on I/O keeps working.
     pub fn write(&self, out: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(out)?;
         std::fs::write(out.join(format!("{}.md", self.name)), self.markdown())?;
         let json = serde_json::to_string_pretty(&self.json()).map_err(std::io::Error::other)?;
-        std::fs::write(out.join(format!("{}.json", self.name)), json)
+        std::fs::write(out.join(format!("{}.json", self.name)), json)?;
+        crate::chart::write_chart(
+            std::slice::from_ref(self),
+            &out.join(format!("{}.png", self.name)),
+        )
+        .map_err(std::io::Error::other)
     }
 }
 
@@ -324,6 +399,7 @@ mod tests {
             title: "T".into(),
             description: "d".into(),
             contenders: vec!["ours".into(), "peer".into()],
+            ratios: true,
             rows: vec![Row {
                 case: "4k".into(),
                 metric: IOPS,
@@ -333,8 +409,96 @@ mod tests {
         };
         let md = s.markdown();
         assert!(
+            md.contains("| case | metric | ours | peer | ours vs peer |\n|---|---|---|---|---|\n"),
+            "{md}"
+        );
+        assert!(
             md.contains("| 4k | IOPS | 300 (±7%) | 100 (±0%) | 3.00× |"),
             "{md}"
         );
+        assert!(md.contains("Ratios: above 1"), "{md}");
+        assert_eq!(s.json()["rows"][0]["results"][1]["ours_advantage"], 3.0);
+    }
+
+    #[test]
+    fn section_without_ratios_has_no_ratio_columns() {
+        let s = Section {
+            name: "idle".into(),
+            title: "Idle".into(),
+            description: "d".into(),
+            contenders: vec!["idle".into()],
+            ratios: false,
+            rows: vec![
+                Row {
+                    case: "vhost-blk-backend".into(),
+                    metric: RSS_MIB,
+                    samples: vec![vec![3.25]],
+                },
+                Row {
+                    case: "serial-backend".into(),
+                    metric: CPU_PCT,
+                    samples: vec![vec![0.0]],
+                },
+            ],
+            notes: vec!["n".into()],
+        };
+        assert!(s.peers().is_empty());
+        let md = s.markdown();
+        assert!(
+            md.contains("| case | metric | idle |\n|---|---|---|\n"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| vhost-blk-backend | RSS (MiB) | 3.25 |\n"),
+            "{md}"
+        );
+        assert!(md.contains("| serial-backend | CPU (%) | 0.00 |\n"), "{md}");
+        assert!(md.contains("- n\n"), "{md}");
+        assert!(!md.contains("ours vs") && !md.contains("Ratios:"), "{md}");
+        let j = s.json();
+        assert_eq!(j["ratios"], false);
+        assert!(j["rows"][0]["results"][0]["ours_advantage"].is_null());
+
+        // Two contenders without ratios: still no ratio column.
+        let s = Section {
+            contenders: vec!["a".into(), "b".into()],
+            rows: vec![Row {
+                case: "c".into(),
+                metric: IOPS,
+                samples: vec![vec![2.0], vec![1.0]],
+            }],
+            ..s
+        };
+        assert!(s.markdown().contains("| c | IOPS | 2.00 | 1.00 |\n"));
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_string(0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc_string(951_782_400 + 3600 + 120), "2000-02-29 01:02 UTC");
+        assert_eq!(utc_string(1_798_761_599), "2026-12-31 23:59 UTC");
+    }
+
+    #[test]
+    fn write_leaves_markdown_json_and_chart() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Section {
+            name: "w".into(),
+            title: "W".into(),
+            description: "d".into(),
+            contenders: vec!["ours".into(), "peer".into()],
+            ratios: true,
+            rows: vec![Row {
+                case: "4k".into(),
+                metric: IOPS,
+                samples: vec![vec![2.0], vec![1.0]],
+            }],
+            notes: vec![],
+        };
+        s.write(dir.path()).unwrap();
+        for ext in ["md", "json", "png"] {
+            let p = dir.path().join(format!("w.{ext}"));
+            assert!(std::fs::metadata(&p).unwrap().len() > 0, "{}", p.display());
+        }
     }
 }

@@ -10,10 +10,15 @@ export DEBIAN_FRONTEND=noninteractive
 
 dir="$GUEST_WORK/dpdk-dev"
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
-if ! installed dpdk; then
-    log "installing the DPDK runtime (package dpdk)"
-    apt-get install -y -q --no-install-recommends dpdk >&2 \
-        || { apt-get update -q >&2 && apt-get install -y -q --no-install-recommends dpdk >&2; }
+# dpdk: the runtime with virtio-user (the net tests' frontend); the vhost and tap PMDs are
+# `bench compare net`'s contender (testpmd as a vhost-user backend forwarding to a tap).
+pkgs=(dpdk librte-net-vhost23 librte-net-tap23)
+missing=()
+for p in "${pkgs[@]}"; do installed "$p" || missing+=("$p"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing the DPDK runtime (${missing[*]})"
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 \
+        || { apt-get update -q >&2 && apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; }
 fi
 want=$(dpkg-query -W -f='${Version}' dpdk)
 if [ "$(cat "$dir/.version" 2>/dev/null)" != "$want" ]; then

@@ -5,7 +5,8 @@
 #  * bookworm hosts: adds the bookworm-backports apt source if no source
 #    mentions it, and installs QEMU 10.x (qemu-system-x86, qemu-utils with
 #    qemu-storage-daemon) from it; other hosts: QEMU from the default suite
-#  * installs busybox-static, fio, iperf3, cpio, kmod, util-linux, zstd, xz-utils
+#  * installs busybox-static, fio, iperf3, cpio, kmod, util-linux, zstd, xz-utils,
+#    fonts-dejavu-core (the font of the bench charts, read at run time)
 #  * downloads the guest kernel package (the current dependency of
 #    linux-image-amd64 in $GUEST_KERNEL_SUITE) and unpacks it into
 #    $GUEST_WORK/kernel-<suite> (it is NOT installed on the host)
@@ -54,7 +55,7 @@ if [ $need_qemu = 1 ]; then
 fi
 
 missing=()
-for p in busybox-static fio iperf3 cpio kmod util-linux zstd xz-utils; do
+for p in busybox-static fio iperf3 cpio kmod util-linux zstd xz-utils fonts-dejavu-core; do
     [ -n "$(installed_version $p)" ] || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -29,6 +29,8 @@ pub const LOG_ALL: u64 = 1 << 26;
 pub const EVENT_IDX: u64 = 1 << 29;
 /// VIRTIO_RING_F_INDIRECT_DESC.
 pub const INDIRECT_DESC: u64 = 1 << 28;
+/// VHOST_USER_F_PROTOCOL_FEATURES.
+pub const PROTOCOL_FEATURES: u64 = 1 << 30;
 
 /// Harness errors.
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +207,47 @@ impl DriverQueue {
         fence(Ordering::SeqCst);
     }
 
+    /// Publishes several heads with one avail-index update (without kicking), as a driver
+    /// does for a burst. Unlike [`DriverQueue::publish`] the heads need not come from
+    /// [`DriverQueue::add_chain`]: a driver that owns fixed descriptors (one per buffer,
+    /// written once with [`DriverQueue::write_desc`]) republishes them as they come back,
+    /// with [`DriverQueue::take_used_into`], and never touches the free list.
+    pub fn publish_many(&mut self, mem: &GuestMemoryMmap, heads: &[u16]) {
+        if heads.is_empty() {
+            return;
+        }
+        for (i, &head) in heads.iter().enumerate() {
+            let slot = self.avail_idx.wrapping_add(i as u16) % self.size;
+            Self::write_u16(mem, self.avail + 4 + 2 * u64::from(slot), head);
+        }
+        fence(Ordering::Release);
+        self.avail_idx = self.avail_idx.wrapping_add(heads.len() as u16);
+        Self::write_u16(mem, self.avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Appends the used elements that appeared since the last call to `out`, without
+    /// allocating and without returning descriptors to the free list (for fixed
+    /// descriptors, see [`DriverQueue::publish_many`]). Returns how many were added.
+    pub fn take_used_into(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<Used>) -> usize {
+        let idx = self.used_idx(mem);
+        let n = usize::from(idx.wrapping_sub(self.last_used));
+        for _ in 0..n {
+            let slot = u64::from(self.last_used % self.size);
+            let at = self.used + 4 + 8 * slot;
+            let id = u32::from_le(mem.read_obj(GuestAddress(at)).unwrap_or(u32::MAX));
+            let len = u32::from_le(mem.read_obj(GuestAddress(at + 4)).unwrap_or(0));
+            out.push(Used { id, len });
+            self.last_used = self.last_used.wrapping_add(1);
+        }
+        n
+    }
+
+    /// The used index consumed so far (by `take_used*`).
+    pub fn last_used(&self) -> u16 {
+        self.last_used
+    }
+
     /// Kicks the backend.
     pub fn notify(&self) {
         let _ = self.kick.write(1);
@@ -319,6 +362,14 @@ pub struct FrontendOptions {
     pub event_idx: bool,
     /// Set up an inflight region (GET_INFLIGHT_FD) before starting rings.
     pub inflight: bool,
+    /// Virtio features to ack at most (of those offered; `None`: all offered). A driver
+    /// that wants a plain device (the net load generator: no offloads) masks here;
+    /// VHOST_USER_F_PROTOCOL_FEATURES is kept whenever offered, LOG_ALL never acked.
+    pub features: Option<u64>,
+    /// Protocol features to ack at most (of those offered; `None`: all offered). E.g.
+    /// without STATUS, which DPDK's vhost library would wait on (SET_STATUS DRIVER_OK)
+    /// before it starts the device.
+    pub protocol_features: Option<VhostUserProtocolFeatures>,
 }
 
 impl Default for FrontendOptions {
@@ -329,6 +380,8 @@ impl Default for FrontendOptions {
             queue_size: 128,
             event_idx: false,
             inflight: false,
+            features: None,
+            protocol_features: None,
         }
     }
 }
@@ -412,9 +465,15 @@ impl TestFrontend {
         let offered = fe.get_features()?;
         fe.set_owner()?;
         let offered_proto = fe.get_protocol_features()?;
-        fe.set_protocol_features(offered_proto)?;
+        let proto = opts
+            .protocol_features
+            .map_or(offered_proto, |want| offered_proto & want);
+        fe.set_protocol_features(proto)?;
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let mut features = offered & !LOG_ALL;
+        if let Some(want) = opts.features {
+            features &= want | PROTOCOL_FEATURES;
+        }
         if !opts.event_idx {
             features &= !EVENT_IDX;
         }
@@ -436,7 +495,7 @@ impl TestFrontend {
             mem,
             queues: Vec::new(),
             features,
-            protocol: offered_proto,
+            protocol: proto,
             inflight: None,
             // Keep the first 1 MiB for rings.
             next_free: 1 << 20,

@@ -339,6 +339,23 @@ impl Drop for FileLock {
     }
 }
 
+/// Why [`GuestTest::try_start`] could not open a guest session.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestStartError {
+    /// Guests cannot run on this machine (no QEMU or kernel, set-up failed,
+    /// `VHOST_GUEST_SKIP`): tests skip, programs report it.
+    #[error("guests cannot run here: {0}")]
+    Unavailable(String),
+    /// The per-session run directory could not be created.
+    #[error("cannot create run directory {}: {source}", path.display())]
+    RunDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
 /// One guest test: owns a per-test directory (`<work>/runs/<name>-<time>-<pid>`)
 /// holding disk images, sockets and every log. On failure (panic) its `Drop`
 /// prints where the logs are and their tails; on success disk images are
@@ -359,24 +376,32 @@ impl GuestTest {
     /// Sets up (once per process) and takes the guest lock. `None` means the
     /// test must return early: the skip has already been reported loudly.
     pub fn start(name: &str) -> Option<GuestTest> {
-        let lock = GUEST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        let env = match ensure_setup() {
-            Ok(env) => env,
-            Err(reason) => {
+        match Self::try_start(name) {
+            Ok(t) => Some(t),
+            Err(GuestStartError::Unavailable(reason)) => {
                 report_skip(name, &reason);
-                return None;
+                None
             }
-        };
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// [`GuestTest::start`] for programs (the benchmarks): a machine that cannot run
+    /// guests is an error for the caller to report, not a test skip.
+    pub fn try_start(name: &str) -> Result<GuestTest, GuestStartError> {
+        let lock = GUEST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let env = ensure_setup().map_err(GuestStartError::Unavailable)?;
         let flock = FileLock::acquire(&env.work.join(".guest-tests.lock")).ok();
         let dir =
             env.work
                 .join("runs")
                 .join(format!("{name}-{}-{}", unix_time(), std::process::id()));
-        if let Err(e) = fs::create_dir_all(&dir) {
-            panic!("cannot create test dir {}: {e}", dir.display());
-        }
+        fs::create_dir_all(&dir).map_err(|source| GuestStartError::RunDir {
+            path: dir.clone(),
+            source,
+        })?;
         eprintln!("guest test {name}: logs in {}", dir.display());
-        Some(GuestTest {
+        Ok(GuestTest {
             env,
             name: name.to_string(),
             dir,
@@ -498,26 +523,47 @@ impl GuestTest {
     /// runs (e.g. to act on a `@@RESULT` marker). Panics only on harness
     /// errors (cannot write files / start QEMU); check the outcome with
     /// [`GuestOutcome::assert_success`].
-    pub fn boot_with(&mut self, boot: &GuestBoot, mut on_line: impl FnMut(&str)) -> GuestOutcome {
+    pub fn boot_with(&mut self, boot: &GuestBoot, on_line: impl FnMut(&str)) -> GuestOutcome {
+        self.try_boot_with(boot, on_line)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`GuestTest::boot`] for programs: harness errors are returned, not panics.
+    pub fn try_boot(&mut self, boot: &GuestBoot) -> io::Result<GuestOutcome> {
+        self.try_boot_with(boot, |_| {})
+    }
+
+    /// [`GuestTest::boot_with`] returning harness errors (cannot write the initrd or
+    /// the logs, cannot start or wait for QEMU) instead of panicking; a guest that
+    /// fails is still an `Ok` outcome to check.
+    pub fn try_boot_with(
+        &mut self,
+        boot: &GuestBoot,
+        mut on_line: impl FnMut(&str),
+    ) -> io::Result<GuestOutcome> {
         self.boots += 1;
         let label = format!("boot{}", self.boots);
         let console_log = self.path(&format!("{label}.console.log"));
         let stderr_log = self.path(&format!("{label}.qemu-stderr.log"));
         let initrd = self.path(&format!("{label}.initrd"));
-        build_initrd(&self.env.initramfs, boot, &initrd)
-            .unwrap_or_else(|e| panic!("cannot build initrd {}: {e}", initrd.display()));
+        build_initrd(&self.env.initramfs, boot, &initrd).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot build initrd {}: {e}", initrd.display()),
+            )
+        })?;
 
         let mut cmd = self.qemu_command(boot, &initrd);
         cmd.stdin(Stdio::null())
-            .stdout(File::create(&console_log).expect("create console log"))
-            .stderr(File::create(&stderr_log).expect("create qemu stderr log"));
+            .stdout(File::create(&console_log)?)
+            .stderr(File::create(&stderr_log)?);
         let cmdline = command_line(&cmd);
         let _ = fs::write(self.path(&format!("{label}.qemu-cmd.txt")), &cmdline);
 
         let start = Instant::now();
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start QEMU ({cmdline}): {e}"));
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start QEMU ({cmdline}): {e}")))?;
         let mut qemu = ChildGuard(Some(child));
         let mut reader = LineReader::new(&console_log);
         let mut timed_out = false;
@@ -526,7 +572,9 @@ impl GuestTest {
             match qemu.0.as_mut().map(|c| c.try_wait()) {
                 Some(Ok(Some(st))) => break Some(st),
                 Some(Ok(None)) => {}
-                Some(Err(e)) => panic!("waiting for QEMU: {e}"),
+                Some(Err(e)) => {
+                    return Err(io::Error::new(e.kind(), format!("waiting for QEMU: {e}")))
+                }
                 None => break None,
             }
             if start.elapsed() > boot.timeout {
@@ -570,7 +618,7 @@ impl GuestTest {
             out.timed_out,
             wall.as_secs_f64()
         );
-        out
+        Ok(out)
     }
 }
 
@@ -1170,6 +1218,23 @@ pub fn locate_binary(name: &str, env_var: &str) -> Result<PathBuf, String> {
              (cargo build -p {name}) or set {env_var}"
         )
     })
+}
+
+/// [`locate_binary`] for programs installed next to the project's binaries (`bench`):
+/// `$env_var` if set, else `name` in the running program's own directory (so a release
+/// `bench` runs release backends from the same build), else [`locate_binary`]'s search.
+pub fn locate_sibling_binary(name: &str, env_var: &str) -> Result<PathBuf, String> {
+    if std::env::var_os(env_var).is_some_and(|p| !p.is_empty()) {
+        return locate_binary(name, env_var);
+    }
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| is_executable(p));
+    match sibling {
+        Some(p) => Ok(p),
+        None => locate_binary(name, env_var),
+    }
 }
 
 /// Whether a unix socket bound at `path` is listening (/proc/net/unix

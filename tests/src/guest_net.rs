@@ -1,5 +1,7 @@
 //! Guest-harness additions for network tests: network namespaces, commands inside them,
-//! an iperf3 server, QEMU arguments for vhost-user-net, and locating the backend binary.
+//! an iperf3 server, QEMU arguments for vhost-user-net, locating the backend binary, and
+//! the iperf3 runs shared by the guest test and `bench compare net` (a guest on
+//! vhost-net-backend, and the same guest on QEMU's own `-netdev tap,vhost=off`).
 //!
 //! Everything lives in a namespace the test creates (tap, addresses, iperf3 server), with
 //! link-local addresses only, and is deleted when the [`NetNs`] is dropped.
@@ -8,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::guest::{locate_binary, Backend};
+use crate::guest::{locate_binary, Backend, GuestBoot, GuestTest};
 
 /// A network namespace, deleted on drop (with every interface in it).
 pub struct NetNs {
@@ -20,7 +22,11 @@ impl NetNs {
     /// Creates `vhn-<tag>-<pid>`.
     pub fn create(tag: &str) -> Result<NetNs, String> {
         let name = format!("vhn-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        // A leftover of an earlier process with our pid; usually none (quietly).
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         run(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = NetNs { name };
         ns.run(&["ip", "link", "set", "lo", "up"])?;
@@ -174,4 +180,169 @@ pub fn wait_socket_file(be: &mut Backend, sock: &Path, timeout: Duration) -> Res
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// Host end of the guest's link in the iperf3 runs (link-local, inside the namespace).
+pub const IPERF_HOST_IP: &str = "169.254.77.1";
+const IPERF_HOST_CIDR: &str = "169.254.77.1/30";
+const IPERF_GUEST_CIDR: &str = "169.254.77.2/30";
+
+/// What one guest's iperf3 run (`net-iperf.sh`) measured.
+#[derive(Clone, Debug)]
+pub struct IperfResult {
+    /// Guest → host, Mbit/s (iperf3's receiver figure).
+    pub tx_mbps: f64,
+    /// Host → guest (`-R`), Mbit/s.
+    pub rx_mbps: f64,
+    /// RX queues the guest's NIC has (its queue pairs).
+    pub queues: String,
+}
+
+/// Boots `net-iperf.sh` with `qemu_args` (a NIC whose host end is [`IPERF_HOST_IP`] with
+/// an iperf3 server behind it): ping, then `secs` seconds of iperf3 each way.
+pub fn boot_iperf(
+    t: &mut GuestTest,
+    qemu_args: Vec<String>,
+    cpus: u32,
+    secs: u32,
+) -> Result<IperfResult, String> {
+    let out = t
+        .try_boot(
+            &GuestBoot::new("net-iperf.sh")
+                .env("GUEST_IP", IPERF_GUEST_CIDR)
+                .env("HOST_IP", IPERF_HOST_IP)
+                .env("IPERF_TIME", secs)
+                .cpus(cpus)
+                .timeout(Duration::from_secs(150 + 2 * u64::from(secs)))
+                .qemu_args(qemu_args),
+        )
+        .map_err(|e| e.to_string())?;
+    out.check()?;
+    let get = |k: &str| out.results.get(k).map(String::as_str).unwrap_or("");
+    if get("ping") != "ok" {
+        return Err(format!(
+            "guest could not ping the host; console: {}",
+            out.console_log.display()
+        ));
+    }
+    let mbps = |k: &str| get(k).parse::<f64>().unwrap_or(0.0);
+    Ok(IperfResult {
+        tx_mbps: mbps("iperf_tx_mbps"),
+        rx_mbps: mbps("iperf_rx_mbps"),
+        queues: get("queues").to_string(),
+    })
+}
+
+/// iperf3 in a guest on vhost-net-backend (`bin`, `pairs` queue pairs): the backend runs
+/// in a fresh namespace on tap `vutap0` with the iperf3 server; it must exit cleanly on
+/// SIGTERM afterwards. `tag` names the logs (`<tag>.log`, `iperf3-<tag>.log`).
+pub fn iperf_vhost_user(
+    t: &mut GuestTest,
+    bin: &Path,
+    pairs: u16,
+    cpus: u32,
+    secs: u32,
+    tag: &str,
+) -> Result<IperfResult, String> {
+    let ns = NetNs::create("vu")?;
+    let sock = t.path(&format!("{tag}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = ns.command(bin);
+    cmd.arg("--socket-path").arg(&sock).args([
+        "--tap",
+        "vutap0",
+        "--num-queue-pairs",
+        &pairs.to_string(),
+    ]);
+    let mut be = t
+        .spawn_backend(tag, cmd)
+        .map_err(|e| format!("cannot start the backend: {e}"))?;
+    wait_socket_file(&mut be, &sock, Duration::from_secs(15))?;
+    ns.run(&["ip", "addr", "add", IPERF_HOST_CIDR, "dev", "vutap0"])?;
+    ns.run(&["ip", "link", "set", "vutap0", "up"])?;
+    let iperf = ns.iperf3_server(&t.path(&format!("iperf3-{tag}.log")))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let res = boot_iperf(
+        t,
+        vhost_user_net_args(&sock, pairs, "52:54:00:00:77:02"),
+        cpus,
+        secs,
+    );
+    let stopped = be.stop();
+    drop(iperf);
+    let res = res?;
+    stopped.map_err(|e| format!("backend did not exit on SIGTERM: {e}"))?;
+    Ok(res)
+}
+
+/// A tap in the host namespace, deleted on drop (unless moved away).
+struct HostTap(String);
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+/// iperf3 in the same guest on QEMU's own `-netdev tap,vhost=off` (QEMU's userspace
+/// virtio-net). QEMU opens the tap in the host namespace before the guest runs, so the
+/// tap is created there and moved into a fresh namespace (with the iperf3 server) as
+/// soon as QEMU attached to it; the guest retries its ping for 30 s meanwhile.
+pub fn iperf_qemu_tap(
+    t: &mut GuestTest,
+    cpus: u32,
+    secs: u32,
+    tag: &str,
+) -> Result<IperfResult, String> {
+    let ns = NetNs::create("qt")?;
+    let tap = format!("vqt{}", std::process::id() % 100_000);
+    run(Command::new("ip").args(["tuntap", "add", &tap, "mode", "tap", "vnet_hdr"]))?;
+    let _deltap = HostTap(tap.clone());
+    // Up without addresses (no IPv6 chatter), so its carrier shows when QEMU attaches.
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
+    run(Command::new("ip").args(["link", "set", &tap, "up"]))?;
+    let ns_name = ns.name.clone();
+    let tap2 = tap.clone();
+    let mover = std::thread::spawn(move || {
+        for _ in 0..300 {
+            std::thread::sleep(Duration::from_millis(100));
+            // A persistent tap has no carrier until QEMU attaches to it.
+            let attached = std::fs::read_to_string(format!("/sys/class/net/{tap2}/carrier"))
+                .is_ok_and(|c| c.trim() == "1");
+            if attached {
+                std::thread::sleep(Duration::from_millis(500));
+                let ok = Command::new("ip")
+                    .args(["link", "set", &tap2, "netns", &ns_name])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    let inside = |args: &[&str]| {
+                        Command::new("ip")
+                            .args(["netns", "exec", &ns_name, "ip"])
+                            .args(args)
+                            .status()
+                            .is_ok_and(|s| s.success())
+                    };
+                    return inside(&["addr", "add", IPERF_HOST_CIDR, "dev", &tap2])
+                        && inside(&["link", "set", &tap2, "up"]);
+                }
+            }
+        }
+        false
+    });
+    let iperf = ns.iperf3_server(&t.path(&format!("iperf3-{tag}.log")))?;
+    let args = vec![
+        "-netdev".to_string(),
+        format!("tap,id=n1,ifname={tap},script=no,downscript=no,vhost=off"),
+        "-device".to_string(),
+        "virtio-net-pci,netdev=n1,mac=52:54:00:00:77:03,romfile=".to_string(),
+    ];
+    let res = boot_iperf(t, args, cpus, secs);
+    let moved = mover.join().unwrap_or(false);
+    drop(iperf);
+    let res = res?;
+    if !moved {
+        return Err(format!("could not move {tap} into {}", ns.name));
+    }
+    Ok(res)
 }

@@ -2,8 +2,11 @@
 //!
 //! - [`frontend`]: a vhost-user frontend and guest driver in one, driving a backend over
 //!   its socket without a VM (memfd guest RAM, hand-built split rings);
-//! - [`guest`]: boots a real QEMU guest with backends attached and runs a script in it.
+//! - [`guest`]: boots a real QEMU guest with backends attached and runs a script in it;
+//! - [`console_bench`]: one console port's throughput in a guest, ours vs QEMU's (shared by
+//!   a test and `bench compare serial`).
 
+pub mod console_bench;
 pub mod frontend;
 pub mod guest;
 pub mod guest_console;

@@ -11,24 +11,29 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
-use vhost_tests::guest::{GuestBoot, GuestTest};
+use vhost_tests::console_bench::{
+    console_guest, console_throughput, ConsoleBenchError, ConsoleImpl,
+};
+use vhost_tests::guest::{GuestBoot, GuestStartError, GuestTest};
 use vhost_tests::guest_console::{
-    connect_retry, locate_serial_backend, pattern, qemu_for_console, sha_to_eof, use_qemu,
-    vhost_user_console_args,
+    connect_retry, locate_serial_backend, pattern, sha_to_eof, vhost_user_console_args,
 };
 
 const PORT_BYTES: usize = 4 << 20;
 
+/// A guest session on QEMU 11, or `None` after a loud skip (no root, no QEMU 11).
 fn start(name: &str) -> Option<GuestTest> {
-    let mut t = GuestTest::start(name)?;
-    match qemu_for_console() {
-        Ok(q) => use_qemu(&mut t, q),
-        Err(reason) => {
-            vhost_tests::guest::report_skip(name, &reason);
-            return None;
+    match console_guest(name) {
+        Ok(t) => Some(t),
+        Err(
+            e @ (ConsoleBenchError::NoQemu(_)
+            | ConsoleBenchError::Start(GuestStartError::Unavailable(_))),
+        ) => {
+            vhost_tests::guest::report_skip(name, &e.to_string());
+            None
         }
+        Err(e) => panic!("{e}"),
     }
-    Some(t)
 }
 
 #[test]
@@ -128,82 +133,27 @@ fn guest_console_ports() {
     be.stop_expect_clean();
 }
 
-/// Guest → host MB/s through one port: serial-backend vs QEMU's built-in virtio-serial
-/// (socket chardev), same QEMU, same run. Manual: `cargo test -p vhost-tests --test
-/// guest_console -- --ignored --nocapture`.
+/// MB/s through one port, guest → host and host → guest: serial-backend vs QEMU's
+/// built-in virtio-serial (socket chardev), same QEMU, same run (the measurement is
+/// `vhost_tests::console_bench`, shared with `bench compare serial`). Manual: `cargo test
+/// -p vhost-tests --test guest_console -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn guest_console_bench() {
     let Some(mut t) = start("guest_console_bench") else {
         return;
     };
-    let mib: u64 = 256;
+    let bin = locate_serial_backend().unwrap_or_else(|e| panic!("{e}"));
     let mut results = Vec::new();
-    for which in ["serial-backend", "qemu-virtio-serial"] {
-        let port_sock = t.path(&format!("bench-{which}.sock"));
-        let mut be = None;
-        let qemu_args: Vec<String> = if which == "serial-backend" {
-            let sock = t.path("bench-vhost.sock");
-            let mut cmd = Command::new(locate_serial_backend().unwrap());
-            cmd.arg("--socket-path")
-                .arg(&sock)
-                // The named port gets id 1 (0 is kept for a console): 2 ports, 6 queues.
-                .arg("--max-ports")
-                .arg("2")
-                .arg("--port")
-                .arg(format!("name=org.bench,socket={}", port_sock.display()));
-            let mut b = t.spawn_backend("serial-backend-bench", cmd).unwrap();
-            b.wait_for_socket(&sock, Duration::from_secs(15)).unwrap();
-            be = Some(b);
-            vhost_user_console_args(&sock, 2)
-        } else {
-            vec![
-                "-device".into(),
-                "virtio-serial-pci".into(),
-                "-chardev".into(),
-                format!(
-                    "socket,id=s0,path={},server=on,wait=off",
-                    port_sock.display()
-                ),
-                "-device".into(),
-                "virtserialport,chardev=s0,name=org.bench".into(),
-            ]
-        };
-        let p = port_sock.clone();
-        let reader = std::thread::spawn(move || {
-            let mut s = connect_retry(&p, Duration::from_secs(60)).expect("port socket");
-            let mut buf = vec![0u8; 1 << 16];
-            let mut n = 0u64;
-            let mut first = None;
-            while n < mib << 20 {
-                let k = s.read(&mut buf).expect("read");
-                if k == 0 {
-                    break;
-                }
-                first.get_or_insert_with(std::time::Instant::now);
-                n += k as u64;
-            }
-            (n, first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0))
-        });
-        let out = t.boot(
-            &GuestBoot::new("console-bench.sh")
-                .env("PORT_NAME", "org.bench")
-                .env("BENCH_MIB", mib)
-                .qemu_args(qemu_args)
-                .timeout(Duration::from_secs(400)),
-        );
-        out.assert_success();
-        let (n, secs) = reader.join().unwrap();
-        assert_eq!(n, mib << 20);
-        let mbs = n as f64 / secs / 1e6;
+    for which in ConsoleImpl::ALL {
+        let r = console_throughput(&mut t, which, &bin, 256).unwrap_or_else(|e| panic!("{e}"));
         eprintln!(
-            "BENCH {which}: {mib} MiB guest → host in {secs:.2}s = {mbs:.1} MB/s (guest dd {}s)",
-            out.result("guest_secs")
+            "BENCH {}: guest → host {:.1} MB/s, host → guest {:.1} MB/s",
+            which.name(),
+            r.guest_to_host_mbs,
+            r.host_to_guest_mbs
         );
-        results.push((which, mbs));
-        if let Some(mut b) = be {
-            b.stop_expect_clean();
-        }
+        results.push((which.name(), r));
     }
     eprintln!("BENCH results: {results:?}");
 }

@@ -1,0 +1,1285 @@
+//! `bench compare migrate`: moving a disk image to another host, ours against QEMU's.
+//!
+//! Two cases on the same image, each over a loopback TCP connection:
+//!
+//! - **Full copy**: the whole image to a fresh destination, throughput in MB/s.
+//! - **Incremental return**: after a known amount of writes at random places in the
+//!   source, only what changed, measured as the bytes that went over the connection (and
+//!   its time). Less is better: ideally it is the data written, not the image.
+//!
+//! Our block migration is not built yet (a later issue), so its column is empty and the
+//! peer's numbers are the baseline it must beat when it lands. The peer is two
+//! qemu-storage-daemon processes, driven over QMP (a unix socket, JSON lines) by this
+//! module: the source one holds the image and runs the block jobs, the destination one
+//! serves a fresh image as a writable NBD export on 127.0.0.1. See [`run_rep`] for the
+//! exact sequence and why it is the one a user would run.
+//!
+//! Every repetition checks that the destination is byte-for-byte the source after each
+//! phase, and that the writes really landed in the source: a migration benchmark that
+//! moves the wrong data measures nothing.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::blk::parse_size;
+use crate::compare::{fill_random, CompareError};
+use crate::report::{self, machine, Row, Section};
+
+/// Options of `bench compare migrate`.
+#[derive(Args, Debug)]
+pub struct CompareMigrateArgs {
+    /// Directories for the source and destination images, comma-separated (tmpfs
+    /// /dev/shm by default; a disk file system such as /var/tmp adds the disk's cost);
+    /// each gets its own set of rows.
+    #[arg(long = "dir", value_delimiter = ',', default_value = "/dev/shm")]
+    dirs: Vec<PathBuf>,
+    /// Image size (a multiple of 4 KiB).
+    #[arg(long, default_value = "1g", value_parser = parse_size)]
+    size: u64,
+    /// Repetitions of every case (each on a fresh destination image and fresh daemons).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Where to write migrate.md, migrate.json and migrate.png.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Data written into the source between the full copy and the incremental return
+    /// (a multiple of 4 KiB): writes of 4 KiB to 64 KiB at random 4 KiB-aligned offsets.
+    #[arg(long, default_value = "64m", value_parser = parse_size)]
+    incremental_writes: u64,
+}
+
+/// Contender names, ours first.
+const CONTENDERS: [&str; 2] = [
+    "vhost-blk-backend block migration",
+    "qemu-storage-daemon blockdev-mirror → NBD",
+];
+
+/// Why our column is empty.
+const OURS_MISSING: &str =
+    "our block migration is not built yet (planned issue); this row is the baseline it must beat";
+
+/// Block size of the incremental writes' offsets and of their checks.
+const BLOCK: u64 = 4096;
+/// Largest incremental write.
+const MAX_WRITE: u64 = 64 << 10;
+
+/// One repetition's results.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    /// Full copy, MB/s (10^6 bytes).
+    full_mbs: f64,
+    /// Incremental return: bytes from the source to the destination on the connection
+    /// (NBD requests with their payload).
+    inc_sent: u64,
+    /// Incremental return: wall time, ms.
+    inc_ms: f64,
+    /// Incremental return: bytes the backup job copied (its `len`).
+    inc_job_len: u64,
+    /// Number of incremental writes.
+    writes: usize,
+    /// Granularity of the dirty bitmap, bytes.
+    granularity: u64,
+}
+
+/// Runs the comparison on every directory and returns the section (also written to
+/// `<out>/migrate.{md,json,png}`).
+pub fn compare_migrate(a: &CompareMigrateArgs) -> Result<Section, CompareError> {
+    if a.size == 0 || !a.size.is_multiple_of(BLOCK) || a.size < MAX_WRITE {
+        return Err(CompareError::Run(format!(
+            "--size must be a multiple of {BLOCK} and at least {MAX_WRITE}"
+        )));
+    }
+    if !a.incremental_writes.is_multiple_of(BLOCK) || a.incremental_writes > a.size {
+        return Err(CompareError::Run(format!(
+            "--incremental-writes must be a multiple of {BLOCK} and at most --size"
+        )));
+    }
+    if a.reps == 0 {
+        return Err(CompareError::Run("--reps must be at least 1".into()));
+    }
+    let qsd_version = qsd_version()?;
+    let mut rows = Vec::new();
+    let mut facts = Vec::new();
+    for dir in &a.dirs {
+        let work = WorkDir::create(dir)?;
+        let image = work.0.join("src.img");
+        eprintln!(
+            "migrate: creating a {} image of random data in {}",
+            human(a.size),
+            work.0.display()
+        );
+        fill_random(&image, a.size)?;
+        let mut samples = Vec::new();
+        for rep in 0..a.reps {
+            eprintln!("migrate: {} rep {}/{}", dir.display(), rep + 1, a.reps);
+            samples.push(run_rep(a, &work.0, &image, rep as u64)?);
+        }
+        let place = dir.display().to_string();
+        let col = |f: fn(&Sample) -> f64| vec![Vec::new(), samples.iter().map(f).collect()];
+        rows.push(Row {
+            case: format!("{place}: full copy {}", human(a.size)),
+            metric: report::MB_S,
+            samples: col(|s| s.full_mbs),
+        });
+        let inc = format!(
+            "{place}: incremental return after {} of writes",
+            human(a.incremental_writes)
+        );
+        rows.push(Row {
+            case: inc.clone(),
+            metric: report::SENT_MIB,
+            samples: col(|s| s.inc_sent as f64 / f64::from(1 << 20)),
+        });
+        rows.push(Row {
+            case: inc,
+            metric: report::TIME_MS,
+            samples: col(|s| s.inc_ms),
+        });
+        let job = report::median(
+            &samples
+                .iter()
+                .map(|s| s.inc_job_len as f64)
+                .collect::<Vec<_>>(),
+        );
+        let s0 = samples.first().copied().unwrap_or_default();
+        facts.push(format!(
+            "{place}: the {} of writes ({} writes in the first repetition) dirtied a median {:.1} MiB at the bitmap's {} KiB granularity, exactly the clusters they touch; that is what the backup job copied, and the rest of the data sent is NBD request headers.",
+            human(a.incremental_writes),
+            s0.writes,
+            job / f64::from(1 << 20),
+            s0.granularity >> 10,
+        ));
+    }
+    // Ratio columns and ratio bars need our numbers; until our migration exists the
+    // section shows the peer's absolute values (and switches by itself once ours fills
+    // column 0).
+    let ratios = rows.iter().any(|r| r.median(0).is_some());
+    let mut notes = vec![
+        format!("{}: {OURS_MISSING}.", CONTENDERS[0]),
+        "Full copy: source qemu-storage-daemon (file driver, aio=io_uring, cache.direct=on) runs `blockdev-mirror sync=full` to an `nbd` client node whose server is a second qemu-storage-daemon exporting a fresh sparse image of the same size (same options) on 127.0.0.1 over TCP; timed from the command to BLOCK_JOB_COMPLETED after `block-job-cancel` at BLOCK_JOB_READY (libvirt's way of ending a storage migration: the destination keeps a point-in-time copy, the source keeps running). MB = 10^6 bytes.".into(),
+        "Incremental return: a dirty bitmap is added to the source node at BLOCK_JOB_READY; the writes go through a second (unix-socket NBD) export of that node so the bitmap records them; then `blockdev-backup sync=incremental` with that bitmap copies the dirty clusters to the destination. It runs on the full copy's NBD connection. Data sent: the kernel's count of bytes the source sent on that connection during the job (`tcpi_bytes_sent` via `ss -ti`: NBD requests and data); time: from the command to BLOCK_JOB_COMPLETED.".into(),
+        "Checked every repetition: the destination equals the source byte for byte after the full copy and after the incremental return, and every incremental write is in the source.".into(),
+    ];
+    notes.extend(facts);
+    let section = Section {
+        name: "migrate".into(),
+        title: "Block migration: full copy and incremental return over loopback".into(),
+        description: format!(
+            "Machine: {}. Image: {} of random data in {}. {qsd_version}. {} repetitions, each with fresh daemons and a fresh destination image; median (±spread = (max-min)/median). Command: `bench compare migrate --dir {} --size {} --reps {} --incremental-writes {}`.",
+            machine(),
+            human(a.size),
+            a.dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" and "),
+            a.reps,
+            a.dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            size_arg(a.size),
+            a.reps,
+            size_arg(a.incremental_writes),
+        ),
+        contenders: CONTENDERS.iter().map(|c| c.to_string()).collect(),
+        ratios,
+        rows,
+        notes,
+    };
+    section.write(&a.out)?;
+    Ok(section)
+}
+
+/// First line of `qemu-storage-daemon --version`; also fails early, with a clear message,
+/// when the daemon is not installed.
+fn qsd_version() -> Result<String, CompareError> {
+    let out = Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .output()
+        .map_err(|e| {
+            CompareError::Run(format!(
+                "cannot run qemu-storage-daemon (Debian package qemu-utils): {e}"
+            ))
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("qemu-storage-daemon (version unknown)")
+        .to_string())
+}
+
+/// One repetition: full copy, writes, incremental return, with checks after each phase.
+///
+/// Full copy with `blockdev-mirror sync=full`, not `blockdev-backup sync=full`: storage
+/// migration is what mirror is for (libvirt migrates non-shared disks exactly so: mirror
+/// to the destination's NBD server, wait for READY, then `block-job-cancel`, which ends a
+/// ready mirror cleanly without switching the source over). Mirror keeps copying guest
+/// writes made during the copy and converges; backup gives a copy as of the job's start
+/// and would leave later writes behind, which is a backup, not a migration.
+///
+/// Incremental return with `blockdev-backup sync=incremental`: QEMU 10.0's
+/// `blockdev-mirror` takes no bitmap, and backup is QEMU's only way to copy just a
+/// bitmap's dirty clusters. The bitmap is added at READY, before the mirror ends: every
+/// write from then on is recorded, and the ones before it were mirrored, so with a live
+/// guest no write could fall between the two copies (here nothing writes then anyway).
+fn run_rep(
+    a: &CompareMigrateArgs,
+    work: &Path,
+    image: &Path,
+    rep: u64,
+) -> Result<Sample, CompareError> {
+    let dst_image = work.join("dst.img");
+    // A fresh, sparse destination every repetition, as a new host would have.
+    std::fs::File::create(&dst_image)?.set_len(a.size)?;
+    let res = run_rep_on(a, work, image, &dst_image, rep);
+    let _ = std::fs::remove_file(&dst_image);
+    res
+}
+
+fn run_rep_on(
+    a: &CompareMigrateArgs,
+    work: &Path,
+    image: &Path,
+    dst_image: &Path,
+    rep: u64,
+) -> Result<Sample, CompareError> {
+    let job_timeout = Duration::from_secs(60 + a.size / 5_000_000);
+    let nbd_port = free_port()?;
+
+    let mut dst = Qsd::start(work, "dst")?;
+    dst.add_file_node("dst", dst_image)?;
+    dst.qmp.execute(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": nbd_port.to_string()}}}),
+    )?;
+    dst.qmp.execute(
+        "block-export-add",
+        json!({"type": "nbd", "id": "dst", "node-name": "dst", "name": "dst", "writable": true}),
+    )?;
+
+    let mut src = Qsd::start(work, "src")?;
+    src.add_file_node("src", image)?;
+    let writer_sock = work.join("src-nbd.sock");
+    src.qmp.execute(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": writer_sock}}}),
+    )?;
+    src.qmp.execute(
+        "block-export-add",
+        json!({"type": "nbd", "id": "src", "node-name": "src", "name": "src", "writable": true}),
+    )?;
+    src.add_nbd_node("to-dst", nbd_port)?;
+
+    // 1. Full copy.
+    let t0 = Instant::now();
+    src.qmp.execute(
+        "blockdev-mirror",
+        json!({"job-id": "full", "device": "src", "target": "to-dst", "sync": "full"}),
+    )?;
+    src.qmp.wait_job("full", true, job_timeout)?;
+    src.qmp.execute(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "ret"}),
+    )?;
+    src.qmp
+        .execute("block-job-cancel", json!({"device": "full"}))?;
+    let full = src.qmp.wait_job("full", false, job_timeout)?;
+    let full_secs = t0.elapsed().as_secs_f64();
+    if let JobEvent::Completed { len, offset } = full {
+        if len != a.size || offset != a.size {
+            return Err(CompareError::Run(format!(
+                "mirror ended at {offset} of {len} bytes, image is {}",
+                a.size
+            )));
+        }
+    }
+    // The connection must have carried at least the image (zero detection would show
+    // here as less, and make the MB/s a measure of something else).
+    let full_sent = tcp_bytes_sent(nbd_port)?;
+    if full_sent < a.size {
+        return Err(CompareError::Run(format!(
+            "the full copy sent {full_sent} bytes for a {}-byte image",
+            a.size
+        )));
+    }
+    files_equal(image, dst_image)
+        .map_err(|e| CompareError::Run(format!("after the full copy: {e}")))?;
+
+    // 2. Writes through the source node, so that its bitmap sees them.
+    let seed = 0x9e37_79b9_7f4a_7c15 ^ rep.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let plan = plan_writes(a.size, a.incremental_writes, seed);
+    let mut nbd = NbdClient::connect(&writer_sock, "src", a.size)?;
+    let mut buf = vec![0u8; MAX_WRITE as usize];
+    for (i, w) in plan.iter().enumerate() {
+        let data = &mut buf[..w.len as usize];
+        for (k, chunk) in data.chunks_exact_mut(BLOCK as usize).enumerate() {
+            fill_block(seed, i, w.off / BLOCK + k as u64, chunk);
+        }
+        nbd.write(w.off, data)?;
+    }
+    nbd.flush()?;
+    nbd.disconnect();
+    let nodes = src
+        .qmp
+        .execute("query-named-block-nodes", json!({"flat": true}))?;
+    let (dirty, granularity) = bitmap_info(&nodes, "src", "ret")
+        .ok_or_else(|| CompareError::Run("bitmap `ret` missing on node src".into()))?;
+    // Exactly the clusters the writes touched: no write missed, nothing else dirtied,
+    // so the bytes sent below are QEMU's cost of these writes and nothing else.
+    let expected = dirty_bytes(&plan, granularity, a.size);
+    if dirty != expected {
+        return Err(CompareError::Run(format!(
+            "the bitmap has {dirty} dirty bytes, the writes touched {expected} at granularity {granularity}"
+        )));
+    }
+
+    // 3. Incremental return, on the same connection as the full copy.
+    let sent0 = tcp_bytes_sent(nbd_port)?;
+    let t1 = Instant::now();
+    src.qmp.execute(
+        "blockdev-backup",
+        json!({"job-id": "ret", "device": "src", "target": "to-dst", "sync": "incremental", "bitmap": "ret"}),
+    )?;
+    let inc = src.qmp.wait_job("ret", false, job_timeout)?;
+    let inc_secs = t1.elapsed().as_secs_f64();
+    let sent = tcp_bytes_sent(nbd_port)? - sent0;
+    let JobEvent::Completed { len: job_len, .. } = inc else {
+        return Err(CompareError::Run(format!("backup job ended with {inc:?}")));
+    };
+    if job_len != dirty {
+        return Err(CompareError::Run(format!(
+            "backup copied {job_len} bytes, the bitmap had {dirty} dirty"
+        )));
+    }
+    if sent < job_len {
+        return Err(CompareError::Run(format!(
+            "the connection carried {sent} bytes, fewer than the {job_len} the backup job copied"
+        )));
+    }
+    files_equal(image, dst_image)
+        .map_err(|e| CompareError::Run(format!("after the incremental return: {e}")))?;
+    check_writes(image, &plan, seed)?;
+    drop(src);
+    drop(dst);
+
+    let s = Sample {
+        full_mbs: a.size as f64 / 1e6 / full_secs,
+        inc_sent: sent,
+        inc_ms: inc_secs * 1e3,
+        inc_job_len: job_len,
+        writes: plan.len(),
+        granularity,
+    };
+    eprintln!(
+        "migrate: full copy {:.0} MB/s; incremental {:.2} MiB sent ({:.2} MiB dirty) in {:.1} ms",
+        s.full_mbs,
+        sent as f64 / f64::from(1 << 20),
+        job_len as f64 / f64::from(1 << 20),
+        s.inc_ms
+    );
+    Ok(s)
+}
+
+/// A directory of this run's files, removed with everything in it when dropped.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn create(base: &Path) -> Result<Self, CompareError> {
+        if !base.is_dir() {
+            return Err(CompareError::Run(format!(
+                "{} is not a directory",
+                base.display()
+            )));
+        }
+        let d = base.join(format!("vhost-bench-migrate-{}", std::process::id()));
+        std::fs::create_dir_all(&d)?;
+        Ok(WorkDir(d))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (the daemon binds it itself, and
+/// QMP has no way to ask it which port it picked).
+fn free_port() -> Result<u16, CompareError> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+/// Bytes the one established TCP connection to 127.0.0.1:`port` (the source daemon's
+/// NBD client) has sent so far, from the kernel's `tcpi_bytes_sent` as `ss -ti` shows it.
+///
+/// Counted by the kernel rather than by a relay in this process: a relay's extra copies
+/// cost about half again the incremental return's time on two CPUs. The count is every
+/// byte the migration put on the wire (requests and data), whatever the protocol, so our
+/// migration will be counted the same way.
+fn tcp_bytes_sent(port: u16) -> Result<u64, CompareError> {
+    let out = Command::new("ss")
+        .args(["-t", "-i", "-n", "-H", "state", "established", "dport", "="])
+        .arg(format!(":{port}"))
+        .output()
+        .map_err(|e| CompareError::Run(format!("cannot run ss (Debian package iproute2): {e}")))?;
+    if !out.status.success() {
+        return Err(CompareError::Run(format!(
+            "ss failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    parse_ss_bytes_sent(&String::from_utf8_lossy(&out.stdout))
+        .map_err(|e| CompareError::Run(format!("connection to port {port}: {e}")))
+}
+
+/// The `bytes_sent` of the only socket in `ss -ti` output.
+fn parse_ss_bytes_sent(out: &str) -> Result<u64, String> {
+    let counts: Vec<&str> = out
+        .split_whitespace()
+        .filter_map(|t| t.strip_prefix("bytes_sent:"))
+        .collect();
+    match counts.as_slice() {
+        [n] => n.parse().map_err(|e| format!("bytes_sent {n:?}: {e}")),
+        [] => Err(format!("no connection with a byte count in {out:?}")),
+        _ => Err(format!("{} connections, expected one", counts.len())),
+    }
+}
+
+/// Escapes a value for a QEMU command-line option (a comma is written twice).
+fn qemu_opt(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// A qemu-storage-daemon process with its QMP connection; stopped when dropped.
+struct Qsd {
+    child: Child,
+    qmp: Qmp,
+    log: PathBuf,
+}
+
+impl Qsd {
+    /// Starts a daemon with only a QMP monitor; everything else is added over QMP, whose
+    /// JSON needs no escaping of file names. Its stderr (warnings such as backup's note on
+    /// the target's cluster size) goes to `<name>.log`, shown when it fails.
+    fn start(work: &Path, name: &str) -> Result<Self, CompareError> {
+        let sock = work.join(format!("{name}-qmp.sock"));
+        let log = work.join(format!("{name}.log"));
+        let _ = std::fs::remove_file(&sock);
+        let mut child = Command::new("qemu-storage-daemon")
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=qmp,path={},server=on,wait=off",
+                qemu_opt(&sock)
+            ))
+            .args(["--monitor", "chardev=qmp"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .map_err(|e| CompareError::Run(format!("cannot start qemu-storage-daemon: {e}")))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            if let Ok(s) = UnixStream::connect(&sock) {
+                break s;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(CompareError::Run(format!(
+                    "qemu-storage-daemon ({name}) exited with {st}: {}",
+                    log_tail(&log)
+                )));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CompareError::Run(format!(
+                    "qemu-storage-daemon ({name}) never opened {}",
+                    sock.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut qsd = Qsd {
+            child,
+            qmp: Qmp::new(stream, name)?,
+            log,
+        };
+        qsd.qmp.handshake().map_err(|e| qsd.with_log(e))?;
+        Ok(qsd)
+    }
+
+    /// Adds the error's daemon log, for errors QMP alone does not explain.
+    fn with_log(&self, e: CompareError) -> CompareError {
+        CompareError::Run(format!("{e} (daemon log: {})", log_tail(&self.log)))
+    }
+
+    /// A `file` node on `path` with the options `bench compare blk` gives the daemon.
+    fn add_file_node(&mut self, node: &str, path: &Path) -> Result<(), CompareError> {
+        self.qmp
+            .execute(
+                "blockdev-add",
+                json!({"driver": "file", "node-name": node, "filename": path, "aio": "io_uring", "cache": {"direct": true}}),
+            )
+            .map(drop)
+    }
+
+    /// An `nbd` client node on the destination's export `dst` at 127.0.0.1:`port`.
+    fn add_nbd_node(&mut self, node: &str, port: u16) -> Result<(), CompareError> {
+        self.qmp
+            .execute(
+                "blockdev-add",
+                json!({"driver": "nbd", "node-name": node, "export": "dst",
+                       "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}}),
+            )
+            .map(drop)
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        // SIGTERM lets the daemon close its exports and images; SIGKILL if it hangs.
+        // SAFETY: kill(2) on a process we started and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The last lines of a daemon's log, for error messages.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" / ")
+}
+
+/// An event: its name and data.
+#[derive(Clone, Debug, PartialEq)]
+struct Event {
+    name: String,
+    data: Value,
+}
+
+/// One message from a QMP server.
+#[derive(Clone, Debug, PartialEq)]
+enum QmpMsg {
+    /// The greeting sent on connecting.
+    Greeting,
+    /// A command's success and its value.
+    Return(Value),
+    /// A command's failure: "class: description".
+    Error(String),
+    /// An asynchronous event.
+    Event(Event),
+}
+
+/// Parses one line from a QMP server.
+fn parse_qmp(line: &[u8]) -> Result<QmpMsg, String> {
+    let v: Value = serde_json::from_slice(line)
+        .map_err(|e| format!("bad QMP line {:?}: {e}", String::from_utf8_lossy(line)))?;
+    if v.get("QMP").is_some() {
+        Ok(QmpMsg::Greeting)
+    } else if let Some(r) = v.get("return") {
+        Ok(QmpMsg::Return(r.clone()))
+    } else if let Some(e) = v.get("error") {
+        Ok(QmpMsg::Error(format!(
+            "{}: {}",
+            e["class"].as_str().unwrap_or("?"),
+            e["desc"].as_str().unwrap_or("?")
+        )))
+    } else if let Some(name) = v.get("event").and_then(Value::as_str) {
+        Ok(QmpMsg::Event(Event {
+            name: name.to_string(),
+            data: v.get("data").cloned().unwrap_or(Value::Null),
+        }))
+    } else {
+        Err(format!("unexpected QMP message {v}"))
+    }
+}
+
+/// What a block job event means for job `job`.
+#[derive(Clone, Debug, PartialEq)]
+enum JobEvent {
+    /// BLOCK_JOB_READY: a mirror is in sync.
+    Ready,
+    /// BLOCK_JOB_COMPLETED without an error: bytes the job had to copy and copied.
+    Completed { len: u64, offset: u64 },
+    /// The job failed or was cancelled.
+    Failed(String),
+    /// Another job's event, or one that changes nothing.
+    Other,
+}
+
+/// Classifies an event for job `job`.
+fn job_event(ev: &Event, job: &str) -> JobEvent {
+    if ev.data.get("device").and_then(Value::as_str) != Some(job) {
+        return JobEvent::Other;
+    }
+    let num = |k: &str| ev.data.get(k).and_then(Value::as_u64).unwrap_or(0);
+    match ev.name.as_str() {
+        "BLOCK_JOB_READY" => JobEvent::Ready,
+        "BLOCK_JOB_COMPLETED" => match ev.data.get("error").and_then(Value::as_str) {
+            Some(e) => JobEvent::Failed(e.to_string()),
+            None => JobEvent::Completed {
+                len: num("len"),
+                offset: num("offset"),
+            },
+        },
+        "BLOCK_JOB_CANCELLED" => JobEvent::Failed("cancelled".into()),
+        "BLOCK_JOB_ERROR" => JobEvent::Failed(format!(
+            "I/O error on {} ({})",
+            ev.data["operation"].as_str().unwrap_or("?"),
+            ev.data["action"].as_str().unwrap_or("?")
+        )),
+        _ => JobEvent::Other,
+    }
+}
+
+/// The dirty byte count and granularity of bitmap `name` on node `node`, from
+/// `query-named-block-nodes`.
+fn bitmap_info(nodes: &Value, node: &str, name: &str) -> Option<(u64, u64)> {
+    let b = nodes
+        .as_array()?
+        .iter()
+        .find(|n| n["node-name"].as_str() == Some(node))?["dirty-bitmaps"]
+        .as_array()?
+        .iter()
+        .find(|b| b["name"].as_str() == Some(name))?;
+    Some((b["count"].as_u64()?, b["granularity"].as_u64()?))
+}
+
+/// A QMP connection: commands one at a time, events kept until asked for.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// Bytes of a line not yet complete (a read can time out mid-line).
+    pending: Vec<u8>,
+    events: VecDeque<Event>,
+    /// Which daemon, for messages.
+    name: String,
+}
+
+/// How long a command may take to answer (block jobs run in the background; commands
+/// return at once).
+const QMP_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Qmp {
+    fn new(stream: UnixStream, name: &str) -> Result<Self, CompareError> {
+        // Short reads so that deadlines are checked.
+        stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(Qmp {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+            pending: Vec::new(),
+            events: VecDeque::new(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Reads the greeting and leaves capabilities negotiation, as every QMP client must.
+    fn handshake(&mut self) -> Result<(), CompareError> {
+        match self.read_msg(Instant::now() + QMP_TIMEOUT)? {
+            QmpMsg::Greeting => {}
+            m => {
+                return Err(CompareError::Run(format!(
+                    "{}: expected the QMP greeting, got {m:?}",
+                    self.name
+                )))
+            }
+        }
+        self.execute("qmp_capabilities", json!({})).map(drop)
+    }
+
+    fn read_msg(&mut self, deadline: Instant) -> Result<QmpMsg, CompareError> {
+        loop {
+            match self.reader.read_until(b'\n', &mut self.pending) {
+                Ok(0) => {
+                    return Err(CompareError::Run(format!(
+                        "{}: QMP connection closed",
+                        self.name
+                    )))
+                }
+                Ok(_) if self.pending.ends_with(b"\n") => {
+                    let line = std::mem::take(&mut self.pending);
+                    return parse_qmp(&line)
+                        .map_err(|e| CompareError::Run(format!("{}: {e}", self.name)));
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if Instant::now() > deadline {
+                return Err(CompareError::Run(format!(
+                    "{}: no answer over QMP in time",
+                    self.name
+                )));
+            }
+        }
+    }
+
+    /// Runs a command and returns its value; events that arrive meanwhile are kept.
+    fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, CompareError> {
+        let mut line = json!({"execute": cmd, "arguments": args}).to_string();
+        line.push('\n');
+        self.writer.write_all(line.as_bytes())?;
+        let deadline = Instant::now() + QMP_TIMEOUT;
+        loop {
+            match self.read_msg(deadline)? {
+                QmpMsg::Return(v) => return Ok(v),
+                QmpMsg::Error(e) => {
+                    return Err(CompareError::Run(format!("{}: {cmd}: {e}", self.name)))
+                }
+                QmpMsg::Event(ev) => self.events.push_back(ev),
+                QmpMsg::Greeting => {}
+            }
+        }
+    }
+
+    /// Waits for job `job` to become ready (`until_ready`) or to complete; fails when it
+    /// fails, is cancelled or takes longer than `timeout`.
+    fn wait_job(
+        &mut self,
+        job: &str,
+        until_ready: bool,
+        timeout: Duration,
+    ) -> Result<JobEvent, CompareError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ev = match self.events.pop_front() {
+                Some(ev) => ev,
+                None => match self.read_msg(deadline)? {
+                    QmpMsg::Event(ev) => ev,
+                    _ => continue,
+                },
+            };
+            match job_event(&ev, job) {
+                JobEvent::Other => {}
+                JobEvent::Ready if !until_ready => {}
+                JobEvent::Completed { .. } if until_ready => {
+                    return Err(CompareError::Run(format!(
+                        "{}: job {job} completed before it was ready",
+                        self.name
+                    )))
+                }
+                JobEvent::Failed(e) => {
+                    return Err(CompareError::Run(format!(
+                        "{}: job {job} failed: {e}",
+                        self.name
+                    )))
+                }
+                done => return Ok(done),
+            }
+        }
+    }
+}
+
+/// NBD protocol constants (the NBD protocol document, "fixed newstyle" negotiation).
+mod nbd {
+    pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+    pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+    pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+    pub const OPT_EXPORT_NAME: u32 = 1;
+    pub const FLAG_READ_ONLY: u16 = 1 << 1;
+    pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+    pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+    pub const CMD_WRITE: u16 = 1;
+    pub const CMD_DISC: u16 = 2;
+    pub const CMD_FLUSH: u16 = 3;
+}
+
+/// Checks the server's first 18 bytes (magic, IHAVEOPT, handshake flags) and returns the
+/// handshake flags.
+fn parse_nbd_greeting(b: &[u8; 18]) -> Result<u16, String> {
+    let magic = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+    let opt = u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+    let flags = u16::from_be_bytes([b[16], b[17]]);
+    if magic != nbd::NBDMAGIC || opt != nbd::IHAVEOPT {
+        return Err("not a newstyle NBD server".into());
+    }
+    if flags & nbd::FLAG_FIXED_NEWSTYLE == 0 {
+        return Err("NBD server without fixed newstyle negotiation".into());
+    }
+    Ok(flags)
+}
+
+/// Checks a simple reply to request `cookie`.
+fn parse_nbd_reply(b: &[u8; 16], cookie: u64) -> Result<(), String> {
+    let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let err = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+    let got = u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+    if magic != nbd::SIMPLE_REPLY_MAGIC {
+        return Err(format!("bad NBD reply magic {magic:#x}"));
+    }
+    if got != cookie {
+        return Err(format!("NBD reply to {got}, expected {cookie}"));
+    }
+    if err != 0 {
+        return Err(format!("NBD error {err}"));
+    }
+    Ok(())
+}
+
+/// The smallest NBD client that writes: the incremental writes go through the source
+/// daemon's export of the source node, so the node's dirty bitmap records them exactly as
+/// it would a guest's (writing the file behind the daemon's back would not be seen).
+/// One request at a time; the writes are not timed.
+struct NbdClient {
+    s: UnixStream,
+    cookie: u64,
+}
+
+impl NbdClient {
+    fn connect(path: &Path, export: &str, size: u64) -> Result<Self, CompareError> {
+        let nbd_err = |e: String| CompareError::Run(format!("NBD {}: {e}", path.display()));
+        let mut s = UnixStream::connect(path)?;
+        s.set_read_timeout(Some(QMP_TIMEOUT))?;
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g)?;
+        let flags = parse_nbd_greeting(&g).map_err(nbd_err)?;
+        let no_zeroes = flags & nbd::FLAG_NO_ZEROES != 0;
+        let client_flags = u32::from(nbd::FLAG_FIXED_NEWSTYLE)
+            | if no_zeroes {
+                u32::from(nbd::FLAG_NO_ZEROES)
+            } else {
+                0
+            };
+        let mut m = client_flags.to_be_bytes().to_vec();
+        m.extend_from_slice(&nbd::IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&nbd::OPT_EXPORT_NAME.to_be_bytes());
+        m.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        m.extend_from_slice(export.as_bytes());
+        s.write_all(&m)?;
+        let mut info = [0u8; 10];
+        s.read_exact(&mut info)?;
+        if !no_zeroes {
+            let mut zeroes = [0u8; 124];
+            s.read_exact(&mut zeroes)?;
+        }
+        let got = u64::from_be_bytes([
+            info[0], info[1], info[2], info[3], info[4], info[5], info[6], info[7],
+        ]);
+        let tflags = u16::from_be_bytes([info[8], info[9]]);
+        if got != size {
+            return Err(nbd_err(format!("export is {got} bytes, expected {size}")));
+        }
+        if tflags & nbd::FLAG_READ_ONLY != 0 {
+            return Err(nbd_err("export is read-only".into()));
+        }
+        Ok(NbdClient { s, cookie: 0 })
+    }
+
+    fn request(&mut self, cmd: u16, off: u64, data: &[u8]) -> Result<(), CompareError> {
+        self.cookie += 1;
+        let mut h = Vec::with_capacity(28);
+        h.extend_from_slice(&nbd::REQUEST_MAGIC.to_be_bytes());
+        h.extend_from_slice(&0u16.to_be_bytes());
+        h.extend_from_slice(&cmd.to_be_bytes());
+        h.extend_from_slice(&self.cookie.to_be_bytes());
+        h.extend_from_slice(&off.to_be_bytes());
+        h.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        self.s.write_all(&h)?;
+        self.s.write_all(data)?;
+        let mut r = [0u8; 16];
+        self.s.read_exact(&mut r)?;
+        parse_nbd_reply(&r, self.cookie).map_err(CompareError::Run)
+    }
+
+    fn write(&mut self, off: u64, data: &[u8]) -> Result<(), CompareError> {
+        self.request(nbd::CMD_WRITE, off, data)
+    }
+
+    fn flush(&mut self) -> Result<(), CompareError> {
+        self.request(nbd::CMD_FLUSH, 0, &[])
+    }
+
+    /// Sends NBD_CMD_DISC (which has no reply) and closes.
+    fn disconnect(mut self) {
+        let mut h = Vec::with_capacity(28);
+        h.extend_from_slice(&nbd::REQUEST_MAGIC.to_be_bytes());
+        h.extend_from_slice(&0u16.to_be_bytes());
+        h.extend_from_slice(&nbd::CMD_DISC.to_be_bytes());
+        h.extend_from_slice(&[0u8; 20]);
+        let _ = self.s.write_all(&h);
+    }
+}
+
+/// One incremental write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct WriteOp {
+    off: u64,
+    len: u64,
+}
+
+/// xorshift64*, seeded through splitmix64 so that any seed (0 too) works.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Rng((z ^ (z >> 31)) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform enough in 0..n (n > 0) for placing writes.
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Writes totalling exactly `total` bytes: each 4 KiB to 64 KiB (a multiple of 4 KiB, the
+/// last one cut to what is left) at a random 4 KiB-aligned offset inside the image. They
+/// may overlap, as a guest's do.
+fn plan_writes(size: u64, total: u64, seed: u64) -> Vec<WriteOp> {
+    let mut rng = Rng::new(seed);
+    let mut left = total;
+    let mut plan = Vec::new();
+    while left > 0 {
+        let len = ((rng.below(MAX_WRITE / BLOCK) + 1) * BLOCK).min(left);
+        let off = rng.below((size - len) / BLOCK + 1) * BLOCK;
+        plan.push(WriteOp { off, len });
+        left -= len;
+    }
+    plan
+}
+
+/// The data write `write` puts in image block `block`: known, so it can be checked, and
+/// different per write, so a lost or misordered write shows.
+fn fill_block(seed: u64, write: usize, block: u64, out: &mut [u8]) {
+    let mut rng = Rng::new(seed ^ ((write as u64) << 40) ^ block);
+    for c in out.chunks_exact_mut(8) {
+        c.copy_from_slice(&rng.next().to_le_bytes());
+    }
+}
+
+/// Bytes of the clusters of `granularity` bytes that the plan writes to: what a dirty
+/// bitmap of that granularity must count (the image's last cluster may be short).
+fn dirty_bytes(plan: &[WriteOp], granularity: u64, size: u64) -> u64 {
+    let g = granularity.max(1);
+    let clusters: std::collections::BTreeSet<u64> = plan
+        .iter()
+        .filter(|w| w.len > 0)
+        .flat_map(|w| w.off / g..=(w.off + w.len - 1) / g)
+        .collect();
+    clusters
+        .into_iter()
+        .map(|c| g.min(size.saturating_sub(c * g)))
+        .sum()
+}
+
+/// Checks that every block of the plan holds the data of the last write to it.
+fn check_writes(image: &Path, plan: &[WriteOp], seed: u64) -> Result<(), CompareError> {
+    let mut last: HashMap<u64, usize> = HashMap::new();
+    for (i, w) in plan.iter().enumerate().rev() {
+        for b in w.off / BLOCK..(w.off + w.len) / BLOCK {
+            last.entry(b).or_insert(i);
+        }
+    }
+    let f = std::fs::File::open(image)?;
+    let (mut want, mut got) = (vec![0u8; BLOCK as usize], vec![0u8; BLOCK as usize]);
+    for (&b, &i) in &last {
+        fill_block(seed, i, b, &mut want);
+        f.read_exact_at(&mut got, b * BLOCK)?;
+        if want != got {
+            return Err(CompareError::Run(format!(
+                "incremental write {i} is not in the source image at block {b}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Compares two files byte for byte (the images are as large as memory allows, so in
+/// chunks), naming the first difference.
+fn files_equal(a: &Path, b: &Path) -> Result<(), CompareError> {
+    let (fa, fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    let (la, lb) = (fa.metadata()?.len(), fb.metadata()?.len());
+    if la != lb {
+        return Err(CompareError::Run(format!(
+            "{} is {la} bytes, {} is {lb}",
+            a.display(),
+            b.display()
+        )));
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut off = 0;
+    while off < la {
+        let n = (la - off).min(ba.len() as u64) as usize;
+        fa.read_exact_at(&mut ba[..n], off)?;
+        fb.read_exact_at(&mut bb[..n], off)?;
+        if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
+            return Err(CompareError::Run(format!(
+                "destination differs from the source at byte {}",
+                off + i as u64
+            )));
+        }
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// "1 GiB", "64 MiB", "12 KiB" or "N bytes", for case names.
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b.is_multiple_of(1 << 30) => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 && b.is_multiple_of(1 << 20) => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b.is_multiple_of(1 << 10) => format!("{} KiB", b >> 10),
+        b => format!("{b} bytes"),
+    }
+}
+
+/// A size as `parse_size` reads it back ("1g", "64m", "12k", "100").
+fn size_arg(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b.is_multiple_of(1 << 30) => format!("{}g", b >> 30),
+        b if b >= 1 << 20 && b.is_multiple_of(1 << 20) => format!("{}m", b >> 20),
+        b if b >= 1 << 10 && b.is_multiple_of(1 << 10) => format!("{}k", b >> 10),
+        b => b.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qmp_lines() {
+        assert_eq!(
+            parse_qmp(br#"{"QMP": {"version": {}, "capabilities": ["oob"]}}"#),
+            Ok(QmpMsg::Greeting)
+        );
+        assert_eq!(
+            parse_qmp(b"{\"return\": {}}\r\n"),
+            Ok(QmpMsg::Return(json!({})))
+        );
+        assert_eq!(
+            parse_qmp(br#"{"error": {"class": "GenericError", "desc": "Node 'x' not found"}}"#),
+            Ok(QmpMsg::Error("GenericError: Node 'x' not found".into()))
+        );
+        let ev = parse_qmp(
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "BLOCK_JOB_READY", "data": {"device": "full", "len": 4096, "offset": 4096, "speed": 0, "type": "mirror"}}"#,
+        );
+        let Ok(QmpMsg::Event(ev)) = ev else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(ev.name, "BLOCK_JOB_READY");
+        assert_eq!(job_event(&ev, "full"), JobEvent::Ready);
+        assert_eq!(job_event(&ev, "other"), JobEvent::Other);
+        assert!(parse_qmp(b"{\"what\": 1}").is_err());
+        assert!(parse_qmp(b"{\"ret").is_err());
+    }
+
+    #[test]
+    fn job_events() {
+        let ev = |name: &str, data: Value| Event {
+            name: name.into(),
+            data,
+        };
+        assert_eq!(
+            job_event(
+                &ev(
+                    "BLOCK_JOB_COMPLETED",
+                    json!({"device": "ret", "len": 9, "offset": 9, "type": "backup"})
+                ),
+                "ret"
+            ),
+            JobEvent::Completed { len: 9, offset: 9 }
+        );
+        assert_eq!(
+            job_event(
+                &ev(
+                    "BLOCK_JOB_COMPLETED",
+                    json!({"device": "ret", "len": 9, "offset": 3, "error": "Input/output error"})
+                ),
+                "ret"
+            ),
+            JobEvent::Failed("Input/output error".into())
+        );
+        assert!(matches!(
+            job_event(&ev("BLOCK_JOB_CANCELLED", json!({"device": "ret"})), "ret"),
+            JobEvent::Failed(_)
+        ));
+        assert!(matches!(
+            job_event(
+                &ev(
+                    "BLOCK_JOB_ERROR",
+                    json!({"device": "ret", "operation": "write", "action": "report"})
+                ),
+                "ret"
+            ),
+            JobEvent::Failed(_)
+        ));
+        assert_eq!(
+            job_event(
+                &ev("JOB_STATUS_CHANGE", json!({"id": "ret", "status": "ready"})),
+                "ret"
+            ),
+            JobEvent::Other
+        );
+    }
+
+    #[test]
+    fn bitmap_from_named_nodes() {
+        let nodes = json!([
+            {"node-name": "to-dst", "dirty-bitmaps": null},
+            {"node-name": "src", "dirty-bitmaps": [
+                {"name": "other", "count": 1, "granularity": 512},
+                {"name": "ret", "recording": true, "count": 9240576, "granularity": 65536}
+            ]}
+        ]);
+        assert_eq!(bitmap_info(&nodes, "src", "ret"), Some((9_240_576, 65_536)));
+        assert_eq!(bitmap_info(&nodes, "src", "nope"), None);
+        assert_eq!(bitmap_info(&nodes, "to-dst", "ret"), None);
+    }
+
+    #[test]
+    fn nbd_greeting_and_reply() {
+        let mut g = [0u8; 18];
+        g[..8].copy_from_slice(b"NBDMAGIC");
+        g[8..16].copy_from_slice(b"IHAVEOPT");
+        g[17] = 3;
+        assert_eq!(parse_nbd_greeting(&g), Ok(3));
+        g[17] = 2;
+        assert!(parse_nbd_greeting(&g).is_err());
+        g[0] = 0;
+        assert!(parse_nbd_greeting(&g).is_err());
+
+        let mut r = [0u8; 16];
+        r[..4].copy_from_slice(&nbd::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        r[8..].copy_from_slice(&7u64.to_be_bytes());
+        assert_eq!(parse_nbd_reply(&r, 7), Ok(()));
+        assert!(parse_nbd_reply(&r, 8).is_err());
+        r[7] = 5;
+        assert!(parse_nbd_reply(&r, 7).is_err());
+    }
+
+    #[test]
+    fn write_plan_fills_the_amount_inside_the_image() {
+        let size = 1 << 30;
+        let plan = plan_writes(size, 64 << 20, 1);
+        assert_eq!(plan.iter().map(|w| w.len).sum::<u64>(), 64 << 20);
+        for w in &plan {
+            assert_eq!(w.off % BLOCK, 0);
+            assert_eq!(w.len % BLOCK, 0);
+            assert!((BLOCK..=MAX_WRITE).contains(&w.len));
+            assert!(w.off + w.len <= size);
+        }
+        // Sizes spread over the whole range, not one size.
+        assert!(plan.iter().any(|w| w.len == BLOCK));
+        assert!(plan.iter().any(|w| w.len == MAX_WRITE));
+        assert_eq!(plan, plan_writes(size, 64 << 20, 1));
+        assert_ne!(plan, plan_writes(size, 64 << 20, 2));
+        assert!(plan_writes(size, 0, 1).is_empty());
+        // An image of exactly one write.
+        let one = plan_writes(MAX_WRITE, MAX_WRITE, 3);
+        assert!(one.iter().all(|w| w.off + w.len <= MAX_WRITE));
+    }
+
+    #[test]
+    fn dirty_clusters() {
+        let w = |off, len| WriteOp { off, len };
+        let g = 64 << 10;
+        assert_eq!(dirty_bytes(&[], g, 1 << 20), 0);
+        // One 4 KiB write dirties its cluster; one across a boundary, two.
+        assert_eq!(dirty_bytes(&[w(4096, 4096)], g, 1 << 20), g);
+        assert_eq!(dirty_bytes(&[w(g - 4096, 8192)], g, 1 << 20), 2 * g);
+        // Overlaps count once.
+        assert_eq!(
+            dirty_bytes(&[w(0, 4096), w(8192, 4096), w(0, g)], g, 1 << 20),
+            g
+        );
+        // The last cluster of an image that ends mid-cluster is short.
+        assert_eq!(dirty_bytes(&[w(g, 4096)], g, g + 8192), 8192);
+    }
+
+    #[test]
+    fn last_write_wins_in_the_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("i");
+        let plan = [
+            WriteOp { off: 0, len: 8192 },
+            WriteOp {
+                off: 4096,
+                len: 4096,
+            },
+        ];
+        let mut data = vec![0u8; 8192];
+        fill_block(5, 0, 0, &mut data[..4096]);
+        fill_block(5, 1, 1, &mut data[4096..]);
+        std::fs::write(&img, &data).unwrap();
+        check_writes(&img, &plan, 5).unwrap();
+        // The overwritten first write's second block must not be expected.
+        fill_block(5, 0, 1, &mut data[4096..]);
+        std::fs::write(&img, &data).unwrap();
+        assert!(check_writes(&img, &plan, 5).is_err());
+    }
+
+    #[test]
+    fn file_compare_names_the_first_difference() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let mut data = vec![7u8; (1 << 20) + 10];
+        std::fs::write(&a, &data).unwrap();
+        std::fs::write(&b, &data).unwrap();
+        files_equal(&a, &b).unwrap();
+        data[(1 << 20) + 3] = 0;
+        std::fs::write(&b, &data).unwrap();
+        let e = files_equal(&a, &b).unwrap_err().to_string();
+        assert!(e.contains(&format!("byte {}", (1 << 20) + 3)), "{e}");
+    }
+
+    #[test]
+    fn ss_byte_count() {
+        // `ss -tinH state established`, one loopback connection seen from both ends.
+        let client = "0      0      127.0.0.1:41228 127.0.0.1:38017\n\t bbr wscale:10,10 rto:204 rtt:0.24/0.169 ato:40 mss:65483 cwnd:36 ssthresh:8 bytes_sent:11534781 bytes_acked:11534782 bytes_received:343 segs_out:212 segs_in:68 data_segs_out:206 bbr:(bw:74837709824bps,mrtt:0.006,pacing_gain:1,cwnd_gain:2) send 78579600000bps lastrcv:4 delivered:207 busy:4ms snd_wnd:6014976\n";
+        let server = "0      0      127.0.0.1:38017 127.0.0.1:41228\n\t bbr wscale:10,10 rto:204 rtt:0.25/0.407 ato:40 mss:32768 cwnd:14 bytes_sent:343 bytes_acked:343 bytes_received:11534781 segs_out:67 app_limited snd_wnd:65536\n";
+        assert_eq!(parse_ss_bytes_sent(client), Ok(11_534_781));
+        assert!(parse_ss_bytes_sent(&format!("{client}{server}")).is_err());
+        assert!(parse_ss_bytes_sent("").is_err());
+        assert!(parse_ss_bytes_sent("x bytes_sent:12a").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(human(1 << 30), "1 GiB");
+        assert_eq!(human(64 << 20), "64 MiB");
+        assert_eq!(human(1536 << 20), "1536 MiB");
+        assert_eq!(size_arg(1 << 30), "1g");
+        assert_eq!(size_arg(100), "100");
+        for s in [1u64 << 30, 64 << 20, 12 << 10, 100] {
+            assert_eq!(parse_size(&size_arg(s)), Ok(s));
+        }
+    }
+}
