@@ -445,6 +445,16 @@ fn measure_running(
     let cpu = cpu_seconds(c.pid) - cpu0;
     let other = (machine_busy_seconds() - busy0 - cpu - r.generator_cpu).max(0.0) / wall;
     let (pps, frames, delivered_pct) = match mode {
+        // Both directions at once: the slower one counts, so one direction starving the
+        // other (a single worker serves both rings) shows instead of hiding in a total.
+        Mode::Both => (
+            r.tx_pps().min(r.rx_pps()),
+            r.tx_completed + r.rx_received,
+            match (&r.tap, r.tx_completed + r.rx_injected) {
+                (Some(t), n) if n > 0 => (t.rx_packets + r.rx_received) as f64 * 100.0 / n as f64,
+                _ => 0.0,
+            },
+        ),
         Mode::Rx => (
             r.rx_pps(),
             r.rx_received,
@@ -520,7 +530,11 @@ fn compare_in(a: &CompareNetArgs, work: &Path, load0: &str) -> Result<Section, C
             warm_up(d, a)?;
         }
         for &fs in &a.frame_sizes {
-            for (mode, dir) in [(Mode::Tx, "TX"), (Mode::Rx, "RX")] {
+            for (mode, dir) in [
+                (Mode::Tx, "TX"),
+                (Mode::Rx, "RX"),
+                (Mode::Both, "both ways (slower direction)"),
+            ] {
                 // samples[contender][rep]
                 let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); 2];
                 for rep in 0..a.reps {

@@ -1007,6 +1007,16 @@ mod tests {
                 assert_eq!(r.rx_injected, 0);
             }
             assert_eq!(r.rx_foreign, 0, "{r}");
+            if mode == Mode::Both {
+                // One worker serves both rings: neither direction may starve the other
+                // (before the per-call budget, TX got 0.3 % of RX's frames here). A
+                // ratio of counts, not a rate.
+                let (lo, hi) = (
+                    r.tx_completed.min(r.rx_received),
+                    r.tx_completed.max(r.rx_received),
+                );
+                assert!(lo * 4 >= hi, "one direction starved the other: {r}");
+            }
         }
         // The backend's own counters agree: packets through queue 1 (TX) and 0 (RX).
         let packets = |q: u16| {

@@ -4,7 +4,6 @@
 //! Every `bench compare` subcommand fills one [`Section`]; `bench compare all` gathers the
 //! sections of one run into one table and one chart.
 
-
 use std::fmt::Write as _;
 use std::path::Path;
 

@@ -30,6 +30,7 @@ use vhost_user_device::rate_limit::RateLimitedLog;
 use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::NetShared;
 use crate::spec::{
@@ -42,6 +43,13 @@ use crate::uring::TxUring;
 const TX_BATCH: usize = 64;
 /// Frames received before the guest is interrupted in a long burst.
 const RX_NOTIFY_EVERY: usize = 64;
+/// Frames one direction may move per call before the other gets its turn (Linux vhost-net
+/// uses the same packet weight): one worker serves both rings of a pair, and a direction
+/// that always has work (a flooding peer, a busy-polling driver) must not starve the other.
+const BUDGET: usize = 256;
+/// `epoll` data of the tap fd and of the "more work" eventfd.
+const TOKEN_TAP: u64 = 0;
+const TOKEN_MORE: u64 = 1;
 /// The kernel's limit on iovecs per readv/writev.
 const MAX_IOVECS: usize = 1024;
 /// How long a stopping ring waits for a full tap before giving frames back unsent.
@@ -95,6 +103,13 @@ pub struct PairWorker {
     chain: Chain,
     iovecs: Vec<libc::iovec>,
     log: RateLimitedLog,
+    /// Written when a direction stopped at its budget with work left, so the worker comes
+    /// back (after serving the other events) without waiting for a kick or the tap.
+    more: EventFd,
+    /// TX stopped at its budget with chains left on the ring.
+    tx_more: bool,
+    /// RX stopped at its budget with frames possibly left on the tap.
+    rx_more: bool,
 }
 
 // SAFETY: the raw iovec scratch vector only holds pointers into guest memory while a
@@ -142,8 +157,16 @@ impl PairWorker {
             chain: Chain::default(),
             iovecs: Vec::with_capacity(64),
             log: RateLimitedLog::new(),
+            more: EventFd::new(EFD_NONBLOCK)?,
+            tx_more: false,
+            rx_more: false,
             shared,
         };
+        w.epoll.ctl(
+            ControlOperation::Add,
+            w.more.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_MORE),
+        )?;
         // Watch the tap from the start: frames the kernel steers to this queue while its
         // rings are not running make us detach the queue (see `sync_attached`).
         w.set_interest(EventSet::IN);
@@ -168,11 +191,17 @@ impl PairWorker {
             self.epoll
                 .ctl(ControlOperation::Delete, self.fd, EpollEvent::default())
         } else if self.interest.is_empty() {
-            self.epoll
-                .ctl(ControlOperation::Add, self.fd, EpollEvent::new(want, 0))
+            self.epoll.ctl(
+                ControlOperation::Add,
+                self.fd,
+                EpollEvent::new(want, TOKEN_TAP),
+            )
         } else {
-            self.epoll
-                .ctl(ControlOperation::Modify, self.fd, EpollEvent::new(want, 0))
+            self.epoll.ctl(
+                ControlOperation::Modify,
+                self.fd,
+                EpollEvent::new(want, TOKEN_TAP),
+            )
         };
         match res {
             Ok(()) => self.interest = want,
@@ -291,10 +320,20 @@ impl PairWorker {
         completed
     }
 
-    /// Sends what the TX ring holds (pending frames first).
+    /// Asks to be called again: a direction stopped at its budget.
+    fn schedule_more(&mut self) {
+        if self.more.write(1).is_err() {
+            self.log
+                .warn(|| "cannot signal the worker's own eventfd".to_string());
+        }
+    }
+
+    /// Sends what the TX ring holds (pending frames first), at most `BUDGET` frames.
     fn process_tx(&mut self, ring: &mut Ring) {
         let mem = ring.memory();
         let mut completed = 0;
+        let mut sent = 0usize;
+        self.tx_more = false;
         if !self.tx_pending.is_empty() {
             // Rebuild iovecs against the current memory snapshot.
             let pending: Vec<TxFrame> = self.tx_pending.drain(..).collect();
@@ -334,12 +373,25 @@ impl PairWorker {
                 if self.tx_frames.is_empty() {
                     break;
                 }
+                sent += self.tx_frames.len();
                 completed += self.write_frames(ring, &mem);
+                // Hand each batch back at once: a driver waiting on used_event must not
+                // wait for the whole ring to drain before it can refill it.
+                if completed > 0 {
+                    ring.notify(&mem);
+                    completed = 0;
+                }
                 if !self.tx_pending.is_empty() {
                     // The tap is full: wait for EPOLLOUT with guest kicks off.
                     if let Some(c) = self.counters(self.txq) {
                         c.waits.fetch_add(1, Ordering::Relaxed);
                     }
+                    break 'outer;
+                }
+                if sent >= BUDGET {
+                    // Kicks stay off: we come back through `more`.
+                    self.tx_more = true;
+                    self.schedule_more();
                     break 'outer;
                 }
             }
@@ -518,13 +570,20 @@ impl PairWorker {
         true
     }
 
-    /// Receives frames while the tap has them and the guest has buffers.
+    /// Receives frames while the tap has them and the guest has buffers, at most
+    /// `BUDGET` frames.
     fn process_rx(&mut self, ring: &mut Ring) {
         let mem = ring.memory();
         let mut used = 0usize;
         let mut frames = 0usize;
+        self.rx_more = false;
         ring.disable_notification(&mem);
         loop {
+            if frames >= BUDGET {
+                self.rx_more = true;
+                self.schedule_more();
+                break;
+            }
             if !self.complete_partial(ring, &mem, &mut used) {
                 if self.starve(ring, &mem) {
                     continue;
@@ -762,16 +821,23 @@ impl QueueWorker for PairWorker {
     }
 
     fn handle_event(&mut self, _fd_index: usize, rings: &mut Rings) {
-        let mut events = [EpollEvent::default(); 1];
-        let ready = match self.epoll.wait(0, &mut events) {
-            Ok(0) => EventSet::empty(),
-            Ok(_) => EventSet::from_bits_truncate(events[0].events),
-            Err(_) => EventSet::empty(),
-        };
+        let mut events = [EpollEvent::default(); 2];
+        let n = self.epoll.wait(0, &mut events).unwrap_or(0);
+        let mut ready = EventSet::empty();
+        let mut more = false;
+        for e in &events[..n] {
+            if e.data() == TOKEN_MORE {
+                let _ = self.more.read();
+                more = true;
+            } else {
+                ready = EventSet::from_bits_truncate(e.events);
+            }
+        }
         self.refresh(rings);
         log::trace!("pair {}: tap events {ready:?}", self.pair);
-        if ready.intersects(EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP)
-            && !self.tx_pending.is_empty()
+        if (more && self.tx_more)
+            || (ready.intersects(EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP)
+                && !self.tx_pending.is_empty())
         {
             if let Some(tx) = rings.get_mut(self.txq) {
                 if tx.is_enabled() {
@@ -779,7 +845,7 @@ impl QueueWorker for PairWorker {
                 }
             }
         }
-        if ready.intersects(EventSet::IN | EventSet::ERROR) {
+        if (more && self.rx_more) || ready.intersects(EventSet::IN | EventSet::ERROR) {
             if let Some(rx) = rings.get_mut(self.rxq) {
                 if rx.is_enabled() {
                     self.process_rx(rx);
