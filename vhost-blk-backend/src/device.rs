@@ -57,6 +57,8 @@ pub struct BlkOptions {
     pub block_size: u32,
     /// GET_ID answer (up to 20 bytes).
     pub serial: String,
+    /// Adaptive polling window of each queue worker in microseconds (0: never poll).
+    pub poll_us: u32,
 }
 
 /// State shared by the device and its workers.
@@ -78,6 +80,8 @@ pub struct BlkShared {
     pub block_size: u32,
     /// Counters.
     pub stats: BlkStats,
+    /// Adaptive polling window of each queue worker (None: sleep whenever idle).
+    pub poll: Option<std::time::Duration>,
 }
 
 /// The virtio-blk device.
@@ -111,6 +115,8 @@ impl BlkDevice {
                 num_queues: opts.num_queues,
                 block_size: opts.block_size,
                 stats: BlkStats::default(),
+                poll: (opts.poll_us > 0)
+                    .then(|| std::time::Duration::from_micros(u64::from(opts.poll_us))),
             }),
         }
     }

@@ -645,6 +645,10 @@ impl QueueWorker for BlkWorker {
         vec![self.uring.eventfd()]
     }
 
+    fn poll_duration(&self) -> Option<std::time::Duration> {
+        self.shared.poll
+    }
+
     fn process_queue(&mut self, ring: &mut Ring) {
         let mem = ring.memory();
         let mut completed_now = false;

@@ -60,6 +60,7 @@ fn help_explains_every_flag() {
         "--serial",
         "--cache",
         "--block-size",
+        "--poll-us",
     ] {
         assert!(s.contains(flag), "--help lacks {flag}");
     }
@@ -167,4 +168,49 @@ fn listens_on_an_inherited_fd() {
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
+}
+
+/// CPU seconds (user + system, all threads) of process `pid`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no memory effects.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[test]
+fn adaptive_polling_serves_and_then_sleeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let sock = dir.path().join("blk.sock");
+    let mut child = Command::new(BIN)
+        .args(["--poll-us", "20000", "--blk-file"])
+        .arg(&img)
+        .arg("--socket-path")
+        .arg(&sock)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock);
+    let mut fe = TestFrontend::connect(&sock, FrontendOptions::default()).unwrap();
+    for i in 0..50u64 {
+        assert_eq!(write(&mut fe, i * 8, &[i as u8; 4096]), status::OK);
+        let (data, st) = read(&mut fe, i * 8, 4096);
+        assert_eq!((st, data), (status::OK, vec![i as u8; 4096]));
+    }
+    // Idle (still connected, rings running): the 20 ms polling window ends and the
+    // worker sleeps. A worker that kept polling would burn about a second here.
+    std::thread::sleep(Duration::from_millis(200));
+    let cpu0 = cpu_seconds(child.id());
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_cpu = cpu_seconds(child.id()) - cpu0;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        idle_cpu < 0.2,
+        "backend used {idle_cpu} s of CPU in 1 s of idle"
+    );
+    drop(fe);
 }

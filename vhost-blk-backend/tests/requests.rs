@@ -52,8 +52,21 @@ fn write_reaches_the_image_in_memory() {
     check_write(true);
 }
 
+#[test]
+fn write_and_read_with_adaptive_polling() {
+    // The worker polls instead of sleeping between requests: same results.
+    let b = TestBackend::start(BackendConfig {
+        poll_us: 200,
+        ..Default::default()
+    });
+    write_then_read(b);
+}
+
 fn check_write(in_memory: bool) {
-    let b = backend_in(in_memory);
+    write_then_read(backend_in(in_memory));
+}
+
+fn write_then_read(b: TestBackend) {
     let mut fe = connect(&b);
     let data: Vec<u8> = (0..16384u32).map(|i| (i * 7 % 251) as u8).collect();
     assert_eq!(write(&mut fe, 100, &data), status::OK);

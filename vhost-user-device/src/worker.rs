@@ -7,6 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -83,6 +84,7 @@ impl WorkerHandle {
             )?;
         }
         let mut state = WorkerState {
+            poll: worker.poll_duration().filter(|d| !d.is_zero()),
             worker,
             rings: Rings {
                 slots: queues.into_iter().map(|q| (q, None)).collect(),
@@ -161,6 +163,8 @@ impl WorkerHandle {
 }
 
 struct WorkerState {
+    /// Keep polling this long after the last event (see `QueueWorker::poll_duration`).
+    poll: Option<Duration>,
     worker: Box<dyn QueueWorker>,
     rings: Rings,
     epoll: Epoll,
@@ -172,12 +176,25 @@ struct WorkerState {
 impl WorkerState {
     fn run(&mut self) -> io::Result<()> {
         let mut events = vec![EpollEvent::default(); 32];
+        let mut last_event: Option<Instant> = None;
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            // Poll (timeout 0) while the last event is recent enough, else sleep.
+            let polling = matches!((self.poll, last_event), (Some(p), Some(t)) if t.elapsed() < p);
+            let n = match self.epoll.wait(if polling { 0 } else { -1 }, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            if n == 0 {
+                if !polling {
+                    last_event = None;
+                }
+                std::hint::spin_loop();
+                continue;
+            }
+            if self.poll.is_some() {
+                last_event = Some(Instant::now());
+            }
             for ev in &events[..n] {
                 let token = ev.data();
                 if token == TOKEN_WAKE {

@@ -36,6 +36,8 @@ pub struct BackendConfig {
     /// Put the image in /dev/shm (tmpfs: the backend does reads and writes inline)
     /// instead of the default temporary directory.
     pub in_memory: bool,
+    /// Adaptive polling window of the queue workers (0: off).
+    pub poll_us: u32,
 }
 
 impl Default for BackendConfig {
@@ -49,6 +51,7 @@ impl Default for BackendConfig {
             cache: CacheMode::None,
             fill: true,
             in_memory: false,
+            poll_us: 0,
         }
     }
 }
@@ -90,6 +93,7 @@ impl TestBackend {
                 queue_size: cfg.queue_size,
                 block_size: cfg.block_size,
                 serial: "test-serial-0123".into(),
+                poll_us: cfg.poll_us,
             },
         );
         let shared = device.shared().clone();
