@@ -62,7 +62,13 @@ struct Case {
     bs: u64,
     qd: u16,
     queues: u16,
+    /// Run against the polling set-ups (ours with --poll-us, QSD with a polling iothread).
+    polling: bool,
 }
+
+/// Polling window given to both backends in the polling cases (ours: --poll-us; QSD: an
+/// iothread's poll-max-ns).
+const POLL_US: u32 = 50;
 
 const CASES: &[Case] = &[
     Case {
@@ -71,6 +77,7 @@ const CASES: &[Case] = &[
         bs: 4096,
         qd: 1,
         queues: 1,
+        polling: false,
     },
     Case {
         name: "4k randread QD32",
@@ -78,6 +85,7 @@ const CASES: &[Case] = &[
         bs: 4096,
         qd: 32,
         queues: 1,
+        polling: false,
     },
     Case {
         name: "4k randread QD128",
@@ -85,6 +93,7 @@ const CASES: &[Case] = &[
         bs: 4096,
         qd: 128,
         queues: 1,
+        polling: false,
     },
     Case {
         name: "4k randwrite QD1",
@@ -92,6 +101,7 @@ const CASES: &[Case] = &[
         bs: 4096,
         qd: 1,
         queues: 1,
+        polling: false,
     },
     Case {
         name: "4k randwrite QD32",
@@ -99,6 +109,7 @@ const CASES: &[Case] = &[
         bs: 4096,
         qd: 32,
         queues: 1,
+        polling: false,
     },
     Case {
         name: "4k randwrite QD128",
@@ -106,6 +117,7 @@ const CASES: &[Case] = &[
         bs: 4096,
         qd: 128,
         queues: 1,
+        polling: false,
     },
     Case {
         name: "128k read QD32",
@@ -113,6 +125,7 @@ const CASES: &[Case] = &[
         bs: 128 << 10,
         qd: 32,
         queues: 1,
+        polling: false,
     },
     Case {
         name: "4k randread QD32 x2 queues",
@@ -120,6 +133,23 @@ const CASES: &[Case] = &[
         bs: 4096,
         qd: 32,
         queues: 2,
+        polling: false,
+    },
+    Case {
+        name: "4k randread QD1, polling",
+        rw: Rw::Randread,
+        bs: 4096,
+        qd: 1,
+        queues: 1,
+        polling: true,
+    },
+    Case {
+        name: "4k randread QD32, polling",
+        rw: Rw::Randread,
+        bs: 4096,
+        qd: 32,
+        queues: 1,
+        polling: true,
     },
 ];
 
@@ -176,7 +206,8 @@ pub fn wait_socket(p: &Path) -> Result<(), CompareError> {
     Ok(())
 }
 
-fn start_ours(image: &Path, work: &Path) -> Result<Backend, CompareError> {
+/// Our backend on `image`; `poll_us` > 0 turns on its adaptive polling.
+fn start_ours(image: &Path, work: &Path, poll_us: u32) -> Result<Backend, CompareError> {
     let exe = std::env::current_exe()?;
     let bin = exe
         .parent()
@@ -188,13 +219,14 @@ fn start_ours(image: &Path, work: &Path) -> Result<Backend, CompareError> {
                     .into(),
             )
         })?;
-    let socket = work.join("ours.sock");
+    let socket = work.join(format!("ours-poll{poll_us}.sock"));
     let child = Command::new(bin)
         .arg("--blk-file")
         .arg(image)
         .arg("--socket-path")
         .arg(&socket)
         .args(["--num-queues", "2", "--queue-size", "512"])
+        .arg(format!("--poll-us={poll_us}"))
         .env("RUST_LOG", "warn")
         .stderr(Stdio::inherit())
         .spawn()?;
@@ -203,9 +235,20 @@ fn start_ours(image: &Path, work: &Path) -> Result<Backend, CompareError> {
     Ok(Backend { child, pid, socket })
 }
 
-fn start_qsd(image: &Path, work: &Path) -> Result<Backend, CompareError> {
-    let socket = work.join("qsd.sock");
-    let child = Command::new("qemu-storage-daemon")
+/// qemu-storage-daemon exporting `image`; `poll_us` > 0 serves the export from an
+/// iothread with that adaptive polling window (poll-max-ns), QEMU's own polling.
+fn start_qsd(image: &Path, work: &Path, poll_us: u32) -> Result<Backend, CompareError> {
+    let socket = work.join(format!("qsd-poll{poll_us}.sock"));
+    let mut cmd = Command::new("qemu-storage-daemon");
+    let mut iothread = String::new();
+    if poll_us > 0 {
+        cmd.arg("--object").arg(format!(
+            "iothread,id=io0,poll-max-ns={}",
+            u64::from(poll_us) * 1000
+        ));
+        iothread = ",iothread=io0".into();
+    }
+    let child = cmd
         .arg("--blockdev")
         .arg(format!(
             "driver=file,filename={},node-name=f,aio=io_uring,cache.direct=on",
@@ -213,7 +256,7 @@ fn start_qsd(image: &Path, work: &Path) -> Result<Backend, CompareError> {
         ))
         .arg("--export")
         .arg(format!(
-            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues=2",
+            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues=2{iothread}",
             socket.display()
         ))
         .stderr(Stdio::inherit())
@@ -352,6 +395,7 @@ pub fn compare_blk(a: &CompareBlkArgs) -> Result<Section, CompareError> {
             "qemu-storage-daemon: `--blockdev driver=file,aio=io_uring,cache.direct=on`, exported as vhost-user-blk with 2 queues; ours: `--num-queues 2 --queue-size 512` (O_DIRECT).".into(),
             "fio: io_uring, direct=1, the same image, one job per queue: the host without any vhost-user hop.".into(),
             "CPU per op: the backend process's user+system time (all threads, io_uring workers included) over the I/Os it served.".into(),
+            format!("\"polling\" cases: ours with `--poll-us {POLL_US}`, qemu-storage-daemon serving the export from an iothread with `poll-max-ns={}` (QEMU's adaptive polling); every other case: no polling (both defaults).", u64::from(POLL_US) * 1000),
         ],
     };
     section.write(&a.out)?;
@@ -372,8 +416,10 @@ fn compare_in(
         work.display()
     );
     fill_random(&image, a.size)?;
-    let ours = start_ours(&image, work)?;
-    let qsd = start_qsd(&image, work)?;
+    let ours = start_ours(&image, work, 0)?;
+    let qsd = start_qsd(&image, work, 0)?;
+    let ours_polling = start_ours(&image, work, POLL_US)?;
+    let qsd_polling = start_qsd(&image, work, POLL_US)?;
     for c in CASES
         .iter()
         .filter(|c| a.only.as_deref().is_none_or(|o| c.name.contains(o)))
@@ -381,8 +427,13 @@ fn compare_in(
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); 3];
         for rep in 0..a.reps {
             eprintln!("{kind}: {} (rep {}/{})", c.name, rep + 1, a.reps);
-            samples[0].push(run_backend(&ours, c, a.runtime, a.verify)?);
-            samples[1].push(run_backend(&qsd, c, a.runtime, a.verify)?);
+            let (o, q) = if c.polling {
+                (&ours_polling, &qsd_polling)
+            } else {
+                (&ours, &qsd)
+            };
+            samples[0].push(run_backend(o, c, a.runtime, a.verify)?);
+            samples[1].push(run_backend(q, c, a.runtime, a.verify)?);
             samples[2].push(run_fio(&image, c, a.runtime)?);
         }
         let case = format!("{kind}: {}", c.name);
