@@ -351,20 +351,30 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
     let cpu0 = a.pid.map(crate::compare::cpu_seconds);
     // Slot s belongs to queue s / depth.
     let mut in_flight: Vec<HashMap<u16, Pending>> = vec![HashMap::new(); nq];
+    // Picks the next request for `slot`, marks its block busy (--verify), stamps and
+    // submits it; returns its head and what to remember of it.
+    let mut issue = |fe: &mut TestFrontend,
+                     busy: &mut HashSet<u64>,
+                     written: &mut HashMap<u64, u64>,
+                     slot: usize|
+     -> (u16, Pending) {
+        let (offset, write) = next_request(&mut rng, busy);
+        if a.verify {
+            busy.insert(offset);
+        }
+        let g = stamp_for(offset, write, &mut generation, written);
+        let head = submit(fe, slot, offset, write, g);
+        let p = Pending {
+            slot,
+            t0: Instant::now(),
+            offset,
+            write,
+        };
+        (head, p)
+    };
     for slot in 0..depth * nq {
-        let (offset, write) = next_request(&mut rng, &busy);
-        busy.insert(offset);
-        let g = stamp_for(offset, write, &mut generation, &mut written);
-        let head = submit(&mut fe, slot, offset, write, g);
-        in_flight[slot / depth].insert(
-            head,
-            Pending {
-                slot,
-                t0: Instant::now(),
-                offset,
-                write,
-            },
-        );
+        let (head, p) = issue(&mut fe, &mut busy, &mut written, slot);
+        in_flight[slot / depth].insert(head, p);
     }
     for q in &fe.queues {
         q.notify();
@@ -419,21 +429,8 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
                 free_slots.push(p.slot);
             }
             for slot in free_slots {
-                let (offset, write) = next_request(&mut rng, &busy);
-                if a.verify {
-                    busy.insert(offset);
-                }
-                let g = stamp_for(offset, write, &mut generation, &mut written);
-                let head = submit(&mut fe, slot, offset, write, g);
-                pending.insert(
-                    head,
-                    Pending {
-                        slot,
-                        t0: Instant::now(),
-                        offset,
-                        write,
-                    },
-                );
+                let (head, p) = issue(&mut fe, &mut busy, &mut written, slot);
+                pending.insert(head, p);
             }
             fe.queues[q].notify();
         }

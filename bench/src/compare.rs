@@ -208,17 +208,8 @@ pub fn wait_socket(p: &Path) -> Result<(), CompareError> {
 
 /// Our backend on `image`; `poll_us` > 0 turns on its adaptive polling.
 fn start_ours(image: &Path, work: &Path, poll_us: u32) -> Result<Backend, CompareError> {
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .map(|d| d.join("vhost-blk-backend"))
-        .filter(|p| p.exists())
-        .ok_or_else(|| {
-            CompareError::Run(
-                "vhost-blk-backend not found next to bench; run `cargo build --release` first"
-                    .into(),
-            )
-        })?;
+    let bin = vhost_tests::guest::locate_sibling_binary("vhost-blk-backend", "VHOST_BLK_BACKEND")
+        .map_err(CompareError::Run)?;
     let socket = work.join(format!("ours-poll{poll_us}.sock"));
     let child = Command::new(bin)
         .arg("--blk-file")

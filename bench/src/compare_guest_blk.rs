@@ -282,21 +282,6 @@ fn run_boot(
         .collect()
 }
 
-/// First line of `<program> --version`.
-fn version(program: &Path) -> String {
-    Command::new(program)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| format!("{} (version unknown)", program.display()))
-}
-
 /// Runs the comparison and returns the section (also written to
 /// `<out>/guest-blk.{md,json}`).
 pub fn compare_guest_blk(a: &CompareGuestBlkArgs) -> Result<Section, CompareError> {
@@ -315,6 +300,10 @@ pub fn compare_guest_blk(a: &CompareGuestBlkArgs) -> Result<Section, CompareErro
     let accel_name = match accel {
         Accel::Tcg => "TCG",
         Accel::Kvm => "KVM",
+    };
+    let version = |p: &Path| {
+        crate::report::program_version(p)
+            .unwrap_or_else(|| format!("{} (version unknown)", p.display()))
     };
     let qemu = version(&t.env.qemu);
     let qsd = version(&t.env.qsd);

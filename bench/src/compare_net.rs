@@ -624,21 +624,6 @@ fn compare_in(a: &CompareNetArgs, work: &Path, load0: &str) -> Result<Section, C
     })
 }
 
-/// First line of `qemu --version`.
-fn qemu_version(qemu: &Path) -> String {
-    Command::new(qemu)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "QEMU (version unknown)".into())
-}
-
 /// iperf3 in a guest: ours and QEMU's tap alternating; appends the two rows and returns
 /// a note describing the setting.
 fn guest_rows(a: &CompareNetArgs, rows: &mut Vec<Row>) -> Result<String, CompareError> {
@@ -652,7 +637,8 @@ fn guest_rows(a: &CompareNetArgs, rows: &mut Vec<Row>) -> Result<String, Compare
         }
         Err(e) => format!(" (QEMU 11 unavailable: {e})"),
     };
-    let version = qemu_version(&t.env.qemu);
+    let version =
+        report::program_version(&t.env.qemu).unwrap_or_else(|| "QEMU (version unknown)".into());
     let accel = match t.env.accel {
         Accel::Tcg => "TCG",
         Accel::Kvm => "KVM",

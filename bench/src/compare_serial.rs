@@ -8,7 +8,6 @@
 //! ignored `guest_console_bench` test, so the test and the table cannot disagree on method.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use clap::Args;
 use vhost_tests::console_bench::{console_guest, console_throughput, ConsoleImpl};
@@ -31,22 +30,6 @@ pub struct CompareSerialArgs {
     out: PathBuf,
 }
 
-/// First line of `qemu --version`, for the description (the wrapper runs QEMU 11 in a
-/// chroot, so its path says little).
-fn qemu_version(qemu: &std::path::Path) -> String {
-    Command::new(qemu)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "QEMU (version unknown)".into())
-}
-
 /// Runs the comparison and returns the section (also written to `<out>/serial.{md,json}`).
 pub fn compare_serial(a: &CompareSerialArgs) -> Result<Section, CompareError> {
     let run = |e: &dyn std::fmt::Display| CompareError::Run(e.to_string());
@@ -56,7 +39,8 @@ pub fn compare_serial(a: &CompareSerialArgs) -> Result<Section, CompareError> {
         Accel::Tcg => "TCG",
         Accel::Kvm => "KVM",
     };
-    let qemu = qemu_version(&t.env.qemu);
+    let qemu = crate::report::program_version(&t.env.qemu)
+        .unwrap_or_else(|| "QEMU (version unknown)".into());
     // samples[direction][contender]
     let mut samples = vec![vec![Vec::new(); ConsoleImpl::ALL.len()]; 2];
     let n = ConsoleImpl::ALL.len();

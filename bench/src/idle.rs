@@ -54,14 +54,9 @@ impl Drop for Proc {
     }
 }
 
-fn bin(name: &str) -> Result<PathBuf, CompareError> {
-    std::env::current_exe()?
-        .parent()
-        .map(|d| d.join(name))
-        .filter(|p| p.exists())
-        .ok_or_else(|| {
-            CompareError::Run(format!("{name} not found next to bench; build --release"))
-        })
+/// A backend binary: the one next to `bench` (or `env_var`'s), as every comparison finds it.
+fn bin(name: &str, env_var: &str) -> Result<PathBuf, CompareError> {
+    vhost_tests::guest::locate_sibling_binary(name, env_var).map_err(CompareError::Run)
 }
 
 /// What the watched backends did: an RSS and a CPU row for each, and the remarks.
@@ -111,7 +106,7 @@ pub fn compare_idle(a: &CompareIdleArgs) -> Result<Section, CompareError> {
     std::fs::File::create(&img)?.set_len(64 << 20)?;
     let sock = dir.join("blk.sock");
     let blk = spawn(
-        Command::new(bin("vhost-blk-backend")?)
+        Command::new(bin("vhost-blk-backend", "VHOST_BLK_BACKEND")?)
             .arg("--blk-file")
             .arg(&img)
             .arg("--socket-path")
@@ -130,7 +125,7 @@ pub fn compare_idle(a: &CompareIdleArgs) -> Result<Section, CompareError> {
 
     let sock = dir.join("con.sock");
     let serial = spawn(
-        Command::new(bin("serial-backend")?)
+        Command::new(bin("serial-backend", "SERIAL_BACKEND")?)
             .arg("--socket-path")
             .arg(&sock)
             .arg("--console")
@@ -156,7 +151,7 @@ pub fn compare_idle(a: &CompareIdleArgs) -> Result<Section, CompareError> {
             let net = spawn(
                 Command::new("ip")
                     .args(["netns", "exec", &ns])
-                    .arg(bin("vhost-net-backend")?)
+                    .arg(bin("vhost-net-backend", "VHOST_NET_BACKEND")?)
                     .arg("--socket-path")
                     .arg(&sock)
                     .args(["--tap", "idle0"]),

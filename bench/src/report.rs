@@ -144,6 +144,18 @@ pub fn spread_pct(v: &[f64]) -> f64 {
     (hi - lo) / m * 100.0
 }
 
+/// First line of `<program> --version` (None when it cannot be run), for descriptions.
+pub fn program_version(program: &std::path::Path) -> Option<String> {
+    let out = std::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_string)
+}
+
 /// One line describing the machine: CPUs, model, kernel.
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
