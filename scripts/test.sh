@@ -28,16 +28,31 @@ cargo build --workspace --all-targets --locked
 # Guest tests that cannot run report "SKIPPED" and append a line to SKIPPED.txt; cargo
 # counts them as passed, so the closing summary moves them to the skipped column.
 skips="${VHOST_GUEST_WORK:-/var/tmp/vhost-guest}/SKIPPED.txt"
-before=$(cat "$skips" 2>/dev/null | wc -l)
+lines() { if [ -f "$1" ]; then wc -l < "$1"; else echo 0; fi; }
+before=$(lines "$skips")
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --locked -- --test-threads=2 2>&1 | tee "$log" || status=$?
-after=$(cat "$skips" 2>/dev/null | wc -l)
+# --no-fail-fast: a failing test binary must not stop the ones after it from running.
+cargo test --workspace --locked --no-fail-fast -- --test-threads=2 2>&1 | tee "$log" || status=$?
+after=$(lines "$skips")
 skipped=$((after - before))
-read -r passed failed < <(awk '/^test result:/ {p += $4; f += $6} END {print p + 0, f + 0}' "$log")
+# Every binary announces "running N tests" and, if it finishes, "test result: ..."; tests
+# of a binary that crashed or hung up before its result line did not run to a verdict and
+# count as failed ("did not finish").
+read -r planned passed failed ignored < <(awk '
+    /^running [0-9]+ tests?$/ {n += $2}
+    /^test result:/ {p += $4; f += $6; i += $8}
+    END {print n + 0, p + 0, f + 0, i + 0}' "$log")
+unfinished=$((planned - passed - failed - ignored))
+[ "$unfinished" -ge 0 ] || unfinished=0
 if [ "$skipped" -gt 0 ]; then
     sed -n "$((before + 1)),\$p" "$skips" >&2
 fi
-echo "summary: $((passed - skipped)) passed, $failed failed, $skipped skipped"
+[ "$ignored" = 0 ] || echo "note: $ignored ignored (manual benchmarks, #[ignore]; not counted below)"
+if [ "$unfinished" -gt 0 ]; then
+    echo "error: $unfinished tests did not finish (their test binary crashed): counted as failed"
+    [ "$status" != 0 ] || status=1
+fi
+echo "summary: $((passed - skipped)) passed, $((failed + unfinished)) failed, $skipped skipped"
 exit "$status"

@@ -6,7 +6,8 @@
 #    mentions it, and installs QEMU 10.x (qemu-system-x86, qemu-utils with
 #    qemu-storage-daemon) from it; other hosts: QEMU from the default suite
 #  * installs busybox-static, fio, iperf3, cpio, kmod, util-linux, zstd, xz-utils,
-#    fonts-dejavu-core (the font of the bench charts, read at run time)
+#    fonts-dejavu-core (the font of the bench charts, read at run time), and gcc,
+#    libc6-dev, ca-certificates, iproute2, procps (building and running the tests)
 #  * downloads the guest kernel package (the current dependency of
 #    linux-image-amd64 in $GUEST_KERNEL_SUITE) and unpacks it into
 #    $GUEST_WORK/kernel-<suite> (it is NOT installed on the host)
@@ -54,8 +55,12 @@ if [ $need_qemu = 1 ]; then
     "${APT[@]}" install -y --no-install-recommends "${qemu_target[@]}" qemu-system-x86 qemu-utils
 fi
 
+# Besides the guest's tools: what building and running the tests needs on a bare Debian
+# (the linker and C library for cargo, CA certificates for crates.io, ip/ss for the network
+# tests, ps/pgrep), present on most machines and missing from a minimal one.
 missing=()
-for p in busybox-static fio iperf3 cpio kmod util-linux zstd xz-utils fonts-dejavu-core; do
+for p in busybox-static fio iperf3 cpio kmod util-linux zstd xz-utils fonts-dejavu-core \
+    gcc libc6-dev ca-certificates iproute2 procps; do
     [ -n "$(installed_version $p)" ] || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
