@@ -51,9 +51,12 @@ mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,run,root,usr/bin,usr/sbin,lib/mo
 # --- busybox (static) ----------------------------------------------------------
 # Applet symlinks are created at boot by `busybox --install -s` in /init.
 bb=$(command -v busybox) || die "busybox not found (apt-get install busybox-static)"
-file -L "$bb" 2>/dev/null | grep 'statically linked' >/dev/null \
-    || ldd "$bb" 2>&1 | grep 'not a dynamic executable' >/dev/null \
-    || die "$bb is not static; install busybox-static"
+# ldd (always there, unlike `file`) exits 1 for a static binary: no pipe, or pipefail
+# turns that into a failure.
+case "$(ldd "$bb" 2>&1 || true)" in
+    *'not a dynamic executable'* | *'statically linked'*) ;;
+    *) die "$bb is not static; install busybox-static" ;;
+esac
 applets=" $("$bb" --list | tr '\n' ' ') "
 for a in $GUEST_APPLETS; do
     case "$applets" in *" $a "*) ;; *) die "busybox has no '$a' applet" ;; esac
