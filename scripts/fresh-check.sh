@@ -86,7 +86,19 @@ rm -rf "$run" "$cache/last"
 mkdir -p "$cache/last"
 log "copying the pristine base to $run"
 cp -a "$base" "$run"
+# The machine's network, not the project's set-up: its DNS, and the certificate
+# authorities it trusts locally (a TLS-inspecting egress proxy's CA, for instance), which
+# ca-certificates adds to the bundle when the set-up installs it, and a copy of the bundle
+# until then.
 cp -L /etc/resolv.conf "$run/etc/resolv.conf"
+if [ -d /usr/local/share/ca-certificates ]; then
+    mkdir -p "$run/usr/local/share/ca-certificates"
+    cp -a /usr/local/share/ca-certificates/. "$run/usr/local/share/ca-certificates/"
+fi
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+    mkdir -p "$run/etc/ssl/certs"
+    cp -L /etc/ssl/certs/ca-certificates.crt "$run/etc/ssl/certs/ca-certificates.crt"
+fi
 mkdir -p "$run/src" "$run/root/.rustup" "$run/root/.cargo/bin"
 # 3. the code: a clone of the current commit, as a new user would have it.
 git clone -q --no-hardlinks "$src" "$run/src"
@@ -99,6 +111,9 @@ in_root() { # NAME COMMAND...
     unshare --mount --pid --fork --propagation private bash -c '
         set -e
         R=$1 RUSTUP=$2 CARGOBIN=$3; shift 3
+        # The root a mount point of its own, as / is on a machine (unshare -m inside
+        # changes the propagation of / and fails where / is a plain directory).
+        mount --bind "$R" "$R"
         mount -t proc proc "$R/proc"
         mount --rbind /dev "$R/dev"
         mount --rbind /sys "$R/sys"
