@@ -80,6 +80,10 @@ pub struct Disk {
     pub logical_block_size: u32,
     /// FALLOC_FL_ZERO_RANGE failed with EOPNOTSUPP once: use punch + allocate instead.
     pub zero_range_unsupported: AtomicBool,
+    /// Punching a hole (or punch + allocate) failed with EOPNOTSUPP once: fallocate cannot
+    /// zero anything here (ramfs; a block device without write-zeroes), so write-zeroes
+    /// requests write zeros.
+    pub zero_by_writing: AtomicBool,
     /// The file lives in memory (tmpfs, hugetlbfs, ramfs): see [`is_memory_backed`].
     pub memory_backed: bool,
 }
@@ -210,6 +214,7 @@ impl Disk {
             offset_align,
             logical_block_size: lbs,
             zero_range_unsupported: AtomicBool::new(false),
+            zero_by_writing: AtomicBool::new(false),
             memory_backed,
         })
     }
@@ -227,6 +232,11 @@ impl Disk {
     /// Whether ZERO_RANGE is known not to work here.
     pub fn zero_range_unsupported(&self) -> bool {
         self.zero_range_unsupported.load(Ordering::Relaxed)
+    }
+
+    /// Whether fallocate is known not to zero anything here (write zeros instead).
+    pub fn zero_by_writing(&self) -> bool {
+        self.zero_by_writing.load(Ordering::Relaxed)
     }
 }
 

@@ -37,6 +37,11 @@ impl Bounce {
     }
 }
 
+// SAFETY: a Bounce is the only owner of its heap allocation (no aliases outside the
+// iovecs of operations that its owner keeps alive), so moving it to another thread moves
+// that ownership.
+unsafe impl Send for Bounce {}
+
 impl Drop for Bounce {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout.
@@ -52,6 +57,39 @@ enum Kind {
     Discard,
     WriteZeroes,
 }
+
+/// How a write-zeroes request zeroes its ranges. A success status must mean the ranges
+/// read back as zeros, so when a method is unsupported here (EOPNOTSUPP) the request moves
+/// on to the next one, down to writing zeros, which works everywhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ZeroMethod {
+    /// FALLOC_FL_PUNCH_HOLE (the guest allowed deallocation).
+    Punch,
+    /// FALLOC_FL_ZERO_RANGE: zeroed and still allocated.
+    ZeroRange,
+    /// A hole, then allocated again (tmpfs has no ZERO_RANGE), linked in order.
+    PunchAlloc,
+    /// Writes from a shared buffer of zeros (ramfs; block devices without write-zeroes).
+    Write,
+}
+
+/// Write-zeroes state of one request.
+#[derive(Default)]
+struct Zeroing {
+    method: Option<ZeroMethod>,
+    ranges: Vec<ByteRange>,
+    /// Pieces still to write (method Write), each at most ZERO_WRITE_MAX bytes.
+    to_write: std::collections::VecDeque<ByteRange>,
+    /// An operation of the current method returned EOPNOTSUPP.
+    unsupported: bool,
+    /// An operation was cancelled because the one it was linked to failed.
+    cancelled: bool,
+}
+
+/// The buffer of zeros writes point into (every iovec of a zero write points at it).
+const ZERO_BUF: usize = 1 << 20;
+/// One zero write covers at most this much (64 iovecs of the buffer).
+const ZERO_WRITE_MAX: u64 = 64 << 20;
 
 /// A request handed to the kernel.
 struct InFlight {
@@ -69,10 +107,8 @@ struct InFlight {
     iovecs: Vec<libc::iovec>,
     data: Vec<Segment>,
     bounce: Option<Bounce>,
-    /// Write-zeroes ranges, kept for the ZERO_RANGE fallback.
-    zero_ranges: Vec<ByteRange>,
-    /// The ZERO_RANGE fallback was already queued for this request.
-    fell_back: bool,
+    /// Write-zeroes: how the ranges are being zeroed now, and what that learned.
+    zeroing: Zeroing,
     /// Keeps guest memory mapped while the kernel may touch it.
     mem: Arc<GuestMem>,
 }
@@ -86,6 +122,9 @@ unsafe impl Send for InFlight {}
 pub struct BlkWorker {
     shared: Arc<BlkShared>,
     uring: Uring,
+    /// Zeros for write-zeroes requests that must write them; allocated on first use.
+    /// Declared after `uring`, so it is dropped after the ring that may still use it.
+    zeroes: Option<Bounce>,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     in_flight: Vec<(u16, usize)>,
@@ -105,6 +144,7 @@ impl BlkWorker {
         let entries = u32::from(shared.queue_size).clamp(16, 4096);
         Ok(Self {
             uring: Uring::new(entries, disk_fd, shared.disk.memory_backed)?,
+            zeroes: None,
             shared,
             slots: Vec::new(),
             free: Vec::new(),
@@ -194,8 +234,7 @@ impl BlkWorker {
             iovecs: Vec::new(),
             data: Vec::new(),
             bounce: None,
-            zero_ranges: Vec::new(),
-            fell_back: false,
+            zeroing: Zeroing::default(),
             mem: mem.clone(),
         };
         match request {
@@ -243,16 +282,26 @@ impl BlkWorker {
             }
             Request::WriteZeroes { ranges, unmap } => {
                 let mut req = base(Kind::WriteZeroes);
-                if !unmap {
-                    req.zero_ranges = ranges.clone();
+                let disk = &self.shared.disk;
+                let method = if disk.zero_by_writing() {
+                    ZeroMethod::Write
+                } else if unmap {
+                    ZeroMethod::Punch
+                } else if disk.zero_range_unsupported() {
+                    ZeroMethod::PunchAlloc
+                } else {
+                    ZeroMethod::ZeroRange
+                };
+                req.zeroing.ranges = ranges;
+                if method == ZeroMethod::Write {
+                    if !self.start_zero_writes(&mut req) {
+                        self.complete_now(ring, mem, head, status_addr, status::IOERR, 1);
+                        return true;
+                    }
+                    return self.submit_request(ring, mem, req);
                 }
-                let no_zero_range = self.shared.disk.zero_range_unsupported();
-                self.submit_ops(ring, mem, req, |_| {
-                    ranges
-                        .iter()
-                        .flat_map(|r| zero_ops(r, unmap, no_zero_range))
-                        .collect()
-                })
+                req.zeroing.method = Some(method);
+                self.submit_ops(ring, mem, req, |req| zero_ops(&req.zeroing.ranges, method))
             }
         }
     }
@@ -348,7 +397,7 @@ impl BlkWorker {
         if req.kind == Kind::Read {
             stats.reads.fetch_add(1, Ordering::Relaxed);
             stats.read_bytes.fetch_add(req.remaining, Ordering::Relaxed);
-        } else {
+        } else if req.kind == Kind::Write {
             stats.writes.fetch_add(1, Ordering::Relaxed);
             stats
                 .write_bytes
@@ -426,8 +475,12 @@ impl BlkWorker {
         let dsync = !self.shared.writeback.load(Ordering::Relaxed);
         let req = self.slots.get_mut(slot)?.as_mut()?;
         req.pending = req.pending.saturating_sub(1);
+        if req.kind == Kind::WriteZeroes && req.zeroing.method != Some(ZeroMethod::Write) {
+            return self.on_zeroing_completion(slot, res);
+        }
+        let transfer = matches!(req.kind, Kind::Read | Kind::Write | Kind::WriteZeroes);
         let failed = match req.kind {
-            Kind::Read | Kind::Write if res > 0 && (res as u64) < req.remaining => {
+            _ if transfer && res > 0 && (res as u64) < req.remaining => {
                 // Short transfer: continue where the kernel stopped.
                 let n = res as u64;
                 req.remaining -= n;
@@ -442,21 +495,169 @@ impl BlkWorker {
                 req.pending -= 1;
                 Some(libc::EIO)
             }
-            Kind::Read | Kind::Write if res >= 0 && (res as u64) == req.remaining => None,
+            // A zero write finished its piece: on to the next one, if any.
+            Kind::WriteZeroes if res >= 0 && (res as u64) == req.remaining => {
+                match req.zeroing.to_write.pop_front() {
+                    None => None,
+                    Some(piece) => {
+                        let Some(zeroes) = self.zeroes.as_ref() else {
+                            return self.fail_and_take(slot, libc::EIO);
+                        };
+                        set_zero_write(req, zeroes, piece);
+                        let op = Self::rw_op(req, dsync);
+                        req.pending += 1;
+                        // SAFETY: the iovecs live in the slot and point into `self.zeroes`,
+                        // which outlives the ring; the slot stays allocated until reaped.
+                        if unsafe { self.uring.push(op, slot as u64, false) }.is_ok() {
+                            return None;
+                        }
+                        req.pending -= 1;
+                        Some(libc::EIO)
+                    }
+                }
+            }
+            _ if transfer && res >= 0 && (res as u64) == req.remaining => None,
             // End of file inside the disk's size: the image shrank under us.
-            Kind::Read | Kind::Write if res == 0 => Some(libc::EIO),
+            _ if transfer && res == 0 => Some(libc::EIO),
             // Discard is a hint: a file system that cannot punch holes did nothing wrong.
             Kind::Discard if res == -libc::EOPNOTSUPP => None,
             _ if res < 0 => Some(-res),
             _ => None,
         };
-        if let Some(errno) = failed {
-            req.status = status::IOERR;
-            let kind = req.kind;
-            self.log
-                .warn(|| format!("{kind:?} failed: {}", io::Error::from_raw_os_error(errno)));
+        match failed {
+            Some(errno) => self.fail_and_take(slot, errno),
+            None => self.take_if_done(slot),
         }
+    }
+
+    /// Marks the request failed with `errno` (logged) and returns it if it is finished.
+    fn fail_and_take(&mut self, slot: usize, errno: i32) -> Option<InFlight> {
+        let req = self.slots.get_mut(slot)?.as_mut()?;
+        req.status = status::IOERR;
+        let kind = req.kind;
+        self.log
+            .warn(|| format!("{kind:?} failed: {}", io::Error::from_raw_os_error(errno)));
         self.take_if_done(slot)
+    }
+
+    /// A completion of a write-zeroes fallocate. When every operation of the current
+    /// method is back and one said EOPNOTSUPP, remember that for the disk and zero the
+    /// ranges again with the next method (ZERO_RANGE, then punch + allocate, then writes).
+    fn on_zeroing_completion(&mut self, slot: usize, res: i32) -> Option<InFlight> {
+        let req = self.slots.get_mut(slot)?.as_mut()?;
+        match res {
+            r if r >= 0 => {}
+            r if r == -libc::EOPNOTSUPP => req.zeroing.unsupported = true,
+            // The allocate linked to a punch that failed: decided by the punch's result.
+            r if r == -libc::ECANCELED => req.zeroing.cancelled = true,
+            r => return self.fail_and_take(slot, -r),
+        }
+        if req.pending > 0 {
+            return None;
+        }
+        let z = &mut req.zeroing;
+        if !z.unsupported {
+            return if z.cancelled {
+                self.fail_and_take(slot, libc::ECANCELED)
+            } else {
+                self.take_if_done(slot)
+            };
+        }
+        if req.status != status::OK {
+            return self.take_if_done(slot);
+        }
+        z.unsupported = false;
+        z.cancelled = false;
+        let disk = &self.shared.disk;
+        let next = match z.method {
+            Some(ZeroMethod::ZeroRange) => {
+                disk.zero_range_unsupported.store(true, Ordering::Relaxed);
+                if disk.zero_by_writing() {
+                    ZeroMethod::Write
+                } else {
+                    ZeroMethod::PunchAlloc
+                }
+            }
+            _ => {
+                if !disk.zero_by_writing.swap(true, Ordering::Relaxed) {
+                    let path = disk.path().display().to_string();
+                    log::info!("{path}: fallocate cannot zero here; writing zeros instead");
+                }
+                ZeroMethod::Write
+            }
+        };
+        let mut req = self.slots.get_mut(slot)?.take()?;
+        if next == ZeroMethod::Write {
+            if !self.start_zero_writes(&mut req) {
+                req.status = status::IOERR;
+                self.free.push(slot);
+                return Some(req);
+            }
+            let dsync = !self.shared.writeback.load(Ordering::Relaxed);
+            let op = Self::rw_op(&req, dsync);
+            req.pending = 1;
+            self.slots[slot] = Some(req);
+            // SAFETY: the iovecs live in the slot and point into `self.zeroes`, which
+            // outlives the ring; the slot stays allocated until the completion is reaped.
+            if unsafe { self.uring.push(op, slot as u64, false) }.is_err() {
+                return self.fail_queued(slot, 0);
+            }
+            return None;
+        }
+        req.zeroing.method = Some(next);
+        let ops = zero_ops(&req.zeroing.ranges, next);
+        req.pending = ops.len() as u32;
+        self.slots[slot] = Some(req);
+        for (pushed, (op, link)) in ops.into_iter().enumerate() {
+            // SAFETY: fallocate ops reference no memory.
+            if unsafe { self.uring.push(op, slot as u64, link) }.is_err() {
+                return self.fail_queued(slot, pushed as u32);
+            }
+        }
+        None
+    }
+
+    /// A push failed after `queued` operations of the request went in: it fails once
+    /// those are back (at once if there are none).
+    fn fail_queued(&mut self, slot: usize, queued: u32) -> Option<InFlight> {
+        self.slots.get_mut(slot)?.as_mut()?.pending = queued;
+        self.fail_and_take(slot, libc::EIO)
+    }
+
+    /// Switches `req` to writing zeros: splits its ranges into pieces and points its iovecs
+    /// at the first. False when the buffer of zeros cannot be allocated.
+    fn start_zero_writes(&mut self, req: &mut InFlight) -> bool {
+        if self.zeroes.is_none() {
+            self.zeroes = Bounce::new(ZERO_BUF, 4096);
+        }
+        let Some(zeroes) = self.zeroes.as_ref() else {
+            return false;
+        };
+        let z = &mut req.zeroing;
+        z.method = Some(ZeroMethod::Write);
+        z.to_write.clear();
+        for r in &z.ranges {
+            let mut at = 0;
+            while at < r.len {
+                let len = (r.len - at).min(ZERO_WRITE_MAX);
+                z.to_write.push_back(ByteRange {
+                    offset: r.offset + at,
+                    len,
+                });
+                at += len;
+            }
+        }
+        match z.to_write.pop_front() {
+            Some(first) => {
+                set_zero_write(req, zeroes, first);
+                true
+            }
+            // No ranges: nothing to write (the caller completes it as done).
+            None => {
+                req.remaining = 0;
+                true
+            }
+        }
     }
 
     fn take_if_done(&mut self, slot: usize) -> Option<InFlight> {
@@ -525,21 +726,7 @@ impl BlkWorker {
                 break;
             }
             for &(user_data, res) in &batch {
-                let slot = user_data as usize;
-                let fallback = self
-                    .slots
-                    .get(slot)
-                    .and_then(|s| s.as_ref())
-                    .is_some_and(|r| r.kind == Kind::WriteZeroes && res == -libc::EOPNOTSUPP);
-                if fallback {
-                    self.zero_range_fallback(slot);
-                }
-                let finished = if fallback {
-                    self.take_if_done(slot)
-                } else {
-                    self.on_completion(slot, res)
-                };
-                if let Some(req) = finished {
+                if let Some(req) = self.on_completion(user_data as usize, res) {
                     self.finish(rings, req);
                 }
             }
@@ -555,35 +742,6 @@ impl BlkWorker {
             }
         }
     }
-
-    /// ZERO_RANGE is not supported here (tmpfs, some file systems): remember that, and
-    /// zero the request's ranges by punching a hole and allocating it back, in order.
-    fn zero_range_fallback(&mut self, slot: usize) {
-        self.shared
-            .disk
-            .zero_range_unsupported
-            .store(true, Ordering::Relaxed);
-        let Some(req) = self.slots.get_mut(slot).and_then(|s| s.as_mut()) else {
-            return;
-        };
-        req.pending = req.pending.saturating_sub(1);
-        if !req.fell_back {
-            req.fell_back = true;
-            let ops: Vec<(Op, bool)> = req
-                .zero_ranges
-                .iter()
-                .flat_map(|r| zero_ops(r, false, true))
-                .collect();
-            for (op, link) in ops {
-                // SAFETY: fallocate ops reference no memory.
-                if unsafe { self.uring.push(op, slot as u64, link) }.is_ok() {
-                    req.pending += 1;
-                } else {
-                    req.status = status::IOERR;
-                }
-            }
-        }
-    }
 }
 
 fn punch(r: &ByteRange) -> Op {
@@ -594,32 +752,40 @@ fn punch(r: &ByteRange) -> Op {
     }
 }
 
-/// Operations zeroing `r`: a hole when deallocation is allowed, otherwise ZERO_RANGE, or
-/// (where ZERO_RANGE is unsupported) a hole followed by re-allocation, linked in order.
-fn zero_ops(r: &ByteRange, unmap: bool, no_zero_range: bool) -> Vec<(Op, bool)> {
-    if unmap {
-        vec![(punch(r), false)]
-    } else if no_zero_range {
-        vec![
-            (punch(r), true),
-            (
-                Op::Fallocate {
-                    mode: FALLOC_FL_KEEP_SIZE,
-                    offset: r.offset,
-                    len: r.len,
-                },
-                false,
-            ),
-        ]
-    } else {
-        vec![(
-            Op::Fallocate {
-                mode: FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
-                offset: r.offset,
-                len: r.len,
-            },
-            false,
-        )]
+/// The fallocate operations zeroing `ranges` with `method` (not Write), with their links.
+fn zero_ops(ranges: &[ByteRange], method: ZeroMethod) -> Vec<(Op, bool)> {
+    let fallocate = |mode, r: &ByteRange| Op::Fallocate {
+        mode: mode | FALLOC_FL_KEEP_SIZE,
+        offset: r.offset,
+        len: r.len,
+    };
+    let mut ops = Vec::with_capacity(ranges.len() * 2);
+    for r in ranges {
+        match method {
+            ZeroMethod::Punch | ZeroMethod::Write => ops.push((punch(r), false)),
+            ZeroMethod::ZeroRange => ops.push((fallocate(FALLOC_FL_ZERO_RANGE, r), false)),
+            ZeroMethod::PunchAlloc => {
+                ops.push((punch(r), true));
+                ops.push((fallocate(0, r), false));
+            }
+        }
+    }
+    ops
+}
+
+/// Points `req`'s iovecs at `len` bytes of the buffer of zeros for the piece `piece`.
+fn set_zero_write(req: &mut InFlight, zeroes: &Bounce, piece: ByteRange) {
+    req.offset = piece.offset;
+    req.remaining = piece.len;
+    req.iovecs.clear();
+    let mut left = piece.len as usize;
+    while left > 0 {
+        let n = left.min(ZERO_BUF);
+        req.iovecs.push(libc::iovec {
+            iov_base: zeroes.ptr.cast(),
+            iov_len: n,
+        });
+        left -= n;
     }
 }
 

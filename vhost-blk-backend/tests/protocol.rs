@@ -119,6 +119,14 @@ fn event_idx_suppresses_and_publishes_indices() {
             .wait_used(&fe.mem, 1, Duration::from_secs(5))
             .unwrap();
     }
+    // The backend counts the interrupt just after publishing the used index the wait
+    // above saw: give it a moment to get there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while b.stats[0].notifications.load(Ordering::Relaxed) == 0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(b.stats[0].notifications.load(Ordering::Relaxed), 1);
     for (i, r) in reqs.iter().enumerate() {
         assert_eq!(fe.read(r.data, 512), pattern_range(i as u64 * 8 * 512, 512));
