@@ -49,8 +49,9 @@ toolchain=$(rustup show active-toolchain 2>/dev/null | awk '{print $1; exit}')
 mirror=http://deb.debian.org/debian
 log() { echo "[$(date +%H:%M:%S)] fresh-check: $*" >&2; }
 
+commit=$(git rev-parse HEAD)
 if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
-    log "warning: uncommitted changes are NOT part of the check (it clones HEAD $(git rev-parse --short HEAD))"
+    log "warning: uncommitted changes are NOT part of the check (it clones HEAD ${commit:0:7})"
 fi
 
 # 1. the pristine base, built once -------------------------------------------------------
@@ -102,8 +103,8 @@ fi
 mkdir -p "$run/src" "$run/root/.rustup" "$run/root/.cargo/bin"
 # 3. the code: a clone of the current commit, as a new user would have it.
 git clone -q --no-hardlinks "$src" "$run/src"
-git -C "$run/src" checkout -q "$(git rev-parse HEAD)"
-log "cloned $(git rev-parse --short HEAD) to /src"
+git -C "$run/src" checkout -q "$commit"
+log "cloned ${commit:0:7} to /src"
 
 # 4. one command in the root, in private mount and PID namespaces --------------------------
 in_root() { # NAME COMMAND...
@@ -149,5 +150,5 @@ done
 if [ $keep = 1 ]; then log "kept the run's root at $run"; else rm -rf "$run"; fi
 total=$(( (SECONDS - t0) / 60 ))
 line=$(IFS=,; echo "${results[*]}" | sed 's/,/, /g')
-echo "fresh-check: $line; commit $(git rev-parse --short HEAD), ${total} min in all"
+echo "fresh-check: $line; commit ${commit:0:7}, ${total} min in all"
 [ $ok = 1 ]

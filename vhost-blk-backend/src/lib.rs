@@ -8,6 +8,7 @@
 //! - [`device`]: features, config space, worker creation.
 
 pub mod device;
+pub mod dirty;
 pub mod disk;
 pub mod request;
 pub mod spec;
