@@ -9,6 +9,7 @@ use vhost_user_device::device::read_config_bytes;
 use vhost_user_device::{DeviceError, QueueWorker, VhostUserDevice};
 use vm_memory::ByteValued;
 
+use crate::dirty::DirtyBitmap;
 use crate::disk::Disk;
 use crate::request::DiskGeometry;
 use crate::spec::{features, Config, CONFIG_WRITEBACK_OFFSET, ID_BYTES, SECTOR_SIZE};
@@ -59,6 +60,9 @@ pub struct BlkOptions {
     pub serial: String,
     /// Adaptive polling window of each queue worker in microseconds (0: never poll).
     pub poll_us: u32,
+    /// Where completed writes, discards and write-zeroes are marked (the persistent one
+    /// from `--dirty-bitmap`); None: a new, clean one at 4 KiB granularity.
+    pub dirty: Option<Arc<DirtyBitmap>>,
 }
 
 /// State shared by the device and its workers.
@@ -82,6 +86,8 @@ pub struct BlkShared {
     pub stats: BlkStats,
     /// Adaptive polling window of each queue worker (None: sleep whenever idle).
     pub poll: Option<std::time::Duration>,
+    /// Blocks changed since the last sync (block migration).
+    pub dirty: Arc<DirtyBitmap>,
 }
 
 /// The virtio-blk device.
@@ -92,6 +98,7 @@ pub struct BlkDevice {
 impl BlkDevice {
     /// A device serving `disk`.
     pub fn new(disk: Disk, opts: &BlkOptions) -> Self {
+        let size = disk.size;
         let mut serial = [0u8; ID_BYTES];
         let bytes = opts.serial.as_bytes();
         let n = bytes.len().min(ID_BYTES);
@@ -117,6 +124,10 @@ impl BlkDevice {
                 stats: BlkStats::default(),
                 poll: (opts.poll_us > 0)
                     .then(|| std::time::Duration::from_micros(u64::from(opts.poll_us))),
+                dirty: opts
+                    .dirty
+                    .clone()
+                    .unwrap_or_else(|| Arc::new(DirtyBitmap::at_default_granularity(size))),
             }),
         }
     }

@@ -30,6 +30,15 @@ pub enum DirtyError {
     Granularity(u64),
 }
 
+/// Whether `granularity` can be tracked: a power of two in range.
+pub fn check_granularity(granularity: u64) -> Result<(), DirtyError> {
+    if granularity.is_power_of_two() && (MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity) {
+        Ok(())
+    } else {
+        Err(DirtyError::Granularity(granularity))
+    }
+}
+
 /// A dirty-block bitmap over `size` bytes.
 #[derive(Debug)]
 pub struct DirtyBitmap {
@@ -42,22 +51,25 @@ pub struct DirtyBitmap {
 impl DirtyBitmap {
     /// A clean bitmap over `size` bytes at `granularity`.
     pub fn new(size: u64, granularity: u64) -> Result<Self, DirtyError> {
-        if !granularity.is_power_of_two()
-            || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity)
-        {
-            return Err(DirtyError::Granularity(granularity));
-        }
-        let shift = granularity.trailing_zeros();
-        let blocks = size.div_ceil(granularity);
-        let words = (0..blocks.div_ceil(64))
-            .map(|_| AtomicU64::new(0))
-            .collect();
-        Ok(Self {
+        check_granularity(granularity)?;
+        Ok(Self::build(size, granularity.trailing_zeros()))
+    }
+
+    /// A clean bitmap over `size` bytes at [`DEFAULT_GRANULARITY`].
+    pub fn at_default_granularity(size: u64) -> Self {
+        Self::build(size, DEFAULT_GRANULARITY.trailing_zeros())
+    }
+
+    fn build(size: u64, shift: u32) -> Self {
+        let blocks = size.div_ceil(1 << shift);
+        Self {
             shift,
             size,
             blocks,
-            words,
-        })
+            words: (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
     }
 
     /// Bytes of memory a bitmap over `size` bytes at `granularity` takes.
@@ -329,7 +341,7 @@ mod tests {
             })
         };
         let mut copy = vec![0u64; BLOCKS as usize];
-        let mut pass = |copy: &mut Vec<u64>| {
+        let pass = |copy: &mut Vec<u64>| {
             let mut from = 0;
             while let Some((first, n)) = b.take(from, 8) {
                 for blk in first..first + n {

@@ -9,6 +9,7 @@
 
 pub mod device;
 pub mod dirty;
+pub mod dirty_file;
 pub mod disk;
 pub mod request;
 pub mod spec;

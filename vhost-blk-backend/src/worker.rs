@@ -77,7 +77,6 @@ enum ZeroMethod {
 #[derive(Default)]
 struct Zeroing {
     method: Option<ZeroMethod>,
-    ranges: Vec<ByteRange>,
     /// Pieces still to write (method Write), each at most ZERO_WRITE_MAX bytes.
     to_write: std::collections::VecDeque<ByteRange>,
     /// An operation of the current method returned EOPNOTSUPP.
@@ -107,6 +106,10 @@ struct InFlight {
     iovecs: Vec<libc::iovec>,
     data: Vec<Segment>,
     bounce: Option<Bounce>,
+    /// Discard and write-zeroes: the byte ranges.
+    ranges: Vec<ByteRange>,
+    /// Writes: the byte range, as the request asked (short transfers move `offset`).
+    write_range: ByteRange,
     /// Write-zeroes: how the ranges are being zeroed now, and what that learned.
     zeroing: Zeroing,
     /// Keeps guest memory mapped while the kernel may touch it.
@@ -234,6 +237,8 @@ impl BlkWorker {
             iovecs: Vec::new(),
             data: Vec::new(),
             bounce: None,
+            ranges: Vec::new(),
+            write_range: ByteRange { offset: 0, len: 0 },
             zeroing: Zeroing::default(),
             mem: mem.clone(),
         };
@@ -275,9 +280,10 @@ impl BlkWorker {
                 self.submit_ops(ring, mem, req, |_| vec![(Op::Flush, false)])
             }
             Request::Discard { ranges } => {
-                let req = base(Kind::Discard);
-                self.submit_ops(ring, mem, req, |_| {
-                    ranges.iter().map(|r| (punch(r), false)).collect()
+                let mut req = base(Kind::Discard);
+                req.ranges = ranges;
+                self.submit_ops(ring, mem, req, |req| {
+                    req.ranges.iter().map(|r| (punch(r), false)).collect()
                 })
             }
             Request::WriteZeroes { ranges, unmap } => {
@@ -292,7 +298,7 @@ impl BlkWorker {
                 } else {
                     ZeroMethod::ZeroRange
                 };
-                req.zeroing.ranges = ranges;
+                req.ranges = ranges;
                 if method == ZeroMethod::Write {
                     if !self.start_zero_writes(&mut req) {
                         self.complete_now(ring, mem, head, status_addr, status::IOERR, 1);
@@ -301,7 +307,7 @@ impl BlkWorker {
                     return self.submit_request(ring, mem, req);
                 }
                 req.zeroing.method = Some(method);
-                self.submit_ops(ring, mem, req, |req| zero_ops(&req.zeroing.ranges, method))
+                self.submit_ops(ring, mem, req, |req| zero_ops(&req.ranges, method))
             }
         }
     }
@@ -319,6 +325,7 @@ impl BlkWorker {
         let total: u64 = data.iter().map(|s| u64::from(s.len)).sum();
         req.offset = offset;
         req.remaining = total;
+        req.write_range = ByteRange { offset, len: total };
         req.used_len = if write {
             1
         } else {
@@ -605,7 +612,7 @@ impl BlkWorker {
             return None;
         }
         req.zeroing.method = Some(next);
-        let ops = zero_ops(&req.zeroing.ranges, next);
+        let ops = zero_ops(&req.ranges, next);
         req.pending = ops.len() as u32;
         self.slots[slot] = Some(req);
         for (pushed, (op, link)) in ops.into_iter().enumerate() {
@@ -636,7 +643,7 @@ impl BlkWorker {
         let z = &mut req.zeroing;
         z.method = Some(ZeroMethod::Write);
         z.to_write.clear();
-        for r in &z.ranges {
+        for r in req.ranges.iter() {
             let mut at = 0;
             while at < r.len {
                 let len = (r.len - at).min(ZERO_WRITE_MAX);
@@ -677,6 +684,18 @@ impl BlkWorker {
         };
         let mem = &req.mem;
         let mut st = req.status;
+        // Every block a request may have changed is dirty from now on, before the guest
+        // sees the completion; a failed write may have changed some of its blocks too.
+        let dirty = &self.shared.dirty;
+        match req.kind {
+            Kind::Write => dirty.mark(req.write_range.offset, req.write_range.len),
+            Kind::Discard | Kind::WriteZeroes => {
+                for r in &req.ranges {
+                    dirty.mark(r.offset, r.len);
+                }
+            }
+            Kind::Read | Kind::Flush => {}
+        }
         if st == status::OK && req.kind == Kind::Read {
             match &req.bounce {
                 Some(b) => {

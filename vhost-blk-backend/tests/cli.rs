@@ -61,9 +61,15 @@ fn help_explains_every_flag() {
         "--cache",
         "--block-size",
         "--poll-us",
+        "--dirty-granularity",
+        "--dirty-bitmap",
     ] {
         assert!(s.contains(flag), "--help lacks {flag}");
     }
+    assert!(
+        s.contains("32 MiB per TiB"),
+        "--help must say what the bitmap costs"
+    );
 }
 
 #[test]
@@ -74,6 +80,26 @@ fn bad_command_lines_fail_with_a_clear_message() {
         (
             &["--blk-file", "/nonexistent/disk.img", "--socket-path"],
             "cannot open /nonexistent/disk.img",
+        ),
+        (
+            &[
+                "--dirty-granularity",
+                "3000",
+                "--blk-file",
+                "/dev/null",
+                "--socket-path",
+            ],
+            "must be a power of two between 512 and 67108864 bytes",
+        ),
+        (
+            &[
+                "--dirty-granularity",
+                "4q",
+                "--blk-file",
+                "/dev/null",
+                "--socket-path",
+            ],
+            "unknown unit",
         ),
         (
             &["--blk-file", "/dev/null", "--socket-path"],

@@ -57,3 +57,56 @@ pub fn backend_main(
         }
     }
 }
+
+/// Parses a byte count or rate as the command line takes it: a number with an optional
+/// suffix k, M, G or T (powers of 1024, as QEMU's size options; case-insensitive, an
+/// optional trailing "B" or "iB"): `4096`, `64k`, `20M`, `1GiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_lowercase() {
+                'k' => 10,
+                'm' => 20,
+                'g' => 30,
+                't' => 40,
+                _ => return Err(format!("{s:?}: unknown unit {c:?} (use k, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes (e.g. 4096, 64k, 20M)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_with_and_without_units() {
+        for (s, n) in [
+            ("4096", 4096),
+            ("64k", 64 << 10),
+            ("64K", 64 << 10),
+            ("20M", 20 << 20),
+            ("1GiB", 1 << 30),
+            ("2GB", 2 << 30),
+            ("1T", 1 << 40),
+            (" 7 ", 7),
+        ] {
+            assert_eq!(parse_size(s), Ok(n), "{s}");
+        }
+        for s in ["", "k", "12x", "-1", "1.5M", "99999999999999T"] {
+            assert!(parse_size(s).is_err(), "{s}");
+        }
+    }
+}

@@ -94,6 +94,7 @@ impl TestBackend {
                 block_size: cfg.block_size,
                 serial: "test-serial-0123".into(),
                 poll_us: cfg.poll_us,
+                dirty: None,
             },
         );
         let shared = device.shared().clone();
