@@ -28,6 +28,10 @@ pub struct QueueStats {
     pub bad_chains: AtomicU64,
     /// Chains resubmitted from the inflight region after a reconnect.
     pub resubmitted: AtomicU64,
+    /// Times the ring was found broken (avail index more than the ring size ahead of the
+    /// device, an avail ring virtio-queue refuses or memory that cannot be read) and parked
+    /// until the frontend restarts it.
+    pub broken: AtomicU64,
 }
 
 /// A started ring, owned by exactly one worker thread while started.
