@@ -481,7 +481,7 @@ pub struct TestFrontend {
     pub protocol: VhostUserProtocolFeatures,
     /// Inflight region (if set up): the fd and its geometry, kept like a VMM would.
     pub inflight: Option<(File, vhost::vhost_user::message::VhostUserInflight)>,
-    /// The connection's socket (a second handle on it), for [`TestFrontend::set_reply_timeout`].
+    /// The connection's socket (a second handle on it), for [`TestFrontend::within`].
     sock: UnixStream,
     next_free: u64,
     opts: FrontendOptions,
@@ -560,12 +560,39 @@ impl TestFrontend {
         })
     }
 
-    /// Makes requests that wait for a reply fail after `timeout` instead of blocking for
-    /// ever, so a test of a backend that stopped answering fails rather than hangs. The
-    /// connection is unusable after such a failure.
-    pub fn set_reply_timeout(&self, timeout: Option<Duration>) -> Result<()> {
-        self.sock.set_read_timeout(timeout)?;
-        Ok(())
+    /// Runs `f` (requests to the backend), failing with a timeout if it has not returned
+    /// after `timeout`: the connection is then shut down, so a request waiting for the
+    /// reply of a backend that stopped answering fails instead of hanging the test. (A
+    /// socket read timeout would not do: the vhost crate retries reads that time out.) The
+    /// connection is unusable after a timeout.
+    pub fn within<T, E>(
+        &mut self,
+        timeout: Duration,
+        f: impl FnOnce(&mut Self) -> std::result::Result<T, E>,
+    ) -> Result<T>
+    where
+        HarnessError: From<E>,
+    {
+        let sock = self.sock.try_clone()?;
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let fired = matches!(
+                wait.recv_timeout(timeout),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if fired {
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+            }
+            fired
+        });
+        let out = f(self);
+        drop(done);
+        if watchdog.join().unwrap_or(true) {
+            return Err(HarnessError::Timeout(format!(
+                "the backend to answer within {timeout:?}"
+            )));
+        }
+        Ok(out?)
     }
 
     /// Gives queue `q` an error eventfd (SET_VRING_ERR) and returns it.

@@ -250,7 +250,6 @@ fn a_ring_far_ahead_is_parked_and_the_backend_stays_serviceable() {
     let pid = child.0.id();
     wait_for_socket(&sock);
     let mut fe = TestFrontend::connect(&sock, FrontendOptions::default()).unwrap();
-    fe.set_reply_timeout(Some(PROMPT)).unwrap();
     let err = fe.set_vring_err(0).unwrap();
     assert_eq!(write(&mut fe, 2, &[0x42; 4096]), status::OK);
     let dq = &mut fe.queues[0];
@@ -270,7 +269,8 @@ fn a_ring_far_ahead_is_parked_and_the_backend_stays_serviceable() {
     // (b) Reported to the frontend.
     assert!(wait_eventfd(&err, PROMPT), "VRING_ERR was not signalled");
     // (c) Stopping the ring is answered, with the index the device stopped at.
-    assert_eq!(fe.fe.get_vring_base(0).expect("GET_VRING_BASE"), 1);
+    let base = fe.within(PROMPT, |fe| fe.fe.get_vring_base(0));
+    assert_eq!(base.expect("GET_VRING_BASE"), 1);
     drop(fe);
     // ... and the next frontend is served.
     let mut fe = TestFrontend::connect_within(&sock, FrontendOptions::default(), PROMPT)
