@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use serial_backend::ports::{HostKind, PortSpec};
 use serial_backend::spec::{event, queue, Control};
+use vhost::VhostBackend;
+use vhost_tests::frontend::wait_eventfd;
 
 fn console(kind: HostKind) -> PortSpec {
     PortSpec {
@@ -417,4 +419,38 @@ fn tx_on_a_missing_port_is_returned() {
     let n = d.write_port(2, b"nobody", 6);
     assert_eq!(d.wait_tx(2, n, Duration::from_secs(5)), n);
     assert!(b.stat(|s| &s.bad_input) > before);
+}
+
+#[test]
+fn a_broken_tx_ring_is_parked_and_the_other_ports_keep_working() {
+    const T: Duration = Duration::from_secs(5);
+    let b = TestBackend::start(3, |d| {
+        vec![
+            console(HostKind::File(d.join("c.txt"))),
+            named("x", HostKind::File(d.join("x.txt"))),
+        ]
+    });
+    let mut d = Driver::connect(&b);
+    d.handshake(2);
+    // Port 1's transmit ring: avail index the ring size + 5 ahead of the device.
+    let q = queue::tx(1);
+    let err = d.fe.set_vring_err(q).unwrap();
+    let dq = &mut d.fe.queues[usize::from(q)];
+    let bad = dq.avail_idx().wrapping_add(dq.size + 5);
+    dq.force_avail_idx(&d.fe.mem, bad);
+    dq.notify();
+    assert!(wait_eventfd(&err, T), "VRING_ERR was not signalled");
+    assert_eq!(
+        b.stats[usize::from(q)]
+            .broken
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The worker serves the other rings (all of them share it here).
+    let n = d.write_port(0, b"still here\n", 64);
+    assert_eq!(d.wait_tx(0, n, T), n);
+    assert_eq!(std::fs::read(b.path("c.txt")).unwrap(), b"still here\n");
+    // (A backend stuck on the ring would never answer: fail instead of hanging.)
+    let base = d.fe.within(T, |fe| fe.fe.get_vring_base(usize::from(q)));
+    assert_eq!(base.expect("GET_VRING_BASE"), 0);
 }

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -258,6 +259,15 @@ impl DriverQueue {
         self.avail_idx
     }
 
+    /// Writes `idx` as the avail index without publishing anything, as a broken or
+    /// hostile driver might (e.g. more than the ring size ahead of what the device took).
+    pub fn force_avail_idx(&mut self, mem: &GuestMemoryMmap, idx: u16) {
+        self.avail_idx = idx;
+        fence(Ordering::Release);
+        Self::write_u16(mem, self.avail + 2, idx);
+        fence(Ordering::SeqCst);
+    }
+
     /// The used index in guest memory.
     pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
         Self::read_u16(mem, self.used + 2)
@@ -331,6 +341,36 @@ impl DriverQueue {
             let _ = self.call.read();
         }
     }
+}
+
+/// Connects to a backend's socket, retrying for a while if nobody listens yet (as
+/// `Frontend::connect` does).
+fn connect_socket(path: &Path) -> Result<UnixStream> {
+    let mut retries = 5;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && retries > 0 => {
+                retries -= 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Waits up to `timeout` for `efd` to be signalled; consumes the count. Returns whether it
+/// was.
+pub fn wait_eventfd(efd: &EventFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: efd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    n > 0 && efd.read().is_ok()
 }
 
 fn write_desc_at(
@@ -441,6 +481,8 @@ pub struct TestFrontend {
     pub protocol: VhostUserProtocolFeatures,
     /// Inflight region (if set up): the fd and its geometry, kept like a VMM would.
     pub inflight: Option<(File, vhost::vhost_user::message::VhostUserInflight)>,
+    /// The connection's socket (a second handle on it), for [`TestFrontend::within`].
+    sock: UnixStream,
     next_free: u64,
     opts: FrontendOptions,
 }
@@ -459,9 +501,23 @@ impl TestFrontend {
         Ok(fe)
     }
 
+    /// [`TestFrontend::connect`], failing with a timeout if the backend has not completed
+    /// the handshake within `timeout` (a backend that stopped answering makes the test fail
+    /// instead of hanging it; the attempt is then left behind on its own thread).
+    pub fn connect_within(path: &Path, opts: FrontendOptions, timeout: Duration) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = path.to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(Self::connect(&path, opts));
+        });
+        rx.recv_timeout(timeout)
+            .map_err(|_| HarnessError::Timeout("the backend to answer the handshake".into()))?
+    }
+
     /// Connects, negotiates and sends the memory table, without touching rings.
     pub fn handshake(path: &Path, opts: &FrontendOptions) -> Result<Self> {
-        let mut fe = Frontend::connect(path, u64::from(opts.num_queues.max(1)))?;
+        let sock = connect_socket(path)?;
+        let mut fe = Frontend::from_stream(sock.try_clone()?, u64::from(opts.num_queues.max(1)));
         let offered = fe.get_features()?;
         fe.set_owner()?;
         let offered_proto = fe.get_protocol_features()?;
@@ -497,10 +553,53 @@ impl TestFrontend {
             features,
             protocol: proto,
             inflight: None,
+            sock,
             // Keep the first 1 MiB for rings.
             next_free: 1 << 20,
             opts: opts.clone(),
         })
+    }
+
+    /// Runs `f` (requests to the backend), failing with a timeout if it has not returned
+    /// after `timeout`: the connection is then shut down, so a request waiting for the
+    /// reply of a backend that stopped answering fails instead of hanging the test. (A
+    /// socket read timeout would not do: the vhost crate retries reads that time out.) The
+    /// connection is unusable after a timeout.
+    pub fn within<T, E>(
+        &mut self,
+        timeout: Duration,
+        f: impl FnOnce(&mut Self) -> std::result::Result<T, E>,
+    ) -> Result<T>
+    where
+        HarnessError: From<E>,
+    {
+        let sock = self.sock.try_clone()?;
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let fired = matches!(
+                wait.recv_timeout(timeout),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if fired {
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+            }
+            fired
+        });
+        let out = f(self);
+        drop(done);
+        if watchdog.join().unwrap_or(true) {
+            return Err(HarnessError::Timeout(format!(
+                "the backend to answer within {timeout:?}"
+            )));
+        }
+        Ok(out?)
+    }
+
+    /// Gives queue `q` an error eventfd (SET_VRING_ERR) and returns it.
+    pub fn set_vring_err(&mut self, q: u16) -> Result<EventFd> {
+        let err = EventFd::new(EFD_NONBLOCK)?;
+        self.fe.set_vring_err(usize::from(q), &err)?;
+        Ok(err)
     }
 
     /// Asks the backend for an inflight region and hands it back (as QEMU does).

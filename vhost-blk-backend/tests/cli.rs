@@ -8,8 +8,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use vhost::VhostBackend;
 use vhost_blk_backend::spec::{req_type, status};
-use vhost_tests::frontend::{FrontendOptions, TestFrontend};
+use vhost_tests::frontend::{wait_eventfd, FrontendOptions, TestFrontend};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-blk-backend");
 
@@ -239,4 +240,89 @@ fn adaptive_polling_serves_and_then_sleeps() {
         "backend used {idle_cpu} s of CPU in 1 s of idle"
     );
     drop(fe);
+}
+
+/// Kills the child when a test fails before it could stop it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The report's scenario against the real program: a frontend sets the avail index the
+/// ring size + 5 ahead and leaves it there. The backend used to spin on the ring (a full
+/// core), then ignore the next connection and SIGTERM.
+#[test]
+fn a_ring_far_ahead_is_parked_and_the_backend_stays_serviceable() {
+    const PROMPT: Duration = Duration::from_secs(10);
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let sock = dir.path().join("blk.sock");
+    let log_path = dir.path().join("stderr.log");
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args(["--blk-file"])
+            .arg(&img)
+            .arg("--socket-path")
+            .arg(&sock)
+            .env("RUST_LOG", "warn")
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id();
+    wait_for_socket(&sock);
+    let mut fe = TestFrontend::connect(&sock, FrontendOptions::default()).unwrap();
+    let err = fe.set_vring_err(0).unwrap();
+    assert_eq!(write(&mut fe, 2, &[0x42; 4096]), status::OK);
+    let dq = &mut fe.queues[0];
+    let bad = dq.avail_idx().wrapping_add(dq.size + 5);
+    dq.force_avail_idx(&fe.mem, bad);
+    dq.notify();
+
+    // (a) No spinning: the backend sleeps like an idle one (it used to burn 1 s per s).
+    std::thread::sleep(Duration::from_millis(200));
+    let cpu0 = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu = cpu_seconds(pid) - cpu0;
+    assert!(
+        cpu < 0.2,
+        "backend used {cpu:.2} s of CPU in 1 s with a broken ring"
+    );
+    // (b) Reported to the frontend.
+    assert!(wait_eventfd(&err, PROMPT), "VRING_ERR was not signalled");
+    // (c) Stopping the ring is answered, with the index the device stopped at.
+    let base = fe.within(PROMPT, |fe| fe.fe.get_vring_base(0));
+    assert_eq!(base.expect("GET_VRING_BASE"), 1);
+    drop(fe);
+    // ... and the next frontend is served.
+    let mut fe = TestFrontend::connect_within(&sock, FrontendOptions::default(), PROMPT)
+        .expect("second connection");
+    let (data, st) = read(&mut fe, 2, 4096);
+    assert_eq!((st, data), (status::OK, vec![0x42; 4096]));
+    assert_eq!(write(&mut fe, 16, &[0x43; 512]), status::OK);
+
+    // (d) SIGTERM still ends it cleanly.
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + PROMPT;
+    let code = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "backend did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(code.success(), "exit status {code:?}");
+    drop(fe);
+    // Logged once, not once per kick or per pass over the ring.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(
+        log.matches("ring is broken").count(),
+        1,
+        "backend log:\n{log}"
+    );
 }

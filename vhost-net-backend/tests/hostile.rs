@@ -8,9 +8,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
+use vhost::VhostBackend;
 use vhost_net_backend::spec::{gso, hdr_flags, NetHdr, HDR_LEN};
 use vhost_net_backend::stats::DropReason;
-use vhost_tests::frontend::Buf;
+use vhost_tests::frontend::{wait_eventfd, Buf, TestFrontend};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -204,4 +205,60 @@ fn bad_control_commands_are_refused() {
         assert_eq!(fe.read(ack, 1)[0], 1, "command {cmd:?} must be refused");
     }
     assert_eq!(be.shared.stats.ctrl_err.load(Ordering::Relaxed), 4);
+}
+
+/// Makes queue `q`'s avail index run the ring size + 5 ahead of the device and kicks:
+/// virtio-queue refuses such a ring, which the backend used to spin on.
+fn break_ring(fe: &mut TestFrontend, q: u16) {
+    let dq = &mut fe.queues[usize::from(q)];
+    let bad = dq.avail_idx().wrapping_add(dq.size + 5);
+    dq.force_avail_idx(&fe.mem, bad);
+    dq.notify();
+}
+
+#[test]
+fn a_broken_tx_ring_is_parked_until_restarted() {
+    if !enter_netns("a_broken_tx_ring_is_parked_until_restarted") {
+        return;
+    }
+    let be = TestBackend::start(Config::default());
+    let mut fe = be.connect();
+    let sock = PacketSocket::open(TAP, false);
+    let err = fe.set_vring_err(1).unwrap();
+    break_ring(&mut fe, 1);
+    assert!(wait_eventfd(&err, T), "VRING_ERR was not signalled");
+    assert_eq!(be.stats[1].broken.load(Ordering::Relaxed), 1);
+    // (A backend stuck on the ring would never answer: fail instead of hanging.)
+    let base = fe.within(T, |fe| fe.fe.get_vring_base(1));
+    assert_eq!(base.expect("GET_VRING_BASE"), 0);
+    fe.add_queue(1).unwrap();
+    fe.start_queue(1).unwrap();
+    still_works(&mut fe, &sock, 0xb001);
+    assert_eq!(be.stats[1].broken.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_broken_control_ring_is_parked_and_the_data_path_keeps_working() {
+    if !enter_netns("a_broken_control_ring_is_parked_and_the_data_path_keeps_working") {
+        return;
+    }
+    let be = TestBackend::start(Config::default());
+    let mut fe = be.connect();
+    let sock = PacketSocket::open(TAP, false);
+    let err = fe.set_vring_err(2).unwrap();
+    break_ring(&mut fe, 2);
+    assert!(wait_eventfd(&err, T), "VRING_ERR was not signalled");
+    assert_eq!(be.stats[2].broken.load(Ordering::Relaxed), 1);
+    still_works(&mut fe, &sock, 0xb002);
+    let base = fe.within(T, |fe| fe.fe.get_vring_base(2));
+    assert_eq!(base.expect("GET_VRING_BASE"), 0);
+    fe.add_queue(2).unwrap();
+    fe.start_queue(2).unwrap();
+    // Commands are answered again (an unknown class is refused with an ack).
+    let h = fe.alloc(2);
+    fe.write(h, &[77, 1]);
+    let ack = fe.alloc(1);
+    fe.submit(2, &[Buf::ro(h, 2), Buf::wo(ack, 1)]);
+    assert_eq!(fe.wait(2, 1).expect("answered")[0].len, 1);
+    assert_eq!(fe.read(ack, 1)[0], 1);
 }

@@ -61,6 +61,8 @@ struct VringConfig {
     used: Option<u64>,
     base: u16,
     call: Option<EventFd>,
+    /// SET_VRING_ERR: signalled when the ring is found broken.
+    err: Option<EventFd>,
     enabled: bool,
     started: bool,
 }
@@ -194,6 +196,10 @@ impl<D: VhostUserDevice> Handler<D> {
             Some(c) => Some(c.try_clone().map_err(handler_err)?),
             None => None,
         };
+        let err = match &vr.err {
+            Some(e) => Some(e.try_clone().map_err(handler_err)?),
+            None => None,
+        };
         // Without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled as soon as they start.
         let enabled = if protocol { vr.enabled } else { true };
         let setup = RingSetup {
@@ -208,6 +214,7 @@ impl<D: VhostUserDevice> Handler<D> {
             acked_features,
             kick,
             call,
+            err,
             enabled,
             inflight: inflight.and_then(|r| r.queue(index, size)),
             mem,
@@ -425,8 +432,21 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         Ok(())
     }
 
-    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
-        self.vring(u32::from(index))?;
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let q = u16::from(index);
+        // SAFETY: the frontend passed us an eventfd; we take ownership.
+        let err = fd.map(|f| unsafe { EventFd::from_raw_fd_owned(f) });
+        let worker_err = match &err {
+            Some(e) => Some(e.try_clone().map_err(handler_err)?),
+            None => None,
+        };
+        let vr = self.vring(u32::from(index))?;
+        vr.err = err;
+        if vr.started {
+            if let Some(w) = self.running_worker(q) {
+                w.set_err(q, worker_err);
+            }
+        }
         Ok(())
     }
 

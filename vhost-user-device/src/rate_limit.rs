@@ -18,7 +18,7 @@ impl Default for RateLimitedLog {
 
 impl RateLimitedLog {
     /// One line per second.
-    pub fn new() -> Self {
+    pub const fn new() -> Self {
         Self {
             interval: Duration::from_secs(1),
             last: None,

@@ -3,9 +3,9 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,6 +28,42 @@ pub struct QueueStats {
     pub bad_chains: AtomicU64,
     /// Chains resubmitted from the inflight region after a reconnect.
     pub resubmitted: AtomicU64,
+    /// Times the ring was found broken (avail index more than the ring size ahead of the
+    /// device, an avail ring virtio-queue refuses or memory that cannot be read) and parked
+    /// until the frontend restarts it.
+    pub broken: AtomicU64,
+}
+
+/// One log for broken rings across all queues and connections: a frontend that restarts a
+/// broken ring in a loop must not flood the host log either.
+static BROKEN_LOG: Mutex<RateLimitedLog> = Mutex::new(RateLimitedLog::new());
+
+/// Why a started ring can no longer be processed (the frontend must restart it).
+#[derive(Debug, thiserror::Error)]
+pub enum RingFault {
+    /// The driver claims more new chains than the ring holds: a broken or hostile driver.
+    #[error(
+        "avail index {avail} is {ahead} entries ahead of the device (at {next}), more than \
+         the ring size {size}"
+    )]
+    TooFarAhead {
+        /// The avail index the driver wrote.
+        avail: u16,
+        /// The device's next avail index.
+        next: u16,
+        /// How far ahead that is.
+        ahead: u16,
+        /// Ring size.
+        size: u16,
+    },
+    /// virtio-queue refused the ring (e.g. an avail ring at guest address 0) or could not
+    /// read it.
+    #[error("virtio-queue cannot use the ring: {0}")]
+    Queue(#[source] virtio_queue::Error),
+    /// The avail ring announced an entry that could not be read (the memory went away, or
+    /// the avail index went back).
+    #[error("avail ring entry {0} cannot be read")]
+    Entry(u16),
 }
 
 /// A started ring, owned by exactly one worker thread while started.
@@ -38,7 +74,14 @@ pub struct Ring {
     log: Arc<DirtyLog>,
     pub(crate) kick: EventFd,
     call: Option<EventFd>,
+    /// The frontend's VRING_ERR eventfd, signalled when the ring breaks.
+    err: Option<EventFd>,
     pub(crate) enabled: bool,
+    /// Found broken: parked (nothing popped, no more work reported) until restarted.
+    broken: bool,
+    /// The avail index last read; chains up to it are known to be there, so the avail
+    /// index is read again only once the device caught up with it.
+    known_avail: u16,
     inflight: Option<InflightQueue>,
     resubmit: VecDeque<u16>,
     acked_features: u64,
@@ -73,6 +116,8 @@ pub struct RingSetup {
     pub kick: EventFd,
     /// Call eventfd, if any.
     pub call: Option<EventFd>,
+    /// Error eventfd (SET_VRING_ERR), if any.
+    pub err: Option<EventFd>,
     /// Whether the ring starts enabled.
     pub enabled: bool,
     /// Inflight tracking, if the frontend set up a region.
@@ -147,6 +192,7 @@ impl Ring {
             resubmit.extend(rec.resubmit);
         }
         drop(mem);
+        let known_avail = queue.next_avail();
         Ok(Self {
             index,
             queue,
@@ -154,7 +200,10 @@ impl Ring {
             log: setup.log,
             kick: setup.kick,
             call: setup.call,
+            err: setup.err,
             enabled: setup.enabled,
+            broken: false,
+            known_avail,
             inflight,
             resubmit,
             acked_features: setup.acked_features,
@@ -205,26 +254,52 @@ impl Ring {
         &self.stats
     }
 
+    /// Whether the ring was found broken and is parked until the frontend restarts it.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
     /// Suppresses guest kicks while we drain the ring.
     pub fn disable_notification(&mut self, mem: &GuestMem) {
-        let _ = self.queue.disable_notification(mem);
+        if !self.broken {
+            let _ = self.queue.disable_notification(mem);
+        }
     }
 
     /// Re-enables kicks; returns true if new chains arrived meanwhile (process again).
+    /// Never true for a broken ring: callers loop on it, and a ring [`Ring::pop`] cannot
+    /// take from would otherwise be reported as having work for ever.
     pub fn enable_notification(&mut self, mem: &GuestMem) -> bool {
-        self.queue.enable_notification(mem).unwrap_or(false)
+        if self.broken {
+            return false;
+        }
+        match self.queue.enable_notification(mem) {
+            Ok(more) => more,
+            Err(e) => {
+                self.park(RingFault::Queue(e));
+                false
+            }
+        }
     }
 
     /// Takes the next chain: first chains to resubmit after a reconnect, then the avail
     /// ring. Malformed chains are returned to the guest with length 0, counted and logged,
-    /// and the next chain is tried.
+    /// and the next chain is tried. A ring that cannot be read at all is parked
+    /// ([`Ring::is_broken`]) and yields nothing more.
     pub fn pop(&mut self, mem: &GuestMem, chain: &mut Chain) -> bool {
+        if self.broken {
+            return false;
+        }
         loop {
             let (head, resubmitted) = match self.resubmit.pop_front() {
                 Some(h) => (h, true),
-                None => match self.queue.pop_descriptor_chain(mem) {
-                    Some(c) => (c.head_index(), false),
-                    None => return false,
+                None => match self.next_avail_head(mem) {
+                    Ok(Some(h)) => (h, false),
+                    Ok(None) => return false,
+                    Err(fault) => {
+                        self.park(fault);
+                        return false;
+                    }
                 },
             };
             if !resubmitted {
@@ -239,6 +314,60 @@ impl Ring {
                 Ok(()) => return true,
                 Err(e) => self.reject_chain(mem, head, e),
             }
+        }
+    }
+
+    /// The head of the next chain on the avail ring; None if the ring is empty.
+    ///
+    /// virtio-queue's `pop_descriptor_chain` answers None both for an empty ring and for one
+    /// it refuses (avail index more than the ring size ahead, avail ring at address 0,
+    /// unreadable memory), while `enable_notification` keeps reporting work on the latter:
+    /// callers popping until empty would spin. So emptiness is decided here from the avail
+    /// index, and any failure after that is a fault.
+    fn next_avail_head(&mut self, mem: &GuestMem) -> Result<Option<u16>, RingFault> {
+        let next = self.queue.next_avail();
+        if next == self.known_avail {
+            let avail = self
+                .queue
+                .avail_idx(mem, Ordering::Acquire)
+                .map_err(RingFault::Queue)?
+                .0;
+            let ahead = avail.wrapping_sub(next);
+            if ahead == 0 {
+                return Ok(None);
+            }
+            let size = self.queue.size();
+            if ahead > size {
+                return Err(RingFault::TooFarAhead {
+                    avail,
+                    next,
+                    ahead,
+                    size,
+                });
+            }
+            self.known_avail = avail;
+        }
+        let mut iter = self.queue.iter(mem).map_err(RingFault::Queue)?;
+        match iter.next() {
+            Some(c) => Ok(Some(c.head_index())),
+            None => Err(RingFault::Entry(next)),
+        }
+    }
+
+    /// Parks a broken ring: counted, logged, reported to the frontend (VRING_ERR), and
+    /// left alone until the frontend restarts it (a new ring replaces this one).
+    fn park(&mut self, fault: RingFault) {
+        self.broken = true;
+        self.stats.broken.fetch_add(1, Ordering::Relaxed);
+        let index = self.index;
+        BROKEN_LOG
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .warn(|| {
+                format!("queue {index}: ring is broken ({fault}); parked until the frontend restarts it")
+            });
+        if let Some(err) = &self.err {
+            let _ = err.write(1);
         }
     }
 
@@ -358,6 +487,18 @@ impl Ring {
 
     pub(crate) fn set_call(&mut self, call: Option<EventFd>) {
         self.call = call;
+    }
+
+    /// A new VRING_ERR eventfd. The worker may have parked the ring before it got this
+    /// from the protocol thread although the frontend's SET_VRING_ERR came first: the
+    /// frontend must hear of the break either way.
+    pub(crate) fn set_err(&mut self, err: Option<EventFd>) {
+        if self.broken {
+            if let Some(e) = &err {
+                let _ = e.write(1);
+            }
+        }
+        self.err = err;
     }
 
     /// Chains waiting to be resubmitted from the inflight region.

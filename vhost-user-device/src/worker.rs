@@ -48,6 +48,7 @@ pub(crate) enum Command {
     Start(Box<Ring>),
     Enable(u16, bool),
     SetCall(u16, Option<EventFd>),
+    SetErr(u16, Option<EventFd>),
     Stop(u16, Sender<Option<Box<Ring>>>),
 }
 
@@ -137,6 +138,10 @@ impl WorkerHandle {
         self.send(Command::SetCall(queue, call))
     }
 
+    pub(crate) fn set_err(&self, queue: u16, err: Option<EventFd>) -> bool {
+        self.send(Command::SetErr(queue, err))
+    }
+
     /// Stops a ring after its in-flight requests completed, and hands it back.
     pub(crate) fn stop(&self, queue: u16) -> Option<Box<Ring>> {
         let (tx, rx) = bounded(1);
@@ -222,8 +227,9 @@ impl WorkerState {
             return;
         };
         // The kick fd may be blocking; epoll said it is readable, so this does not block.
+        // Read it even for a parked ring, or epoll would report it readable for ever.
         let _ = ring.kick.read();
-        if ring.is_enabled() {
+        if ring.is_enabled() && !ring.is_broken() {
             self.worker.process_queue(ring);
         }
     }
@@ -242,14 +248,14 @@ impl WorkerState {
                 )?;
                 let ring = &mut self.rings.slots[slot].1.insert(*ring);
                 // Chains made available before the kick fd arrived, and resubmissions.
-                if ring.is_enabled() {
+                if ring.is_enabled() && !ring.is_broken() {
                     self.worker.process_queue(ring);
                 }
             }
             Command::Enable(queue, on) => {
                 if let Some(ring) = self.rings.get_mut(queue) {
                     ring.enabled = on;
-                    if on {
+                    if on && !ring.is_broken() {
                         self.worker.process_queue(ring);
                     }
                 }
@@ -257,6 +263,11 @@ impl WorkerState {
             Command::SetCall(queue, call) => {
                 if let Some(ring) = self.rings.get_mut(queue) {
                     ring.set_call(call);
+                }
+            }
+            Command::SetErr(queue, err) => {
+                if let Some(ring) = self.rings.get_mut(queue) {
+                    ring.set_err(err);
                 }
             }
             Command::Stop(queue, reply) => {

@@ -19,6 +19,7 @@ pub struct TestBackend {
     pub socket: PathBuf,
     pub shared: Arc<Shared>,
     pub max_ports: u32,
+    pub stats: Vec<Arc<vhost_user_device::QueueStats>>,
     shutdown: Arc<Shutdown>,
     thread: Option<JoinHandle<Result<(), ServerError>>>,
 }
@@ -33,12 +34,14 @@ impl TestBackend {
         let listener = listen_path(&socket).expect("listen");
         let shutdown = Shutdown::new().expect("shutdown");
         let server = Server::new(Arc::new(device), shutdown.clone());
+        let stats = server.stats().to_vec();
         let thread = std::thread::spawn(move || server.serve(&listener));
         Self {
             dir,
             socket,
             shared,
             max_ports,
+            stats,
             shutdown,
             thread: Some(thread),
         }
@@ -59,6 +62,11 @@ impl TestBackend {
 impl Drop for TestBackend {
     fn drop(&mut self) {
         self.shutdown.trigger();
+        // A failing test must fail, not hang: after a failed assertion the backend may be
+        // stuck (that may be what the test caught), so it is left behind then.
+        if std::thread::panicking() {
+            return;
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -137,6 +137,11 @@ impl TestBackend {
 impl Drop for TestBackend {
     fn drop(&mut self) {
         self.shutdown.trigger();
+        // A failing test must fail, not hang: after a failed assertion the backend may be
+        // stuck (that may be what the test caught), so it is left behind then.
+        if std::thread::panicking() {
+            return;
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
