@@ -45,6 +45,10 @@ pub struct BlkStats {
     pub dropped: AtomicU64,
     /// O_DIRECT requests that needed a bounce buffer (unaligned guest buffers).
     pub bounced: AtomicU64,
+    /// Requests handed to the kernel and not yet completed, all queues.
+    pub in_flight: AtomicU64,
+    /// The most requests ever in flight at once on one queue.
+    pub in_flight_peak: AtomicU64,
 }
 
 /// Options the device is built from (the command line).

@@ -3,7 +3,7 @@
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use vhost_user_device::memory::host_iovecs;
 use vhost_user_device::rate_limit::RateLimitedLog;
 use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings, Segment};
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::BlkShared;
 use crate::request::{parse, ByteRange, Request};
@@ -135,7 +136,18 @@ pub struct BlkWorker {
     completions: Vec<(u64, i32)>,
     to_notify: Vec<u16>,
     log: RateLimitedLog,
+    /// Queues that stopped taking chains with some left: at their in-flight limit, or
+    /// at the per-call budget. They are taken up again through `more`.
+    held: Vec<u16>,
+    /// Written to come back to the held queues after the other events are served.
+    more: EventFd,
 }
+
+/// Chains one call of `process_queue` takes at most, so that a guest that keeps its ring
+/// full cannot keep the worker from its completions and commands.
+const BUDGET: usize = 256;
+/// Index of `more` in [`QueueWorker::event_fds`].
+const MORE_FD: usize = 1;
 
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
@@ -156,12 +168,21 @@ impl BlkWorker {
             completions: Vec::with_capacity(64),
             to_notify: Vec::new(),
             log: RateLimitedLog::new(),
+            held: Vec::new(),
+            more: EventFd::new(EFD_NONBLOCK)?,
         })
     }
 
     fn count(&mut self, queue: u16, delta: isize) {
         if let Some((_, n)) = self.in_flight.iter_mut().find(|(q, _)| *q == queue) {
             *n = n.saturating_add_signed(delta);
+            let stats = &self.shared.stats;
+            if delta > 0 {
+                stats.in_flight.fetch_add(1, Ordering::Relaxed);
+                stats.in_flight_peak.fetch_max(*n as u64, Ordering::Relaxed);
+            } else {
+                stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -455,6 +476,14 @@ impl BlkWorker {
     /// A push failed because io_uring_enter itself failed. `unpushed` operations of the
     /// request (the failed one included) will never complete; those already queued will,
     /// so the request finishes (with IOERR) when they do, or now if there are none.
+    /// Asks the worker loop to come back to the held queues.
+    fn schedule_more(&mut self) {
+        if self.more.write(1).is_err() {
+            self.log
+                .warn(|| "cannot signal the worker's own eventfd".to_string());
+        }
+    }
+
     fn fail_unsubmitted(
         &mut self,
         ring: &mut Ring,
@@ -827,7 +856,8 @@ fn advance_iovecs(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
 
 impl QueueWorker for BlkWorker {
     fn event_fds(&self) -> Vec<RawFd> {
-        vec![self.uring.eventfd()]
+        // Order matters: MORE_FD is the index of `more`.
+        vec![self.uring.eventfd(), self.more.as_raw_fd()]
     }
 
     fn poll_duration(&self) -> Option<std::time::Duration> {
@@ -836,10 +866,30 @@ impl QueueWorker for BlkWorker {
 
     fn process_queue(&mut self, ring: &mut Ring) {
         let mem = ring.memory();
+        let queue = ring.index();
+        // A driver cannot have more chains outstanding than its ring holds; one that
+        // re-posts heads still in flight gets no more than that.
+        let limit = usize::from(self.shared.queue_size);
         let mut completed_now = false;
-        loop {
+        let mut taken = 0usize;
+        'ring: loop {
             ring.disable_notification(&mem);
-            while ring.pop(&mem, &mut self.chain) {
+            loop {
+                if self.in_flight(queue) >= limit || taken >= BUDGET {
+                    // Notifications stay off: we come back through `more`, when
+                    // completions make room or right after the other events.
+                    if !self.held.contains(&queue) {
+                        self.held.push(queue);
+                    }
+                    if taken >= BUDGET {
+                        self.schedule_more();
+                    }
+                    break 'ring;
+                }
+                if !ring.pop(&mem, &mut self.chain) {
+                    break;
+                }
+                taken += 1;
                 completed_now |= self.start(ring, &mem);
             }
             if !ring.enable_notification(&mem) {
@@ -854,9 +904,25 @@ impl QueueWorker for BlkWorker {
         }
     }
 
-    fn handle_event(&mut self, _fd_index: usize, rings: &mut Rings) {
+    fn handle_event(&mut self, fd_index: usize, rings: &mut Rings) {
+        if fd_index == MORE_FD {
+            let _ = self.more.read();
+            for queue in std::mem::take(&mut self.held) {
+                if let Some(ring) = rings.get_mut(queue) {
+                    if ring.is_enabled() && !ring.is_broken() {
+                        self.process_queue(ring);
+                    }
+                }
+            }
+            return;
+        }
         self.uring.clear_event();
         self.reap_all(rings);
+        // Completions made room on a queue held at its in-flight limit.
+        let limit = usize::from(self.shared.queue_size);
+        if self.held.iter().any(|&q| self.in_flight(q) < limit) {
+            self.schedule_more();
+        }
     }
 
     fn in_flight(&self, queue: u16) -> usize {
