@@ -4,18 +4,24 @@
 //! pairs with SET_VRING_ENABLE); frontends that pass it on (the test harness, others) get
 //! it answered here.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost_user_device::rate_limit::RateLimitedLog;
-use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring};
+use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings};
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::NetShared;
 use crate::spec::{ctrl, features};
 
 /// Largest command we read (a MAC table of a few thousand entries).
 const MAX_COMMAND: u64 = 64 * 1024;
+/// Commands handled per call before the worker serves its other events (the frontend's
+/// requests: stopping the ring, shutting down): a driver that re-posts commands as fast as
+/// they complete would otherwise keep it in the loop forever.
+const BUDGET: usize = 64;
 
 /// What the driver configured through the control queue.
 #[derive(Clone, Debug, Default)]
@@ -53,9 +59,14 @@ impl CtrlState {
 /// The control queue worker.
 pub struct CtrlWorker {
     shared: Arc<NetShared>,
+    /// Index of the control queue.
+    queue: u16,
     acked: u64,
     chain: Chain,
     log: RateLimitedLog,
+    /// Written when a call stopped at its budget with commands possibly left, so the
+    /// worker comes back (kicks stay off meanwhile).
+    more: EventFd,
 }
 
 /// Parses one MAC table (u32 count + 6-byte entries) at the front of `data`.
@@ -76,13 +87,15 @@ fn mac_table(data: &[u8]) -> Option<(Vec<[u8; 6]>, &[u8])> {
 
 impl CtrlWorker {
     /// A worker for the control queue.
-    pub fn new(shared: Arc<NetShared>, acked: u64) -> Self {
-        Self {
+    pub fn new(shared: Arc<NetShared>, queue: u16, acked: u64) -> std::io::Result<Self> {
+        Ok(Self {
             shared,
+            queue,
             acked,
             chain: Chain::default(),
             log: RateLimitedLog::new(),
-        }
+            more: EventFd::new(EFD_NONBLOCK)?,
+        })
     }
 
     /// Executes one command; returns the acknowledgement.
@@ -202,21 +215,46 @@ impl CtrlWorker {
 
 impl QueueWorker for CtrlWorker {
     fn process_queue(&mut self, ring: &mut Ring) {
+        // The worker lives as long as the connection; a second SET_FEATURES (without
+        // RESET_DEVICE) restarts the ring with the features that now apply.
+        self.acked = ring.acked_features();
         let mem = ring.memory();
-        let mut any = false;
+        let mut done = 0usize;
         loop {
             ring.disable_notification(&mem);
-            while ring.pop(&mem, &mut self.chain) {
+            while done < BUDGET && ring.pop(&mem, &mut self.chain) {
                 let used = self.handle(&mem);
                 ring.add_used(&mem, self.chain.head, used);
-                any = true;
+                done += 1;
+            }
+            if done >= BUDGET {
+                // Kicks stay off: we come back through `more` once the worker has served
+                // its other events.
+                if self.more.write(1).is_err() {
+                    self.log
+                        .warn(|| "cannot signal the control worker's own eventfd".into());
+                }
+                break;
             }
             if !ring.enable_notification(&mem) {
                 break;
             }
         }
-        if any {
+        if done > 0 {
             ring.notify(&mem);
+        }
+    }
+
+    fn event_fds(&self) -> Vec<RawFd> {
+        vec![self.more.as_raw_fd()]
+    }
+
+    fn handle_event(&mut self, _fd_index: usize, rings: &mut Rings) {
+        let _ = self.more.read();
+        if let Some(ring) = rings.get_mut(self.queue) {
+            if ring.is_enabled() {
+                self.process_queue(ring);
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use vhost_user_device::device::read_config_bytes;
 use vhost_user_device::{DeviceError, QueueWorker, VhostUserDevice};
 
 use crate::ctrl::{CtrlState, CtrlWorker};
-use crate::spec::{features, tap_offloads, Config, STATUS_LINK_UP};
+use crate::spec::{features, hdr_len, tap_offloads, Config, HDR_LEN, STATUS_LINK_UP};
 use crate::stats::NetStats;
 use crate::tap::Tap;
 use crate::worker::PairWorker;
@@ -77,6 +77,28 @@ impl NetShared {
                 if on { "attach" } else { "detach" }
             ),
         }
+    }
+
+    /// Sets the tap up for the features the driver acked: the vnet header size and the
+    /// offloads the tap may hand us. Called for every negotiation (workers follow a
+    /// second SET_FEATURES without RESET_DEVICE).
+    pub fn apply_features(&self, acked: u64) -> std::io::Result<()> {
+        let hlen = hdr_len(acked);
+        self.tap.set_vnet_hdr_len(hlen).map_err(|e| {
+            std::io::Error::other(format!("TUNSETVNETHDRSZ {hlen} on {}: {e}", self.tap.name))
+        })?;
+        let offload = tap_offloads(acked);
+        if let Err(e) = self.tap.set_offload(offload) {
+            // Older kernels refuse UFO; try without it.
+            let without = offload & !crate::spec::tun::TUN_F_UFO;
+            if without == offload || self.tap.set_offload(without).is_err() {
+                return Err(std::io::Error::other(format!(
+                    "TUNSETOFFLOAD {offload:#x} on {}: {e}",
+                    self.tap.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether the tap queue of `pair` is attached.
@@ -203,22 +225,13 @@ impl VhostUserDevice for NetDevice {
     ) -> Result<Box<dyn QueueWorker>, DeviceError> {
         let first = queues.first().copied().unwrap_or(0);
         if first == self.ctrl_queue() {
-            return Ok(Box::new(CtrlWorker::new(
-                self.shared.clone(),
-                acked_features,
-            )));
+            let worker = CtrlWorker::new(self.shared.clone(), first, acked_features)
+                .map_err(DeviceError::Worker)?;
+            return Ok(Box::new(worker));
         }
-        let offload = tap_offloads(acked_features);
-        if let Err(e) = self.shared.tap.set_offload(offload) {
-            // Older kernels refuse UFO; try without it.
-            let without = offload & !crate::spec::tun::TUN_F_UFO;
-            if without == offload || self.shared.tap.set_offload(without).is_err() {
-                return Err(DeviceError::Worker(std::io::Error::other(format!(
-                    "TUNSETOFFLOAD {offload:#x} on {}: {e}",
-                    self.shared.tap.name
-                ))));
-            }
-        }
+        self.shared
+            .apply_features(acked_features)
+            .map_err(DeviceError::Worker)?;
         let worker = PairWorker::new(self.shared.clone(), first / 2, acked_features)
             .map_err(DeviceError::Worker)?;
         Ok(Box::new(worker))
@@ -234,5 +247,6 @@ impl VhostUserDevice for NetDevice {
             s.set_attached(p, true);
         }
         let _ = s.tap.set_offload(0);
+        let _ = s.tap.set_vnet_hdr_len(HDR_LEN);
     }
 }

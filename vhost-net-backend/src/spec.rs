@@ -53,6 +53,21 @@ pub mod features {
     pub const MQ: u64 = 1 << 22;
     /// The MAC address can be set through the control queue.
     pub const CTRL_MAC_ADDR: u64 = 1 << 23;
+    /// VIRTIO_F_VERSION_1 (offered by the layer): the header always has `num_buffers`.
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Size of the legacy `virtio_net_hdr` (no `num_buffers`).
+pub const LEGACY_HDR_LEN: usize = 10;
+
+/// The virtio-net header size for the features `acked` (virtio 1.2, 5.1.6): 12 bytes
+/// with VERSION_1 or MRG_RXBUF, else the legacy 10.
+pub fn hdr_len(acked: u64) -> usize {
+    if acked & (features::VERSION_1 | features::MRG_RXBUF) != 0 {
+        HDR_LEN
+    } else {
+        LEGACY_HDR_LEN
+    }
 }
 
 /// `virtio_net_hdr.flags`.
@@ -351,6 +366,13 @@ mod tests {
         h.gso_type = gso::NONE;
         h.flags = 0x80;
         assert!(h.check_tx(all, 60).is_err());
+    }
+
+    #[test]
+    fn header_size_follows_features() {
+        assert_eq!(hdr_len(0), LEGACY_HDR_LEN);
+        assert_eq!(hdr_len(features::MRG_RXBUF), HDR_LEN);
+        assert_eq!(hdr_len(features::VERSION_1), HDR_LEN);
     }
 
     #[test]

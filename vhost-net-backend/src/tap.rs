@@ -252,6 +252,16 @@ impl Tap {
         })
     }
 
+    /// Sets the vnet header size of every queue (macvtap keeps it per queue): the
+    /// virtio-net header size the driver negotiated, which frames carry both ways.
+    pub fn set_vnet_hdr_len(&self, len: usize) -> io::Result<()> {
+        for q in &self.queues {
+            let mut sz = libc::c_int::try_from(len).map_err(io::Error::other)?;
+            ioctl_ptr(q.fd(), tun::TUNSETVNETHDRSZ, &mut sz)?;
+        }
+        Ok(())
+    }
+
     /// Sets the offloads the tap may hand us (TUN_F_*), from the driver's features.
     pub fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
         match self.queues.first() {

@@ -34,10 +34,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::NetShared;
 use crate::spec::{
-    features, tap_offloads, tun, NetHdr, ETH_OVERHEAD, HDR_LEN, HDR_NUM_BUFFERS, MAX_FRAME_LEN,
+    features, hdr_len, tap_offloads, tun, NetHdr, ETH_OVERHEAD, HDR_LEN, HDR_NUM_BUFFERS,
+    MAX_FRAME_LEN,
 };
 use crate::stats::{DropReason, QueueCounters};
-use crate::uring::TxUring;
+use crate::uring::{KeepAlive, TxUring};
 
 /// Chains per TX batch (one io_uring submission).
 const TX_BATCH: usize = 64;
@@ -54,12 +55,17 @@ const TOKEN_MORE: u64 = 1;
 const MAX_IOVECS: usize = 1024;
 /// How long a stopping ring waits for a full tap before giving frames back unsent.
 const TX_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// VHOST_F_LOG_ALL (dirty logging on/off, not a device feature).
+const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 /// A receive buffer (chain) taken from the avail ring and not used yet.
 struct RxBuf {
     chain: Chain,
-    /// Writable bytes; 0 for a chain the guest got wrong (returned unused in order).
+    /// Writable bytes; 0 for a chain the guest got wrong (returned unused at once).
     cap: u64,
+    /// The avail ring position it was taken from: when the ring stops, only a run of
+    /// buffers that are exactly the last positions taken can be given back by rewinding.
+    pos: u16,
 }
 
 /// A TX chain ready to write: its iovecs into guest memory and frame length.
@@ -86,10 +92,15 @@ pub struct PairWorker {
     interest: EventSet,
     acked: u64,
     mrg: bool,
+    /// The virtio-net header size the driver's features imply (12 or the legacy 10).
+    hdr_len: usize,
     /// Receive capacity to gather before reading a frame (MRG_RXBUF).
     rx_need: u64,
     rx_cache: VecDeque<RxBuf>,
     rx_starved: bool,
+    /// Unusable receive buffers this call may still return before yielding: a guest that
+    /// posts nothing else must not keep the worker (see `BUDGET`).
+    rx_bad_left: usize,
     /// A frame read while the guest had too few buffers: (total length, bytes that went
     /// into guest buffers); the rest is in `rx_overflow`.
     rx_partial: Option<(u64, u64)>,
@@ -126,13 +137,7 @@ impl PairWorker {
             .map(|q| q.fd())
             .ok_or_else(|| io::Error::other(format!("no tap queue for queue pair {pair}")))?;
         let epoll = Epoll::new()?;
-        let mrg = acked & features::MRG_RXBUF != 0;
-        let gso = tap_offloads(acked) & (tun::TUN_F_TSO4 | tun::TUN_F_TSO6 | tun::TUN_F_UFO);
-        let frame = if gso != 0 {
-            MAX_FRAME_LEN
-        } else {
-            usize::from(shared.opts.mtu.unwrap_or(1500).max(1500)) + ETH_OVERHEAD
-        };
+        let (mrg, hdr, rx_need) = rx_params(&shared, acked);
         let uring = TxUring::new(TX_BATCH as u32, fd)?;
         let mut w = Self {
             pair,
@@ -143,9 +148,11 @@ impl PairWorker {
             interest: EventSet::empty(),
             acked,
             mrg,
-            rx_need: (HDR_LEN + frame) as u64,
+            hdr_len: hdr,
+            rx_need,
             rx_cache: VecDeque::new(),
             rx_starved: false,
+            rx_bad_left: BUDGET,
             rx_partial: None,
             rx_overflow: Vec::new(),
             rx_enabled: false,
@@ -171,6 +178,29 @@ impl PairWorker {
         // rings are not running make us detach the queue (see `sync_attached`).
         w.set_interest(EventSet::IN);
         Ok(w)
+    }
+
+    /// Follows the features the ring was started with. Workers live as long as the
+    /// connection, and a driver may negotiate again without RESET_DEVICE (stop the rings,
+    /// SET_FEATURES, start them): merging, header size and tap offloads must follow.
+    fn follow_features(&mut self, acked: u64) {
+        // LOG_ALL comes and goes with migration and changes nothing here.
+        let relevant = |f: u64| f & !VHOST_F_LOG_ALL;
+        if relevant(acked) == relevant(self.acked) {
+            return;
+        }
+        log::debug!(
+            "pair {}: features {:#x} -> {acked:#x}",
+            self.pair,
+            self.acked
+        );
+        self.acked = acked;
+        (self.mrg, self.hdr_len, self.rx_need) = rx_params(&self.shared, acked);
+        if let Err(e) = self.shared.apply_features(acked) {
+            let pair = self.pair;
+            self.log
+                .warn(|| format!("tap queue {pair}: cannot follow new features: {e}"));
+        }
     }
 
     fn counters(&self, q: u16) -> Option<&QueueCounters> {
@@ -236,17 +266,19 @@ impl PairWorker {
     /// Checks a TX chain and builds its iovecs; on error the drop reason.
     fn prepare_tx(&self, mem: &GuestMem, chain: Chain) -> Result<TxFrame, (Chain, DropReason)> {
         let total = chain.readable_len();
-        if total < HDR_LEN as u64 {
+        let hlen = self.hdr_len;
+        if total < hlen as u64 {
             return Err((chain, DropReason::ShortChain));
         }
-        if total > (HDR_LEN + MAX_FRAME_LEN) as u64 {
+        if total > (hlen + MAX_FRAME_LEN) as u64 {
             return Err((chain, DropReason::TooLong));
         }
+        // A legacy 10-byte header parses with num_buffers 0, which TX ignores.
         let mut hdr = [0u8; HDR_LEN];
-        if read_chain(mem, &chain, 0, &mut hdr).is_err() {
+        if read_chain(mem, &chain, 0, &mut hdr[..hlen]).is_err() {
             return Err((chain, DropReason::BadAddress));
         }
-        let frame_len = total as usize - HDR_LEN;
+        let frame_len = total as usize - hlen;
         if NetHdr::parse(&hdr).check_tx(self.acked, frame_len).is_err() {
             return Err((chain, DropReason::BadHeader));
         }
@@ -268,14 +300,15 @@ impl PairWorker {
 
     /// Writes `self.tx_frames` to the tap; completes them or keeps them in `tx_pending`.
     /// Returns how many chains went to the used ring.
-    fn write_frames(&mut self, ring: &mut Ring, mem: &GuestMem) -> usize {
+    fn write_frames(&mut self, ring: &mut Ring, mem: &Arc<GuestMem>) -> usize {
         if self.tx_frames.is_empty() {
             return 0;
         }
         let batch: Vec<&[libc::iovec]> = self.tx_frames.iter().map(|f| &f.iovecs[..]).collect();
-        // SAFETY: the iovecs point into `mem`, a live snapshot of guest memory held by the
-        // caller for the whole call; writev_batch returns only after every completion.
-        let res = unsafe { self.uring.writev_batch(&batch, &mut self.tx_results) };
+        let keep: KeepAlive = mem.clone();
+        // SAFETY: the iovecs point into `mem`, a snapshot of guest memory that `keep`
+        // keeps mapped; writes that outlive the call (an io_uring error) hold it.
+        let res = unsafe { self.uring.writev_batch(&batch, &mut self.tx_results, &keep) };
         drop(batch);
         if let Err(e) = res {
             self.log
@@ -330,6 +363,7 @@ impl PairWorker {
 
     /// Sends what the TX ring holds (pending frames first), at most `BUDGET` frames.
     fn process_tx(&mut self, ring: &mut Ring) {
+        self.follow_features(ring.acked_features());
         let mem = ring.memory();
         let mut completed = 0;
         let mut sent = 0usize;
@@ -406,53 +440,57 @@ impl PairWorker {
 
     // ---- receive --------------------------------------------------------------------
 
-    /// Returns invalid buffers at the front of the cache to the guest (unused).
-    fn flush_bad_front(&mut self, ring: &mut Ring, mem: &GuestMem) -> usize {
+    /// Returns the invalid buffers of the cache to the guest (unused), wherever they are.
+    /// They hold no data of a frame (those are never marked invalid) and are not part of
+    /// a frame's used-ring batch, so they may come back before buffers taken earlier: an
+    /// invalid buffer behind the first part of a frame must not block the buffers behind
+    /// it (the frame would wait for them forever while the ring says "more").
+    fn flush_bad(&mut self, ring: &mut Ring, mem: &GuestMem) -> usize {
         let mut n = 0;
-        while self.rx_cache.front().is_some_and(|b| b.cap == 0) {
-            if let Some(b) = self.rx_cache.pop_front() {
+        self.rx_cache.retain(|b| {
+            if b.cap == 0 {
                 ring.add_used(mem, b.chain.head, 0);
                 n += 1;
+                false
+            } else {
+                true
             }
-        }
+        });
+        self.rx_bad_left = self.rx_bad_left.saturating_sub(n);
         n
     }
 
-    /// Usable capacity at the front of the cache (up to the first invalid buffer).
-    fn front_capacity(&self) -> (u64, bool) {
-        let mut cap = 0;
-        for b in &self.rx_cache {
-            if b.cap == 0 {
-                return (cap, true);
-            }
-            cap += b.cap;
-            if !self.mrg {
-                break;
-            }
+    /// Usable capacity of the cache (all of it with MRG_RXBUF, else the first buffer).
+    fn cache_capacity(&self) -> u64 {
+        if self.mrg {
+            self.rx_cache.iter().map(|b| b.cap).sum()
+        } else {
+            self.rx_cache.front().map_or(0, |b| b.cap)
         }
-        (cap, false)
     }
 
-    /// Pops RX chains into the cache until the usable front holds `target` bytes, the
-    /// ring is empty or an unusable buffer blocks the front run. Returns the capacity.
+    /// Pops RX chains into the cache until it holds `target` bytes (MRG_RXBUF) or one
+    /// usable buffer, the ring is empty or this call returned its share of unusable
+    /// buffers. Returns the capacity.
     fn fill_rx(&mut self, ring: &mut Ring, mem: &GuestMem, target: u64, used: &mut usize) -> u64 {
         loop {
-            *used += self.flush_bad_front(ring, mem);
-            let (cap, blocked) = self.front_capacity();
+            *used += self.flush_bad(ring, mem);
+            let cap = self.cache_capacity();
             let enough = if self.mrg { cap >= target } else { cap > 0 };
-            if enough || (blocked && cap > 0) {
+            if enough || self.rx_bad_left == 0 {
                 return cap;
             }
             if !ring.pop(mem, &mut self.chain) {
                 return cap;
             }
+            let pos = ring.next_avail().wrapping_sub(1);
             let chain = std::mem::take(&mut self.chain);
             let cap = if chain.segments.iter().any(|s| !s.writable) {
                 0
             } else {
                 chain.writable_len()
             };
-            let cap = if cap < HDR_LEN as u64 {
+            let cap = if cap < self.hdr_len as u64 {
                 self.count_drop(self.rxq, DropReason::RxBufferTooSmall);
                 let pair = self.pair;
                 self.log.warn(|| {
@@ -465,7 +503,7 @@ impl PairWorker {
             } else {
                 cap
             };
-            self.rx_cache.push_back(RxBuf { chain, cap });
+            self.rx_cache.push_back(RxBuf { chain, cap, pos });
         }
     }
 
@@ -516,6 +554,33 @@ impl PairWorker {
             ring.dirty_log().mark(s.addr, take as usize);
             len -= take;
         }
+    }
+
+    /// After a fill that came up short: true to try again (buffers raced in), false to
+    /// stop (waiting for a kick, or for `more` when the call used its budget).
+    fn retry_after_short_fill(
+        &mut self,
+        ring: &mut Ring,
+        mem: &GuestMem,
+        last: &mut Option<u16>,
+    ) -> bool {
+        if self.rx_bad_left == 0 {
+            self.rx_more = true;
+            self.schedule_more();
+            return false;
+        }
+        if !self.starve(ring, mem) {
+            return false;
+        }
+        // The ring says "more" but nothing could be taken since it last said so (an avail
+        // ring the guest broke): asking again would spin. Wait for the next kick.
+        let at = ring.next_avail();
+        if *last == Some(at) {
+            self.rx_starved = true;
+            return false;
+        }
+        *last = Some(at);
+        true
     }
 
     /// Out of receive buffers: re-enables kicks. Returns true if buffers raced in.
@@ -573,10 +638,13 @@ impl PairWorker {
     /// Receives frames while the tap has them and the guest has buffers, at most
     /// `BUDGET` frames.
     fn process_rx(&mut self, ring: &mut Ring) {
+        self.follow_features(ring.acked_features());
         let mem = ring.memory();
         let mut used = 0usize;
         let mut frames = 0usize;
+        let mut last_retry = None;
         self.rx_more = false;
+        self.rx_bad_left = BUDGET;
         ring.disable_notification(&mem);
         loop {
             if frames >= BUDGET {
@@ -585,14 +653,14 @@ impl PairWorker {
                 break;
             }
             if !self.complete_partial(ring, &mem, &mut used) {
-                if self.starve(ring, &mem) {
+                if self.retry_after_short_fill(ring, &mem, &mut last_retry) {
                     continue;
                 }
                 break;
             }
             let cap = self.fill_rx(ring, &mem, self.rx_need, &mut used);
             if cap == 0 {
-                if self.starve(ring, &mem) {
+                if self.retry_after_short_fill(ring, &mem, &mut last_retry) {
                     continue;
                 }
                 break;
@@ -644,12 +712,16 @@ impl PairWorker {
                 Self::mark_dirty(ring, &b.chain, left.min(b.cap));
                 left = left.saturating_sub(b.cap);
             }
-            if n < HDR_LEN as u64 {
+            // Dropped frames count against the budget too: a tap full of them must not
+            // keep the worker from TX.
+            if n < self.hdr_len as u64 {
                 self.count_drop(self.rxq, DropReason::TapError);
+                frames += 1;
                 continue;
             }
             if n > cap {
                 if !self.mrg || n > cap + (HDR_LEN + MAX_FRAME_LEN) as u64 {
+                    frames += 1;
                     self.count_drop(self.rxq, DropReason::RxTruncated);
                     let pair = self.pair;
                     self.log.warn(|| {
@@ -692,13 +764,14 @@ impl PairWorker {
             }
         }
         let num = batch.len() as u16;
-        if let Some(chain) = &first {
-            // Through vm-memory: logged by the layer.
+        if let Some(chain) = first.as_ref().filter(|_| self.hdr_len == HDR_LEN) {
+            // Through vm-memory: logged by the layer. The legacy 10-byte header has no
+            // num_buffers: those bytes are the frame's.
             let _ = write_chain(mem, chain, HDR_NUM_BUFFERS, &num.to_le_bytes());
         }
         ring.add_used_batch(mem, &batch);
         if let Some(c) = self.counters(self.rxq) {
-            c.packet(n as usize - HDR_LEN);
+            c.packet((n as usize).saturating_sub(self.hdr_len));
             if num > 1 {
                 c.merged.fetch_add(1, Ordering::Relaxed);
             }
@@ -715,9 +788,31 @@ impl PairWorker {
             self.count_drop(self.rxq, DropReason::RxTruncated);
         }
         if let Some(ring) = rings.get_mut(self.rxq) {
-            // The cache is exactly the last chains popped, in order.
-            for _ in 0..self.rx_cache.len() {
+            // Rewinding the avail ring gives back the positions between the new and the
+            // old next-avail index: only the run of cached buffers that are exactly the
+            // last positions taken may go back that way. Positions before a hole (a chain
+            // the layer or we returned as malformed) would re-offer the malformed chain,
+            // completed once already; the buffers taken before it are completed unused
+            // (length 0) instead, which gives them back to the driver just as well.
+            let mut next = ring.next_avail();
+            let mut rewind = 0;
+            for b in self.rx_cache.iter().rev() {
+                if b.pos != next.wrapping_sub(1) {
+                    break;
+                }
+                next = b.pos;
+                rewind += 1;
+            }
+            for _ in 0..rewind {
                 ring.undo_pop();
+            }
+            let mem = ring.memory();
+            let keep = self.rx_cache.len() - rewind;
+            for b in self.rx_cache.drain(..keep) {
+                ring.add_used(&mem, b.chain.head, 0);
+            }
+            if keep > 0 {
+                ring.notify(&mem);
             }
         }
         self.rx_cache.clear();
@@ -744,6 +839,20 @@ impl PairWorker {
         self.tx_enabled = rings.get_mut(self.txq).is_some_and(|r| r.is_enabled());
         self.sync_attached();
     }
+}
+
+/// The receive parameters (merging, header size, capacity to gather before reading a
+/// frame) for the features `acked`.
+fn rx_params(shared: &NetShared, acked: u64) -> (bool, usize, u64) {
+    let mrg = acked & features::MRG_RXBUF != 0;
+    let gso = tap_offloads(acked) & (tun::TUN_F_TSO4 | tun::TUN_F_TSO6 | tun::TUN_F_UFO);
+    let frame = if gso != 0 {
+        MAX_FRAME_LEN
+    } else {
+        usize::from(shared.opts.mtu.unwrap_or(1500).max(1500)) + ETH_OVERHEAD
+    };
+    let hlen = hdr_len(acked);
+    (mrg, hlen, (hlen + frame) as u64)
 }
 
 /// Reads `out.len()` bytes at `offset` of a chain's readable buffers.

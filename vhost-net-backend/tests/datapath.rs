@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use vhost::VhostBackend;
 use vhost_net_backend::spec::{features, gso, hdr_flags, NetHdr, HDR_LEN};
+use vhost_tests::frontend::Buf;
 
 const T: Duration = Duration::from_secs(5);
 
@@ -433,4 +434,241 @@ fn frame_larger_than_posted_buffers_waits_for_more_without_loss() {
     assert_eq!(hdr.num_buffers, 3);
     assert_eq!(used.len(), 3);
     assert_eq!(data, frame);
+}
+
+#[test]
+fn stopping_rx_after_malformed_buffers_gives_each_buffer_back_once() {
+    if !enter_netns("stopping_rx_after_malformed_buffers_gives_each_buffer_back_once") {
+        return;
+    }
+    let be = TestBackend::start(Config::default());
+    let mut fe = be.connect();
+    let sock = PacketSocket::open(TAP, false);
+    // Good A, malformed M (outside guest memory: the layer returns it while popping), too
+    // small S (the net worker returns it), good B and C; one kick and no frame, so the
+    // worker takes them all and keeps the good ones for later.
+    let a = fe.alloc(2048);
+    let b = fe.alloc(2048);
+    let c = fe.alloc(2048);
+    let small = fe.alloc(4);
+    let dq = &mut fe.queues[0];
+    let ha = dq.add_chain(&fe.mem, &[Buf::wo(a, 2048)]);
+    let hm = dq.add_chain(&fe.mem, &[Buf::wo(1 << 40, 2048)]);
+    let hs = dq.add_chain(&fe.mem, &[Buf::wo(small, 4)]);
+    let hb = dq.add_chain(&fe.mem, &[Buf::wo(b, 2048)]);
+    let hc = dq.add_chain(&fe.mem, &[Buf::wo(c, 2048)]);
+    dq.publish_many(&fe.mem, &[ha, hm, hs, hb, hc]);
+    dq.notify();
+    let mut used = fe.wait(0, 1).expect("the malformed chain comes back");
+    std::thread::sleep(Duration::from_millis(200));
+    used.extend(fe.queues[0].take_used(&fe.mem));
+
+    // Stop the ring (the worker gives back what it holds) and start it again from there.
+    let base = fe.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    fe.start_queue_at(0, base as u16).expect("restart");
+    let bufs = [(ha, a), (hb, b), (hc, c)];
+    for i in 0..3u32 {
+        sock.send(None, &test_frame(GUEST_MAC, HOST_MAC, 0xb100 + i, 100))
+            .expect("send");
+    }
+    let all = [ha, hm, hs, hb, hc].map(u32::from);
+    let deadline = std::time::Instant::now() + T;
+    while !all.iter().all(|h| used.iter().any(|u| u.id == *h))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+        used.extend(fe.queues[0].take_used(&fe.mem));
+    }
+    // Nothing more may come back later (a second completion of the same buffer).
+    std::thread::sleep(Duration::from_millis(200));
+    used.extend(fe.queues[0].take_used(&fe.mem));
+    for h in all {
+        let n = used.iter().filter(|u| u.id == h).count();
+        assert_eq!(
+            n, 1,
+            "head {h} in the used ring {n} times: {used:?} (base {base})"
+        );
+    }
+    // Frames that landed are intact, in order.
+    let mut next = 0xb100u32;
+    for u in used.iter().filter(|u| u.len > 0) {
+        let (_, gpa) = bufs
+            .iter()
+            .find(|(h, _)| u32::from(*h) == u.id)
+            .expect("a frame in a good buffer");
+        let data = fe.read(gpa + HDR_LEN as u64, u.len as usize - HDR_LEN);
+        assert!(
+            has_tag(&data, next),
+            "frame {next:#x} missing or out of order"
+        );
+        next += 1;
+    }
+    assert!(
+        next >= 0xb102,
+        "at least the two buffers given back took frames"
+    );
+}
+
+/// VIRTIO_F_VERSION_1.
+const VERSION_1: u64 = 1 << 32;
+
+/// Checks both directions with the header layout `features` imply: 12 bytes with
+/// `num_buffers` (VERSION_1 or MRG_RXBUF), else the legacy 10 bytes; frames larger than
+/// one buffer merged (MRG_RXBUF) or dropped.
+fn check_header_layout(be: &TestBackend, fe: &mut vhost_tests::frontend::TestFrontend, tag: u32) {
+    let feats = fe.features;
+    let mrg = feats & features::MRG_RXBUF != 0;
+    let hlen = if feats & (VERSION_1 | features::MRG_RXBUF) != 0 {
+        12
+    } else {
+        10
+    };
+    let sock = PacketSocket::open(TAP, false);
+    // TX: the header is `hlen` bytes, the frame follows.
+    let frame = test_frame(HOST_MAC, GUEST_MAC, tag, 200);
+    let h = fe.alloc(hlen as u64);
+    let d = fe.alloc(frame.len() as u64);
+    fe.write(d, &frame);
+    fe.submit(1, &[Buf::ro(h, hlen), Buf::ro(d, frame.len() as u32)]);
+    fe.wait(1, 1).expect("tx completion");
+    let (_, got) = sock
+        .recv_matching(T, |f| has_tag(f, tag))
+        .expect("tx frame on the tap");
+    assert_eq!(got, frame, "tx frame with a {hlen}-byte header");
+
+    // RX: a small frame, then one larger than a buffer, then a small one.
+    let bufs = post_rx(fe, 0, 8, 2048);
+    let before = be.drops(0, vhost_net_backend::stats::DropReason::RxTruncated);
+    let small = test_frame(GUEST_MAC, HOST_MAC, tag + 1, 300);
+    let big = test_frame(GUEST_MAC, HOST_MAC, tag + 2, 3000);
+    let last = test_frame(GUEST_MAC, HOST_MAC, tag + 3, 300);
+    for f in [&small, &big, &last] {
+        sock.send(None, f).expect("send");
+    }
+    let gpa_of = |id: u32| {
+        bufs.iter()
+            .find(|(h, _)| u32::from(*h) == id)
+            .map(|(_, a)| *a)
+            .expect("one of our buffers")
+    };
+    let mut used = fe.wait(0, 1).expect("rx");
+    let u = used.remove(0);
+    assert_eq!(
+        u.len as usize,
+        hlen as usize + small.len(),
+        "{hlen}-byte header"
+    );
+    assert_eq!(
+        fe.read(gpa_of(u.id) + u64::from(hlen), small.len()),
+        small,
+        "frame after a {hlen}-byte header"
+    );
+    if hlen == 12 {
+        let nb = fe.read(gpa_of(u.id) + 10, 2);
+        assert_eq!(u16::from_le_bytes([nb[0], nb[1]]), 1, "num_buffers");
+    }
+    if used.is_empty() {
+        used.extend(fe.wait(0, 1).expect("rx"));
+    }
+    let u = used.remove(0);
+    if mrg {
+        let nb = fe.read(gpa_of(u.id) + 10, 2);
+        assert_eq!(
+            u16::from_le_bytes([nb[0], nb[1]]),
+            2,
+            "merged over 2 buffers"
+        );
+        if used.is_empty() {
+            used.extend(fe.queues[0].take_used(&fe.mem));
+        }
+        used.remove(0);
+        if used.is_empty() {
+            used.extend(fe.wait(0, 1).expect("rx"));
+        }
+        let u = used.remove(0);
+        let data = fe.read(gpa_of(u.id) + u64::from(hlen), last.len());
+        assert_eq!(data, last);
+    } else {
+        // The big frame is dropped, not spread over buffers the driver reads one by one.
+        assert_eq!(
+            u.len as usize,
+            hlen as usize + last.len(),
+            "big frame dropped"
+        );
+        let data = fe.read(gpa_of(u.id) + u64::from(hlen), last.len());
+        assert_eq!(data, last);
+        assert_eq!(
+            be.drops(0, vhost_net_backend::stats::DropReason::RxTruncated),
+            before + 1
+        );
+    }
+}
+
+/// Stops every ring, acks `features` with a second SET_FEATURES (no RESET_DEVICE) and
+/// starts the rings again from scratch.
+fn renegotiate(fe: &mut vhost_tests::frontend::TestFrontend, features: u64) {
+    for q in 0..3 {
+        fe.fe.get_vring_base(q).expect("GET_VRING_BASE");
+    }
+    fe.fe.set_features(features).expect("SET_FEATURES");
+    fe.features = features;
+    for q in 0..3 {
+        fe.add_queue(q).expect("add queue");
+        fe.start_queue(q).expect("start queue");
+    }
+}
+
+#[test]
+fn renegotiation_on_the_same_connection_follows_the_new_features() {
+    if !enter_netns("renegotiation_on_the_same_connection_follows_the_new_features") {
+        return;
+    }
+    let be = TestBackend::start(Config::default());
+    let mut fe = be.connect();
+    let all = fe.features;
+    assert!(acked(&fe, features::MRG_RXBUF | VERSION_1));
+    check_header_layout(&be, &mut fe, 0xc000);
+    // Legacy layout: no MRG_RXBUF, no VERSION_1 (10-byte header).
+    renegotiate(&mut fe, all & !(features::MRG_RXBUF | VERSION_1));
+    check_header_layout(&be, &mut fe, 0xc100);
+    // VERSION_1 without MRG_RXBUF: 12 bytes, one buffer per frame.
+    renegotiate(&mut fe, all & !features::MRG_RXBUF);
+    check_header_layout(&be, &mut fe, 0xc200);
+    // And back to everything.
+    renegotiate(&mut fe, all);
+    check_header_layout(&be, &mut fe, 0xc300);
+}
+
+#[test]
+fn renegotiation_on_a_new_connection_follows_the_new_features() {
+    if !enter_netns("renegotiation_on_a_new_connection_follows_the_new_features") {
+        return;
+    }
+    let be = TestBackend::start(Config::default());
+    let mut fe = be.connect();
+    check_header_layout(&be, &mut fe, 0xd000);
+    let all = fe.features;
+    drop(fe);
+    for (i, want) in [
+        all & !(features::MRG_RXBUF | VERSION_1),
+        all & !features::MRG_RXBUF,
+        all,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut fe = vhost_tests::frontend::TestFrontend::connect(
+            &be.socket,
+            vhost_tests::frontend::FrontendOptions {
+                num_queues: 3,
+                queue_size: be.cfg.queue_size,
+                event_idx: true,
+                features: Some(want),
+                ..Default::default()
+            },
+        )
+        .expect("connect again");
+        assert_eq!(fe.features & !(1 << 30), want & !(1 << 30));
+        check_header_layout(&be, &mut fe, 0xd100 + 0x100 * i as u32);
+    }
 }
