@@ -16,7 +16,13 @@ fn backend_in(in_memory: bool) -> TestBackend {
         in_memory,
         ..Default::default()
     });
-    assert_eq!(b.shared.disk.memory_backed, in_memory);
+    assert_eq!(
+        b.shared.disk.memory_backed,
+        in_memory,
+        "{} is {}on a memory file system",
+        b.image.display(),
+        if in_memory { "not " } else { "" }
+    );
     b
 }
 

@@ -34,7 +34,7 @@ pub struct BackendConfig {
     /// Fill the image with this byte pattern function of the offset.
     pub fill: bool,
     /// Put the image in /dev/shm (tmpfs: the backend does reads and writes inline)
-    /// instead of the default temporary directory.
+    /// instead of cargo's temporary directory for tests (in the build directory, on disk).
     pub in_memory: bool,
     /// Adaptive polling window of the queue workers (0: off).
     pub poll_us: u32,
@@ -70,7 +70,9 @@ impl TestBackend {
         let dir = if cfg.in_memory {
             tempfile::tempdir_in("/dev/shm").expect("tempdir in /dev/shm")
         } else {
-            tempfile::tempdir().expect("tempdir")
+            // Not the system's temporary directory: /tmp is a tmpfs on many machines,
+            // and these images must be on a disk file system (io_uring, O_DIRECT).
+            tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir")
         };
         let image = dir.path().join("disk.img");
         let f = std::fs::File::create(&image).expect("create image");
