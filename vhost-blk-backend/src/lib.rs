@@ -11,6 +11,7 @@ pub mod device;
 pub mod dirty;
 pub mod dirty_file;
 pub mod disk;
+pub mod migration;
 pub mod request;
 pub mod spec;
 pub mod uring;
