@@ -81,6 +81,9 @@ pub struct Handler<D: VhostUserDevice> {
     backend_req: Option<Backend>,
     stats: Vec<Arc<QueueStats>>,
     worker_failed: bool,
+    /// A request failed in a way the protocol has no error reply for; the connection
+    /// must be closed (see [`Handler::must_hang_up`]).
+    hang_up: bool,
 }
 
 fn handler_err(e: impl std::fmt::Display) -> VuError {
@@ -115,6 +118,7 @@ impl<D: VhostUserDevice> Handler<D> {
             backend_req: None,
             stats,
             worker_failed: false,
+            hang_up: false,
             device,
         }
     }
@@ -260,6 +264,12 @@ impl<D: VhostUserDevice> Handler<D> {
             }
         }
         ok
+    }
+
+    /// Whether the connection must be closed because a request failed that the frontend
+    /// cannot be told about (a refused SET_LOG_BASE).
+    pub fn must_hang_up(&self) -> bool {
+        self.hang_up
     }
 
     /// Whether any worker has failed.
@@ -586,7 +596,11 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         self.log
             .set_log_base(&file, log.mmap_offset, log.mmap_size)
             .map_err(|e| {
-                log::error!("SET_LOG_BASE: {e}");
+                // The frontend waits for the log message back and the protocol has no error
+                // reply for it: without one it would wait forever. Closing the connection is
+                // the error it can see (libvhost-user does the same).
+                log::error!("SET_LOG_BASE: {e}; closing the connection");
+                self.hang_up = true;
                 handler_err(e)
             })
     }

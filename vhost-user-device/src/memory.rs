@@ -17,6 +17,7 @@ use vm_memory::{
 };
 
 use crate::dirty_log::{DirtyLog, RegionLog};
+use crate::fd_check::{check_covers, FdCheckError};
 
 /// Guest memory with our dirty-log bitmap.
 pub type GuestMem = GuestMemoryMmap<RegionLog>;
@@ -36,6 +37,14 @@ pub enum MemoryError {
         gpa: u64,
         /// Size in bytes.
         size: u64,
+    },
+    /// The region's file is unusable (too short for the region).
+    #[error("memory region at guest address {gpa:#x}: {source}")]
+    File {
+        /// Guest-physical start.
+        gpa: u64,
+        /// What is wrong with the file.
+        source: FdCheckError,
     },
     /// mmap of a region failed.
     #[error("cannot map guest memory region at {gpa:#x}: {source}")]
@@ -103,6 +112,9 @@ impl MemoryTable {
             return Err(invalid());
         }
         let len = usize::try_from(size).map_err(|_| invalid())?;
+        // mmap past the end of the file succeeds; the first access there raises SIGBUS.
+        check_covers(&file, desc.mmap_offset, size, "guest memory region")
+            .map_err(|source| MemoryError::File { gpa, source })?;
         let bitmap = RegionLog::new(self.log.clone(), gpa);
         let mmap = MmapRegionBuilder::new_with_bitmap(len, bitmap)
             .with_file_offset(FileOffset::new(file, desc.mmap_offset))

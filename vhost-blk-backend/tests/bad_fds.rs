@@ -1,0 +1,129 @@
+//! A frontend that sends unusable file descriptors: files too short for the range it asks
+//! us to map, and kick/call descriptors that are not eventfds. Each is refused with an error
+//! the frontend sees; the backend never crashes (SIGBUS, a dead worker) and keeps serving.
+
+mod common;
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use common::*;
+use vhost::vhost_user::message::VhostUserInflight;
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo};
+use vhost_blk_backend::spec::status;
+use vhost_tests::frontend::{FrontendOptions, TestFrontend};
+use vhost_user_device::inflight::InflightRegion;
+
+fn memfd(len: u64) -> File {
+    // SAFETY: valid C string; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"bad-fds-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: fd is a fresh descriptor we own.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
+}
+
+/// The connection still serves a normal read.
+fn still_serving(fe: &mut TestFrontend) {
+    let (data, st) = read(fe, 1, 512);
+    assert_eq!((st, data), (status::OK, pattern_range(512, 512)));
+}
+
+/// A new connection is accepted and served (the previous one must be dropped first).
+fn new_connection_serves(b: &TestBackend) {
+    let mut fe = TestFrontend::connect(b.socket(), FrontendOptions::default())
+        .expect("backend accepts a new connection");
+    still_serving(&mut fe);
+}
+
+#[test]
+fn short_memfd_in_set_mem_table_is_refused() {
+    let b = TestBackend::start(BackendConfig::default());
+    {
+        let mut fe = TestFrontend::connect(b.socket(), FrontendOptions::default()).unwrap();
+        let short = memfd(1 << 20);
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: 2 << 20,
+            userspace_addr: 0x7f00_0000_0000,
+            mmap_offset: 0,
+            mmap_handle: short.as_raw_fd(),
+        };
+        assert!(
+            fe.fe.set_mem_table(&[region]).is_err(),
+            "SET_MEM_TABLE with a 1 MiB file for a 2 MiB region was accepted"
+        );
+        // The old table stands.
+        still_serving(&mut fe);
+    }
+    new_connection_serves(&b);
+}
+
+#[test]
+fn short_memfd_in_add_mem_reg_is_refused() {
+    let b = TestBackend::start(BackendConfig::default());
+    {
+        let mut fe = TestFrontend::connect(b.socket(), FrontendOptions::default()).unwrap();
+        // Long enough for the size, not for offset + size.
+        let short = memfd(2 << 20);
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 64 << 20,
+            memory_size: 2 << 20,
+            userspace_addr: 0x7f00_0000_0000,
+            mmap_offset: 1 << 20,
+            mmap_handle: short.as_raw_fd(),
+        };
+        assert!(
+            fe.fe.add_mem_region(&region).is_err(),
+            "ADD_MEM_REG past the end of its file was accepted"
+        );
+        still_serving(&mut fe);
+    }
+    new_connection_serves(&b);
+}
+
+#[test]
+fn short_memfd_in_set_inflight_fd_is_refused() {
+    let b = TestBackend::start(BackendConfig::default());
+    {
+        let opts = FrontendOptions::default();
+        let mut fe = TestFrontend::handshake(b.socket(), &opts).unwrap();
+        let need = InflightRegion::total_size(1, 128);
+        let short = memfd(need - 64);
+        let info = VhostUserInflight::new(need, 0, 1, 128);
+        assert!(
+            fe.set_inflight(short, info).is_err(),
+            "SET_INFLIGHT_FD with a file shorter than the region was accepted"
+        );
+        fe.add_queue(0).unwrap();
+        fe.start_queue(0).unwrap();
+        still_serving(&mut fe);
+    }
+    new_connection_serves(&b);
+}
+
+#[test]
+fn short_memfd_in_set_log_base_ends_the_connection() {
+    let b = TestBackend::start(BackendConfig::default());
+    {
+        let fe = TestFrontend::connect(b.socket(), FrontendOptions::default()).unwrap();
+        let short = memfd(4096);
+        // SET_LOG_BASE has no error reply in the protocol (the frontend waits for the log
+        // message back): the backend refuses by closing the connection.
+        let res = fe.fe.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: 64 << 10,
+                mmap_offset: 0,
+                mmap_handle: short.as_raw_fd(),
+            }),
+        );
+        assert!(
+            res.is_err(),
+            "SET_LOG_BASE with a 4 KiB file for a 64 KiB log was accepted"
+        );
+    }
+    new_connection_serves(&b);
+}
