@@ -105,6 +105,27 @@ fn short_memfd_in_set_inflight_fd_is_refused() {
 }
 
 #[test]
+fn misaligned_inflight_offset_is_refused() {
+    let b = TestBackend::start(BackendConfig::default());
+    {
+        let opts = FrontendOptions::default();
+        let mut fe = TestFrontend::handshake(b.socket(), &opts).unwrap();
+        let need = InflightRegion::total_size(1, 128);
+        // Long enough: only the alignment of the offset is wrong.
+        let file = memfd(need + 4096);
+        let info = VhostUserInflight::new(need, 4, 1, 128);
+        assert!(
+            fe.set_inflight(file, info).is_err(),
+            "SET_INFLIGHT_FD at offset 4 was accepted"
+        );
+        fe.add_queue(0).unwrap();
+        fe.start_queue(0).unwrap();
+        still_serving(&mut fe);
+    }
+    new_connection_serves(&b);
+}
+
+#[test]
 fn short_memfd_in_set_log_base_ends_the_connection() {
     let b = TestBackend::start(BackendConfig::default());
     {
