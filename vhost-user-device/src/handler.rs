@@ -277,6 +277,20 @@ impl<D: VhostUserDevice> Handler<D> {
         self.worker_failed || self.workers.iter().flatten().any(|w| w.has_failed())
     }
 
+    /// RESET_DEVICE (and RESET_OWNER): "disable all rings and reset all internal device
+    /// state to the initial state, ready to be reinitialized" (vhost-user spec).
+    ///
+    /// Cleared, being the device's or the driver session's: rings and workers, acked
+    /// virtio features, the inflight region (the spec has the frontend get a new one after
+    /// a reset; resubmitting the old one's chains would replay requests of a driver that
+    /// has reset) and the dirty log (QEMU sends SET_LOG_BASE again when it restarts a
+    /// device with logging on).
+    ///
+    /// Kept, being the connection's: ownership (the spec says so), the acked protocol
+    /// features (negotiated once per connection: QEMU does not send them again, and the
+    /// vhost crate's message layer keeps acting on its own copy, e.g. for REPLY_ACK), the
+    /// backend request channel, and the memory table (the VM's memory did not change;
+    /// QEMU only sends the regions that differ from what it already sent).
     fn reset_state(&mut self) {
         if !self.shutdown() {
             self.worker_failed = true;
@@ -285,7 +299,8 @@ impl<D: VhostUserDevice> Handler<D> {
             *vr = VringConfig::default();
         }
         self.acked_features = 0;
-        self.log.set_log_all(false);
+        self.inflight = None;
+        self.log.clear();
         self.device.reset();
     }
 }
