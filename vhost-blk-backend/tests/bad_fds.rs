@@ -148,3 +148,79 @@ fn short_memfd_in_set_log_base_ends_the_connection() {
     }
     new_connection_serves(&b);
 }
+
+/// What the frontend sends as a kick or call descriptor instead of an eventfd.
+enum NotEventFd {
+    RegularFile,
+    Pipe,
+}
+
+/// A descriptor of the given kind wrapped as an `EventFd` (the harness's frontend sends
+/// whatever descriptor an `EventFd` holds), plus the pipe's other end, kept open.
+fn bogus_eventfd(kind: NotEventFd) -> (vmm_sys_util::eventfd::EventFd, Option<File>) {
+    use std::os::fd::IntoRawFd;
+    let (fd, other) = match kind {
+        NotEventFd::RegularFile => {
+            let f = tempfile::tempfile().unwrap();
+            std::io::Write::write_all(&mut &f, &[1u8; 64]).unwrap();
+            (f.into_raw_fd(), None)
+        }
+        NotEventFd::Pipe => {
+            let mut fds = [0; 2];
+            // SAFETY: valid array of two ints; the result is checked. The pipe is
+            // blocking, as a careless frontend's would be.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            // SAFETY: fds[1] is a fresh descriptor we own.
+            let w = unsafe { File::from_raw_fd(fds[1]) };
+            // Readable, so a backend polling it would try to read it.
+            std::io::Write::write_all(&mut &w, &[1u8; 3]).unwrap();
+            (fds[0], Some(w))
+        }
+    };
+    // SAFETY: fd is a fresh descriptor we own; EventFd only wraps it (and closes it).
+    (
+        unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(fd) },
+        other,
+    )
+}
+
+fn bad_kick_or_call_is_refused(kind: NotEventFd, kick: bool) {
+    let b = TestBackend::start(BackendConfig::default());
+    {
+        let mut fe = TestFrontend::connect(b.socket(), FrontendOptions::default()).unwrap();
+        let (bogus, _other) = bogus_eventfd(kind);
+        let res = if kick {
+            fe.fe.set_vring_kick(0, &bogus)
+        } else {
+            fe.fe.set_vring_call(0, &bogus)
+        };
+        assert!(
+            res.is_err(),
+            "a descriptor that is not an eventfd was accepted as {}",
+            if kick { "kick" } else { "call" }
+        );
+        // The ring keeps running on its old kick and call.
+        still_serving(&mut fe);
+    }
+    new_connection_serves(&b);
+}
+
+#[test]
+fn regular_file_as_kick_is_refused() {
+    bad_kick_or_call_is_refused(NotEventFd::RegularFile, true);
+}
+
+#[test]
+fn pipe_as_kick_is_refused() {
+    bad_kick_or_call_is_refused(NotEventFd::Pipe, true);
+}
+
+#[test]
+fn regular_file_as_call_is_refused() {
+    bad_kick_or_call_is_refused(NotEventFd::RegularFile, false);
+}
+
+#[test]
+fn pipe_as_call_is_refused() {
+    bad_kick_or_call_is_refused(NotEventFd::Pipe, false);
+}

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::VhostUserDevice;
 use crate::dirty_log::DirtyLog;
+use crate::fd_check::check_eventfd;
 use crate::inflight::InflightRegion;
 use crate::memory::{MemoryTable, MAX_MEM_SLOTS};
 use crate::ring::{QueueStats, Ring, RingSetup};
@@ -423,18 +424,30 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
             log::error!("queue {index}: polling mode (no kick fd) is not supported");
             return Err(VuError::InvalidOperation("kick fd required"));
         };
+        // Before touching the ring: a refused fd leaves a running ring on its old kick.
+        // Not logged here: the server logs failed requests rate-limited, and a frontend
+        // can repeat this one at will.
+        check_eventfd(&file, "kick")
+            .map_err(|e| handler_err(format!("queue {index}: SET_VRING_KICK: {e}")))?;
         // A new kick fd for a running ring: restart it on the new fd.
         if self.vring(u32::from(index))?.started {
             self.stop_ring(q)?;
         }
-        // SAFETY: the frontend passed us an eventfd; we take ownership of the descriptor.
+        // SAFETY: checked above to be an eventfd; we take ownership of the descriptor.
         let kick = unsafe { EventFd::from_raw_fd_owned(file) };
         self.start_ring(q, kick)
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let q = u16::from(index);
-        // SAFETY: the frontend passed us an eventfd; we take ownership.
+        self.vring(u32::from(index))?;
+        // Writing a regular file "works" and a full blocking pipe stalls the worker: only
+        // eventfds are accepted. A refused fd leaves the ring on its old call fd.
+        if let Some(f) = &fd {
+            check_eventfd(f, "call")
+                .map_err(|e| handler_err(format!("queue {index}: SET_VRING_CALL: {e}")))?;
+        }
+        // SAFETY: checked above to be an eventfd; we take ownership.
         let call = fd.map(|f| unsafe { EventFd::from_raw_fd_owned(f) });
         let worker_call = match &call {
             Some(c) => Some(c.try_clone().map_err(handler_err)?),
