@@ -790,4 +790,27 @@ impl TestFrontend {
         self.fe.add_mem_region(&info)?;
         Ok(mem)
     }
+
+    /// Sends REM_MEM_REG for the region of `mem` (the driver's view returned by
+    /// [`TestFrontend::add_region`], or [`TestFrontend::mem`]) that starts at `gpa`.
+    pub fn remove_region(&mut self, mem: &GuestMemoryMmap, gpa: u64) -> Result<()> {
+        let info = region_info(mem, gpa)?;
+        self.fe.remove_mem_region(&info)?;
+        Ok(())
+    }
+
+    /// Sends ADD_MEM_REG for an existing region of `mem` starting at `gpa` (hot-plugging
+    /// back a region removed with [`TestFrontend::remove_region`]).
+    pub fn readd_region(&mut self, mem: &GuestMemoryMmap, gpa: u64) -> Result<()> {
+        let info = region_info(mem, gpa)?;
+        self.fe.add_mem_region(&info)?;
+        Ok(())
+    }
+}
+
+fn region_info(mem: &GuestMemoryMmap, gpa: u64) -> Result<VhostUserMemoryRegionInfo> {
+    let region = mem
+        .find_region(GuestAddress(gpa))
+        .ok_or_else(|| HarnessError::Memory(format!("no region at {gpa:#x}")))?;
+    Ok(VhostUserMemoryRegionInfo::from_guest_region(region)?)
 }

@@ -30,6 +30,9 @@ pub enum DirtyLogError {
     /// The frontend asked for a zero-sized or absurdly large log.
     #[error("dirty log of {0} bytes is not a valid size")]
     InvalidSize(u64),
+    /// The log file is unusable (too short for the log).
+    #[error(transparent)]
+    File(#[from] crate::fd_check::FdCheckError),
     /// mmap of the log file failed.
     #[error("cannot map the dirty log: {0}")]
     Mmap(#[source] std::io::Error),
@@ -108,6 +111,8 @@ impl DirtyLog {
         if len == 0 || size > (1 << 40) {
             return Err(DirtyLogError::InvalidSize(size));
         }
+        // mmap past the end of the file succeeds; the first mark there raises SIGBUS.
+        crate::fd_check::check_covers(file, offset, size, "dirty log")?;
         let page = 4096u64;
         let aligned_off = offset & !(page - 1);
         let delta = (offset - aligned_off) as usize;
@@ -314,6 +319,22 @@ mod tests {
         assert!(fd >= 0);
         // SAFETY: fd is a fresh descriptor we own.
         unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+    }
+
+    #[test]
+    fn a_log_file_shorter_than_the_log_is_refused() {
+        let log = DirtyLog::new();
+        let f = log_file(4096);
+        for (offset, size) in [(0, 4097), (1, 4096), (4096, 1)] {
+            assert!(
+                matches!(
+                    log.set_log_base(&f, offset, size),
+                    Err(DirtyLogError::File(_))
+                ),
+                "offset {offset} size {size}"
+            );
+        }
+        log.set_log_base(&f, 100, 3996).unwrap();
     }
 
     #[test]

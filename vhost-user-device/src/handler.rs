@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::VhostUserDevice;
 use crate::dirty_log::DirtyLog;
+use crate::fd_check::check_eventfd;
 use crate::inflight::InflightRegion;
 use crate::memory::{MemoryTable, MAX_MEM_SLOTS};
 use crate::ring::{QueueStats, Ring, RingSetup};
@@ -83,6 +84,9 @@ pub struct Handler<D: VhostUserDevice> {
     backend_req: Option<Backend>,
     stats: Vec<Arc<QueueStats>>,
     worker_failed: bool,
+    /// A request failed in a way the protocol has no error reply for; the connection
+    /// must be closed (see [`Handler::must_hang_up`]).
+    hang_up: bool,
 }
 
 fn handler_err(e: impl std::fmt::Display) -> VuError {
@@ -117,6 +121,7 @@ impl<D: VhostUserDevice> Handler<D> {
             backend_req: None,
             stats,
             worker_failed: false,
+            hang_up: false,
             device,
         }
     }
@@ -269,11 +274,31 @@ impl<D: VhostUserDevice> Handler<D> {
         ok
     }
 
+    /// Whether the connection must be closed because a request failed that the frontend
+    /// cannot be told about (a refused SET_LOG_BASE).
+    pub fn must_hang_up(&self) -> bool {
+        self.hang_up
+    }
+
     /// Whether any worker has failed.
     pub fn worker_failed(&self) -> bool {
         self.worker_failed || self.workers.iter().flatten().any(|w| w.has_failed())
     }
 
+    /// RESET_DEVICE (and RESET_OWNER): "disable all rings and reset all internal device
+    /// state to the initial state, ready to be reinitialized" (vhost-user spec).
+    ///
+    /// Cleared, being the device's or the driver session's: rings and workers, acked
+    /// virtio features, the inflight region (the spec has the frontend get a new one after
+    /// a reset; resubmitting the old one's chains would replay requests of a driver that
+    /// has reset) and the dirty log (QEMU sends SET_LOG_BASE again when it restarts a
+    /// device with logging on).
+    ///
+    /// Kept, being the connection's: ownership (the spec says so), the acked protocol
+    /// features (negotiated once per connection: QEMU does not send them again, and the
+    /// vhost crate's message layer keeps acting on its own copy, e.g. for REPLY_ACK), the
+    /// backend request channel, and the memory table (the VM's memory did not change;
+    /// QEMU only sends the regions that differ from what it already sent).
     fn reset_state(&mut self) {
         if !self.shutdown() {
             self.worker_failed = true;
@@ -282,7 +307,8 @@ impl<D: VhostUserDevice> Handler<D> {
             *vr = VringConfig::default();
         }
         self.acked_features = 0;
-        self.log.set_log_all(false);
+        self.inflight = None;
+        self.log.clear();
         self.device.reset();
     }
 }
@@ -405,18 +431,30 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
             log::error!("queue {index}: polling mode (no kick fd) is not supported");
             return Err(VuError::InvalidOperation("kick fd required"));
         };
+        // Before touching the ring: a refused fd leaves a running ring on its old kick.
+        // Not logged here: the server logs failed requests rate-limited, and a frontend
+        // can repeat this one at will.
+        check_eventfd(&file, "kick")
+            .map_err(|e| handler_err(format!("queue {index}: SET_VRING_KICK: {e}")))?;
         // A new kick fd for a running ring: restart it on the new fd.
         if self.vring(u32::from(index))?.started {
             self.stop_ring(q)?;
         }
-        // SAFETY: the frontend passed us an eventfd; we take ownership of the descriptor.
+        // SAFETY: checked above to be an eventfd; we take ownership of the descriptor.
         let kick = unsafe { EventFd::from_raw_fd_owned(file) };
         self.start_ring(q, kick)
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let q = u16::from(index);
-        // SAFETY: the frontend passed us an eventfd; we take ownership.
+        self.vring(u32::from(index))?;
+        // Writing a regular file "works" and a full blocking pipe stalls the worker: only
+        // eventfds are accepted. A refused fd leaves the ring on its old call fd.
+        if let Some(f) = &fd {
+            check_eventfd(f, "call")
+                .map_err(|e| handler_err(format!("queue {index}: SET_VRING_CALL: {e}")))?;
+        }
+        // SAFETY: checked above to be an eventfd; we take ownership.
         let call = fd.map(|f| unsafe { EventFd::from_raw_fd_owned(f) });
         let worker_call = match &call {
             Some(c) => Some(c.try_clone().map_err(handler_err)?),
@@ -606,7 +644,11 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         self.log
             .set_log_base(&file, log.mmap_offset, log.mmap_size)
             .map_err(|e| {
-                log::error!("SET_LOG_BASE: {e}");
+                // The frontend waits for the log message back and the protocol has no error
+                // reply for it: without one it would wait forever. Closing the connection is
+                // the error it can see (libvhost-user does the same).
+                log::error!("SET_LOG_BASE: {e}; closing the connection");
+                self.hang_up = true;
                 handler_err(e)
             })
     }

@@ -46,6 +46,18 @@ pub enum InflightError {
         /// Bytes needed.
         need: u64,
     },
+    /// The region starts at an offset its 8-byte fields cannot be read at.
+    #[error(
+        "inflight region offset {0} is not a multiple of 8; its fields are read as aligned \
+         64-bit words, so the frontend must place the region at an 8-byte aligned offset"
+    )]
+    Misaligned(u64),
+    /// The new region's memfd could not be sealed against resizing.
+    #[error(
+        "cannot seal the inflight memfd against resizing: {0}; without the seals the \
+         frontend could shrink it under our mapping (the kernel must support memfd sealing)"
+    )]
+    Seal(#[source] std::io::Error),
     /// memfd/ftruncate/mmap failed.
     #[error("cannot create or map the inflight region: {0}")]
     Io(#[from] std::io::Error),
@@ -108,15 +120,19 @@ impl InflightRegion {
         // SAFETY: fd is a fresh descriptor we own.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)?;
-        // The frontend must not be able to shrink it under our mapping.
-        // SAFETY: fcntl on our own fd with valid arguments.
-        unsafe {
+        // The frontend must not be able to shrink it under our mapping (an access past
+        // the end would raise SIGBUS), so a region we cannot seal is not handed out.
+        // SAFETY: fcntl on our own fd with valid arguments; the result is checked.
+        let rc = unsafe {
             libc::fcntl(
                 fd,
                 libc::F_ADD_SEALS,
                 libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
             )
         };
+        if rc < 0 {
+            return Err(InflightError::Seal(std::io::Error::last_os_error()));
+        }
         let region = Self::map(&file, 0, size, num_queues, queue_size)?;
         Ok((region, file))
     }
@@ -134,6 +150,12 @@ impl InflightRegion {
                 num_queues,
                 queue_size,
             });
+        }
+        // Header and entries are read with aligned 64-bit volatile accesses (undefined
+        // behaviour at a misaligned address); areas are 64-byte multiples, so an 8-byte
+        // aligned start keeps every field aligned.
+        if !offset.is_multiple_of(std::mem::align_of::<u64>() as u64) {
+            return Err(InflightError::Misaligned(offset));
         }
         let need = Self::total_size(num_queues, queue_size);
         if size < need {
@@ -339,5 +361,30 @@ mod tests {
         assert_eq!(q0.recover(0), Recovery::default());
         assert!(region.queue(2, 8).is_none());
         assert!(region.queue(0, 16).is_none());
+    }
+
+    #[test]
+    fn a_misaligned_offset_is_refused() {
+        let (_region, file) = InflightRegion::create(1, 8).unwrap();
+        let size = InflightRegion::total_size(1, 8);
+        // A file with room for the region at any of these offsets.
+        // SAFETY: valid C string; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"inflight-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh descriptor we own.
+        let big = unsafe { File::from_raw_fd(fd) };
+        big.set_len(8192).unwrap();
+        for offset in [1, 4, 6, 4100] {
+            assert!(
+                matches!(
+                    InflightRegion::map(&big, offset, size, 1, 8),
+                    Err(InflightError::Misaligned(o)) if o == offset
+                ),
+                "offset {offset}"
+            );
+        }
+        InflightRegion::map(&big, 8, size, 1, 8).unwrap();
+        InflightRegion::map(&big, 4096 + 64, size, 1, 8).unwrap();
+        InflightRegion::map(&file, 0, size, 1, 8).unwrap();
     }
 }

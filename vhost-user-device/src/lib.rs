@@ -30,6 +30,7 @@
 pub mod chain;
 pub mod device;
 pub mod dirty_log;
+pub mod fd_check;
 pub mod handler;
 pub mod inflight;
 pub mod memory;

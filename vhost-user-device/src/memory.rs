@@ -17,6 +17,7 @@ use vm_memory::{
 };
 
 use crate::dirty_log::{DirtyLog, RegionLog};
+use crate::fd_check::{check_covers, FdCheckError};
 
 /// Guest memory with our dirty-log bitmap.
 pub type GuestMem = GuestMemoryMmap<RegionLog>;
@@ -36,6 +37,14 @@ pub enum MemoryError {
         gpa: u64,
         /// Size in bytes.
         size: u64,
+    },
+    /// The region's file is unusable (too short for the region).
+    #[error("memory region at guest address {gpa:#x}: {source}")]
+    File {
+        /// Guest-physical start.
+        gpa: u64,
+        /// What is wrong with the file.
+        source: FdCheckError,
     },
     /// mmap of a region failed.
     #[error("cannot map guest memory region at {gpa:#x}: {source}")]
@@ -103,6 +112,9 @@ impl MemoryTable {
             return Err(invalid());
         }
         let len = usize::try_from(size).map_err(|_| invalid())?;
+        // mmap past the end of the file succeeds; the first access there raises SIGBUS.
+        check_covers(&file, desc.mmap_offset, size, "guest memory region")
+            .map_err(|source| MemoryError::File { gpa, source })?;
         let bitmap = RegionLog::new(self.log.clone(), gpa);
         let mmap = MmapRegionBuilder::new_with_bitmap(len, bitmap)
             .with_file_offset(FileOffset::new(file, desc.mmap_offset))
@@ -119,10 +131,19 @@ impl MemoryTable {
         })
     }
 
-    fn publish(&mut self, regions: Vec<Region>) -> Result<(), MemoryError> {
-        let mem =
+    fn publish(&mut self, mut regions: Vec<Region>) -> Result<(), MemoryError> {
+        // vm-memory wants regions in guest-physical order, but the frontend adds and
+        // removes them in any order (a DIMM hot-plugged below an existing one).
+        regions.sort_unstable_by_key(|r| r.gpa);
+        // An empty table is legal: the frontend may unplug every region (REM_MEM_REG of
+        // the last one) before adding new ones; vm-memory refuses to build an empty
+        // collection from regions, so publish an empty one directly.
+        let mem = if regions.is_empty() {
+            GuestMemoryMmap::new()
+        } else {
             GuestMemoryMmap::from_arc_regions(regions.iter().map(|r| r.mapping.clone()).collect())
-                .map_err(|e| MemoryError::Table(e.to_string()))?;
+                .map_err(|e| MemoryError::Table(e.to_string()))?
+        };
         // Regions must not overlap in the frontend's address space either, or ring
         // address translation would be ambiguous.
         for (i, a) in regions.iter().enumerate() {
@@ -226,4 +247,53 @@ pub fn host_iovecs(
         left -= take;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    fn memfd(len: u64) -> File {
+        // SAFETY: valid C string; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"memory-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh descriptor we own.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        f
+    }
+
+    fn region(gpa: u64, size: u64) -> VhostUserMemoryRegion {
+        VhostUserMemoryRegion::new(gpa, size, 0x7000_0000_0000 + gpa, 0)
+    }
+
+    #[test]
+    fn regions_are_kept_sorted_and_the_last_one_can_be_removed() {
+        let mut t = MemoryTable::new(DirtyLog::new());
+        t.add_region(&region(0x40_0000, 0x1000), memfd(0x1000))
+            .unwrap();
+        t.add_region(&region(0x10_0000, 0x2000), memfd(0x2000))
+            .unwrap();
+        t.add_region(&region(0x20_0000, 0x1000), memfd(0x1000))
+            .unwrap();
+        assert_eq!(t.num_regions(), 3);
+        let mem = t.atomic().memory();
+        for gpa in [0x10_1fff, 0x20_0000, 0x40_0fff] {
+            assert!(mem.to_region_addr(GuestAddress(gpa)).is_some(), "{gpa:#x}");
+        }
+        assert_eq!(t.vmm_va_to_gpa(0x7000_0020_0010).unwrap(), 0x20_0010);
+        for (gpa, size) in [
+            (0x20_0000, 0x1000),
+            (0x40_0000, 0x1000),
+            (0x10_0000, 0x2000),
+        ] {
+            t.remove_region(&region(gpa, size)).unwrap();
+        }
+        assert_eq!(t.num_regions(), 0);
+        assert!(t.vmm_va_to_gpa(0x7000_0010_0000).is_err());
+        t.add_region(&region(0x10_0000, 0x2000), memfd(0x2000))
+            .unwrap();
+        assert_eq!(t.num_regions(), 1);
+    }
 }

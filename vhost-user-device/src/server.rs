@@ -382,7 +382,16 @@ impl<D: VhostUserDevice> Server<D> {
                 }
                 Err(e) => bad_msg_log.warn(|| format!("frontend request failed: {e}")),
             }
-            let failed = handler.lock().map(|h| h.worker_failed()).unwrap_or(true);
+            let (failed, hang_up) = handler
+                .lock()
+                .map(|h| (h.worker_failed(), h.must_hang_up()))
+                .unwrap_or((true, false));
+            if hang_up {
+                log::warn!(
+                    "closing the frontend connection: a request failed that has no error reply"
+                );
+                break;
+            }
             if failed || self.shutdown.is_requested() {
                 break;
             }
