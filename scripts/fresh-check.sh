@@ -149,6 +149,7 @@ done
 
 if [ $keep = 1 ]; then log "kept the run's root at $run"; else rm -rf "$run"; fi
 total=$(( (SECONDS - t0) / 60 ))
-line=$(IFS=,; echo "${results[*]}" | sed 's/,/, /g')
+line=""
+for r in "${results[@]}"; do line+="${line:+; }$r"; done
 echo "fresh-check: $line; commit ${commit:0:7}, ${total} min in all"
 [ $ok = 1 ]

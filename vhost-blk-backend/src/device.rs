@@ -2,14 +2,16 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost_user_device::device::read_config_bytes;
 use vhost_user_device::{DeviceError, QueueWorker, VhostUserDevice};
 use vm_memory::ByteValued;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::dirty::DirtyBitmap;
+use crate::dirty_file::{Checkpoint, DirtyFile};
 use crate::disk::Disk;
 use crate::request::DiskGeometry;
 use crate::spec::{features, Config, CONFIG_WRITEBACK_OFFSET, ID_BYTES, SECTOR_SIZE};
@@ -92,6 +94,101 @@ pub struct BlkShared {
     pub poll: Option<std::time::Duration>,
     /// Blocks changed since the last sync (block migration).
     pub dirty: Arc<DirtyBitmap>,
+    /// Holds requests while the image is not ready (incoming migration).
+    pub gate: Gate,
+    /// Checkpoint and incoming-sync state.
+    pub sync: Mutex<SyncState>,
+}
+
+/// Holds the guest's requests while the image is not ready to be served (a destination
+/// before its incoming sync has landed): they wait in the ring, they do not fail.
+#[derive(Debug)]
+pub struct Gate {
+    open: AtomicBool,
+    /// The workers' own eventfds, written when the gate opens so they take up the rings
+    /// they held.
+    wakers: Mutex<Vec<Weak<EventFd>>>,
+}
+
+impl Gate {
+    /// An open gate (the usual case).
+    pub fn new_open() -> Self {
+        Self {
+            open: AtomicBool::new(true),
+            wakers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether requests may be served.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Holds requests from now on.
+    pub fn close(&self) {
+        self.open.store(false, Ordering::Release);
+    }
+
+    /// Serves requests from now on, and wakes the workers holding some.
+    pub fn open(&self) {
+        self.open.store(true, Ordering::Release);
+        let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        wakers.retain(|w| match w.upgrade() {
+            Some(efd) => {
+                let _ = efd.write(1);
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// Registers a worker's eventfd to be written when the gate opens.
+    pub fn register(&self, waker: &Arc<EventFd>) {
+        let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        wakers.retain(|w| w.strong_count() > 0);
+        wakers.push(Arc::downgrade(waker));
+    }
+}
+
+/// Where the image stands for block migration: the checkpoint of its last completed sync
+/// and whether an incoming sync is unfinished.
+#[derive(Debug)]
+pub struct SyncState {
+    /// Image identity and sync generation.
+    pub checkpoint: Checkpoint,
+    /// The persistent bitmap file (`--dirty-bitmap`), written at every checkpoint.
+    pub file: Option<DirtyFile>,
+    /// An incoming sync started and did not complete: the image is not to be served.
+    pub incomplete: bool,
+}
+
+impl BlkShared {
+    /// The config space as the driver sees it now.
+    pub fn config(&self) -> Config {
+        let s = self;
+        let align = s.block_size / SECTOR_SIZE as u32;
+        let (discard_sectors, discard_seg) = if s.disk.read_only {
+            (0, 0)
+        } else {
+            (MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS)
+        };
+        Config {
+            capacity: s.disk.size / SECTOR_SIZE,
+            size_max: 0,
+            seg_max: u32::from(s.queue_size.saturating_sub(2)).clamp(1, MAX_IOVECS as u32 - 2),
+            blk_size: s.block_size,
+            min_io_size: 1,
+            writeback: u8::from(s.writeback.load(Ordering::Relaxed)),
+            num_queues: s.num_queues,
+            max_discard_sectors: discard_sectors,
+            max_discard_seg: discard_seg,
+            discard_sector_alignment: align,
+            max_write_zeroes_sectors: discard_sectors,
+            max_write_zeroes_seg: discard_seg,
+            write_zeroes_may_unmap: 1,
+            ..Default::default()
+        }
+    }
 }
 
 /// The virtio-blk device.
@@ -132,6 +229,16 @@ impl BlkDevice {
                     .dirty
                     .clone()
                     .unwrap_or_else(|| Arc::new(DirtyBitmap::at_default_granularity(size))),
+                gate: Gate::new_open(),
+                sync: Mutex::new(SyncState {
+                    // Without --dirty-bitmap the identity lives as long as the process.
+                    checkpoint: Checkpoint::new_identity().unwrap_or(Checkpoint {
+                        image_id: [0; 16],
+                        generation: 0,
+                    }),
+                    file: None,
+                    incomplete: false,
+                }),
             }),
         }
     }
@@ -143,29 +250,7 @@ impl BlkDevice {
 
     /// The config space as the driver sees it now.
     pub fn config(&self) -> Config {
-        let s = &self.shared;
-        let align = s.block_size / SECTOR_SIZE as u32;
-        let (discard_sectors, discard_seg) = if s.disk.read_only {
-            (0, 0)
-        } else {
-            (MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS)
-        };
-        Config {
-            capacity: s.disk.size / SECTOR_SIZE,
-            size_max: 0,
-            seg_max: u32::from(s.queue_size.saturating_sub(2)).clamp(1, MAX_IOVECS as u32 - 2),
-            blk_size: s.block_size,
-            min_io_size: 1,
-            writeback: u8::from(s.writeback.load(Ordering::Relaxed)),
-            num_queues: s.num_queues,
-            max_discard_sectors: discard_sectors,
-            max_discard_seg: discard_seg,
-            discard_sector_alignment: align,
-            max_write_zeroes_sectors: discard_sectors,
-            max_write_zeroes_seg: discard_seg,
-            write_zeroes_may_unmap: 1,
-            ..Default::default()
-        }
+        self.shared.config()
     }
 }
 

@@ -28,6 +28,8 @@ use crate::dirty::{DirtyBitmap, DirtyError};
 const MAGIC: [u8; 8] = *b"VHBLKDBM";
 const VERSION: u32 = 1;
 const FLAG_IN_USE: u32 = 1;
+/// An incoming sync started on this image and did not complete.
+const FLAG_INCOMPLETE: u32 = 2;
 const HEADER_LEN: usize = 64;
 
 /// Where the bitmap stands relative to what both ends of the last sync recorded.
@@ -43,21 +45,7 @@ impl Checkpoint {
     /// A new identity (random), generation 0.
     pub fn new_identity() -> io::Result<Self> {
         let mut image_id = [0u8; 16];
-        let mut got = 0;
-        while got < image_id.len() {
-            // SAFETY: writes at most the remaining bytes of `image_id`.
-            let n = unsafe {
-                libc::getrandom(image_id[got..].as_mut_ptr().cast(), image_id.len() - got, 0)
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            got += n as usize;
-        }
+        getrandom(&mut image_id)?;
         // An RFC 4122 version 4 UUID.
         image_id[6] = (image_id[6] & 0x0f) | 0x40;
         image_id[8] = (image_id[8] & 0x3f) | 0x80;
@@ -81,6 +69,24 @@ impl Checkpoint {
     }
 }
 
+/// Fills `buf` from the kernel's random source.
+pub(crate) fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: writes at most the remaining bytes of `buf`.
+        let n = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        got += n as usize;
+    }
+    Ok(())
+}
+
 /// How a bitmap file was found at start-up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Loaded {
@@ -90,6 +96,10 @@ pub enum Loaded {
     Trusted,
     /// Present but not trustworthy: everything counts as dirty. Says why.
     AllDirty(String),
+    /// An incoming sync started on the image and did not complete: its content is
+    /// neither the old nor the new disk. Everything counts as dirty, and the image must
+    /// not be served until a sync completes.
+    Incomplete,
 }
 
 /// Why the bitmap file cannot be used at all.
@@ -113,6 +123,9 @@ pub enum DirtyFileError {
 pub struct DirtyFile {
     path: PathBuf,
 }
+
+/// What `load` says of a file with FLAG_INCOMPLETE.
+const INCOMPLETE: &str = "an incoming sync did not complete";
 
 fn fnv1a(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
@@ -199,6 +212,10 @@ impl DirtyFile {
                 let mut data = Vec::new();
                 f.read_to_end(&mut data).map_err(io_err)?;
                 match Self::load(&data, &bitmap, size, granularity) {
+                    Ok((cp, Some(why))) if why == INCOMPLETE => {
+                        bitmap.mark_all();
+                        (cp, Loaded::Incomplete)
+                    }
                     Ok((cp, None)) => (cp, Loaded::Trusted),
                     Ok((cp, Some(why))) => {
                         bitmap.mark_all();
@@ -219,7 +236,8 @@ impl DirtyFile {
         let file = Self {
             path: path.to_path_buf(),
         };
-        file.save(&bitmap, &checkpoint, true).map_err(io_err)?;
+        file.save_with(&bitmap, &checkpoint, true, loaded == Loaded::Incomplete)
+            .map_err(io_err)?;
         Ok((file, bitmap, checkpoint, loaded))
     }
 
@@ -239,6 +257,9 @@ impl DirtyFile {
         hb.copy_from_slice(h);
         let header = Header::decode(&hb)?;
         let cp = header.checkpoint;
+        if header.flags & FLAG_INCOMPLETE != 0 {
+            return Ok((cp, Some(INCOMPLETE.into())));
+        }
         if header.flags & FLAG_IN_USE != 0 {
             return Ok((
                 cp,
@@ -291,9 +312,24 @@ impl DirtyFile {
         checkpoint: &Checkpoint,
         in_use: bool,
     ) -> io::Result<()> {
+        self.save_with(bitmap, checkpoint, in_use, false)
+    }
+
+    /// [`DirtyFile::save`], also saying whether an incoming sync is unfinished.
+    pub fn save_with(
+        &self,
+        bitmap: &DirtyBitmap,
+        checkpoint: &Checkpoint,
+        in_use: bool,
+        incomplete: bool,
+    ) -> io::Result<()> {
         let words = bitmap.snapshot();
+        let mut flags = if in_use { FLAG_IN_USE } else { 0 };
+        if incomplete {
+            flags |= FLAG_INCOMPLETE;
+        }
         let header = Header {
-            flags: if in_use { FLAG_IN_USE } else { 0 },
+            flags,
             granularity: bitmap.granularity(),
             size: bitmap.size(),
             checkpoint: *checkpoint,
@@ -418,6 +454,25 @@ mod tests {
             let header_ok = !["header checksum", "magic", "no header"].contains(&want);
             assert_eq!(cp2 == cp, header_ok, "{want}");
         }
+    }
+
+    #[test]
+    fn an_unfinished_incoming_sync_stays_marked_until_saved_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bm");
+        let (f, b, cp, _) = open(&p);
+        f.save_with(&b, &cp, false, true).unwrap();
+        let (f, b, cp2, loaded) = open(&p);
+        assert_eq!(loaded, Loaded::Incomplete);
+        assert_eq!(cp2, cp);
+        assert_eq!(b.count(), b.blocks());
+        // Reopening keeps the mark (a restart does not make the image servable).
+        let (f2, _, _, loaded) = open(&p);
+        assert_eq!(loaded, Loaded::Incomplete);
+        drop(f);
+        b.clear();
+        f2.save(&b, &cp, false).unwrap();
+        assert_eq!(open(&p).3, Loaded::Trusted);
     }
 
     #[test]

@@ -5,8 +5,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use vhost_blk_backend::device::SyncState;
 use vhost_blk_backend::dirty::{self, DirtyBitmap};
 use vhost_blk_backend::dirty_file::{DirtyFile, Loaded};
+use vhost_blk_backend::migration::dest::serve_incoming;
+use vhost_blk_backend::migration::transport::{self, Uri};
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
 use vhost_user_device::program::{backend_main, parse_size, ListenArgs};
 use vhost_user_device::server::handle_termination_signals;
@@ -78,6 +81,23 @@ struct Args {
     /// Created if missing.
     #[arg(long, value_name = "FILE")]
     dirty_bitmap: Option<PathBuf>,
+
+    /// Be the destination of a block migration: take the disk from a source
+    /// vhost-blk-backend at URI (tcp:HOST:PORT, unix:PATH, or fd:N for a socket a manager
+    /// hands over). The VMM may connect at once; the guest's requests wait (they do not
+    /// fail) until a sync has landed, been checked and made durable. The image must exist
+    /// with the source's size; a failed sync leaves it held for a retry.
+    #[arg(long, value_name = "URI", value_parser = parse_uri)]
+    incoming: Option<Uri>,
+
+    /// Allow the migration stream over plain TCP: the disk then crosses the network
+    /// unencrypted and unauthenticated. Needed on both ends for tcp: URIs.
+    #[arg(long)]
+    migration_insecure: bool,
+}
+
+fn parse_uri(s: &str) -> Result<Uri, String> {
+    s.parse()
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -138,6 +158,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(file) => {
             let (f, bitmap, checkpoint, loaded) =
                 DirtyFile::open(file, disk.size, args.dirty_granularity)?;
+            let incomplete = loaded == Loaded::Incomplete;
             let id = checkpoint.image_uuid();
             let generation = checkpoint.generation;
             match loaded {
@@ -154,8 +175,22 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                      (image id {id}, generation {generation})",
                     file.display()
                 ),
+                Loaded::Incomplete if args.incoming.is_none() => {
+                    return Err(format!(
+                        "{}: an incoming block migration to {} did not complete, so the image \
+                         is neither the old disk nor the new one; refusing to serve it. Run \
+                         with --incoming to take a sync.",
+                        file.display(),
+                        path.display()
+                    )
+                    .into())
+                }
+                Loaded::Incomplete => log::warn!(
+                    "{}: an earlier incoming sync did not complete; waiting for a full one",
+                    file.display()
+                ),
             }
-            (Arc::new(bitmap), Some((f, checkpoint)))
+            (Arc::new(bitmap), Some((f, checkpoint, incomplete)))
         }
         None => (
             Arc::new(DirtyBitmap::new(disk.size, args.dirty_granularity)?),
@@ -173,16 +208,44 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             dirty: Some(dirty.clone()),
         },
     );
+    let shared = device.shared().clone();
+    if let Some((f, checkpoint, incomplete)) = dirty_file {
+        *shared.sync.lock().unwrap_or_else(|e| e.into_inner()) = SyncState {
+            checkpoint,
+            file: Some(f),
+            incomplete,
+        };
+    }
+    // Bind the migration address before anything else, so a bad one fails at start.
+    let incoming = match &args.incoming {
+        Some(uri) => {
+            shared.gate.close();
+            Some(transport::listen(uri, args.migration_insecure)?)
+        }
+        None => None,
+    };
     let shutdown = Shutdown::new()?;
     // Before any other thread exists, so every thread inherits the blocked signals.
     handle_termination_signals(shutdown.clone())?;
     let listener = args.listen.listener()?;
+    if let Some(mut l) = incoming {
+        let shared = shared.clone();
+        log::info!("waiting for the incoming block migration; guest requests are held");
+        std::thread::Builder::new()
+            .name("incoming".into())
+            .spawn(move || {
+                if let Err(e) = serve_incoming(&shared, &mut l) {
+                    log::error!("incoming block migration: {e}");
+                }
+            })?;
+    }
     let server = Server::new(Arc::new(device), shutdown);
     server.serve(&listener)?;
     // Every request has completed (serve drains before it returns): the bitmap is
     // complete, and the file may say so.
-    if let Some((f, checkpoint)) = dirty_file {
-        f.save(&dirty, &checkpoint, false)
+    let st = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(f) = &st.file {
+        f.save_with(&dirty, &st.checkpoint, false, st.incomplete)
             .map_err(|e| format!("saving the dirty bitmap {}: {e}", f.path().display()))?;
     }
     log::info!("exiting");

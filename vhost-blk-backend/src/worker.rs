@@ -139,8 +139,9 @@ pub struct BlkWorker {
     /// Queues that stopped taking chains with some left: at their in-flight limit, or
     /// at the per-call budget. They are taken up again through `more`.
     held: Vec<u16>,
-    /// Written to come back to the held queues after the other events are served.
-    more: EventFd,
+    /// Written to come back to the held queues after the other events are served (and
+    /// by the gate when it opens).
+    more: Arc<EventFd>,
 }
 
 /// Chains one call of `process_queue` takes at most, so that a guest that keeps its ring
@@ -157,6 +158,8 @@ impl BlkWorker {
     /// A worker for `queues`, with its own io_uring.
     pub fn new(shared: Arc<BlkShared>, queues: &[u16], disk_fd: RawFd) -> io::Result<Self> {
         let entries = u32::from(shared.queue_size).clamp(16, 4096);
+        let more = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        shared.gate.register(&more);
         Ok(Self {
             uring: Uring::new(entries, disk_fd, shared.disk.memory_backed)?,
             zeroes: None,
@@ -169,7 +172,7 @@ impl BlkWorker {
             to_notify: Vec::new(),
             log: RateLimitedLog::new(),
             held: Vec::new(),
-            more: EventFd::new(EFD_NONBLOCK)?,
+            more,
         })
     }
 
@@ -869,6 +872,14 @@ impl QueueWorker for BlkWorker {
         let queue = ring.index();
         // A driver cannot have more chains outstanding than its ring holds; one that
         // re-posts heads still in flight gets no more than that.
+        if !self.shared.gate.is_open() {
+            // The image is not ready (an incoming sync): the requests wait in the ring
+            // until the gate opens and writes `more`.
+            if !self.held.contains(&queue) {
+                self.held.push(queue);
+            }
+            return;
+        }
         let limit = usize::from(self.shared.queue_size);
         let mut completed_now = false;
         let mut taken = 0usize;

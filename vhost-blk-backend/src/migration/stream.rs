@@ -142,8 +142,14 @@ pub enum Message {
         /// The checkpoint an incremental sync starts from.
         checkpoint: Checkpoint,
     },
-    /// Destination → source: go ahead.
-    Accept,
+    /// Destination → source: go ahead, in `mode`: Full where the source asked for an
+    /// incremental sync the destination cannot take (`reason` says why).
+    Accept {
+        /// What the destination takes.
+        mode: Mode,
+        /// Why an incremental sync became a full one (empty otherwise).
+        reason: String,
+    },
     /// Source → destination: `len` bytes at `offset`, or zeros there.
     Extent {
         /// Byte offset.
@@ -295,10 +301,7 @@ impl Encoder {
                 granularity,
                 checkpoint,
             } => {
-                out.push(match mode {
-                    Mode::Full => 0,
-                    Mode::Incremental => 1,
-                });
+                out.push(mode_byte(*mode));
                 out.push(u8::from(device.read_only));
                 out.extend_from_slice(&device.serial);
                 out.extend_from_slice(device.config.as_slice());
@@ -306,7 +309,11 @@ impl Encoder {
                 put_checkpoint(out, checkpoint);
                 kind::HELLO
             }
-            Message::Accept => kind::ACCEPT,
+            Message::Accept { mode, reason } => {
+                out.push(mode_byte(*mode));
+                put_text(out, reason);
+                kind::ACCEPT
+            }
             Message::Extent {
                 offset,
                 len,
@@ -333,11 +340,7 @@ impl Encoder {
                 kind::ACK
             }
             Message::Error { reason } => {
-                let mut end = reason.len().min(MAX_TEXT);
-                while !reason.is_char_boundary(end) {
-                    end -= 1;
-                }
-                out.extend_from_slice(&reason.as_bytes()[..end]);
+                put_text(out, reason);
                 kind::ERROR
             }
         };
@@ -359,6 +362,22 @@ impl Encoder {
 
 fn frame_crc(header28: &[u8], payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(header28), payload)
+}
+
+fn mode_byte(mode: Mode) -> u8 {
+    match mode {
+        Mode::Full => 0,
+        Mode::Incremental => 1,
+    }
+}
+
+/// Text, cut to MAX_TEXT bytes on a character boundary; it ends the payload.
+fn put_text(out: &mut Vec<u8>, text: &str) {
+    let mut end = text.len().min(MAX_TEXT);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&text.as_bytes()[..end]);
 }
 
 fn put_checkpoint(out: &mut Vec<u8>, c: &Checkpoint) {
@@ -410,6 +429,23 @@ impl<'a> Fields<'a> {
         let mut a = [0u8; 8];
         a.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(a))
+    }
+
+    fn mode(&mut self) -> Result<Mode, StreamError> {
+        match self.u8()? {
+            0 => Ok(Mode::Full),
+            1 => Ok(Mode::Incremental),
+            m => Err(self.bad(format!("mode {m}"))),
+        }
+    }
+
+    /// The rest of the payload as text.
+    fn text(&mut self) -> Result<String, StreamError> {
+        let b = self.take(self.b.len())?;
+        if b.len() > MAX_TEXT {
+            return Err(self.bad("text too long"));
+        }
+        Ok(String::from_utf8_lossy(b).into_owned())
     }
 
     fn checkpoint(&mut self) -> Result<Checkpoint, StreamError> {
@@ -550,11 +586,7 @@ impl Decoder {
         };
         let msg = match k {
             kind::HELLO => {
-                let mode = match f.u8()? {
-                    0 => Mode::Full,
-                    1 => Mode::Incremental,
-                    m => return Err(f.bad(format!("mode {m}"))),
-                };
+                let mode = f.mode()?;
                 let read_only = match f.u8()? {
                     0 => false,
                     1 => true,
@@ -582,7 +614,10 @@ impl Decoder {
                     checkpoint,
                 }
             }
-            kind::ACCEPT => Message::Accept,
+            kind::ACCEPT => Message::Accept {
+                mode: f.mode()?,
+                reason: f.text()?,
+            },
             kind::EXTENT => {
                 let offset = f.u64()?;
                 let len = f.u32()?;
@@ -616,15 +651,7 @@ impl Decoder {
                 checkpoint: f.checkpoint()?,
             },
             kind::ACK => Message::Ack { seq: f.u64()? },
-            kind::ERROR => {
-                let b = f.take(f.b.len())?;
-                if b.len() > MAX_TEXT {
-                    return Err(f.bad("reason too long"));
-                }
-                Message::Error {
-                    reason: String::from_utf8_lossy(b).into_owned(),
-                }
-            }
+            kind::ERROR => Message::Error { reason: f.text()? },
             _ => return Err(StreamError::UnknownKind(k)),
         };
         f.end()?;
@@ -704,7 +731,10 @@ mod tests {
     fn all_messages() -> Vec<Message> {
         vec![
             hello(),
-            Message::Accept,
+            Message::Accept {
+                mode: Mode::Full,
+                reason: "the destination changed since".into(),
+            },
             Message::Extent {
                 offset: 4096,
                 len: 8,
@@ -843,7 +873,13 @@ mod tests {
         let mut d = Decoder::for_session(SESSION);
         let mut e = Encoder::new(SESSION ^ 1);
         let mut f = Vec::new();
-        e.encode(&Message::Accept, &mut f);
+        e.encode(
+            &Message::Accept {
+                mode: Mode::Incremental,
+                reason: String::new(),
+            },
+            &mut f,
+        );
         assert_eq!(
             d.decode(&f, false).unwrap_err(),
             StreamError::Session {

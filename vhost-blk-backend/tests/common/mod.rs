@@ -38,6 +38,8 @@ pub struct BackendConfig {
     pub in_memory: bool,
     /// Adaptive polling window of the queue workers (0: off).
     pub poll_us: u32,
+    /// Start with the gate closed, as `--incoming` does: requests wait for a sync.
+    pub held: bool,
 }
 
 impl Default for BackendConfig {
@@ -52,6 +54,7 @@ impl Default for BackendConfig {
             fill: true,
             in_memory: false,
             poll_us: 0,
+            held: false,
         }
     }
 }
@@ -100,6 +103,9 @@ impl TestBackend {
             },
         );
         let shared = device.shared().clone();
+        if cfg.held {
+            shared.gate.close();
+        }
         let shutdown = Shutdown::new().expect("shutdown");
         let server = Server::new(Arc::new(device), shutdown.clone());
         let stats = server.stats().to_vec();

@@ -1,0 +1,252 @@
+//! A sync from the destination's side: check the source's device against ours, take the
+//! extents, make them durable, record the checkpoint. The guest's requests wait at the
+//! gate (closed while `--incoming` has not completed a sync) and are served only after.
+//!
+//! From the moment it accepts a sync until that sync completes, the image is marked
+//! incomplete (in the `--dirty-bitmap` file too, so a restart does not serve it): its
+//! content is then neither the old disk nor the new one. A cut or refused stream leaves it
+//! so, and the next sync (a retry) makes it whole.
+
+use std::io::Write;
+use std::time::Duration;
+
+use crate::device::BlkShared;
+use crate::dirty_file::Checkpoint;
+
+use super::image::SyncImage;
+use super::source::device_config;
+use super::stream::{check_extent, Decoder, Encoder, Message, Mode, EXTENT_ZERO};
+use super::transport::{Conn, Listener};
+use super::{FrameReader, MigrationError};
+
+/// How long the destination waits for the next frame before it gives the sync up.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a completed incoming sync did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// The checkpoint both ends recorded.
+    pub checkpoint: Checkpoint,
+    /// Full or incremental.
+    pub mode: Mode,
+    /// Data bytes written.
+    pub data_bytes: u64,
+    /// Bytes zeroed (holes punched or zeros written).
+    pub zero_bytes: u64,
+}
+
+/// Takes syncs from `listener` until one completes, then opens the gate; failed ones
+/// are logged and the next connection is a retry. Returns the completed sync.
+pub fn serve_incoming(
+    shared: &BlkShared,
+    listener: &mut Listener,
+) -> Result<Received, MigrationError> {
+    loop {
+        let conn = listener.accept()?;
+        match receive(shared, conn) {
+            Ok(r) => {
+                shared.gate.open();
+                log::info!(
+                    "incoming {:?} sync complete (generation {}): serving",
+                    r.mode,
+                    r.checkpoint.generation
+                );
+                return Ok(r);
+            }
+            Err(e) => {
+                log::warn!("incoming sync failed ({e}); the image stays held, waiting for a retry")
+            }
+        }
+    }
+}
+
+/// Takes one sync over `conn`.
+pub fn receive(shared: &BlkShared, conn: Conn) -> Result<Received, MigrationError> {
+    conn.set_read_timeout(Some(FRAME_TIMEOUT))?;
+    let mut writer = conn.try_clone()?;
+    let mut reader = FrameReader::new(conn);
+    let mut dec = Decoder::new();
+    let (hello, _) = reader.next(&mut dec)?.ok_or_else(|| {
+        MigrationError::Protocol("the source closed the connection before its Hello".into())
+    })?;
+    let session = dec.session().unwrap_or(0);
+    let mut enc = Encoder::new(session);
+    let mut reply = |msg: &Message, w: &mut Conn| -> Result<u64, MigrationError> {
+        let mut out = Vec::new();
+        let seq = enc.encode(msg, &mut out);
+        w.write_all(&out)?;
+        Ok(seq)
+    };
+    let refuse =
+        |e: MigrationError,
+         w: &mut Conn,
+         reply: &mut dyn FnMut(&Message, &mut Conn) -> Result<u64, MigrationError>| {
+            let _ = reply(
+                &Message::Error {
+                    reason: e.to_string(),
+                },
+                w,
+            );
+            e
+        };
+    let Message::Hello {
+        mode,
+        device,
+        granularity: _,
+        checkpoint: theirs,
+    } = hello
+    else {
+        return Err(refuse(
+            MigrationError::Protocol("the stream must start with Hello".into()),
+            &mut writer,
+            &mut reply,
+        ));
+    };
+    let ours = device_config(shared);
+    let diff = ours.differences(&device);
+    if !diff.is_empty() {
+        // Ours first, theirs second: "field: destination vs source".
+        return Err(refuse(
+            MigrationError::Mismatch(format!("{} (destination vs source)", diff.join(", "))),
+            &mut writer,
+            &mut reply,
+        ));
+    }
+    // Incremental only from the checkpoint we hold, onto an image nobody changed since.
+    let (mode, why) = {
+        let st = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = shared.dirty.dirty_bytes();
+        match mode {
+            Mode::Full => (Mode::Full, String::new()),
+            _ if st.incomplete => (
+                Mode::Full,
+                "an earlier incoming sync did not complete".into(),
+            ),
+            _ if st.checkpoint.image_id != theirs.image_id => (
+                Mode::Full,
+                format!(
+                    "the destination holds image {}, the source {}",
+                    st.checkpoint.image_uuid(),
+                    theirs.image_uuid()
+                ),
+            ),
+            _ if st.checkpoint.generation != theirs.generation => (
+                Mode::Full,
+                format!(
+                    "the destination is at generation {}, the source at {}",
+                    st.checkpoint.generation, theirs.generation
+                ),
+            ),
+            _ if changed > 0 => (
+                Mode::Full,
+                format!("the destination's image changed ({changed} bytes) since the checkpoint"),
+            ),
+            _ => (Mode::Incremental, String::new()),
+        }
+    };
+    let image = SyncImage::open(shared.disk.path(), shared.disk.size, true)
+        .map_err(MigrationError::Image)?;
+    mark_incomplete(shared);
+    reply(&Message::Accept { mode, reason: why }, &mut writer)?;
+
+    let size = shared.disk.size;
+    let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
+    loop {
+        let Some((msg, seq)) = reader.next(&mut dec)? else {
+            return Err(MigrationError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the stream was cut before the sync completed",
+            )));
+        };
+        match msg {
+            Message::Extent {
+                offset,
+                len,
+                flags,
+                data,
+            } => {
+                if let Err(why) = check_extent(offset, len, size) {
+                    return Err(refuse(
+                        MigrationError::Protocol(why),
+                        &mut writer,
+                        &mut reply,
+                    ));
+                }
+                let r = if flags & EXTENT_ZERO != 0 {
+                    zero_bytes += u64::from(len);
+                    image.zero(offset, u64::from(len))
+                } else {
+                    data_bytes += u64::from(len);
+                    image.write(offset, &data)
+                };
+                if let Err(e) = r {
+                    return Err(refuse(MigrationError::Image(e), &mut writer, &mut reply));
+                }
+            }
+            Message::PassDone { pass, bytes } => {
+                log::debug!("incoming pass {pass} done ({bytes} data bytes so far)");
+            }
+            Message::Complete { checkpoint } => {
+                if checkpoint.image_id != theirs.image_id
+                    || checkpoint.generation != theirs.generation + 1
+                {
+                    return Err(refuse(
+                        MigrationError::Protocol(format!(
+                            "Complete names generation {} of image {}, expected {} of {}",
+                            checkpoint.generation,
+                            checkpoint.image_uuid(),
+                            theirs.generation + 1,
+                            theirs.image_uuid()
+                        )),
+                        &mut writer,
+                        &mut reply,
+                    ));
+                }
+                if let Err(e) = image.sync() {
+                    return Err(refuse(MigrationError::Image(e), &mut writer, &mut reply));
+                }
+                record_complete(shared, checkpoint);
+                reply(&Message::Ack { seq }, &mut writer)?;
+                return Ok(Received {
+                    checkpoint,
+                    mode,
+                    data_bytes,
+                    zero_bytes,
+                });
+            }
+            Message::Error { reason } => return Err(MigrationError::Peer(reason)),
+            m => {
+                return Err(refuse(
+                    MigrationError::Protocol(format!("unexpected {m:?}")),
+                    &mut writer,
+                    &mut reply,
+                ))
+            }
+        }
+    }
+}
+
+/// The image is about to change: neither old nor new until the sync completes.
+fn mark_incomplete(shared: &BlkShared) {
+    let mut st = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+    st.incomplete = true;
+    if let Some(f) = &st.file {
+        if let Err(e) = f.save_with(&shared.dirty, &st.checkpoint, true, true) {
+            log::warn!("{}: marking the image incomplete: {e}", f.path().display());
+        }
+    }
+}
+
+/// Everything is durable: the image is the source's at `checkpoint`, with no change
+/// since.
+fn record_complete(shared: &BlkShared, checkpoint: Checkpoint) {
+    let mut st = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+    shared.dirty.clear();
+    st.checkpoint = checkpoint;
+    st.incomplete = false;
+    if let Some(f) = &st.file {
+        if let Err(e) = f.save(&shared.dirty, &checkpoint, true) {
+            log::warn!("{}: saving the checkpoint: {e}", f.path().display());
+        }
+    }
+}

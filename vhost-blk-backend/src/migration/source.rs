@@ -1,0 +1,346 @@
+//! A sync from the source's side: the handshake, a bulk pass over the whole image (full
+//! mode), passes over the blocks dirtied meanwhile, and the completion that both ends
+//! record as the new checkpoint.
+//!
+//! The caller drives the phases (the migration job, or a test): it repeats dirty passes
+//! until what is left fits its downtime, makes the guest's I/O stop (the VMM pauses the
+//! VM), then calls [`Source::complete`], whose last pass finds the bitmap final.
+//!
+//! Whatever fails, no change is forgotten: the blocks this sync took from the dirty
+//! bitmap go back into it (all of them after a failed full sync), so the next sync, to
+//! this peer or another, still sends them.
+
+use std::io::Write;
+use std::time::Duration;
+
+use crate::device::BlkShared;
+use crate::dirty::DirtyBitmap;
+use crate::dirty_file::Checkpoint;
+
+use super::image::{is_zero, Content, SyncImage};
+use super::stream::{Decoder, DeviceConfig, Encoder, Message, Mode, EXTENT_ZERO, MAX_EXTENT};
+use super::transport::Conn;
+use super::{FrameReader, MigrationError};
+
+/// What a sync sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Data bytes sent in extents (zero extents not counted).
+    pub data_bytes: u64,
+    /// Bytes sent as zero extents (flags only, no data on the wire).
+    pub zero_bytes: u64,
+    /// Extent frames.
+    pub extents: u64,
+    /// Everything written to the connection (headers included).
+    pub wire_bytes: u64,
+    /// Passes done (the bulk pass counts).
+    pub passes: u32,
+}
+
+/// The device as the stream describes it.
+pub fn device_config(shared: &BlkShared) -> DeviceConfig {
+    DeviceConfig {
+        config: shared.config(),
+        read_only: shared.disk.read_only,
+        serial: shared.serial,
+    }
+}
+
+/// A sync in progress, source side.
+pub struct Source<'a> {
+    shared: &'a BlkShared,
+    conn: Conn,
+    reader: FrameReader,
+    enc: Encoder,
+    dec: Decoder,
+    image: SyncImage,
+    /// Blocks taken from the dirty bitmap by this sync (given back if it fails).
+    taken: DirtyBitmap,
+    full: bool,
+    done: bool,
+    checkpoint: Checkpoint,
+    out: Vec<u8>,
+    buf: Vec<u8>,
+    /// What was sent so far.
+    pub stats: SyncStats,
+}
+
+impl<'a> Source<'a> {
+    /// Says Hello over `conn` and waits for the destination's answer. An incremental
+    /// sync the destination cannot take becomes a full one (logged with its reason).
+    pub fn start(shared: &'a BlkShared, conn: Conn, mode: Mode) -> Result<Self, MigrationError> {
+        let checkpoint = shared
+            .sync
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .checkpoint;
+        let mut session = [0u8; 8];
+        crate::dirty_file::getrandom(&mut session)?;
+        let session = u64::from_le_bytes(session);
+        let reader = FrameReader::new(conn.try_clone()?);
+        conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let image = SyncImage::open(shared.disk.path(), shared.disk.size, false)
+            .map_err(MigrationError::Image)?;
+        let dirty = &shared.dirty;
+        let mut s = Self {
+            shared,
+            conn,
+            reader,
+            enc: Encoder::new(session),
+            dec: Decoder::for_session(session),
+            image,
+            taken: DirtyBitmap::new(dirty.size(), dirty.granularity())
+                .map_err(|e| MigrationError::Protocol(e.to_string()))?,
+            full: mode == Mode::Full,
+            done: false,
+            checkpoint,
+            out: Vec::with_capacity(4 << 20),
+            buf: vec![0u8; MAX_EXTENT as usize],
+            stats: SyncStats::default(),
+        };
+        s.send(&Message::Hello {
+            mode,
+            device: device_config(shared),
+            granularity: dirty.granularity(),
+            checkpoint,
+        })?;
+        s.flush()?;
+        match s.recv()? {
+            Message::Accept {
+                mode: Mode::Full,
+                reason,
+            } => {
+                if mode == Mode::Incremental {
+                    log::warn!("incremental sync not possible ({reason}): doing a full one");
+                }
+                s.full = true;
+            }
+            Message::Accept { .. } => {}
+            Message::Error { reason } => return Err(MigrationError::Peer(reason)),
+            m => {
+                return Err(MigrationError::Protocol(format!(
+                    "expected Accept, got {m:?}"
+                )))
+            }
+        }
+        if s.full {
+            // Changes from now on are the next passes' work; the bulk pass sends the rest.
+            // (Given back in full if this sync fails.)
+            dirty.clear();
+        }
+        Ok(s)
+    }
+
+    /// Whether this sync sends everything.
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+
+    /// The whole image, in order: holes and zero blocks as flags, data as it is.
+    pub fn bulk_pass(&mut self) -> Result<(), MigrationError> {
+        let size = self.image.size();
+        let mut at = 0u64;
+        while at < size {
+            let data = self.image.next_data(at);
+            if data > at {
+                self.send_zeros(at, data - at)?;
+                at = data;
+                continue;
+            }
+            let hole = self.image.next_hole(at).max(at + 512).min(size);
+            self.send_range(at, hole - at)?;
+            at = hole;
+        }
+        self.pass_done()
+    }
+
+    /// One pass over the blocks dirtied since the last: returns the bytes it covered.
+    pub fn dirty_pass(&mut self) -> Result<u64, MigrationError> {
+        let dirty = self.shared.dirty.clone();
+        let g = dirty.granularity();
+        let per_take = (u64::from(MAX_EXTENT) / g).max(1);
+        let mut from = 0;
+        let mut covered = 0;
+        while let Some((first, count)) = dirty.take(from, per_take) {
+            // Taken before it is read (the dirty module's ordering rule).
+            self.taken.mark(first * g, count * g);
+            let start = first * g;
+            let len = (count * g).min(self.image.size() - start);
+            self.send_range(start, len)?;
+            covered += len;
+            from = first + count;
+        }
+        self.pass_done()?;
+        Ok(covered)
+    }
+
+    /// Bytes the next dirty pass would cover now.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.shared.dirty.dirty_bytes()
+    }
+
+    /// The last pass (the caller has stopped the guest's I/O), then Complete; returns
+    /// the new checkpoint once the destination says everything is durable, and records
+    /// it on this end.
+    pub fn complete(mut self) -> Result<(Checkpoint, SyncStats), MigrationError> {
+        self.dirty_pass()?;
+        let next = Checkpoint {
+            image_id: self.checkpoint.image_id,
+            generation: self.checkpoint.generation + 1,
+        };
+        let seq = self.send(&Message::Complete { checkpoint: next })?;
+        self.flush()?;
+        match self.recv()? {
+            Message::Ack { seq: s } if s == seq => {}
+            Message::Error { reason } => return Err(MigrationError::Peer(reason)),
+            m => return Err(MigrationError::Protocol(format!("expected Ack, got {m:?}"))),
+        }
+        // Both ends hold the same image now: record the checkpoint.
+        let shared = self.shared;
+        let mut st = shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+        st.checkpoint = next;
+        if let Some(f) = &st.file {
+            if let Err(e) = f.save(&shared.dirty, &next, true) {
+                log::warn!("{}: saving the checkpoint: {e}", f.path().display());
+            }
+        }
+        drop(st);
+        self.done = true;
+        Ok((next, self.stats))
+    }
+
+    /// Sends `[offset, offset + len)`: read in extents of at most MAX_EXTENT, and within
+    /// each, runs of all-zero 4 KiB blocks as zero flags, the rest as data.
+    fn send_range(&mut self, offset: u64, len: u64) -> Result<(), MigrationError> {
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(u64::from(MAX_EXTENT)) as usize;
+            let off = offset + at;
+            let mut buf = std::mem::take(&mut self.buf);
+            let r = match self.image.read(off, &mut buf[..n]) {
+                Ok(Content::Zero) => self.send_zeros(off, n as u64),
+                Ok(Content::Data) => self.send_runs(off, &buf[..n]),
+                Err(e) => Err(MigrationError::Image(e)),
+            };
+            self.buf = buf;
+            r?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Sends `data` (read at `offset`) as alternating runs of data and zero blocks.
+    fn send_runs(&mut self, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
+        const UNIT: usize = 4096;
+        let mut start = 0;
+        while start < data.len() {
+            let zero = is_zero(&data[start..(start + UNIT).min(data.len())]);
+            let mut end = (start + UNIT).min(data.len());
+            while end < data.len() && is_zero(&data[end..(end + UNIT).min(data.len())]) == zero {
+                end = (end + UNIT).min(data.len());
+            }
+            let at = offset + start as u64;
+            if zero {
+                self.send_zeros(at, (end - start) as u64)?;
+            } else {
+                self.stats.data_bytes += (end - start) as u64;
+                self.stats.extents += 1;
+                self.send(&Message::Extent {
+                    offset: at,
+                    len: (end - start) as u32,
+                    flags: 0,
+                    data: data[start..end].to_vec(),
+                })?;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn send_zeros(&mut self, offset: u64, len: u64) -> Result<(), MigrationError> {
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(u64::from(MAX_EXTENT));
+            self.stats.zero_bytes += n;
+            self.stats.extents += 1;
+            self.send(&Message::Extent {
+                offset: offset + at,
+                len: n as u32,
+                flags: EXTENT_ZERO,
+                data: Vec::new(),
+            })?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn pass_done(&mut self) -> Result<(), MigrationError> {
+        let pass = self.stats.passes;
+        self.stats.passes += 1;
+        self.send(&Message::PassDone {
+            pass,
+            bytes: self.stats.data_bytes,
+        })?;
+        self.flush()
+    }
+
+    fn send(&mut self, msg: &Message) -> Result<u64, MigrationError> {
+        let seq = self.enc.encode(msg, &mut self.out);
+        if self.out.len() >= 2 << 20 {
+            self.flush()?;
+        }
+        Ok(seq)
+    }
+
+    fn flush(&mut self) -> Result<(), MigrationError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = self.conn.write_all(&self.out);
+        self.stats.wire_bytes += self.out.len() as u64;
+        self.out.clear();
+        if let Err(e) = r {
+            // The destination may have said why before it hung up.
+            if let Ok(Some((Message::Error { reason }, _))) = self.reader.next(&mut self.dec) {
+                return Err(MigrationError::Peer(reason));
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self) -> Result<Message, MigrationError> {
+        match self.reader.next(&mut self.dec)? {
+            Some((m, _)) => Ok(m),
+            None => Err(MigrationError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the destination closed the connection",
+            ))),
+        }
+    }
+}
+
+impl Drop for Source<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // Failed or abandoned: the changes it took are not on any peer for sure.
+        if self.full {
+            self.shared.dirty.mark_all();
+        } else {
+            self.shared.dirty.merge(&self.taken.snapshot());
+        }
+        let _ = self.conn.write_all(&{
+            let mut v = Vec::new();
+            self.enc.encode(
+                &Message::Error {
+                    reason: "the source abandoned the sync".into(),
+                },
+                &mut v,
+            );
+            v
+        });
+        self.conn.shutdown();
+    }
+}

@@ -1,0 +1,277 @@
+//! Block migration between two in-process backends over a socket: a full sync copies
+//! data, holes and zeros; an incremental one sends exactly the dirty blocks; the
+//! destination holds the guest's requests until the sync completes; a device mismatch
+//! is refused on both ends with nothing written; a cut stream leaves the destination
+//! incomplete and held, loses no change on the source, and a retry works.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use common::*;
+use vhost_blk_backend::migration::dest::{receive, Received};
+use vhost_blk_backend::migration::source::{Source, SyncStats};
+use vhost_blk_backend::migration::stream::Mode;
+use vhost_blk_backend::migration::transport::Conn;
+use vhost_blk_backend::migration::MigrationError;
+use vhost_blk_backend::spec::{req_type, status};
+use vhost_tests::frontend::{FrontendOptions, TestFrontend};
+
+const SIZE: u64 = 8 << 20;
+
+fn backend(fill: bool, held: bool) -> TestBackend {
+    TestBackend::start(BackendConfig {
+        size: SIZE,
+        fill,
+        held,
+        ..Default::default()
+    })
+}
+
+/// Runs one sync from `src` to `dst` over a socket pair: Ok((source stats, what the
+/// destination received)) or the two ends' errors.
+fn sync(
+    src: &TestBackend,
+    dst: &TestBackend,
+    mode: Mode,
+) -> Result<(SyncStats, Received, bool), (MigrationError, MigrationError)> {
+    let (a, b) = UnixStream::pair().unwrap();
+    sync_over(src, dst, mode, Conn::Unix(a), Conn::Unix(b))
+}
+
+fn sync_over(
+    src: &TestBackend,
+    dst: &TestBackend,
+    mode: Mode,
+    src_conn: Conn,
+    dst_conn: Conn,
+) -> Result<(SyncStats, Received, bool), (MigrationError, MigrationError)> {
+    let dshared = dst.shared.clone();
+    let d = std::thread::spawn(move || receive(&dshared, dst_conn));
+    let s = (|| {
+        let mut s = Source::start(&src.shared, src_conn, mode)?;
+        let full = s.is_full();
+        if full {
+            s.bulk_pass()?;
+        }
+        s.dirty_pass()?;
+        let (_, stats) = s.complete()?;
+        Ok::<_, MigrationError>((stats, full))
+    })();
+    let d = d.join().unwrap();
+    match (s, d) {
+        (Ok((stats, full)), Ok(r)) => Ok((stats, r, full)),
+        (Err(e), Err(f)) => Err((e, f)),
+        (Ok(_), Err(f)) => panic!("source completed, destination failed: {f}"),
+        (Err(e), Ok(_)) => panic!("destination completed, source failed: {e}"),
+    }
+}
+
+fn image(b: &TestBackend) -> Vec<u8> {
+    std::fs::read(&b.image).unwrap()
+}
+
+fn hole_at(b: &TestBackend, offset: u64) -> bool {
+    let f = std::fs::File::open(&b.image).unwrap();
+    // SAFETY: lseek on an open fd.
+    let h = unsafe { libc::lseek(f.as_raw_fd(), offset as i64, libc::SEEK_HOLE) };
+    h == offset as i64
+}
+
+fn checkpoint(b: &TestBackend) -> (String, u64) {
+    let st = b.shared.sync.lock().unwrap();
+    (st.checkpoint.image_uuid(), st.checkpoint.generation)
+}
+
+/// Source image: the pattern, a 1 MiB hole at 2 MiB, 256 KiB of written zeros at 5 MiB.
+fn shape_source(b: &TestBackend) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&b.image)
+        .unwrap();
+    // SAFETY: fallocate on an open fd.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0x03, 2 << 20, 1 << 20) };
+    assert_eq!(r, 0, "punch: {}", std::io::Error::last_os_error());
+    f.write_all_at(&vec![0u8; 256 << 10], 5 << 20).unwrap();
+}
+
+#[test]
+fn a_full_sync_copies_data_holes_and_zeros() {
+    let src = backend(true, false);
+    shape_source(&src);
+    let dst = backend(false, false);
+    std::fs::write(&dst.image, vec![0x55u8; SIZE as usize]).unwrap();
+    let (stats, got, full) = sync(&src, &dst, Mode::Full).unwrap();
+    assert!(full);
+    assert_eq!(got.mode, Mode::Full);
+    assert!(
+        image(&src) == image(&dst),
+        "images differ after a full sync"
+    );
+    // The hole and the zeros went as flags: data sent is the rest.
+    let zeros = (1 << 20) + (256 << 10);
+    assert_eq!(stats.data_bytes, SIZE - zeros);
+    assert_eq!(stats.zero_bytes, zeros);
+    assert_eq!(got.data_bytes, stats.data_bytes);
+    assert!(
+        hole_at(&dst, 2 << 20),
+        "the source's hole is not a hole on the destination"
+    );
+    // Both ends recorded the same checkpoint, the source's identity at generation 1.
+    assert_eq!(checkpoint(&src), checkpoint(&dst));
+    assert_eq!(checkpoint(&dst).1, 1);
+    assert_eq!(src.shared.dirty.count(), 0);
+}
+
+#[test]
+fn an_incremental_sync_sends_exactly_the_dirty_blocks() {
+    let src = backend(true, false);
+    let dst = backend(false, false);
+    sync(&src, &dst, Mode::Full).unwrap();
+    // Scattered guest writes on the source: 40 blocks, some adjacent, one rewritten.
+    let mut fe = TestFrontend::connect(src.socket(), FrontendOptions::default()).unwrap();
+    let mut blocks: Vec<u64> = (0..37).map(|i| (i * 53 + 7) % 2048).collect();
+    blocks.extend([1000, 1001, 1002]);
+    for (i, &b) in blocks.iter().enumerate() {
+        assert_eq!(write(&mut fe, b * 8, &[i as u8 + 1; 4096]), status::OK);
+    }
+    assert_eq!(write(&mut fe, 7 * 8, &[0xee; 4096]), status::OK);
+    blocks.sort_unstable();
+    blocks.dedup();
+    let dirty = src.shared.dirty.count();
+    assert_eq!(dirty, blocks.len() as u64);
+    let (stats, got, full) = sync(&src, &dst, Mode::Incremental).unwrap();
+    assert!(
+        !full,
+        "the destination should have taken an incremental sync"
+    );
+    assert_eq!(got.mode, Mode::Incremental);
+    assert_eq!(
+        stats.data_bytes + stats.zero_bytes,
+        dirty * 4096,
+        "bytes sent must be exactly the dirty blocks"
+    );
+    assert!(
+        image(&src) == image(&dst),
+        "images differ after an incremental sync"
+    );
+    assert_eq!(checkpoint(&src), checkpoint(&dst));
+    assert_eq!(checkpoint(&dst).1, 2);
+    // And back: nothing changed on the destination, nothing is sent.
+    let (stats, _, full) = sync(&dst, &src, Mode::Incremental).unwrap();
+    assert!(!full);
+    assert_eq!(stats.data_bytes + stats.zero_bytes, 0);
+}
+
+#[test]
+fn an_incremental_sync_onto_a_changed_destination_becomes_full_and_says_why() {
+    let src = backend(true, false);
+    let dst = backend(false, false);
+    sync(&src, &dst, Mode::Full).unwrap();
+    let mut fe = TestFrontend::connect(dst.socket(), FrontendOptions::default()).unwrap();
+    assert_eq!(write(&mut fe, 64, &[9; 4096]), status::OK);
+    let (stats, got, full) = sync(&src, &dst, Mode::Incremental).unwrap();
+    assert!(full && got.mode == Mode::Full);
+    assert_eq!(stats.data_bytes + stats.zero_bytes, SIZE);
+    assert!(image(&src) == image(&dst));
+}
+
+#[test]
+fn the_destination_holds_requests_until_the_sync_completes() {
+    let src = backend(true, false);
+    let dst = backend(false, true);
+    let mut fe = TestFrontend::connect(dst.socket(), FrontendOptions::default()).unwrap();
+    // A read sent before the sync: it waits, it does not fail.
+    let r = blk_req(&mut fe, req_type::IN, 16, 4096);
+    fe.submit(0, &r.chain(true));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fe.queues[0].used_idx(&fe.mem), 0, "served before the sync");
+    sync(&src, &dst, Mode::Full).unwrap();
+    // receive() leaves the gate to its caller (serve_incoming opens it on success).
+    assert_eq!(fe.queues[0].used_idx(&fe.mem), 0);
+    dst.shared.gate.open();
+    fe.wait(0, 1)
+        .expect("the held read completes once the gate opens");
+    assert_eq!(r.status(&fe), status::OK);
+    assert_eq!(fe.read(r.data, 4096), pattern_range(16 * 512, 4096));
+}
+
+#[test]
+fn a_device_mismatch_is_refused_on_both_ends_and_nothing_is_written() {
+    let src = backend(true, false);
+    let dst = TestBackend::start(BackendConfig {
+        size: SIZE * 2,
+        fill: false,
+        ..Default::default()
+    });
+    let before = image(&dst);
+    let (e, f) = sync(&src, &dst, Mode::Full).unwrap_err();
+    for (end, err) in [("source", e.to_string()), ("destination", f.to_string())] {
+        assert!(
+            err.contains("the devices differ") && err.contains("size (sectors)"),
+            "{end}: {err}"
+        );
+    }
+    assert!(image(&dst) == before, "the destination was written");
+    assert!(!dst.shared.sync.lock().unwrap().incomplete);
+}
+
+/// Relays the first `limit` bytes from one socket to the other, then cuts both.
+fn cutting_relay(limit: usize) -> (Conn, Conn) {
+    let (src_end, mut relay_in) = UnixStream::pair().unwrap();
+    let (mut relay_out, dst_end) = UnixStream::pair().unwrap();
+    let back_in = relay_out.try_clone().unwrap();
+    let back_out = relay_in.try_clone().unwrap();
+    // Destination -> source, whole.
+    std::thread::spawn(move || {
+        let (mut i, mut o) = (back_in, back_out);
+        let _ = std::io::copy(&mut i, &mut o);
+    });
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut sent = 0;
+        while sent < limit {
+            let n = match relay_in.read(&mut buf[..(limit - sent).min(64 << 10)]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if relay_out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            sent += n;
+        }
+        let _ = relay_in.shutdown(std::net::Shutdown::Both);
+        let _ = relay_out.shutdown(std::net::Shutdown::Both);
+    });
+    (Conn::Unix(src_end), Conn::Unix(dst_end))
+}
+
+#[test]
+fn a_cut_stream_leaves_the_destination_held_and_incomplete_and_a_retry_works() {
+    let src = backend(true, false);
+    let dst = backend(false, true);
+    let (a, b) = cutting_relay(3 << 20);
+    let (e, f) = sync_over(&src, &dst, Mode::Full, a, b).unwrap_err();
+    assert!(
+        matches!(f, MigrationError::Io(_) | MigrationError::Stream(_)),
+        "{f}"
+    );
+    let _ = e;
+    assert!(dst.shared.sync.lock().unwrap().incomplete);
+    assert!(!dst.shared.gate.is_open());
+    // The failed full sync gave every block back to the source's bitmap.
+    assert_eq!(src.shared.dirty.count(), src.shared.dirty.blocks());
+    // The retry completes and the images are equal.
+    let (_, got, _) = sync(&src, &dst, Mode::Incremental).unwrap();
+    assert_eq!(
+        got.mode,
+        Mode::Full,
+        "an incomplete destination takes a full sync"
+    );
+    assert!(!dst.shared.sync.lock().unwrap().incomplete);
+    assert!(image(&src) == image(&dst));
+}
