@@ -28,6 +28,7 @@
 //! new call fd, stop-after-drain).
 
 pub mod chain;
+pub mod control;
 pub mod device;
 pub mod dirty_log;
 pub mod fd_check;

@@ -1,0 +1,797 @@
+//! The control socket (`--control-socket PATH`): QMP, QEMU's machine protocol, so
+//! qmp-shell, python's qemu.qmp and libvirt-style tooling can drive a backend.
+//!
+//! The wire: the server greets (`{"QMP": {...}}`); the client must send
+//! `qmp_capabilities` first; then `{"execute": NAME, "arguments": {...}, "id": ...}`
+//! gets `{"return": ..., "id": ...}` or `{"error": {"class", "desc"}, "id": ...}`, and
+//! events arrive as `{"event": NAME, "data": ..., "timestamp": {...}}`.
+//!
+//! The socket is mode 0600 and peers of another uid are refused (SO_PEERCRED): whoever
+//! may connect controls the disk. Every client is untrusted anyway: malformed JSON, a
+//! message that is not an object, an unknown command or wrong argument types get an error
+//! reply and change nothing; a message may be at most 64 KiB; at most 16 clients at once.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+
+/// Largest message a client may send.
+const MAX_MESSAGE: usize = 64 << 10;
+/// Most clients connected at once.
+const MAX_CLIENTS: usize = 16;
+/// Events queued for a client that does not read them, before the oldest are dropped.
+const MAX_QUEUED_EVENTS: usize = 1024;
+
+/// A QMP error: its class (as QEMU names them) and a description for the user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QmpError {
+    /// `GenericError`, `CommandNotFound`, `DeviceNotActive`, ...
+    pub class: &'static str,
+    /// What went wrong, for a person.
+    pub desc: String,
+}
+
+impl QmpError {
+    /// A GenericError.
+    pub fn generic(desc: impl Into<String>) -> Self {
+        Self {
+            class: "GenericError",
+            desc: desc.into(),
+        }
+    }
+
+    /// An argument is missing or of the wrong type.
+    pub fn bad_argument(name: &str, want: &str) -> Self {
+        Self::generic(format!("Parameter '{name}' expects {want}"))
+    }
+}
+
+/// What a device adds to the control socket.
+pub trait ControlHandler: Send + Sync {
+    /// The device's commands.
+    fn commands(&self) -> Vec<&'static str>;
+
+    /// Runs `command` (one of [`ControlHandler::commands`]) with `args`.
+    fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError>;
+}
+
+/// Sends events to every negotiated client.
+#[derive(Clone, Default)]
+pub struct Events {
+    clients: Arc<Mutex<Vec<Arc<ClientQueue>>>>,
+}
+
+#[derive(Default)]
+struct ClientQueue {
+    events: Mutex<VecDeque<Value>>,
+    ready: AtomicBool,
+    wake: Mutex<Option<UnixStream>>,
+}
+
+impl Events {
+    /// Emits event `name` with `data` (now).
+    pub fn emit(&self, name: &str, data: Value) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let ev = json!({
+            "event": name,
+            "data": data,
+            "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
+        });
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        for c in clients.iter().filter(|c| c.ready.load(Ordering::Acquire)) {
+            let mut q = c.events.lock().unwrap_or_else(|e| e.into_inner());
+            if q.len() >= MAX_QUEUED_EVENTS {
+                q.pop_front();
+            }
+            q.push_back(ev.clone());
+            drop(q);
+            // Events are written by the client's own thread; a byte on its wake socket
+            // tells it to look (it waits in read otherwise).
+            if let Some(w) = c.wake.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                let _ = w.write(&[1]);
+            }
+        }
+    }
+}
+
+/// A running control socket; removed (file and thread) on drop.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    events: Events,
+}
+
+impl ControlServer {
+    /// Binds `path` (mode 0600; a stale socket there is replaced) and serves it in a
+    /// thread. `program` and `version` go into the greeting and `query-version`.
+    pub fn start(
+        path: &Path,
+        program: &'static str,
+        version: &'static str,
+        handler: Arc<dyn ControlHandler>,
+    ) -> io::Result<Self> {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_socket()
+        }) {
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let events = Events::default();
+        let ctx = Arc::new(Context {
+            program,
+            version,
+            handler,
+            events: events.clone(),
+            clients: AtomicUsize::new(0),
+        });
+        let stop2 = stop.clone();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || accept_loop(listener, ctx, stop2))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            stop,
+            events,
+        })
+    }
+
+    /// Where events go.
+    pub fn events(&self) -> Events {
+        self.events.clone()
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the accept loop.
+        let _ = UnixStream::connect(&self.path);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+struct Context {
+    program: &'static str,
+    version: &'static str,
+    handler: Arc<dyn ControlHandler>,
+    events: Events,
+    clients: AtomicUsize,
+}
+
+fn accept_loop(listener: UnixListener, ctx: Arc<Context>, stop: Arc<AtomicBool>) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(mut conn) = conn else { continue };
+        if let Err(why) = check_peer(&conn) {
+            log::warn!("control socket: refused a client: {why}");
+            let _ = writeln!(conn, "{}", error_reply(&QmpError::generic(why), None));
+            continue;
+        }
+        if ctx.clients.load(Ordering::Acquire) >= MAX_CLIENTS {
+            let e = QmpError::generic(format!("too many clients (at most {MAX_CLIENTS})"));
+            let _ = writeln!(conn, "{}", error_reply(&e, None));
+            continue;
+        }
+        ctx.clients.fetch_add(1, Ordering::AcqRel);
+        let ctx2 = ctx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("control-client".into())
+            .spawn(move || {
+                if let Err(e) = serve_client(conn, &ctx2) {
+                    log::debug!("control client: {e}");
+                }
+                ctx2.clients.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            ctx.clients.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Refuses a peer of another uid.
+fn check_peer(conn: &UnixStream) -> Result<(), String> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: valid out pointer and length for SO_PEERCRED.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "cannot read the peer's credentials: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid != me {
+        return Err(format!(
+            "peer uid {} (pid {}) is not this process's uid {me}",
+            cred.uid, cred.pid
+        ));
+    }
+    Ok(())
+}
+
+fn error_reply(e: &QmpError, id: Option<&Value>) -> Value {
+    let mut v = json!({"error": {"class": e.class, "desc": e.desc}});
+    if let Some(id) = id {
+        v["id"] = id.clone();
+    }
+    v
+}
+
+fn send(conn: &mut UnixStream, v: &Value) -> io::Result<()> {
+    let mut line = v.to_string();
+    line.push_str("\r\n");
+    conn.write_all(line.as_bytes())
+}
+
+fn serve_client(mut conn: UnixStream, ctx: &Context) -> io::Result<()> {
+    let queue = Arc::new(ClientQueue::default());
+    let (wake_rx, wake_tx) = UnixStream::pair()?;
+    *queue.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(wake_tx);
+    ctx.events
+        .clients
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(queue.clone());
+    let r = client_loop(&mut conn, ctx, &queue, wake_rx);
+    ctx.events
+        .clients
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|c| !Arc::ptr_eq(c, &queue));
+    r
+}
+
+fn client_loop(
+    conn: &mut UnixStream,
+    ctx: &Context,
+    queue: &ClientQueue,
+    mut wake: UnixStream,
+) -> io::Result<()> {
+    let (major, minor, micro) = parse_version(ctx.version);
+    send(
+        conn,
+        &json!({"QMP": {
+            "version": {"qemu": {"major": major, "minor": minor, "micro": micro},
+                        "package": format!("{} {}", ctx.program, ctx.version)},
+            "capabilities": []
+        }}),
+    )?;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut negotiated = false;
+    conn.set_nonblocking(true)?;
+    wake.set_nonblocking(true)?;
+    loop {
+        // Events first, then whatever the client sent.
+        let pending: Vec<Value> = queue
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for ev in pending {
+            send_blocking(conn, &ev)?;
+        }
+        let mut chunk = [0u8; 4096];
+        match conn.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait_readable(conn, &wake)?;
+                let mut sink = [0u8; 64];
+                while wake.read(&mut sink).is_ok_and(|n| n > 0) {}
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        // Every complete JSON value in the buffer.
+        loop {
+            let trimmed = buf.iter().position(|b| !b.is_ascii_whitespace());
+            let Some(start) = trimmed else {
+                buf.clear();
+                break;
+            };
+            buf.drain(..start);
+            let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
+            match it.next() {
+                Some(Ok(v)) => {
+                    let used = it.byte_offset();
+                    buf.drain(..used);
+                    let reply = handle(ctx, &v, &mut negotiated, queue);
+                    send_blocking(conn, &reply)?;
+                }
+                Some(Err(e)) if e.is_eof() => {
+                    if buf.len() > MAX_MESSAGE {
+                        let e =
+                            QmpError::generic(format!("message longer than {MAX_MESSAGE} bytes"));
+                        send_blocking(conn, &error_reply(&e, None))?;
+                        return Ok(());
+                    }
+                    break;
+                }
+                Some(Err(e)) => {
+                    // Where a broken message ends cannot be known: drop what is buffered
+                    // and start afresh with the next bytes.
+                    buf.clear();
+                    let e = QmpError::generic(format!("JSON parse error: {e}"));
+                    send_blocking(conn, &error_reply(&e, None))?;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// Writes on a non-blocking socket, waiting for room.
+fn send_blocking(conn: &mut UnixStream, v: &Value) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let r = send(conn, v);
+    conn.set_nonblocking(true)?;
+    r
+}
+
+fn wait_readable(a: &UnixStream, b: &UnixStream) -> io::Result<()> {
+    let mut fds = [
+        libc::pollfd {
+            fd: a.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: valid array of two pollfds.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn parse_version(v: &str) -> (u64, u64, u64) {
+    let mut it = v.split('.').map(|p| p.parse().unwrap_or(0));
+    (
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+    )
+}
+
+fn handle(ctx: &Context, msg: &Value, negotiated: &mut bool, queue: &ClientQueue) -> Value {
+    let Some(obj) = msg.as_object() else {
+        return error_reply(&QmpError::generic("QMP input must be a JSON object"), None);
+    };
+    let id = obj.get("id");
+    let Some(cmd) = obj.get("execute").and_then(Value::as_str) else {
+        return error_reply(&QmpError::generic("QMP input lacks member 'execute'"), id);
+    };
+    let empty = Map::new();
+    let args = match obj.get("arguments") {
+        None => &empty,
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return error_reply(
+                &QmpError::generic("QMP input member 'arguments' must be an object"),
+                id,
+            )
+        }
+    };
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "execute" | "arguments" | "id"))
+    {
+        return error_reply(
+            &QmpError::generic(format!("QMP input member '{k}' is unexpected")),
+            id,
+        );
+    }
+    let result = if cmd == "qmp_capabilities" {
+        if *negotiated {
+            Err(QmpError {
+                class: "CommandNotFound",
+                desc: "Capabilities negotiation is already complete, command ignored".into(),
+            })
+        } else {
+            *negotiated = true;
+            queue.ready.store(true, Ordering::Release);
+            Ok(json!({}))
+        }
+    } else if !*negotiated {
+        Err(QmpError {
+            class: "CommandNotFound",
+            desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+        })
+    } else {
+        match cmd {
+            "query-version" => {
+                let (major, minor, micro) = parse_version(ctx.version);
+                Ok(
+                    json!({"qemu": {"major": major, "minor": minor, "micro": micro},
+                          "package": format!("{} {}", ctx.program, ctx.version)}),
+                )
+            }
+            "query-commands" => {
+                let mut names = vec!["qmp_capabilities", "query-version", "query-commands"];
+                names.extend(ctx.handler.commands());
+                Ok(Value::Array(
+                    names.into_iter().map(|n| json!({"name": n})).collect(),
+                ))
+            }
+            c if ctx.handler.commands().contains(&c) => ctx.handler.execute(c, args),
+            c => Err(QmpError {
+                class: "CommandNotFound",
+                desc: format!("The command {c} has not been found"),
+            }),
+        }
+    };
+    match result {
+        Ok(v) => {
+            let mut r = json!({"return": v});
+            if let Some(id) = id {
+                r["id"] = id.clone();
+            }
+            r
+        }
+        Err(e) => error_reply(&e, id),
+    }
+}
+
+/// A small QMP client, for the programs' own subcommands and for tests.
+pub struct QmpClient {
+    conn: UnixStream,
+    buf: Vec<u8>,
+    /// Events received while waiting for replies, oldest first.
+    pub events: VecDeque<Value>,
+}
+
+impl QmpClient {
+    /// Connects, reads the greeting and negotiates capabilities.
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        let conn = UnixStream::connect(path)?;
+        conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut c = Self {
+            conn,
+            buf: Vec::new(),
+            events: VecDeque::new(),
+        };
+        let greeting = c.read_value()?;
+        if greeting.get("QMP").is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not a QMP greeting: {greeting}"),
+            ));
+        }
+        c.execute("qmp_capabilities", json!({}))?
+            .map_err(|e| io::Error::other(e.desc))?;
+        Ok(c)
+    }
+
+    /// Runs a command: Ok(Ok(return value)) or Ok(Err(the QMP error)).
+    pub fn execute(&mut self, cmd: &str, args: Value) -> io::Result<Result<Value, QmpError>> {
+        let msg = json!({"execute": cmd, "arguments": args});
+        send(&mut self.conn, &msg)?;
+        loop {
+            let v = self.read_value()?;
+            if v.get("event").is_some() {
+                self.events.push_back(v);
+                continue;
+            }
+            if let Some(r) = v.get("return") {
+                return Ok(Ok(r.clone()));
+            }
+            if let Some(e) = v.get("error") {
+                return Ok(Err(QmpError {
+                    class: "GenericError",
+                    desc: format!(
+                        "{}: {}",
+                        e.get("class").and_then(Value::as_str).unwrap_or("Error"),
+                        e.get("desc").and_then(Value::as_str).unwrap_or("")
+                    ),
+                }));
+            }
+        }
+    }
+
+    /// Waits for the next event (up to the read timeout).
+    pub fn next_event(&mut self) -> io::Result<Value> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(e);
+        }
+        loop {
+            let v = self.read_value()?;
+            if v.get("event").is_some() {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// Sends raw bytes (tests of malformed input).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.conn.write_all(bytes)
+    }
+
+    /// Reads the next JSON value.
+    pub fn read_value(&mut self) -> io::Result<Value> {
+        loop {
+            let start = self
+                .buf
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .unwrap_or(self.buf.len());
+            self.buf.drain(..start);
+            if !self.buf.is_empty() {
+                let mut it = serde_json::Deserializer::from_slice(&self.buf).into_iter::<Value>();
+                match it.next() {
+                    Some(Ok(v)) => {
+                        let used = it.byte_offset();
+                        self.buf.drain(..used);
+                        return Ok(v);
+                    }
+                    Some(Err(e)) if !e.is_eof() => {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, e))
+                    }
+                    _ => {}
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.conn.read(&mut chunk)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the control socket closed",
+                ));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+
+    impl ControlHandler for Echo {
+        fn commands(&self) -> Vec<&'static str> {
+            vec!["echo", "fail"]
+        }
+
+        fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+            match command {
+                "echo" => match args.get("text") {
+                    Some(Value::String(s)) => Ok(json!({"text": s})),
+                    _ => Err(QmpError::bad_argument("text", "a string")),
+                },
+                _ => Err(QmpError::generic("asked to fail")),
+            }
+        }
+    }
+
+    fn server() -> (tempfile::TempDir, PathBuf, ControlServer) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ctl.sock");
+        let s = ControlServer::start(&p, "test", "1.2.3", Arc::new(Echo)).unwrap();
+        (dir, p, s)
+    }
+
+    #[test]
+    fn greeting_negotiation_commands_and_errors() {
+        let (_d, p, _s) = server();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Before qmp_capabilities nothing else runs.
+        let conn = UnixStream::connect(&p).unwrap();
+        let mut raw = QmpClient {
+            conn,
+            buf: Vec::new(),
+            events: VecDeque::new(),
+        };
+        let g = raw.read_value().unwrap();
+        assert_eq!(g["QMP"]["version"]["qemu"]["minor"], 2);
+        assert_eq!(g["QMP"]["version"]["package"], "test 1.2.3");
+        raw.send_raw(br#"{"execute": "echo", "arguments": {"text": "x"}}"#)
+            .unwrap();
+        let r = raw.read_value().unwrap();
+        assert_eq!(r["error"]["class"], "CommandNotFound");
+
+        let mut c = QmpClient::connect(&p).unwrap();
+        assert_eq!(
+            c.execute("echo", json!({"text": "hi"})).unwrap().unwrap(),
+            json!({"text": "hi"})
+        );
+        let e = c.execute("echo", json!({"text": 5})).unwrap().unwrap_err();
+        assert!(e.desc.contains("'text' expects a string"), "{}", e.desc);
+        let e = c.execute("nope", json!({})).unwrap().unwrap_err();
+        assert!(e.desc.contains("CommandNotFound"), "{}", e.desc);
+        let cmds = c.execute("query-commands", json!({})).unwrap().unwrap();
+        assert!(cmds.as_array().unwrap().iter().any(|v| v["name"] == "echo"));
+        let v = c.execute("query-version", json!({})).unwrap().unwrap();
+        assert_eq!(v["qemu"]["major"], 1);
+    }
+
+    #[test]
+    fn malformed_input_gets_an_error_and_the_socket_keeps_serving() {
+        let (_d, p, _s) = server();
+        let mut c = QmpClient::connect(&p).unwrap();
+        for (bad, want) in [
+            (&b"{\"execute\": \n"[..], "JSON parse error"),
+            (b"[1, 2]\n", "must be a JSON object"),
+            (b"{\"arguments\": {}}\n", "lacks member 'execute'"),
+            (
+                b"{\"execute\": \"echo\", \"arguments\": 3}\n",
+                "must be an object",
+            ),
+            (
+                b"{\"execute\": \"echo\", \"bogus\": 1}\n",
+                "'bogus' is unexpected",
+            ),
+        ] {
+            c.send_raw(bad).unwrap();
+            // The cut-off first message only errors when the next line arrives.
+            if bad.starts_with(b"{\"execute\": \n") {
+                c.send_raw(b"}\n").unwrap();
+            }
+            let r = c.read_value().unwrap();
+            let desc = r["error"]["desc"].as_str().unwrap_or_default().to_string();
+            assert!(desc.contains(want), "{bad:?}: {r}");
+        }
+        // Still serving, with ids echoed.
+        c.send_raw(br#"{"execute": "echo", "arguments": {"text": "ok"}, "id": 7}"#)
+            .unwrap();
+        let r = c.read_value().unwrap();
+        assert_eq!(r["id"], 7);
+        assert_eq!(r["return"]["text"], "ok");
+        // An over-long message ends the connection with an error, the server lives on.
+        let mut big = b"{\"execute\": \"echo\", \"arguments\": {\"text\": \"".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_MESSAGE + 10));
+        c.send_raw(&big).unwrap();
+        let r = c.read_value().unwrap();
+        assert!(r["error"]["desc"].as_str().unwrap().contains("longer than"));
+        let mut c2 = QmpClient::connect(&p).unwrap();
+        assert!(c2.execute("echo", json!({"text": "y"})).unwrap().is_ok());
+    }
+
+    #[test]
+    fn events_reach_negotiated_clients() {
+        let (_d, p, s) = server();
+        let mut c = QmpClient::connect(&p).unwrap();
+        // Make sure the server has seen the negotiation before the event.
+        c.execute("query-version", json!({})).unwrap().unwrap();
+        s.events().emit(
+            "JOB_STATUS_CHANGE",
+            json!({"id": "m0", "status": "running"}),
+        );
+        let ev = c.next_event().unwrap();
+        assert_eq!(ev["event"], "JOB_STATUS_CHANGE");
+        assert_eq!(ev["data"]["status"], "running");
+        assert!(ev["timestamp"]["seconds"].as_u64().unwrap() > 0);
+    }
+
+    /// Connects as uid 65534 from a forked child (only async-signal-safe calls there)
+    /// and returns what the server sent.
+    fn connect_as_nobody(path: &Path) -> String {
+        use std::os::unix::ffi::OsStrExt;
+        let mut addr: libc::sockaddr_un = unsafe {
+            // SAFETY: all-zero is a valid sockaddr_un.
+            std::mem::zeroed()
+        };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        let mut pipe = [0i32; 2];
+        // SAFETY: valid array of two ints.
+        assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+        // SAFETY: the child calls only async-signal-safe functions and _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: plain system calls on values prepared before the fork.
+            unsafe {
+                libc::close(pipe[0]);
+                if libc::setresgid(65534, 65534, 65534) != 0
+                    || libc::setresuid(65534, 65534, 65534) != 0
+                {
+                    libc::_exit(2);
+                }
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                // A server that accepted us would greet and wait: read for 2 s at most.
+                let tv = libc::timeval {
+                    tv_sec: 2,
+                    tv_usec: 0,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                );
+                let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                if libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) != 0 {
+                    libc::_exit(3);
+                }
+                let mut buf = [0u8; 512];
+                loop {
+                    let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+                    if n <= 0 {
+                        break;
+                    }
+                    libc::write(pipe[1], buf.as_ptr().cast(), n as usize);
+                }
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: closing our copy of the write end; reading the child's report.
+        unsafe { libc::close(pipe[1]) };
+        let mut out = Vec::new();
+        let mut f = unsafe {
+            // SAFETY: we own the read end.
+            <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(pipe[0])
+        };
+        let _ = f.read_to_end(&mut out);
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "child status {status}"
+        );
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn a_peer_of_another_uid_is_refused() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("\n#### SKIPPED: a_peer_of_another_uid_is_refused needs root ####\n");
+            return;
+        }
+        let (d, p, _s) = server();
+        // Let uid 65534 reach the socket (the server's own check must refuse it).
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let text = connect_as_nobody(&p);
+        assert!(text.contains("is not this process's uid"), "got {text:?}");
+        assert!(!text.contains("QMP"), "got a greeting: {text}");
+        // The server goes on serving its own uid.
+        let mut c = QmpClient::connect(&p).unwrap();
+        assert!(c.execute("query-version", json!({})).unwrap().is_ok());
+    }
+}
