@@ -45,6 +45,11 @@ const MAX_IOV: usize = 1024;
 /// long, so only this much of it is copied and the rest is dropped and counted
 /// (`SerialStats::tx_dropped`).
 const HELD_LIMIT: usize = 1 << 20;
+/// Most chains one call takes from a transmit queue (a port's, a missing port's, the
+/// control queue): a guest refilling a ring as fast as we empty it must not keep the one
+/// worker from every other port. A queue stopped at its budget is taken up again through
+/// our own wake eventfd, after the events waiting meanwhile (see `Engine::held`).
+const BUDGET: usize = 64;
 /// Bytes copied out of guest memory at a time (a stack buffer).
 const COPY_CHUNK: usize = 16 * 1024;
 
@@ -327,6 +332,9 @@ struct Engine {
     ctrl_out: VecDeque<Vec<u8>>,
     /// Something happened that another ring must act on.
     dirty: bool,
+    /// Queues that stopped at their `BUDGET` with chains possibly left; `handle_event` (run
+    /// through our wake eventfd) comes back to them. Guest kicks stay off meanwhile.
+    held: Vec<u16>,
     log: RateLimitedLog,
     events: Vec<EpollEvent>,
     iov: Vec<libc::iovec>,
@@ -369,6 +377,7 @@ impl SerialWorker {
                 chain: Chain::default(),
                 ctrl_out: VecDeque::new(),
                 dirty: false,
+                held: Vec::new(),
                 log: RateLimitedLog::new(),
                 events: vec![EpollEvent::default(); 64],
                 iov: Vec::with_capacity(MAX_IOV),
@@ -413,7 +422,20 @@ impl QueueWorker for SerialWorker {
     fn handle_event(&mut self, _fd_index: usize, rings: &mut Rings) {
         if let Some(e) = self.e.as_mut() {
             e.host_events();
+            let held = std::mem::take(&mut e.held);
+            // `pump` visits the control queue and every port's queues; only the queues of
+            // ports that do not exist need a visit of their own.
             e.pump(rings);
+            for q in held {
+                if e.is_missing_port_tx(q) {
+                    if let Some(r) = rings
+                        .get_mut(q)
+                        .filter(|r| r.is_enabled() && !r.is_broken())
+                    {
+                        e.discard_tx(r);
+                    }
+                }
+            }
         }
     }
 
@@ -461,6 +483,26 @@ enum Flush {
 impl Engine {
     fn port_idx(&self, id: u32) -> Option<usize> {
         self.st.by_id.get(id as usize).copied().flatten()
+    }
+
+    /// Queue `q` stopped at its budget: come back to it after the other events.
+    fn hold(&mut self, q: u16) {
+        if !self.held.contains(&q) {
+            self.held.push(q);
+        }
+        if self.st.wake.write(1).is_err() {
+            self.log
+                .warn(|| "cannot signal the worker's own eventfd".to_string());
+        }
+    }
+
+    /// Whether `q` is the transmit queue of a port that does not exist (or is not served
+    /// without MULTIPORT): [`Engine::discard_tx`]'s.
+    fn is_missing_port_tx(&self, q: u16) -> bool {
+        match queue::port_of(q) {
+            Some((id, true)) => !(self.port_idx(id).is_some() && (self.multiport || id == 0)),
+            _ => false,
+        }
     }
 
     fn bad(&mut self, msg: impl FnOnce() -> String) {
@@ -753,11 +795,19 @@ impl Engine {
         let mem = ring.memory();
         let mut completed = false;
         let mut drained = false;
+        let mut taken = 0;
         loop {
             if let Flush::Blocked = self.flush(idx, ring, &mem, &mut completed) {
                 break;
             }
             ring.disable_notification(&mem);
+            if taken >= BUDGET {
+                // A host side that takes everything at once (a console without client, a
+                // file) would let a guest refilling the ring keep us here: kicks stay off,
+                // we come back through `held`.
+                self.hold(ring.index());
+                break;
+            }
             if !ring.pop(&mem, &mut self.chain) {
                 if ring.enable_notification(&mem) {
                     continue;
@@ -765,6 +815,7 @@ impl Engine {
                 drained = true;
                 break;
             }
+            taken += 1;
             let segs: Vec<(u64, u32)> = self
                 .chain
                 .segments
@@ -807,12 +858,14 @@ impl Engine {
         }
     }
 
-    /// Pops and completes chains on a tx queue of a port that does not exist.
+    /// Pops and completes chains on a tx queue of a port that does not exist, at most
+    /// `BUDGET` per call (the rest through `held`).
     fn discard_tx(&mut self, ring: &mut Ring) {
         let mem = ring.memory();
         let q = ring.index();
         let mut n = 0;
-        while ring.pop(&mem, &mut self.chain) {
+        ring.disable_notification(&mem);
+        while n < BUDGET && ring.pop(&mem, &mut self.chain) {
             ring.add_used(&mem, self.chain.head, 0);
             n += 1;
         }
@@ -820,7 +873,10 @@ impl Engine {
             ring.notify(&mem);
             self.bad(|| format!("queue {q}: {n} buffer(s) for a port that does not exist"));
         }
-        let _ = ring.enable_notification(&mem);
+        if n >= BUDGET || ring.enable_notification(&mem) {
+            // More may be waiting (kicks stay off if we stopped at the budget).
+            self.hold(q);
+        }
     }
 
     fn complete_pending(&mut self, idx: usize, ring: &mut Ring, mem: &GuestMem) {
@@ -1200,8 +1256,14 @@ impl Engine {
     fn control_tx(&mut self, ring: &mut Ring) {
         let mem = ring.memory();
         let mut completed = false;
+        let mut taken = 0;
         loop {
             ring.disable_notification(&mem);
+            if taken >= BUDGET {
+                // Kicks stay off: we come back through `held`.
+                self.hold(ring.index());
+                break;
+            }
             if !ring.pop(&mem, &mut self.chain) {
                 if ring.enable_notification(&mem) {
                     continue;
@@ -1226,6 +1288,7 @@ impl Engine {
             let head = self.chain.head;
             ring.add_used(&mem, head, 0);
             completed = true;
+            taken += 1;
             self.shared.stats.control_in.fetch_add(1, Ordering::Relaxed);
             match Control::parse(&buf[..got]) {
                 Some(c) => self.control(c),
