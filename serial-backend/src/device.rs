@@ -33,6 +33,10 @@ pub struct SerialStats {
     pub bad_input: AtomicU64,
     /// Console output dropped because no one was connected and the backlog was full.
     pub console_dropped: AtomicU64,
+    /// Guest output dropped because a port had to give a chain back to the guest before
+    /// its host side took it all (the VMM went away) and the rest exceeded what a port
+    /// keeps (`HELD_LIMIT` in the worker).
+    pub tx_dropped: AtomicU64,
     /// Guest output that could not be written to a file port (disk full...).
     pub host_write_errors: AtomicU64,
     /// Emergency-write characters.

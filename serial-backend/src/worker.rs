@@ -40,6 +40,18 @@ const CONSOLE_BACKLOG: usize = 64 * 1024;
 const SIZE_POLL: Duration = Duration::from_millis(250);
 /// Most iovecs per writev.
 const MAX_IOV: usize = 1024;
+/// Most guest output a port keeps in host memory when it must give a chain back to the
+/// guest before its host side took it (the VMM stops the ring): a chain may be up to 4 GiB
+/// long, so only this much of it is copied and the rest is dropped and counted
+/// (`SerialStats::tx_dropped`).
+const HELD_LIMIT: usize = 1 << 20;
+/// Most chains one call takes from a transmit queue (a port's, a missing port's, the
+/// control queue): a guest refilling a ring as fast as we empty it must not keep the one
+/// worker from every other port. A queue stopped at its budget is taken up again through
+/// our own wake eventfd, after the events waiting meanwhile (see `Engine::held`).
+const BUDGET: usize = 64;
+/// Bytes copied out of guest memory at a time (a stack buffer).
+const COPY_CHUNK: usize = 16 * 1024;
 
 const TOKEN_WAKE: u64 = u64::MAX;
 const TOKEN_TIMER: u64 = u64::MAX - 1;
@@ -71,6 +83,30 @@ struct Pending {
     segs: Vec<(u64, u32)>,
     total: u64,
     done: u64,
+}
+
+/// Appends iovecs for the unsent part of `p` (at most `MAX_IOV`) to `iov`; an error if a
+/// buffer is no longer in guest memory (the layer checked the chain; memory changed since).
+fn fill_iov(
+    iov: &mut Vec<libc::iovec>,
+    p: &Pending,
+    mem: &GuestMem,
+) -> Result<(), vhost_user_device::memory::MemoryError> {
+    let mut skip = p.done;
+    for &(addr, len) in &p.segs {
+        let len = u64::from(len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        host_iovecs(mem, addr + skip, len - skip, iov)?;
+        skip = 0;
+        if iov.len() >= MAX_IOV {
+            iov.truncate(MAX_IOV);
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// One fd's registration in our epoll.
@@ -296,6 +332,9 @@ struct Engine {
     ctrl_out: VecDeque<Vec<u8>>,
     /// Something happened that another ring must act on.
     dirty: bool,
+    /// Queues that stopped at their `BUDGET` with chains possibly left; `handle_event` (run
+    /// through our wake eventfd) comes back to them. Guest kicks stay off meanwhile.
+    held: Vec<u16>,
     log: RateLimitedLog,
     events: Vec<EpollEvent>,
     iov: Vec<libc::iovec>,
@@ -338,6 +377,7 @@ impl SerialWorker {
                 chain: Chain::default(),
                 ctrl_out: VecDeque::new(),
                 dirty: false,
+                held: Vec::new(),
                 log: RateLimitedLog::new(),
                 events: vec![EpollEvent::default(); 64],
                 iov: Vec::with_capacity(MAX_IOV),
@@ -382,7 +422,20 @@ impl QueueWorker for SerialWorker {
     fn handle_event(&mut self, _fd_index: usize, rings: &mut Rings) {
         if let Some(e) = self.e.as_mut() {
             e.host_events();
+            let held = std::mem::take(&mut e.held);
+            // `pump` visits the control queue and every port's queues; only the queues of
+            // ports that do not exist need a visit of their own.
             e.pump(rings);
+            for q in held {
+                if e.is_missing_port_tx(q) {
+                    if let Some(r) = rings
+                        .get_mut(q)
+                        .filter(|r| r.is_enabled() && !r.is_broken())
+                    {
+                        e.discard_tx(r);
+                    }
+                }
+            }
         }
     }
 
@@ -407,6 +460,18 @@ impl QueueWorker for SerialWorker {
     }
 }
 
+/// Which part of a pending chain [`Engine::copy_pending`] keeps when the chain would take
+/// a port's held output beyond its limit.
+#[derive(Clone, Copy)]
+enum Keep {
+    /// The newest bytes, up to this many held in all (a console's backlog: the latest
+    /// output is what a user connecting later wants to see).
+    Newest(usize),
+    /// What follows the bytes already held, up to this many held in all (the client gets
+    /// a contiguous continuation of what it already read).
+    Oldest(usize),
+}
+
 /// How writing a port's output went.
 enum Flush {
     /// Nothing is held any more.
@@ -418,6 +483,26 @@ enum Flush {
 impl Engine {
     fn port_idx(&self, id: u32) -> Option<usize> {
         self.st.by_id.get(id as usize).copied().flatten()
+    }
+
+    /// Queue `q` stopped at its budget: come back to it after the other events.
+    fn hold(&mut self, q: u16) {
+        if !self.held.contains(&q) {
+            self.held.push(q);
+        }
+        if self.st.wake.write(1).is_err() {
+            self.log
+                .warn(|| "cannot signal the worker's own eventfd".to_string());
+        }
+    }
+
+    /// Whether `q` is the transmit queue of a port that does not exist (or is not served
+    /// without MULTIPORT): [`Engine::discard_tx`]'s.
+    fn is_missing_port_tx(&self, q: u16) -> bool {
+        match queue::port_of(q) {
+            Some((id, true)) => !(self.port_idx(id).is_some() && (self.multiport || id == 0)),
+            _ => false,
+        }
     }
 
     fn bad(&mut self, msg: impl FnOnce() -> String) {
@@ -710,11 +795,19 @@ impl Engine {
         let mem = ring.memory();
         let mut completed = false;
         let mut drained = false;
+        let mut taken = 0;
         loop {
             if let Flush::Blocked = self.flush(idx, ring, &mem, &mut completed) {
                 break;
             }
             ring.disable_notification(&mem);
+            if taken >= BUDGET {
+                // A host side that takes everything at once (a console without client, a
+                // file) would let a guest refilling the ring keep us here: kicks stay off,
+                // we come back through `held`.
+                self.hold(ring.index());
+                break;
+            }
             if !ring.pop(&mem, &mut self.chain) {
                 if ring.enable_notification(&mem) {
                     continue;
@@ -722,6 +815,7 @@ impl Engine {
                 drained = true;
                 break;
             }
+            taken += 1;
             let segs: Vec<(u64, u32)> = self
                 .chain
                 .segments
@@ -764,12 +858,14 @@ impl Engine {
         }
     }
 
-    /// Pops and completes chains on a tx queue of a port that does not exist.
+    /// Pops and completes chains on a tx queue of a port that does not exist, at most
+    /// `BUDGET` per call (the rest through `held`).
     fn discard_tx(&mut self, ring: &mut Ring) {
         let mem = ring.memory();
         let q = ring.index();
         let mut n = 0;
-        while ring.pop(&mem, &mut self.chain) {
+        ring.disable_notification(&mem);
+        while n < BUDGET && ring.pop(&mem, &mut self.chain) {
             ring.add_used(&mem, self.chain.head, 0);
             n += 1;
         }
@@ -777,7 +873,10 @@ impl Engine {
             ring.notify(&mem);
             self.bad(|| format!("queue {q}: {n} buffer(s) for a port that does not exist"));
         }
-        let _ = ring.enable_notification(&mem);
+        if n >= BUDGET || ring.enable_notification(&mem) {
+            // More may be waiting (kicks stay off if we stopped at the budget).
+            self.hold(q);
+        }
     }
 
     fn complete_pending(&mut self, idx: usize, ring: &mut Ring, mem: &GuestMem) {
@@ -786,38 +885,124 @@ impl Engine {
         }
     }
 
-    /// Copies the unsent part of the pending chain into `out_buf`, up to `cap` bytes kept.
-    fn copy_pending(&mut self, idx: usize, mem: &GuestMem, cap: Option<usize>) {
+    /// Copies part of the unsent rest of the pending chain into `out_buf`, so that `out_buf`
+    /// never holds more than `keep`'s limit. Only the bytes kept are read from guest memory:
+    /// the chain may be up to 4 GiB long (an indirect table of large buffers), far more
+    /// than any port buffers. Returns how many bytes of the chain were not kept (counted by
+    /// the caller, which knows why).
+    fn copy_pending(&mut self, idx: usize, mem: &GuestMem, keep: Keep) -> u64 {
         let port = &mut self.st.ports[idx];
-        let Some(p) = &port.pending else { return };
-        let mut skip = p.done;
+        let Some(p) = &port.pending else { return 0 };
+        let left = p.total.saturating_sub(p.done);
+        let held = port.out_buf.len() as u64;
+        let (from, take, mut dropped) = match keep {
+            Keep::Newest(cap) => {
+                let cap = cap as u64;
+                let take = left.min(cap);
+                // The oldest held bytes make room first.
+                let over = (held + take).saturating_sub(cap).min(held);
+                port.out_buf.drain(..over as usize);
+                (p.done + (left - take), take, left - take)
+            }
+            Keep::Oldest(cap) => {
+                let take = left.min((cap as u64).saturating_sub(held));
+                (p.done, take, left - take)
+            }
+        };
+        if let Keep::Newest(_) = keep {
+            // Backlog bytes drained above are dropped output too.
+            dropped += held.saturating_sub(port.out_buf.len() as u64);
+        }
+        let mut skip = from;
+        let mut want = take;
         let mut bad = false;
+        let mut scratch = [0u8; COPY_CHUNK];
         for &(addr, len) in &p.segs {
+            if want == 0 {
+                break;
+            }
             let len = u64::from(len);
             if skip >= len {
                 skip -= len;
                 continue;
             }
-            let mut buf = vec![0u8; (len - skip) as usize];
-            if mem.read_slice(&mut buf, GuestAddress(addr + skip)).is_err() {
-                bad = true;
+            let n = (len - skip).min(want);
+            let mut off = 0;
+            while off < n {
+                let k = (n - off).min(COPY_CHUNK as u64) as usize;
+                // The layer checked that the segment lies in guest memory, so the address
+                // does not overflow; the memory may have changed since (unplug).
+                let at = GuestAddress(addr + skip + off);
+                if mem.read_slice(&mut scratch[..k], at).is_err() {
+                    bad = true;
+                } else {
+                    port.out_buf.extend(&scratch[..k]);
+                }
+                off += k as u64;
             }
             skip = 0;
-            port.out_buf.extend(buf);
-        }
-        if let Some(cap) = cap {
-            let over = port.out_buf.len().saturating_sub(cap);
-            if over > 0 {
-                port.out_buf.drain(..over);
-                self.shared
-                    .stats
-                    .console_dropped
-                    .fetch_add(over as u64, Ordering::Relaxed);
-            }
+            want -= n;
         }
         if bad {
-            self.shared.stats.bad_input.fetch_add(1, Ordering::Relaxed);
+            let id = port.id;
+            self.bad(|| format!("port {id}: tx buffer outside guest memory"));
         }
+        dropped
+    }
+
+    /// Writes the pending chain to a file port straight from guest memory, in writevs of
+    /// at most `MAX_IOV` pieces (never a copy of the whole chain), and completes it. A
+    /// write error drops the rest of the chain (counted in `host_write_errors`).
+    fn write_pending_to_file(&mut self, idx: usize, ring: &mut Ring, mem: &GuestMem) {
+        let port = &mut self.st.ports[idx];
+        let id = port.id;
+        let fd = match &port.host {
+            HostSide::File(f) => f.as_raw_fd(),
+            _ => return,
+        };
+        let Some(p) = &mut port.pending else { return };
+        let mut failed = None;
+        while p.done < p.total {
+            self.iov.clear();
+            if fill_iov(&mut self.iov, p, mem).is_err() {
+                self.iov.clear();
+                self.complete_pending(idx, ring, mem);
+                self.bad(|| format!("port {id}: tx buffer outside guest memory"));
+                return;
+            }
+            // SAFETY: the iovecs point into guest memory kept mapped by `mem`, and are
+            // only read by the kernel.
+            let n = unsafe { libc::writev(fd, self.iov.as_ptr(), self.iov.len() as i32) };
+            self.iov.clear();
+            if n > 0 {
+                p.done += n as u64;
+                self.shared
+                    .stats
+                    .tx_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                continue;
+            }
+            let err = if n == 0 {
+                // A regular file taking nothing: do not retry for ever.
+                io::Error::from(io::ErrorKind::WriteZero)
+            } else {
+                io::Error::last_os_error()
+            };
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            failed = Some(err);
+            break;
+        }
+        if let Some(e) = failed {
+            self.shared
+                .stats
+                .host_write_errors
+                .fetch_add(1, Ordering::Relaxed);
+            self.log
+                .warn(|| format!("port {id}: writing the file: {e}"));
+        }
+        self.complete_pending(idx, ring, mem);
     }
 
     fn flush(
@@ -842,17 +1027,9 @@ impl Engine {
                     }
                     return Flush::Idle;
                 }
-                HostSide::File(_) => {
+                HostSide::File(f) => {
                     use std::io::Write;
-                    if port.pending.is_some() {
-                        self.copy_pending(idx, mem, None);
-                        self.complete_pending(idx, ring, mem);
-                        *completed = true;
-                    }
-                    let port = &mut self.st.ports[idx];
-                    let HostSide::File(f) = &mut port.host else {
-                        return Flush::Idle;
-                    };
+                    // Held bytes (emergency writes) first, then the pending chain.
                     let (a, b) = port.out_buf.as_slices();
                     let n = (a.len() + b.len()) as u64;
                     let r = f.write_all(a).and_then(|_| f.write_all(b));
@@ -866,6 +1043,10 @@ impl Engine {
                         self.log
                             .warn(|| format!("port {id}: writing the file: {e}"));
                     }
+                    if self.st.ports[idx].pending.is_some() {
+                        self.write_pending_to_file(idx, ring, mem);
+                        *completed = true;
+                    }
                     return Flush::Idle;
                 }
                 _ => {}
@@ -875,7 +1056,11 @@ impl Engine {
                     // No one listens to this console: keep a bounded backlog, free the
                     // guest (hvc busy-waits for its buffers).
                     if port.pending.is_some() {
-                        self.copy_pending(idx, mem, Some(CONSOLE_BACKLOG));
+                        let dropped = self.copy_pending(idx, mem, Keep::Newest(CONSOLE_BACKLOG));
+                        self.shared
+                            .stats
+                            .console_dropped
+                            .fetch_add(dropped, Ordering::Relaxed);
                         self.complete_pending(idx, ring, mem);
                         *completed = true;
                     }
@@ -917,25 +1102,8 @@ impl Engine {
                 return Flush::Idle;
             };
             self.iov.clear();
-            let mut skip = p.done;
-            let mut ok = true;
-            for &(addr, len) in &p.segs {
-                let len = u64::from(len);
-                if skip >= len {
-                    skip -= len;
-                    continue;
-                }
-                if host_iovecs(mem, addr + skip, len - skip, &mut self.iov).is_err() {
-                    ok = false;
-                    break;
-                }
-                skip = 0;
-                if self.iov.len() >= MAX_IOV {
-                    self.iov.truncate(MAX_IOV);
-                    break;
-                }
-            }
-            if !ok {
+            if fill_iov(&mut self.iov, p, mem).is_err() {
+                self.iov.clear();
                 // The layer checked the chain; memory changed under us (unplug).
                 self.complete_pending(idx, ring, mem);
                 *completed = true;
@@ -1004,7 +1172,21 @@ impl Engine {
             let mut completed = false;
             let _ = self.flush(i, ring, &mem, &mut completed);
             if self.st.ports[i].pending.is_some() {
-                self.copy_pending(i, &mem, None);
+                // The chain must go back to the guest now: keep what a port may hold for
+                // the next client, and count the rest.
+                let dropped = self.copy_pending(i, &mem, Keep::Oldest(HELD_LIMIT));
+                if dropped > 0 {
+                    self.shared
+                        .stats
+                        .tx_dropped
+                        .fetch_add(dropped, Ordering::Relaxed);
+                    self.log.warn(|| {
+                        format!(
+                            "port {id}: ring stopped with guest output unsent; {dropped} \
+                             byte(s) beyond the {HELD_LIMIT} kept dropped"
+                        )
+                    });
+                }
                 self.complete_pending(i, ring, &mem);
             }
             ring.notify(&mem);
@@ -1074,8 +1256,14 @@ impl Engine {
     fn control_tx(&mut self, ring: &mut Ring) {
         let mem = ring.memory();
         let mut completed = false;
+        let mut taken = 0;
         loop {
             ring.disable_notification(&mem);
+            if taken >= BUDGET {
+                // Kicks stay off: we come back through `held`.
+                self.hold(ring.index());
+                break;
+            }
             if !ring.pop(&mem, &mut self.chain) {
                 if ring.enable_notification(&mem) {
                     continue;
@@ -1100,6 +1288,7 @@ impl Engine {
             let head = self.chain.head;
             ring.add_used(&mem, head, 0);
             completed = true;
+            taken += 1;
             self.shared.stats.control_in.fetch_add(1, Ordering::Relaxed);
             match Control::parse(&buf[..got]) {
                 Some(c) => self.control(c),

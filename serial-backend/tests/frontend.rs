@@ -454,3 +454,88 @@ fn a_broken_tx_ring_is_parked_and_the_other_ports_keep_working() {
     let base = d.fe.within(T, |fe| fe.fe.get_vring_base(usize::from(q)));
     assert_eq!(base.expect("GET_VRING_BASE"), 0);
 }
+
+/// Keeps transmit queue `q` full of slow chains (each an indirect table of 512 one-byte
+/// buffers, so the backend needs a while per ring) for `flood`, republishing every chain
+/// the backend returns at once; meanwhile writes a line on file port `other` and returns
+/// how long that took (None: not within the flood).
+fn other_port_during_flood(
+    b: &TestBackend,
+    d: &mut Driver,
+    q: u16,
+    other: u32,
+    flood: Duration,
+) -> Option<Duration> {
+    use vhost_tests::frontend::{Buf, Used, F_INDIRECT};
+    const DESCS: usize = 512;
+    let byte = d.fe.alloc(1);
+    d.fe.write(byte, b"z");
+    let table = d.fe.alloc(16 * DESCS as u64);
+    let qi = usize::from(q);
+    let size = usize::from(d.fe.queues[qi].size);
+    let first = d.fe.queues[qi].add_indirect(&d.fe.mem, table, &vec![Buf::ro(byte, 1); DESCS]);
+    let mut heads = vec![first];
+    for _ in 1..size {
+        let id = d.fe.queues[qi].reserve(1)[0];
+        d.fe.queues[qi].write_desc(&d.fe.mem, id, table, (16 * DESCS) as u32, F_INDIRECT, 0);
+        heads.push(id);
+    }
+    d.fe.queues[qi].publish_many(&d.fe.mem, &heads);
+    d.fe.queues[qi].notify();
+    let start = Instant::now();
+    let mut used: Vec<Used> = Vec::new();
+    let mut sent: Option<Instant> = None;
+    let mut took = None;
+    let oq = usize::from(queue::tx(other));
+    while start.elapsed() < flood {
+        used.clear();
+        d.fe.queues[qi].take_used_into(&d.fe.mem, &mut used);
+        let again: Vec<u16> = used.iter().map(|u| u.id as u16).collect();
+        d.fe.queues[qi].publish_many(&d.fe.mem, &again);
+        d.fe.queues[qi].notify();
+        if sent.is_none() && start.elapsed() > Duration::from_millis(200) {
+            d.write_port(other, b"served\n", 64);
+            sent = Some(Instant::now());
+        }
+        if let (Some(t), None) = (sent, took) {
+            if !d.fe.queues[oq].take_used(&d.fe.mem).is_empty() {
+                took = Some(t.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let _ = b;
+    took
+}
+
+#[test]
+fn a_flooded_tx_ring_does_not_starve_the_other_ports() {
+    const FLOOD: Duration = Duration::from_secs(3);
+    // Port 0: a console whose socket has no client (its output goes to the backlog);
+    // port 1: a file; ports 2 and 3 do not exist.
+    let b = TestBackend::start(4, |d| {
+        vec![
+            console(HostKind::Socket(d.join("c.sock"))),
+            named("x", HostKind::File(d.join("x.txt"))),
+        ]
+    });
+    let mut d = Driver::connect(&b);
+    d.handshake(2);
+    let bad_before = b.stat(|s| &s.bad_input);
+    for (what, q) in [
+        ("a port that does not exist", queue::tx(3)),
+        ("a console without client", queue::tx(0)),
+    ] {
+        let took = other_port_during_flood(&b, &mut d, q, 1, FLOOD);
+        assert!(
+            took.is_some_and(|t| t < Duration::from_secs(1)),
+            "port 1 waited {took:?} (None: more than the whole {FLOOD:?} flood) while the \
+             tx ring of {what} was flooded"
+        );
+    }
+    assert!(b.stat(|s| &s.bad_input) > bad_before);
+    let n = d.write_port(1, b"end\n", 64);
+    assert_eq!(d.wait_tx(1, n, Duration::from_secs(10)), n);
+    let log = std::fs::read(b.path("x.txt")).unwrap();
+    assert_eq!(log, b"served\nserved\nend\n");
+}

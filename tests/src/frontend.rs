@@ -284,6 +284,13 @@ impl DriverQueue {
         Self::read_u16(mem, self.used + 4 + 8 * u64::from(self.size))
     }
 
+    /// Writes the avail ring's flags (VRING_AVAIL_F_NO_INTERRUPT = 1: the driver asks for
+    /// no interrupts; without event_idx a device should then not signal).
+    pub fn set_avail_flags(&self, mem: &GuestMemoryMmap, flags: u16) {
+        Self::write_u16(mem, self.avail, flags);
+        fence(Ordering::SeqCst);
+    }
+
     /// The used ring's flags (VRING_USED_F_NO_NOTIFY = 1).
     pub fn used_flags(&self, mem: &GuestMemoryMmap) -> u16 {
         Self::read_u16(mem, self.used)

@@ -134,6 +134,47 @@ fn event_idx_suppresses_and_publishes_indices() {
 }
 
 #[test]
+fn without_event_idx_no_interrupt_is_honoured() {
+    use vhost_tests::frontend::wait_eventfd;
+    let b = TestBackend::start(BackendConfig::default());
+    let mut fe = TestFrontend::connect(b.socket(), FrontendOptions::default()).unwrap();
+    assert_eq!(fe.features & (1 << 29), 0, "event_idx negotiated");
+    let notifications = || b.stats[0].notifications.load(Ordering::Relaxed);
+    // VRING_AVAIL_F_NO_INTERRUPT: completions are published, the call eventfd stays quiet.
+    fe.queues[0].set_avail_flags(&fe.mem, 1);
+    for i in 0..3u64 {
+        let r = blk_req(&mut fe, req_type::IN, i * 8, 512);
+        fe.submit(0, &r.chain(true));
+        // Watch the used index, not the call eventfd (which must stay unsignalled).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while fe.queues[0].used_idx(&fe.mem) != (i + 1) as u16 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "request {i} not completed"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(fe.queues[0].take_used(&fe.mem).len(), 1);
+        assert_eq!(r.status(&fe), status::OK);
+    }
+    assert!(
+        !wait_eventfd(&fe.queues[0].call, Duration::from_millis(100)),
+        "the call eventfd was signalled although the driver asked for no interrupts"
+    );
+    assert_eq!(notifications(), 0, "interrupts counted under NO_INTERRUPT");
+    // Flag cleared: interrupts again.
+    fe.queues[0].set_avail_flags(&fe.mem, 0);
+    let r = blk_req(&mut fe, req_type::IN, 64, 512);
+    fe.submit(0, &r.chain(true));
+    assert!(
+        wait_eventfd(&fe.queues[0].call, Duration::from_secs(5)),
+        "no interrupt once NO_INTERRUPT was cleared"
+    );
+    assert_eq!(r.status(&fe), status::OK);
+    assert_eq!(notifications(), 1);
+}
+
+#[test]
 fn indirect_chains_read_and_write() {
     let b = TestBackend::start(BackendConfig::default());
     let mut fe = TestFrontend::connect(b.socket(), opts(1)).unwrap();

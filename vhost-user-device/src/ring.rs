@@ -34,6 +34,9 @@ pub struct QueueStats {
     pub broken: AtomicU64,
 }
 
+/// The driver asks for no interrupts (avail ring flags; used without event_idx).
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
 /// One log for broken rings across all queues and connections: a frontend that restarts a
 /// broken ring in a loop must not flood the host log either.
 static BROKEN_LOG: Mutex<RateLimitedLog> = Mutex::new(RateLimitedLog::new());
@@ -460,10 +463,13 @@ impl Ring {
     /// With event_idx this is the kernel's rule (vring_need_event): interrupt when the
     /// driver's `used_event` lies among the used elements published since the last call.
     /// We keep the count ourselves because [`Ring::add_used_batch`] bypasses virtio-queue.
+    /// Without event_idx the driver's only say is VRING_AVAIL_F_NO_INTERRUPT in the avail
+    /// ring's flags (virtio 1.2, 2.7.7.2): honoured, so a driver polling its used ring is
+    /// not interrupted for every batch.
     pub fn notify(&mut self, mem: &GuestMem) {
+        use vm_memory::Bytes;
         let added = std::mem::take(&mut self.added_since_notify);
         let needed = if self.event_idx {
-            use vm_memory::Bytes;
             std::sync::atomic::fence(Ordering::SeqCst);
             let at = self.queue.avail_ring() + 4 + 2 * u64::from(self.queue.size());
             match mem.load::<u16>(GuestAddress(at), Ordering::Acquire) {
@@ -475,7 +481,16 @@ impl Ring {
                 Err(_) => true,
             }
         } else {
-            true
+            // The used index we published must be visible before we read the flags, or a
+            // driver clearing NO_INTERRUPT right after checking the used ring would miss
+            // both the interrupt and the new entries (Linux vhost's vhost_notify has the
+            // same barrier, paired with the driver's when it enables interrupts).
+            std::sync::atomic::fence(Ordering::SeqCst);
+            match mem.load::<u16>(GuestAddress(self.queue.avail_ring()), Ordering::Acquire) {
+                Ok(raw) => u16::from_le(raw) & VRING_AVAIL_F_NO_INTERRUPT == 0,
+                // Unreadable flags: interrupt rather than risk a driver waiting for ever.
+                Err(_) => true,
+            }
         };
         if needed {
             if let Some(call) = &self.call {
