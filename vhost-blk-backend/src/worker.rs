@@ -705,16 +705,11 @@ impl BlkWorker {
         Some(req)
     }
 
-    /// Writes back a finished request: dirty log, bounce copy, status, used ring.
-    fn finish(&mut self, rings: &mut Rings, req: InFlight) {
+    /// A request left the kernel: it is no longer in flight, and every block it may have
+    /// changed is dirty from now on (before the guest sees the completion; a failed write
+    /// may have changed some of its blocks too).
+    fn retire(&mut self, req: &InFlight) {
         self.count(req.queue, -1);
-        let Some(ring) = rings.get_mut(req.queue) else {
-            return;
-        };
-        let mem = &req.mem;
-        let mut st = req.status;
-        // Every block a request may have changed is dirty from now on, before the guest
-        // sees the completion; a failed write may have changed some of its blocks too.
         let dirty = &self.shared.dirty;
         match req.kind {
             Kind::Write => dirty.mark(req.write_range.offset, req.write_range.len),
@@ -725,6 +720,22 @@ impl BlkWorker {
             }
             Kind::Read | Kind::Flush => {}
         }
+    }
+
+    /// Writes back a finished request: dirty log, bounce copy, status, used ring.
+    fn finish(&mut self, rings: &mut Rings, req: InFlight) {
+        self.retire(&req);
+        let Some(ring) = rings.get_mut(req.queue) else {
+            // The layer stops a ring only once its requests are done (see its drain), so
+            // this is a bug; the disk change is recorded (retire) even then.
+            let (queue, head) = (req.queue, req.head);
+            self.log.warn(|| {
+                format!("queue {queue}: request (head {head}) completed after its ring stopped")
+            });
+            return;
+        };
+        let mem = &req.mem;
+        let mut st = req.status;
         if st == status::OK && req.kind == Kind::Read {
             match &req.bounce {
                 Some(b) => {
