@@ -49,6 +49,11 @@ pub struct BlkStats {
     pub in_flight: AtomicU64,
     /// The most requests ever in flight at once on one queue.
     pub in_flight_peak: AtomicU64,
+    /// Requests still in the kernel when their worker was torn down (it waits for them).
+    pub teardown_waited: AtomicU64,
+    /// Of those, requests that did not complete within the teardown bound: their memory
+    /// (guest memory mapping, bounce buffer) was leaked rather than freed under the kernel.
+    pub teardown_leaked: AtomicU64,
 }
 
 /// Options the device is built from (the command line).
