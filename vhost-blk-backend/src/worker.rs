@@ -15,9 +15,9 @@ use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings, Segment};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::BlkShared;
+use crate::device::{max_request_bytes, BlkShared};
 use crate::request::{parse, ByteRange, Request};
-use crate::spec::{status, ID_BYTES};
+use crate::spec::{features, status, ID_BYTES};
 use crate::uring::{Op, Uring};
 
 /// An aligned buffer for the rare O_DIRECT request whose guest buffers are not aligned.
@@ -146,6 +146,10 @@ pub struct BlkWorker {
     more: EventFd,
     /// How long a teardown waits for requests still in the kernel (see `Drop`).
     teardown_bound: Duration,
+    /// The most data bytes one read or write may carry (`device::max_request_bytes`).
+    max_request: u64,
+    /// The driver acked SIZE_MAX: it promised to stay within `max_request`.
+    size_max_acked: bool,
 }
 
 /// Chains one call of `process_queue` takes at most, so that a guest that keeps its ring
@@ -163,10 +167,18 @@ const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 
 impl BlkWorker {
-    /// A worker for `queues`, with its own io_uring.
-    pub fn new(shared: Arc<BlkShared>, queues: &[u16], disk_fd: RawFd) -> io::Result<Self> {
+    /// A worker for `queues`, with its own io_uring, for a driver that acked
+    /// `acked_features`.
+    pub fn new(
+        shared: Arc<BlkShared>,
+        queues: &[u16],
+        disk_fd: RawFd,
+        acked_features: u64,
+    ) -> io::Result<Self> {
         let entries = u32::from(shared.queue_size).clamp(16, 4096);
         Ok(Self {
+            max_request: max_request_bytes(shared.queue_size),
+            size_max_acked: acked_features & features::SIZE_MAX != 0,
             uring: ManuallyDrop::new(Uring::new(entries, disk_fd, shared.disk.memory_backed)?),
             zeroes: None,
             shared,
@@ -295,6 +307,15 @@ impl BlkWorker {
                 self.complete_now(ring, mem, head, status_addr, status::OK, 1);
                 true
             }
+            Request::Read { data, .. } | Request::Write { data, .. }
+                if self.size_max_acked && data_bytes(&data) > self.max_request =>
+            {
+                // The driver knows the limit (SIZE_MAX and SEG_MAX): a request beyond it
+                // is a broken or hostile driver's.
+                self.refuse_too_large(queue, head, data_bytes(&data));
+                self.complete_now(ring, mem, head, status_addr, status::IOERR, 1);
+                true
+            }
             Request::Read { offset, data } => {
                 let mut req = base(Kind::Read);
                 self.prepare_rw(&mut req, mem, offset, data, false);
@@ -343,6 +364,20 @@ impl BlkWorker {
         }
     }
 
+    /// Counts and logs (rate-limited) a read or write refused for its size.
+    fn refuse_too_large(&mut self, queue: u16, head: u16, bytes: u64) {
+        let stats = &self.shared.stats;
+        stats.too_large.fetch_add(1, Ordering::Relaxed);
+        stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+        let max = self.max_request;
+        self.log.warn(|| {
+            format!(
+                "queue {queue}: refusing request (head {head}) of {bytes} bytes, more than \
+                 the {max} a request may carry (seg_max × size_max)"
+            )
+        });
+    }
+
     /// Builds the iovecs of a read or write (or a bounce buffer when O_DIRECT cannot use
     /// the guest's buffers as they are).
     fn prepare_rw(
@@ -377,6 +412,12 @@ impl BlkWorker {
             && offset.is_multiple_of(disk.offset_align)
             && total.is_multiple_of(disk.offset_align);
         if !ok {
+            req.status = status::IOERR;
+        } else if !aligned && total > self.max_request {
+            // A driver that did not ack SIZE_MAX may send larger requests; they are served
+            // in place when aligned, but a bounce buffer is never larger than the limit
+            // (a guest could otherwise have us allocate up to 4 GiB per request).
+            self.refuse_too_large(req.queue, req.head, total);
             req.status = status::IOERR;
         } else if !aligned {
             self.shared.stats.bounced.fetch_add(1, Ordering::Relaxed);
@@ -912,6 +953,11 @@ impl BlkWorker {
     }
 }
 
+/// Data bytes of a read or write.
+fn data_bytes(data: &[Segment]) -> u64 {
+    data.iter().map(|s| u64::from(s.len)).sum()
+}
+
 fn punch(r: &ByteRange) -> Op {
     Op::Fallocate {
         mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -1175,7 +1221,7 @@ mod tests {
         );
         let shared = device.shared().clone();
         let fd = shared.disk.file().as_raw_fd();
-        let mut w = BlkWorker::new(shared, &[0], fd).expect("worker");
+        let mut w = BlkWorker::new(shared, &[0], fd, 0).expect("worker");
         w.teardown_bound = bound;
         let mem = guest_memory();
         mem.write_slice(&vec![fill; LEN as usize], GuestAddress(0x1000))
