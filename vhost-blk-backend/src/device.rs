@@ -23,6 +23,35 @@ pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 pub const MAX_DISCARD_SEGMENTS: u32 = 32;
 /// The kernel's limit on iovecs per readv/writev.
 pub const MAX_IOVECS: usize = 1024;
+/// Largest data segment we advertise (VIRTIO_BLK_F_SIZE_MAX): 128 KiB.
+///
+/// Linux's virtio_blk makes seg_max its max_segments and size_max its max_segment_size
+/// and leaves the request size itself unlimited (max_hw_sectors), so one request carries
+/// at most seg_max × size_max bytes; that product bounds what one request can make us
+/// allocate (a bounce buffer when O_DIRECT cannot use the guest's buffers in place).
+/// 128 KiB is at least the page size of every Linux guest (64 KiB on some arm64 and
+/// ppc64 kernels; older kernels raise a smaller segment limit to the page size, which
+/// would break the promise), and with `seg_max` below it allows requests of 15.75 MiB
+/// (128-entry ring) to 31.75 MiB, far above what Linux sends by default (max_sectors_kb
+/// is 1280 KiB), so guests do not split more than before.
+pub const SIZE_MAX_BYTES: u32 = 128 << 10;
+/// Most data segments per request we advertise (SEG_MAX), whatever the ring size: QEMU's
+/// own virtio-blk default (its default 256-entry ring minus the header and status
+/// descriptors). Enough for a 1 MiB request in scattered 4 KiB pages.
+pub const SEG_MAX_CAP: u32 = 254;
+
+/// The seg_max we advertise for rings of `queue_size` entries: a request's data
+/// descriptors plus its header and status must fit the ring (without indirect tables).
+pub fn seg_max(queue_size: u16) -> u32 {
+    u32::from(queue_size.saturating_sub(2)).clamp(1, SEG_MAX_CAP)
+}
+
+/// The most data bytes one read or write may carry: seg_max × size_max (see
+/// SIZE_MAX_BYTES). Larger requests are refused when the driver acked SIZE_MAX, and
+/// never get a bounce buffer.
+pub fn max_request_bytes(queue_size: u16) -> u64 {
+    u64::from(seg_max(queue_size)) * u64::from(SIZE_MAX_BYTES)
+}
 /// Config space bytes we answer for (reads past our fields return zeroes).
 const CONFIG_SPACE_SIZE: usize = 256;
 
@@ -47,10 +76,18 @@ pub struct BlkStats {
     pub dropped: AtomicU64,
     /// O_DIRECT requests that needed a bounce buffer (unaligned guest buffers).
     pub bounced: AtomicU64,
+    /// Read/write requests refused for carrying more data than the advertised limit
+    /// (seg_max × size_max; see `max_request_bytes`).
+    pub too_large: AtomicU64,
     /// Requests handed to the kernel and not yet completed, all queues.
     pub in_flight: AtomicU64,
     /// The most requests ever in flight at once on one queue.
     pub in_flight_peak: AtomicU64,
+    /// Requests still in the kernel when their worker was torn down (it waits for them).
+    pub teardown_waited: AtomicU64,
+    /// Of those, requests that did not complete within the teardown bound: their memory
+    /// (guest memory mapping, bounce buffer) was leaked rather than freed under the kernel.
+    pub teardown_leaked: AtomicU64,
 }
 
 /// Options the device is built from (the command line).
@@ -174,8 +211,8 @@ impl BlkShared {
         };
         Config {
             capacity: s.disk.size / SECTOR_SIZE,
-            size_max: 0,
-            seg_max: u32::from(s.queue_size.saturating_sub(2)).clamp(1, MAX_IOVECS as u32 - 2),
+            size_max: SIZE_MAX_BYTES,
+            seg_max: seg_max(s.queue_size),
             blk_size: s.block_size,
             min_io_size: 1,
             writeback: u8::from(s.writeback.load(Ordering::Relaxed)),
@@ -269,6 +306,7 @@ impl VhostUserDevice for BlkDevice {
 
     fn features(&self) -> u64 {
         let mut f = features::SEG_MAX
+            | features::SIZE_MAX
             | features::BLK_SIZE
             | features::FLUSH
             | features::TOPOLOGY
@@ -312,11 +350,11 @@ impl VhostUserDevice for BlkDevice {
     fn create_worker(
         &self,
         queues: &[u16],
-        _acked_features: u64,
+        acked_features: u64,
     ) -> Result<Box<dyn QueueWorker>, DeviceError> {
         let fd = self.shared.disk.file().as_raw_fd();
-        let worker =
-            BlkWorker::new(self.shared.clone(), queues, fd).map_err(DeviceError::Worker)?;
+        let worker = BlkWorker::new(self.shared.clone(), queues, fd, acked_features)
+            .map_err(DeviceError::Worker)?;
         Ok(Box::new(worker))
     }
 

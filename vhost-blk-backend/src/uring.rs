@@ -43,6 +43,24 @@ pub enum Op {
     },
 }
 
+/// Which kind of io_uring [`Uring::with_mode`] sets up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingMode {
+    /// DEFER_TASKRUN + SINGLE_ISSUER where the kernel has them, else a plain ring.
+    PreferDeferred,
+    /// A plain ring (what kernels before 6.1 get).
+    Plain,
+}
+
+/// Times `push` hands a full submission queue to the kernel before giving up.
+const MAX_FULL_RETRIES: usize = 16;
+/// EBUSY answers `submit` takes (moving completions out of the CQ each time) before it
+/// reports the error.
+const MAX_BUSY_RETRIES: usize = 16;
+/// CQ-sized batches one reap moves out of an overflowed plain ring at most; the rest comes
+/// with the next reap (the eventfd is written so that the worker comes back for it).
+const MAX_FLUSH_ROUNDS: usize = 1024;
+
 /// io_uring_enter(2) flag: wait for / post completions (the crate keeps `sys` private).
 const IORING_ENTER_GETEVENTS: u32 = 1;
 
@@ -74,18 +92,33 @@ impl Uring {
     /// A ring of `entries` submission slots for the file `disk_fd`; `inline_rw` does reads
     /// and writes synchronously instead (memory-backed files).
     pub fn new(entries: u32, disk_fd: RawFd, inline_rw: bool) -> io::Result<Self> {
-        let (ring, deferred) = match IoUring::builder()
-            .setup_r_disabled()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(entries)
-        {
-            Ok(ring) => (ring, true),
-            // Older kernels: EINVAL for the unknown flags.
-            Err(e) => {
-                log::debug!("io_uring DEFER_TASKRUN unavailable ({e}); using a plain ring");
-                (IoUring::builder().build(entries)?, false)
-            }
+        Self::with_mode(entries, disk_fd, inline_rw, RingMode::PreferDeferred)
+    }
+
+    /// Like [`Uring::new`], choosing the kind of ring: tests force a plain ring to run the
+    /// paths of kernels without DEFER_TASKRUN on any kernel.
+    pub fn with_mode(
+        entries: u32,
+        disk_fd: RawFd,
+        inline_rw: bool,
+        mode: RingMode,
+    ) -> io::Result<Self> {
+        let deferred = match mode {
+            RingMode::PreferDeferred => IoUring::builder()
+                .setup_r_disabled()
+                .setup_single_issuer()
+                .setup_defer_taskrun()
+                .build(entries)
+                // Older kernels: EINVAL for the unknown flags.
+                .map_err(|e| {
+                    log::debug!("io_uring DEFER_TASKRUN unavailable ({e}); using a plain ring")
+                })
+                .ok(),
+            RingMode::Plain => None,
+        };
+        let (ring, deferred) = match deferred {
+            Some(ring) => (ring, true),
+            None => (IoUring::builder().build(entries)?, false),
         };
         ring.submitter().register_files(&[disk_fd])?;
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
@@ -198,40 +231,69 @@ impl Uring {
             entry = entry.flags(squeue::Flags::IO_LINK);
         }
         self.enable()?;
-        loop {
+        for _ in 0..MAX_FULL_RETRIES {
             // SAFETY: the caller guarantees the buffers outlive the operation.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 self.unsubmitted += 1;
                 return Ok(());
             }
-            // Submission queue full: hand what we have to the kernel and retry.
+            // Submission queue full: hand what we have to the kernel and retry. `submit`
+            // makes room or fails; it never reports success for a queue it left full
+            // without having moved completions out of the way (see there).
             self.submit()?;
         }
+        // The kernel keeps refusing our entries: fail this operation rather than spin (the
+        // caller completes the request with an I/O error).
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "io_uring submission queue stays full",
+        ))
     }
 
     /// Submits queued operations; makes inline results visible through the eventfd.
+    ///
+    /// EBUSY (a plain ring whose completion queue overflowed and whose overflow the kernel
+    /// cannot take more of; kernels before 5.19 or so) means: reap first. The completions
+    /// are moved out of the CQ into `ready` (reaped from there like inline results) and the
+    /// submission retried, a bounded number of times: never a busy loop.
     pub fn submit(&mut self) -> io::Result<()> {
+        if self.unsubmitted > 0 {
+            self.enable()?;
+            let mut busy = 0;
+            loop {
+                match self.ring.submit() {
+                    Ok(_) => {
+                        // The kernel may take fewer entries than it was given.
+                        self.unsubmitted = self.ring.submission().len();
+                        break;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        busy += 1;
+                        if busy > MAX_BUSY_RETRIES {
+                            return Err(e);
+                        }
+                        self.move_completions_to_ready()?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         if !self.ready.is_empty() {
             // The worker reaps when the eventfd fires: one write, no sleep.
             let _ = self.eventfd.write(1);
         }
-        if self.unsubmitted == 0 {
-            return Ok(());
-        }
-        self.enable()?;
-        loop {
-            match self.ring.submit() {
-                Ok(_) => {
-                    self.unsubmitted = 0;
-                    return Ok(());
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // The kernel is short of completion space: reap, then retry.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
+        Ok(())
+    }
+
+    /// Moves the completions the kernel posted (and those it holds in its overflow list)
+    /// into `ready`, making room in the CQ.
+    fn move_completions_to_ready(&mut self) -> io::Result<()> {
+        let mut ready = std::mem::take(&mut self.ready);
+        let r = self.collect_completions(&mut ready);
+        self.ready = ready;
+        r
     }
 
     /// Submits and blocks until at least one completion is available.
@@ -243,10 +305,14 @@ impl Uring {
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {
-                    self.unsubmitted = 0;
+                    self.unsubmitted = self.ring.submission().len();
                     return Ok(());
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // Completions are waiting for room in the CQ: there is something to reap.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    return self.move_completions_to_ready();
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -255,30 +321,131 @@ impl Uring {
     /// Moves available completions (user_data, result) into `out`.
     pub fn reap(&mut self, out: &mut Vec<(u64, i32)>) -> io::Result<()> {
         out.append(&mut self.ready);
+        self.collect_completions(out)
+    }
+
+    /// Asks the kernel to post what it holds back (deferred task work; completions that
+    /// overflowed the CQ) and moves the CQ's completions into `out`.
+    fn collect_completions(&mut self, out: &mut Vec<(u64, i32)>) -> io::Result<()> {
         if self.deferred {
             self.enable()?;
-            // Post the completions the kernel holds back for us (runs our deferred task
-            // work); returns at once.
-            loop {
-                // SAFETY: no submissions and no argument; only asks for completions.
-                let r = unsafe {
-                    self.ring.submitter().enter::<libc::sigset_t>(
-                        0,
-                        0,
-                        IORING_ENTER_GETEVENTS,
-                        None,
-                    )
-                };
-                match r {
-                    Ok(_) => break,
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                    Err(e) => return Err(e),
-                }
+        }
+        // A plain ring whose CQ overflowed keeps the excess in the kernel until an
+        // io_uring_enter with GETEVENTS flushes it into the CQ as room allows: without
+        // that, those completions would wait for the next unrelated submission (and with
+        // no I/O left to submit, for ever). Each round empties the CQ, so each flush makes
+        // progress; the bound only guards against a kernel that keeps the flag set.
+        for _ in 0..MAX_FLUSH_ROUNDS {
+            if self.deferred || self.ring.submission().cq_overflow() {
+                self.get_events()?;
+            }
+            let before = out.len();
+            for cqe in self.ring.completion() {
+                out.push((cqe.user_data(), cqe.result()));
+            }
+            if self.deferred || !self.ring.submission().cq_overflow() || out.len() == before {
+                return Ok(());
             }
         }
-        for cqe in self.ring.completion() {
-            out.push((cqe.user_data(), cqe.result()));
-        }
+        // More is waiting in the kernel: have the worker come back for it.
+        let _ = self.eventfd.write(1);
         Ok(())
+    }
+
+    /// io_uring_enter(GETEVENTS) without submitting or waiting: runs deferred task work
+    /// and flushes overflowed completions into the CQ; returns at once.
+    fn get_events(&mut self) -> io::Result<()> {
+        loop {
+            // SAFETY: no submissions and no argument; only asks for completions.
+            let r = unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)
+            };
+            match r {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    /// Runs `f` on a thread and fails (instead of hanging the suite) if it takes too long.
+    fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(v) => v,
+            Err(_) => panic!("did not finish within {limit:?}"),
+        }
+    }
+
+    /// Waits until the ring's eventfd is readable or `ms` milliseconds passed.
+    fn wait_event(u: &Uring, ms: i32) {
+        let mut pfd = libc::pollfd {
+            fd: u.eventfd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+    }
+
+    /// A plain 16-entry ring (CQ of 32) gets 1000 operations without being reaped: the
+    /// completions overflow the CQ. Pushing must neither spin nor fail, and every one of
+    /// the 1000 completions must come out of `reap`, exactly once.
+    #[test]
+    fn a_full_completion_queue_neither_spins_nor_loses_completions() {
+        const N: u64 = 1000;
+        let file = tempfile::tempfile().expect("temp file");
+        file.set_len(1 << 20).expect("size");
+        let got = within(Duration::from_secs(30), move || {
+            let mut u =
+                Uring::with_mode(16, file.as_raw_fd(), false, RingMode::Plain).expect("ring");
+            for i in 0..N {
+                let op = if i % 2 == 0 {
+                    Op::Flush
+                } else {
+                    Op::Fallocate {
+                        mode: 0,
+                        offset: (i % 64) * 4096,
+                        len: 4096,
+                    }
+                };
+                // SAFETY: fsync and fallocate reference no memory.
+                unsafe { u.push(op, i, false) }.expect("push");
+            }
+            u.submit().expect("submit");
+            // Let them all complete first: the CQ holds 32, the rest overflow.
+            std::thread::sleep(Duration::from_millis(300));
+            let mut out = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while (out.len() as u64) < N && Instant::now() < deadline {
+                u.clear_event();
+                let before = out.len();
+                u.reap(&mut out).expect("reap");
+                if out.len() == before {
+                    wait_event(&u, 100);
+                }
+            }
+            drop(file);
+            out
+        });
+        assert_eq!(got.len() as u64, N, "completions reaped");
+        let mut ids: Vec<u64> = got.iter().map(|&(id, _)| id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len() as u64, N, "each completion exactly once");
+        assert!(got.iter().all(|&(_, res)| res >= 0), "{got:?}");
     }
 }

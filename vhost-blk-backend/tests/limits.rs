@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -17,84 +15,6 @@ use vhost_blk_backend::spec::{req_type, status};
 use vhost_tests::frontend::{FrontendOptions, TestFrontend};
 
 const QUEUE_SIZE: u16 = 16;
-
-fn sh(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect("run");
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// An ext4 file system on a loop device, mounted on a temporary directory; thawed,
-/// unmounted and detached on drop (even when the test fails while it is frozen).
-struct FreezableFs {
-    dir: tempfile::TempDir,
-    mnt: PathBuf,
-    dev: String,
-    frozen: bool,
-}
-
-impl FreezableFs {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let backing = dir.path().join("fs.img");
-        std::fs::File::create(&backing)
-            .and_then(|f| f.set_len(64 << 20))
-            .expect("backing file");
-        sh("mkfs.ext4", &["-q", "-F", backing.to_str().expect("path")]);
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&backing)
-            .output()
-            .expect("losetup");
-        assert!(out.status.success(), "losetup failed");
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).expect("mount point");
-        sh("mount", &[&dev, mnt.to_str().expect("path")]);
-        Self {
-            dir,
-            mnt,
-            dev,
-            frozen: false,
-        }
-    }
-
-    fn path(&self) -> &Path {
-        &self.mnt
-    }
-
-    fn freeze(&mut self) {
-        sh("fsfreeze", &["--freeze", self.mnt.to_str().expect("path")]);
-        self.frozen = true;
-    }
-
-    fn thaw(&mut self) {
-        if self.frozen {
-            sh(
-                "fsfreeze",
-                &["--unfreeze", self.mnt.to_str().expect("path")],
-            );
-            self.frozen = false;
-        }
-    }
-}
-
-impl Drop for FreezableFs {
-    fn drop(&mut self) {
-        if self.frozen {
-            let _ = Command::new("fsfreeze")
-                .arg("--unfreeze")
-                .arg(&self.mnt)
-                .status();
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-        let _ = &self.dir;
-    }
-}
 
 /// A driver that re-posts the heads of its own writes while they are still in flight
 /// (the device cannot complete them: the file system is frozen). Without a limit every

@@ -340,6 +340,118 @@ fn get_vring_base_waits_for_in_flight_requests() {
     }
 }
 
+/// Writes stuck in the kernel (a frozen file system) when GET_VRING_BASE arrives: the
+/// answer waits for them however long that takes, and none of their completions is lost:
+/// each is on the used ring (with the reported base), its status page is in the dirty
+/// log, its blocks are in the block-migration bitmap, and the inflight region holds
+/// nothing in flight. A drain that gave up instead would answer with them in flight and
+/// drop their completions when they arrive.
+#[test]
+fn get_vring_base_waits_for_writes_stuck_in_a_frozen_file_system() {
+    if !is_root() {
+        vhost_tests::guest::report_skip(
+            "get_vring_base_waits_for_writes_stuck_in_a_frozen_file_system",
+            "needs root (mounts and freezes an ext4 file system on a loop device)",
+        );
+        return;
+    }
+    let mut fs = FreezableFs::new();
+    let image = fs.path().join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(8 << 20))
+        .expect("image");
+    let b = TestBackend::start_on(
+        tempfile::tempdir().expect("tempdir"),
+        image,
+        BackendConfig {
+            size: 8 << 20,
+            fill: false,
+            ..Default::default()
+        },
+    );
+    let mut fe = TestFrontend::connect(
+        b.socket(),
+        FrontendOptions {
+            inflight: true,
+            ..Default::default()
+        },
+    )
+    .expect("connect");
+    let log = fe.enable_dirty_log().expect("dirty log");
+    let n = 4u64;
+    let reqs: Vec<_> = (0..n)
+        .map(|i| {
+            let r = blk_req(&mut fe, req_type::OUT, i * 8, 4096);
+            fe.write(r.data, &[i as u8 + 1; 4096]);
+            r
+        })
+        .collect();
+    log.clear();
+    fs.freeze();
+    for r in &reqs {
+        let dq = &mut fe.queues[0];
+        let head = dq.add_chain(&fe.mem, &r.chain(false));
+        dq.publish(&fe.mem, head);
+    }
+    fe.queues[0].notify();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while b.shared.stats.in_flight.load(Ordering::Relaxed) < n {
+        assert!(std::time::Instant::now() < deadline, "writes not in flight");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let answered = std::sync::atomic::AtomicBool::new(false);
+    let base = std::thread::scope(|s| {
+        let frontend = &mut fe.fe;
+        let t = s.spawn(|| {
+            let base = frontend.get_vring_base(0);
+            answered.store(true, Ordering::SeqCst);
+            base
+        });
+        // Longer than any drain deadline a backend could reasonably have for a stuck disk.
+        std::thread::sleep(Duration::from_millis(1500));
+        let early = answered.load(Ordering::SeqCst);
+        let left = b.shared.stats.in_flight.load(Ordering::Relaxed);
+        fs.thaw();
+        let base = t.join().expect("GET_VRING_BASE thread");
+        assert!(
+            !early,
+            "GET_VRING_BASE answered with {left} write(s) still in the kernel"
+        );
+        base.expect("GET_VRING_BASE")
+    });
+    assert_eq!(base, n as u32, "every popped write counted in the base");
+    assert_eq!(
+        fe.queues[0].used_idx(&fe.mem),
+        n as u16,
+        "every write on the used ring before the answer"
+    );
+    assert_eq!(b.shared.stats.in_flight.load(Ordering::Relaxed), 0);
+    for (i, r) in reqs.iter().enumerate() {
+        assert_eq!(r.status(&fe), status::OK, "write {i}");
+        assert!(
+            log.is_dirty(r.status),
+            "status of write {i} not in the dirty log"
+        );
+        let offset = i as u64 * 4096;
+        assert_eq!(b.read_image(offset, 4096), vec![i as u8 + 1; 4096]);
+        let block = offset / b.shared.dirty.granularity();
+        assert!(
+            b.shared.dirty.is_dirty(block),
+            "block of write {i} not marked"
+        );
+    }
+    let (file, info) = fe.inflight.take().expect("inflight region");
+    let region = InflightRegion::map(&file, 0, info.mmap_size, 1, info.queue_size)
+        .expect("map inflight region");
+    let mut q = region.queue(0, info.queue_size).expect("queue area");
+    let rec = q.recover(n as u16);
+    assert!(
+        rec.resubmit.is_empty(),
+        "heads still marked in flight: {:?}",
+        rec.resubmit
+    );
+}
+
 #[test]
 fn a_new_frontend_can_connect_after_the_first_hangs_up() {
     let b = TestBackend::start(BackendConfig::default());

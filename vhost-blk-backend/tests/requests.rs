@@ -211,6 +211,7 @@ fn config_space_describes_the_disk() {
     let u32at = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
     let u16at = |o: usize| u16::from_le_bytes(c[o..o + 2].try_into().unwrap());
     assert_eq!(u64at(0), (4 << 20) / 512, "capacity");
+    assert_eq!(u32at(8), 128 << 10, "size_max");
     assert_eq!(u32at(12), 126, "seg_max");
     assert_eq!(u32at(20), 4096, "blk_size");
     assert_eq!(c[32], 1, "writeback");
@@ -350,5 +351,140 @@ fn unaligned_guest_buffers_bounce_under_o_direct() {
                 .load(std::sync::atomic::Ordering::Relaxed)
                 >= 2
         );
+    }
+}
+
+/// Submits a read or write of `segs` consecutive descriptors of the given lengths starting
+/// at guest address `buf`; returns the status.
+fn multi_segment(fe: &mut TestFrontend, type_: u32, sector: u64, buf: u64, lens: &[u32]) -> u8 {
+    let r = blk_req(fe, type_, sector, 0);
+    let mut chain = vec![Buf::ro(r.hdr, 16)];
+    let mut at = buf;
+    for &len in lens {
+        chain.push(Buf {
+            addr: at,
+            len,
+            write: type_ == req_type::IN,
+        });
+        at += u64::from(len);
+    }
+    chain.push(Buf::wo(r.status, 1));
+    fe.submit(0, &chain);
+    fe.wait(0, 1).expect("completion");
+    r.status(fe)
+}
+
+/// The device advertises SIZE_MAX and SEG_MAX, and a request carrying more data than
+/// seg_max × size_max is refused (IOERR, counted) without allocating anything for it,
+/// while a misaligned request of exactly that size still bounces and reads back right.
+/// A driver that did not ack SIZE_MAX (OVMF does not) may send larger requests; they are
+/// served in place when aligned, and refused only when they would need a bounce buffer
+/// beyond the limit.
+#[test]
+fn requests_beyond_the_advertised_size_limits_are_refused() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use vhost_blk_backend::spec::features;
+    let b = TestBackend::start(BackendConfig {
+        size: 8 << 20,
+        queue_size: 16,
+        ..Default::default()
+    });
+    let mut fe = TestFrontend::connect(
+        b.socket(),
+        FrontendOptions {
+            queue_size: 16,
+            ..Default::default()
+        },
+    )
+    .expect("connect");
+    assert_ne!(fe.features & features::SIZE_MAX, 0, "SIZE_MAX offered");
+    let c = fe.config(0, 16).expect("config");
+    let size_max = u32::from_le_bytes(c[8..12].try_into().unwrap());
+    let seg_max = u32::from_le_bytes(c[12..16].try_into().unwrap());
+    assert_eq!((size_max, seg_max), (128 << 10, 14), "size_max, seg_max");
+    let limit = size_max * seg_max;
+    let full = vec![size_max; seg_max as usize];
+    let direct = b.shared.disk.direct && b.shared.disk.mem_align > 1;
+    // Misaligned (odd guest address), exactly at the limit: bounced, and correct.
+    let buf = fe.alloc(u64::from(limit) + 4096) + 1;
+    let bounced = b.shared.stats.bounced.load(Relaxed);
+    assert_eq!(
+        multi_segment(&mut fe, req_type::IN, 64, buf, &full),
+        status::OK
+    );
+    assert!(
+        fe.read(buf, limit as usize) == pattern_range(64 * 512, limit as usize),
+        "misaligned read at the limit"
+    );
+    fe.write(buf, &vec![0x3c; limit as usize]);
+    assert_eq!(
+        multi_segment(&mut fe, req_type::OUT, 8, buf, &full),
+        status::OK
+    );
+    assert!(
+        b.read_image(8 * 512, limit as usize) == vec![0x3c; limit as usize],
+        "misaligned write at the limit"
+    );
+    if direct {
+        assert_eq!(b.shared.stats.bounced.load(Relaxed), bounced + 2);
+    }
+    // 512 bytes more: refused before any buffer is allocated for it.
+    let mut over = full.clone();
+    over[0] += 512;
+    let bounced = b.shared.stats.bounced.load(Relaxed);
+    let bad = b.shared.stats.bad_requests.load(Relaxed);
+    for type_ in [req_type::IN, req_type::OUT] {
+        assert_eq!(
+            multi_segment(&mut fe, type_, 0, buf, &over),
+            status::IOERR,
+            "type {type_}"
+        );
+    }
+    assert_eq!(b.shared.stats.too_large.load(Relaxed), 2);
+    assert_eq!(b.shared.stats.bad_requests.load(Relaxed), bad + 2);
+    assert_eq!(
+        b.shared.stats.bounced.load(Relaxed),
+        bounced,
+        "no bounce buffer"
+    );
+    assert_eq!(
+        b.read_image(0, 512),
+        pattern_range(0, 512),
+        "nothing written"
+    );
+    drop(fe);
+
+    // A driver without SIZE_MAX: one large aligned descriptor is served in place; the
+    // same misaligned would need a bounce buffer beyond the limit and is refused.
+    let mut fe = TestFrontend::connect(
+        b.socket(),
+        FrontendOptions {
+            queue_size: 16,
+            features: Some(!features::SIZE_MAX),
+            ..Default::default()
+        },
+    )
+    .expect("connect");
+    assert_eq!(fe.features & features::SIZE_MAX, 0);
+    let big = limit + (1 << 20);
+    let buf = fe.alloc(u64::from(big) + 4096);
+    // Past what the first session wrote.
+    let sector = 4 << 11;
+    assert_eq!(
+        multi_segment(&mut fe, req_type::IN, sector, buf, &[big]),
+        status::OK
+    );
+    assert!(
+        fe.read(buf, big as usize) == pattern_range(sector * 512, big as usize),
+        "large aligned read"
+    );
+    if direct {
+        let bounced = b.shared.stats.bounced.load(Relaxed);
+        assert_eq!(
+            multi_segment(&mut fe, req_type::IN, sector, buf + 1, &[big]),
+            status::IOERR
+        );
+        assert_eq!(b.shared.stats.bounced.load(Relaxed), bounced);
+        assert_eq!(b.shared.stats.too_large.load(Relaxed), 3);
     }
 }

@@ -125,7 +125,9 @@ pub trait QueueWorker: Send {
     }
 
     /// Blocks until at least one in-flight request completes, and completes it (used
-    /// ring, dirty log, notification). Called only while `in_flight` is non-zero.
+    /// ring, dirty log, notification). Called only while `in_flight` is non-zero. An
+    /// error does not end a ring stop: the layer logs it and calls again after a pause,
+    /// until `in_flight` is zero.
     fn wait_completions(&mut self, _rings: &mut Rings) -> io::Result<()> {
         Ok(())
     }

@@ -14,9 +14,14 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::QueueWorker;
+use crate::rate_limit::RateLimitedLog;
 use crate::ring::Ring;
 
 const TOKEN_WAKE: u64 = 0;
+/// A drain (ring stop) still waiting after this long is logged, and again every as long.
+const DRAIN_REPORT_AFTER: Duration = Duration::from_secs(10);
+/// Longest pause between retries of a failing wait for completions during a drain.
+const DRAIN_RETRY_MAX: Duration = Duration::from_millis(100);
 const TOKEN_KICK_BASE: u64 = 1;
 const TOKEN_DEVICE_BASE: u64 = 1 << 32;
 
@@ -286,15 +291,56 @@ impl WorkerState {
             ring.kick.as_raw_fd(),
             EpollEvent::default(),
         );
-        // GET_VRING_BASE must only be answered once everything taken from this ring is on
-        // the used ring: the frontend reads the used index right after.
-        while self.worker.in_flight(queue) > 0 {
-            if let Err(e) = self.worker.wait_completions(&mut self.rings) {
-                log::error!("queue {queue}: waiting for in-flight requests failed: {e}");
-                break;
+        self.drain(queue);
+        self.rings.slots[slot].1.take().map(Box::new)
+    }
+
+    /// Waits until every request taken from `queue` is on its used ring.
+    ///
+    /// GET_VRING_BASE must only be answered then: the frontend reads the used index right
+    /// after, restarts or migrates the ring from it, and may unmap the memory. The
+    /// vhost-user spec has GET_VRING_BASE drain in-flight I/O (only the optional
+    /// GET_VRING_BASE_INFLIGHT feature, not offered here, lets a back-end suspend it into
+    /// the inflight region instead). A request answered later would be lost to the
+    /// frontend (no used entry it looks at, no dirty-log mark it reads), and when
+    /// migrating, a write could land on the disk after the destination took it over.
+    ///
+    /// So the drain has no deadline and a failing wait does not end it: it is retried
+    /// after a short pause (growing to DRAIN_RETRY_MAX). QEMU waits for its own block
+    /// layer's drain the same way. A drain that takes long is logged, so a stuck disk
+    /// shows up in the log rather than only as a frontend waiting for its reply.
+    fn drain(&mut self, queue: u16) {
+        let started = Instant::now();
+        let mut next_report = DRAIN_REPORT_AFTER;
+        let mut pause = Duration::from_millis(1);
+        let mut failures = RateLimitedLog::new();
+        loop {
+            let n = self.worker.in_flight(queue);
+            if n == 0 {
+                return;
+            }
+            if started.elapsed() >= next_report {
+                log::warn!(
+                    "queue {queue}: stopping the ring waits for {n} in-flight request(s) \
+                     ({}s so far)",
+                    started.elapsed().as_secs()
+                );
+                next_report += DRAIN_REPORT_AFTER;
+            }
+            match self.worker.wait_completions(&mut self.rings) {
+                Ok(()) => pause = Duration::from_millis(1),
+                Err(e) => {
+                    failures.warn(|| {
+                        format!(
+                            "queue {queue}: waiting for {n} in-flight request(s) failed: {e}; \
+                             retrying (the ring stops only once they complete)"
+                        )
+                    });
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(DRAIN_RETRY_MAX);
+                }
             }
         }
-        self.rings.slots[slot].1.take().map(Box::new)
     }
 
     fn stop_all(&mut self) {
@@ -308,5 +354,126 @@ impl WorkerState {
         for q in queues {
             self.stop_ring(q);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+    use std::sync::atomic::AtomicUsize;
+
+    use vhost::vhost_user::message::VhostUserMemoryRegion;
+
+    use crate::dirty_log::DirtyLog;
+    use crate::memory::MemoryTable;
+    use crate::ring::{QueueStats, RingSetup};
+
+    fn memfd(len: u64) -> File {
+        // SAFETY: valid C string; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"worker-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh descriptor we own.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        f
+    }
+
+    /// A started 16-entry ring in 64 KiB of guest memory.
+    fn ring() -> Ring {
+        let mut table = MemoryTable::new(DirtyLog::new());
+        table
+            .add_region(
+                &VhostUserMemoryRegion::new(0, 0x10000, 0x7000_0000_0000, 0),
+                memfd(0x10000),
+            )
+            .unwrap();
+        Ring::start(RingSetup {
+            index: 0,
+            size: 16,
+            max_size: 16,
+            desc: 0,
+            avail: 0x1000,
+            used: 0x2000,
+            base: 0,
+            event_idx: false,
+            acked_features: 0,
+            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+            call: None,
+            err: None,
+            enabled: true,
+            inflight: None,
+            mem: table.atomic(),
+            log: DirtyLog::new(),
+            stats: Arc::new(QueueStats::default()),
+        })
+        .unwrap()
+    }
+
+    /// A device with one request in flight whose first wait for completions fails (as an
+    /// io_uring_enter can), and which completes once released.
+    struct FailingWait {
+        in_flight: Arc<AtomicUsize>,
+        release: Arc<AtomicBool>,
+        waits: usize,
+    }
+
+    impl QueueWorker for FailingWait {
+        fn process_queue(&mut self, _ring: &mut Ring) {}
+
+        fn in_flight(&self, _queue: u16) -> usize {
+            self.in_flight.load(Ordering::SeqCst)
+        }
+
+        fn wait_completions(&mut self, _rings: &mut Rings) -> io::Result<()> {
+            self.waits += 1;
+            if self.waits == 1 {
+                return Err(io::Error::from_raw_os_error(libc::EBUSY));
+            }
+            if self.release.load(Ordering::SeqCst) {
+                self.in_flight.store(0, Ordering::SeqCst);
+            } else {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(())
+        }
+    }
+
+    /// GET_VRING_BASE's drain must not end while a request is in flight, even when a wait
+    /// for completions fails: the frontend reads the used index right after, and a request
+    /// completing later would be lost to it.
+    #[test]
+    fn a_failed_wait_does_not_end_the_drain_with_requests_in_flight() {
+        let in_flight = Arc::new(AtomicUsize::new(1));
+        let release = Arc::new(AtomicBool::new(false));
+        let worker = FailingWait {
+            in_flight: in_flight.clone(),
+            release: release.clone(),
+            waits: 0,
+        };
+        let handle = WorkerHandle::spawn("test-q0".into(), Box::new(worker), vec![0]).unwrap();
+        assert!(handle.start(ring()));
+        let stopped = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                let ring = handle.stop(0);
+                stopped.store(true, Ordering::SeqCst);
+                ring
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            let early = stopped.load(Ordering::SeqCst);
+            let left = in_flight.load(Ordering::SeqCst);
+            release.store(true, Ordering::SeqCst);
+            let ring = t.join().unwrap();
+            assert!(
+                !early,
+                "the ring was handed back (GET_VRING_BASE answered) with {left} request(s) \
+                 in flight"
+            );
+            assert!(ring.is_some(), "the ring comes back once drained");
+        });
+        assert_eq!(in_flight.load(Ordering::SeqCst), 0);
+        assert!(handle.shutdown());
     }
 }
