@@ -38,7 +38,7 @@ for t in $targets; do
     cargo "+$toolchain" fuzz run -O "$t" "target/fuzz-corpus/$t" "corpus/$t" -- \
         -max_total_time="$secs" -print_final_stats=1 -timeout=20 -rss_limit_mb=4096 \
         >"$log" 2>&1 || rc=$?
-    execs=$(awk -F: '/^stat::number_of_executed_units:/ {gsub(/ /, "", $2); print $2}' "$log" | tail -1)
+    execs=$(awk '/^stat::number_of_executed_units:/ {print $2}' "$log" | tail -1)
     crash=$(grep -E '^(artifact_prefix|Test unit written to|==[0-9]+==ERROR|SUMMARY:|thread .* panicked)' "$log" | grep -v '^artifact_prefix' | head -3 || true)
     if [ "$rc" != 0 ] || [ -n "$crash" ]; then
         status=1
