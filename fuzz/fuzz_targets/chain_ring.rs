@@ -1,0 +1,104 @@
+//! The descriptor-chain walker and the ring over guest memory from the input.
+//!
+//! 1. `chain::walk` with a descriptor table address, queue size and head from the input
+//!    (any values, including ones no frontend would set up).
+//! 2. A ring started on the same memory (ring slot 0: descriptor table 0x0, avail 0x400,
+//!    used 0x600), driven by up to 32 operations: pop, complete one or all popped chains
+//!    (one by one or as a batch), give the last pop back, notification on/off, notify, and
+//!    the guest posting more chains (bumping the avail index).
+//!
+//! Input: ring size selector, flags (bit 0 event_idx), base u16, walk table u64, walk
+//! queue size u16, walk head u16, op count, 32 op bytes, then guest memory.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vhost_fuzz::{
+    bump_avail, check_chain, guest_memory, ring_size, start_ring, Reader, RingParams,
+};
+use vhost_user_device::chain::walk;
+use vhost_user_device::Chain;
+use vm_memory::GuestMemoryAtomic;
+
+fuzz_target!(|data: &[u8]| {
+    let mut r = Reader::new(data);
+    let size = ring_size(r.u8());
+    let flags = r.u8();
+    let base = r.u16();
+    let walk_table = r.u64();
+    let walk_size = r.u16();
+    let walk_head = r.u16();
+    let nops = r.u8() % 33;
+    let ops: [u8; 32] = r.array();
+    let mem = guest_memory(r.rest());
+
+    let mut chain = Chain::default();
+    if walk(&mem, walk_table, walk_size, walk_head, &mut chain).is_ok() {
+        check_chain(&mem, &chain);
+        assert_eq!(chain.head, walk_head);
+        assert!(walk_head < walk_size);
+    }
+
+    let atomic = GuestMemoryAtomic::new(mem);
+    let Some(mut ring) = start_ring(
+        &atomic,
+        RingParams {
+            index: 0,
+            slot: 0,
+            size,
+            base,
+            event_idx: flags & 1 != 0,
+            acked: 0,
+        },
+    ) else {
+        return;
+    };
+    let mem = ring.memory();
+    let mut popped: Vec<(u16, u32)> = Vec::new();
+    let mut pops = 0u32;
+    let mut just_popped = false;
+    for &op in &ops[..usize::from(nops)] {
+        let arg = op >> 3;
+        let was_pop = std::mem::take(&mut just_popped);
+        match op & 7 {
+            0 | 1 => {
+                if ring.pop(&mem, &mut chain) {
+                    pops += 1;
+                    check_chain(&mem, &chain);
+                    assert!(chain.head < ring.size());
+                    let len = (chain.writable_len() as u32).min(u32::from(arg) * 64);
+                    popped.push((chain.head, len));
+                    just_popped = true;
+                }
+            }
+            2 => {
+                if !popped.is_empty() {
+                    let (head, len) = popped.remove(0);
+                    ring.add_used(&mem, head, len);
+                }
+            }
+            3 => {
+                ring.add_used_batch(&mem, &popped);
+                popped.clear();
+            }
+            4 => {
+                // Only right after a pop (what the net worker does).
+                if was_pop {
+                    popped.pop();
+                    ring.undo_pop();
+                }
+            }
+            5 => ring.disable_notification(&mem),
+            6 => {
+                let _ = ring.enable_notification(&mem);
+                ring.notify(&mem);
+            }
+            _ => bump_avail(&mem, 0, u16::from(arg)),
+        }
+        if ring.is_broken() {
+            assert!(!ring.pop(&mem, &mut chain));
+            assert!(!ring.enable_notification(&mem));
+        }
+    }
+    let stats = ring.stats();
+    assert!(u64::from(pops) <= stats.chains.load(std::sync::atomic::Ordering::Relaxed));
+});
