@@ -40,12 +40,19 @@ skipped=$((after - before))
 # Every binary announces "running N tests" and, if it finishes, "test result: ..."; tests
 # of a binary that crashed or hung up before its result line did not run to a verdict and
 # count as failed ("did not finish").
-read -r planned passed failed ignored < <(awk '
-    /^running [0-9]+ tests?$/ {n += $2}
-    /^test result:/ {p += $4; f += $6; i += $8}
-    END {print n + 0, p + 0, f + 0, i + 0}' "$log")
+read -r planned passed failed ignored started results failed_results failed_targets < <(awk '
+    /^running [0-9]+ tests?$/ {n += $2; b += 1}
+    /^test result:/ {p += $4; f += $6; i += $8; r += 1}
+    /^test result: FAILED/ {fr += 1}
+    /^error: (test|doctest) failed, to rerun/ {ft += 1}
+    END {print n + 0, p + 0, f + 0, i + 0, b + 0, r + 0, fr + 0, ft + 0}' "$log")
 unfinished=$((planned - passed - failed - ignored))
 [ "$unfinished" -ge 0 ] || unfinished=0
+# A target that failed without running a test (a doc-test or test build that failed)
+# has neither a result line nor a crashed binary's "running" line: one failure each.
+crashed=$((started - results))
+unbuilt=$((failed_targets - failed_results - crashed))
+[ "$unbuilt" -ge 0 ] || unbuilt=0
 if [ "$skipped" -gt 0 ]; then
     sed -n "$((before + 1)),\$p" "$skips" >&2
 fi
@@ -54,5 +61,9 @@ if [ "$unfinished" -gt 0 ]; then
     echo "error: $unfinished tests did not finish (their test binary crashed): counted as failed"
     [ "$status" != 0 ] || status=1
 fi
-echo "summary: $((passed - skipped)) passed, $((failed + unfinished)) failed, $skipped skipped"
+if [ "$unbuilt" -gt 0 ]; then
+    echo "error: $unbuilt test targets failed before running any test (see above): counted as failed"
+    [ "$status" != 0 ] || status=1
+fi
+echo "summary: $((passed - skipped)) passed, $((failed + unfinished + unbuilt)) failed, $skipped skipped"
 exit "$status"

@@ -7,6 +7,7 @@
 //! - [`worker`]: the queue worker (zero-copy submission, completion, dirty logging);
 //! - [`device`]: features, config space, worker creation.
 
+pub mod control;
 pub mod device;
 pub mod dirty;
 pub mod dirty_file;

@@ -5,12 +5,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use vhost_blk_backend::control::BlkControl;
 use vhost_blk_backend::device::SyncState;
 use vhost_blk_backend::dirty::{self, DirtyBitmap};
 use vhost_blk_backend::dirty_file::{DirtyFile, Loaded};
+use vhost_blk_backend::migration::client::{self, MigrateArgs, WaitFor};
 use vhost_blk_backend::migration::dest::serve_incoming;
+use vhost_blk_backend::migration::job::Migrations;
 use vhost_blk_backend::migration::transport::{self, Uri};
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
+use vhost_user_device::control::ControlServer;
 use vhost_user_device::program::{backend_main, parse_size, ListenArgs};
 use vhost_user_device::server::handle_termination_signals;
 use vhost_user_device::{Server, Shutdown};
@@ -20,8 +24,18 @@ use vhost_user_device::{Server, Shutdown};
 ///
 /// Logs go to stderr; set RUST_LOG (error, warn, info, debug) to choose how much.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    /// Talk to a running backend instead of starting one.
+    #[command(subcommand)]
+    command: Option<Cmd>,
+
     #[command(flatten)]
     listen: ListenArgs,
 
@@ -94,6 +108,75 @@ struct Args {
     /// unencrypted and unauthenticated. Needed on both ends for tcp: URIs.
     #[arg(long)]
     migration_insecure: bool,
+
+    /// Serve QMP (QEMU's machine protocol) on this Unix socket: status, counters and the
+    /// block migration commands (migrate, query-migrate, migrate-set-speed,
+    /// migrate-cancel, migrate-complete). Mode 0600; other users are refused.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+
+    /// The switch-over time a migration aims for: the job is ready once what is left to
+    /// copy takes at most this long at the measured rate.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    downtime_limit: u64,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Start a block migration of a running backend's disk to a destination
+    /// vhost-blk-backend (started with --incoming), and follow it. Prints the job id;
+    /// exits non-zero if the job fails.
+    Migrate {
+        /// The running backend's --control-socket.
+        #[arg(long, value_name = "SOCK")]
+        control_socket: PathBuf,
+        /// Where the destination listens: tcp:HOST:PORT, unix:PATH or fd:N.
+        #[arg(long, value_name = "URI")]
+        to: String,
+        /// Send only the blocks changed since the checkpoint both ends share (falls back
+        /// to a full copy, saying why, when they share none).
+        #[arg(long)]
+        incremental: bool,
+        /// background: dirty passes go on while the guest writes; write-blocking: every
+        /// write is mirrored before it completes (converges whatever the write rate).
+        #[arg(long, value_enum, default_value_t = CopyModeArg::Background)]
+        copy_mode: CopyModeArg,
+        /// Bytes per second, suffixes k, M, G (e.g. 20M); changeable while it runs with
+        /// migrate-set-speed on the control socket. Default: unlimited.
+        #[arg(long, value_name = "RATE", value_parser = parse_size)]
+        max_bandwidth: Option<u64>,
+        /// Return once the job is ready (it may then complete) or once it concluded.
+        #[arg(long, value_enum, default_value_t = WaitFor::Ready)]
+        wait: WaitFor,
+    },
+    /// Show the migration job of a running backend.
+    MigrateStatus {
+        /// The running backend's --control-socket.
+        #[arg(long, value_name = "SOCK")]
+        control_socket: PathBuf,
+        /// Print query-migrate's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel the running migration job (the source keeps the disk; nothing is lost).
+    MigrateCancel {
+        /// The running backend's --control-socket.
+        #[arg(long, value_name = "SOCK")]
+        control_socket: PathBuf,
+    },
+    /// Hand the disk over: the ready job holds new requests, finishes the last pass and
+    /// completes; the source then serves the disk no more.
+    MigrateComplete {
+        /// The running backend's --control-socket.
+        #[arg(long, value_name = "SOCK")]
+        control_socket: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CopyModeArg {
+    Background,
+    WriteBlocking,
 }
 
 fn parse_uri(s: &str) -> Result<Uri, String> {
@@ -123,7 +206,10 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(cmd) = args.command.take() {
+        return client(cmd);
+    }
     backend_main(
         args.listen.print_capabilities,
         r#"{"type": "block", "features": ["read-only", "blk-file"]}"#,
@@ -239,6 +325,25 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 }
             })?;
     }
+    let _control = match &args.control_socket {
+        Some(p) => {
+            let migrations = Arc::new(Migrations::new(
+                shared.clone(),
+                args.migration_insecure,
+                std::time::Duration::from_millis(args.downtime_limit),
+            ));
+            let server = ControlServer::start(
+                p,
+                "vhost-blk-backend",
+                env!("CARGO_PKG_VERSION"),
+                Arc::new(BlkControl::new(shared.clone(), migrations.clone())),
+            )
+            .map_err(|e| format!("control socket {}: {e}", p.display()))?;
+            migrations.set_events(server.events());
+            Some(server)
+        }
+        None => None,
+    };
     let server = Server::new(Arc::new(device), shutdown);
     server.serve(&listener)?;
     // Every request has completed (serve drains before it returns): the bitmap is
@@ -250,4 +355,46 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     log::info!("exiting");
     Ok(())
+}
+
+/// The subcommands: a client of a running backend's control socket.
+fn client(cmd: Cmd) -> ExitCode {
+    let r = match cmd {
+        Cmd::Migrate {
+            control_socket,
+            to,
+            incremental,
+            copy_mode,
+            max_bandwidth,
+            wait,
+        } => client::migrate(
+            &control_socket,
+            &MigrateArgs {
+                to,
+                incremental,
+                copy_mode: match copy_mode {
+                    CopyModeArg::Background => "background",
+                    CopyModeArg::WriteBlocking => "write-blocking",
+                },
+                max_bandwidth,
+                wait,
+            },
+        ),
+        Cmd::MigrateStatus {
+            control_socket,
+            json,
+        } => client::status(&control_socket, json),
+        Cmd::MigrateCancel { control_socket } => client::simple(&control_socket, "migrate-cancel"),
+        Cmd::MigrateComplete { control_socket } => {
+            client::simple(&control_socket, "migrate-complete")
+        }
+    };
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

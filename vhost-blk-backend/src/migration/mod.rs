@@ -11,8 +11,10 @@
 //! Dirty block tracking lives in [`crate::dirty`] and [`crate::dirty_file`]; the gate in
 //! [`crate::device::Gate`].
 
+pub mod client;
 pub mod dest;
 pub mod image;
+pub mod job;
 pub mod source;
 pub mod stream;
 pub mod transport;

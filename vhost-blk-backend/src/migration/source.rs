@@ -11,7 +11,9 @@
 //! this peer or another, still sends them.
 
 use std::io::Write;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::device::BlkShared;
 use crate::dirty::DirtyBitmap;
@@ -35,6 +37,60 @@ pub struct SyncStats {
     pub wire_bytes: u64,
     /// Passes done (the bulk pass counts).
     pub passes: u32,
+}
+
+/// Paces a sync to a bandwidth limit (changeable while it runs) and counts its progress.
+#[derive(Debug)]
+pub struct Pacer {
+    rate: AtomicU64,
+    wire: AtomicU64,
+    covered: AtomicU64,
+    window: Mutex<(Instant, u64)>,
+}
+
+impl Pacer {
+    /// A pacer at `rate` bytes per second (0: unlimited).
+    pub fn new(rate: u64) -> Self {
+        Self {
+            rate: AtomicU64::new(rate),
+            wire: AtomicU64::new(0),
+            covered: AtomicU64::new(0),
+            window: Mutex::new((Instant::now(), 0)),
+        }
+    }
+
+    /// The limit (0: none).
+    pub fn rate(&self) -> u64 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limit from now on.
+    pub fn set_rate(&self, rate: u64) {
+        self.rate.store(rate, Ordering::Relaxed);
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        *w = (Instant::now(), self.wire.load(Ordering::Relaxed));
+    }
+
+    /// Image bytes covered so far (data and zero extents).
+    pub fn sent(&self) -> u64 {
+        self.covered.load(Ordering::Relaxed)
+    }
+
+    fn covered(&self, n: u64) {
+        self.covered.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` bytes went on the wire: how long to wait to stay within the limit.
+    fn wrote(&self, n: u64) -> Option<Duration> {
+        let total = self.wire.fetch_add(n, Ordering::Relaxed) + n;
+        let rate = self.rate();
+        if rate == 0 {
+            return None;
+        }
+        let (start, base) = *self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let due = Duration::from_secs_f64(total.saturating_sub(base) as f64 / rate as f64);
+        due.checked_sub(start.elapsed())
+    }
 }
 
 /// The device as the stream describes it.
@@ -61,6 +117,8 @@ pub struct Source<'a> {
     checkpoint: Checkpoint,
     out: Vec<u8>,
     buf: Vec<u8>,
+    pacer: Option<Arc<Pacer>>,
+    cancel: Option<Arc<AtomicBool>>,
     /// What was sent so far.
     pub stats: SyncStats,
 }
@@ -96,6 +154,8 @@ impl<'a> Source<'a> {
             checkpoint,
             out: Vec::with_capacity(4 << 20),
             buf: vec![0u8; MAX_EXTENT as usize],
+            pacer: None,
+            cancel: None,
             stats: SyncStats::default(),
         };
         s.send(&Message::Hello {
@@ -129,6 +189,13 @@ impl<'a> Source<'a> {
             dirty.clear();
         }
         Ok(s)
+    }
+
+    /// Paces the sync and counts its progress in `pacer`; stops it (Cancelled) when
+    /// `cancel` is set.
+    pub fn set_pacer(&mut self, pacer: Arc<Pacer>, cancel: Arc<AtomicBool>) {
+        self.pacer = Some(pacer);
+        self.cancel = Some(cancel);
     }
 
     /// Whether this sync sends everything.
@@ -245,6 +312,9 @@ impl<'a> Source<'a> {
             } else {
                 self.stats.data_bytes += (end - start) as u64;
                 self.stats.extents += 1;
+                if let Some(p) = &self.pacer {
+                    p.covered((end - start) as u64);
+                }
                 self.send(&Message::Extent {
                     offset: at,
                     len: (end - start) as u32,
@@ -263,6 +333,9 @@ impl<'a> Source<'a> {
             let n = (len - at).min(u64::from(MAX_EXTENT));
             self.stats.zero_bytes += n;
             self.stats.extents += 1;
+            if let Some(p) = &self.pacer {
+                p.covered(n);
+            }
             self.send(&Message::Extent {
                 offset: offset + at,
                 len: n as u32,
@@ -297,8 +370,28 @@ impl<'a> Source<'a> {
             return Ok(());
         }
         let r = self.conn.write_all(&self.out);
-        self.stats.wire_bytes += self.out.len() as u64;
+        let n = self.out.len() as u64;
+        self.stats.wire_bytes += n;
         self.out.clear();
+        let cancelled = || {
+            self.cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Acquire))
+        };
+        if let Some(wait) = self.pacer.as_ref().and_then(|p| p.wrote(n)) {
+            // In slices, so a cancel does not wait for the whole pause.
+            let until = Instant::now() + wait;
+            while !cancelled() {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::sleep(left.min(Duration::from_millis(100)));
+            }
+        }
+        if cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
         if let Err(e) = r {
             // The destination may have said why before it hung up.
             if let Ok(Some((Message::Error { reason }, _))) = self.reader.next(&mut self.dec) {

@@ -1,0 +1,158 @@
+//! What vhost-blk-backend answers on its control socket (`--control-socket`): its status
+//! and counters, and the migration commands.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+use vhost_user_device::control::{ControlHandler, QmpError};
+
+use crate::device::BlkShared;
+use crate::migration::job::{CopyMode, JobError, JobParams, Migrations};
+
+/// The blk commands.
+pub struct BlkControl {
+    shared: Arc<BlkShared>,
+    migrations: Arc<Migrations>,
+}
+
+impl BlkControl {
+    /// Commands for the device sharing `shared`, with its migration jobs.
+    pub fn new(shared: Arc<BlkShared>, migrations: Arc<Migrations>) -> Self {
+        Self { shared, migrations }
+    }
+}
+
+/// Refuses arguments a command does not take (QEMU does the same).
+fn only(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), QmpError> {
+    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+        None => Ok(()),
+    }
+}
+
+fn job_error(e: JobError) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+fn u64_arg(args: &Map<String, Value>, name: &str) -> Result<Option<u64>, QmpError> {
+    match args.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| QmpError::bad_argument(name, "a non-negative integer")),
+    }
+}
+
+impl ControlHandler for BlkControl {
+    fn commands(&self) -> Vec<&'static str> {
+        vec![
+            "query-status",
+            "query-stats",
+            "migrate",
+            "query-migrate",
+            "migrate-set-speed",
+            "migrate-cancel",
+            "migrate-complete",
+        ]
+    }
+
+    fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        match command {
+            "query-status" => {
+                only(args, &[])?;
+                let st = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(json!({
+                    "status": if !self.shared.gate.is_open() { "held" } else { "running" },
+                    "image": self.shared.disk.path().display().to_string(),
+                    "size": self.shared.disk.size,
+                    "image-id": st.checkpoint.image_uuid(),
+                    "generation": st.checkpoint.generation,
+                    "incomplete": st.incomplete,
+                    "dirty-bytes": self.shared.dirty.dirty_bytes(),
+                    "dirty-granularity": self.shared.dirty.granularity(),
+                }))
+            }
+            "query-stats" => {
+                only(args, &[])?;
+                let s = &self.shared.stats;
+                let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                Ok(json!({
+                    "reads": g(&s.reads),
+                    "writes": g(&s.writes),
+                    "read-bytes": g(&s.read_bytes),
+                    "write-bytes": g(&s.write_bytes),
+                    "flushes": g(&s.flushes),
+                    "bad-requests": g(&s.bad_requests),
+                    "io-errors": g(&s.io_errors),
+                    "dropped": g(&s.dropped),
+                    "bounced": g(&s.bounced),
+                    "in-flight": g(&s.in_flight),
+                    "in-flight-peak": g(&s.in_flight_peak),
+                }))
+            }
+            "migrate" => {
+                only(args, &["uri", "incremental", "copy-mode", "max-bandwidth"])?;
+                let uri = match args.get("uri") {
+                    Some(Value::String(s)) => s.parse().map_err(QmpError::generic)?,
+                    _ => return Err(QmpError::bad_argument("uri", "a string")),
+                };
+                let incremental = match args.get("incremental") {
+                    None => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => return Err(QmpError::bad_argument("incremental", "a boolean")),
+                };
+                let copy_mode = match args.get("copy-mode").map(|v| v.as_str()) {
+                    None | Some(Some("background")) => CopyMode::Background,
+                    Some(Some("write-blocking")) => CopyMode::WriteBlocking,
+                    Some(_) => {
+                        return Err(QmpError::bad_argument(
+                            "copy-mode",
+                            "'background' or 'write-blocking'",
+                        ))
+                    }
+                };
+                let max_bandwidth = u64_arg(args, "max-bandwidth")?.unwrap_or(0);
+                let id = self
+                    .migrations
+                    .start(JobParams {
+                        uri,
+                        incremental,
+                        copy_mode,
+                        max_bandwidth,
+                    })
+                    .map_err(job_error)?;
+                Ok(json!({"id": id}))
+            }
+            "query-migrate" => {
+                only(args, &[])?;
+                Ok(self
+                    .migrations
+                    .query()
+                    .unwrap_or_else(|| json!({"status": "none"})))
+            }
+            "migrate-set-speed" => {
+                only(args, &["value"])?;
+                let v = u64_arg(args, "value")?
+                    .ok_or_else(|| QmpError::bad_argument("value", "a non-negative integer"))?;
+                self.migrations.set_speed(v).map_err(job_error)?;
+                Ok(json!({}))
+            }
+            "migrate-cancel" => {
+                only(args, &[])?;
+                self.migrations.cancel().map_err(job_error)?;
+                Ok(json!({}))
+            }
+            "migrate-complete" => {
+                only(args, &[])?;
+                self.migrations.complete().map_err(job_error)?;
+                Ok(json!({}))
+            }
+            c => Err(QmpError {
+                class: "CommandNotFound",
+                desc: format!("The command {c} has not been found"),
+            }),
+        }
+    }
+}
