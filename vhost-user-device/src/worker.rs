@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::QueueWorker;
 use crate::ring::Ring;
+use crate::sandbox::{self, ThreadKind};
 
 const TOKEN_WAKE: u64 = 0;
 const TOKEN_KICK_BASE: u64 = 1;
@@ -98,6 +99,11 @@ impl WorkerHandle {
         let failed_flag = failed.clone();
         let thread_name = name.clone();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
+            if let Err(e) = sandbox::enter(ThreadKind::Worker) {
+                log::error!("worker {thread_name}: {e}");
+                failed_flag.store(true, Ordering::SeqCst);
+                return;
+            }
             match catch_unwind(AssertUnwindSafe(|| state.run())) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
