@@ -21,12 +21,20 @@ pub fn profile() -> Profile {
                 libc::SYS_shutdown,
                 libc::SYS_uname,
                 libc::SYS_sysinfo,
+                // hostinfo's CPU count (available_parallelism).
+                libc::SYS_sched_getaffinity,
                 libc::SYS_statx,
                 libc::SYS_fstat,
                 libc::SYS_newfstatat,
                 libc::SYS_lseek,
             ])
-            .ioctls(&[libc::FIONREAD, libc::TIOCGWINSZ, libc::TIOCSWINSZ])
+            // FIONBIO: std's set_nonblocking on an accepted client socket.
+            .ioctls(&[
+                libc::FIONREAD,
+                libc::FIONBIO,
+                libc::TIOCGWINSZ,
+                libc::TIOCSWINSZ,
+            ])
             .arg_masked(
                 libc::SYS_openat,
                 2,
