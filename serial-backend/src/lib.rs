@@ -10,6 +10,7 @@
 pub mod device;
 pub mod hostinfo;
 pub mod ports;
+pub mod seccomp;
 pub mod spec;
 pub mod worker;
 

@@ -58,6 +58,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    args.listen.sandbox(serial_backend::seccomp::profile())?;
     let mut specs = Vec::new();
     for c in &args.console {
         specs.push(parse_spec(c, true)?);

@@ -4,10 +4,12 @@
 //!   its socket without a VM (memfd guest RAM, hand-built split rings);
 //! - [`guest`]: boots a real QEMU guest with backends attached and runs a script in it;
 //! - [`console_bench`]: one console port's throughput in a guest, ours vs QEMU's (shared by
-//!   a test and `bench compare serial`).
+//!   a test and `bench compare serial`);
+//! - [`sandbox`]: the `--sandbox` checks every backend program shares.
 
 pub mod console_bench;
 pub mod frontend;
 pub mod guest;
 pub mod guest_console;
 pub mod guest_net;
+pub mod sandbox;

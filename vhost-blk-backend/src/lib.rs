@@ -14,6 +14,7 @@ pub mod dirty_file;
 pub mod disk;
 pub mod migration;
 pub mod request;
+pub mod seccomp;
 pub mod spec;
 pub mod uring;
 pub mod worker;

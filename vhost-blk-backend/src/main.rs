@@ -218,6 +218,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    args.listen.sandbox(vhost_blk_backend::seccomp::profile(
+        args.dirty_bitmap.is_some(),
+    ))?;
     let path = args.blk_file.ok_or("--blk-file is required")?;
     let disk = Disk::open(&path, args.read_only, args.cache, args.block_size)?;
     let serial = args.serial.unwrap_or_else(|| {

@@ -10,6 +10,7 @@
 
 pub mod ctrl;
 pub mod device;
+pub mod seccomp;
 pub mod spec;
 pub mod stats;
 pub mod tap;

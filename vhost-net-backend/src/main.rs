@@ -7,6 +7,7 @@ use clap::Parser;
 use vhost_net_backend::tap::parse_mac;
 use vhost_net_backend::{NetDevice, NetOptions, NetShared, Tap, TapSpec};
 use vhost_user_device::program::{backend_main, ListenArgs};
+use vhost_user_device::sandbox::{self, ThreadKind};
 use vhost_user_device::server::handle_termination_signals;
 use vhost_user_device::{Server, Shutdown};
 
@@ -88,15 +89,18 @@ fn block_sigusr1() -> std::io::Result<libc::sigset_t> {
 fn handle_stats_signal(set: libc::sigset_t, shared: Arc<NetShared>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("stats".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: valid pointers to a local set and int.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                log::info!(
-                    "counters of tap {}:\n{}",
-                    shared.tap.name,
-                    shared.stats.report()
-                );
+        .spawn(move || {
+            sandbox::enter_or_exit(ThreadKind::SignalLogger);
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: valid pointers to a local set and int.
+                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    log::info!(
+                        "counters of tap {}:\n{}",
+                        shared.tap.name,
+                        shared.stats.report()
+                    );
+                }
             }
         })?;
     Ok(())
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    args.listen.sandbox(vhost_net_backend::seccomp::profile())?;
     let spec = match (args.tap, args.macvtap) {
         (Some(t), _) => TapSpec::Tap(t),
         (None, Some(m)) => TapSpec::Macvtap(m),

@@ -20,7 +20,8 @@
 //!   index, length and address the guest gives;
 //! - [`inflight`]: the INFLIGHT_SHMFD region and the resubmission of chains a previous
 //!   backend process left in flight;
-//! - [`worker`] and [`device`]: worker threads and the two traits devices implement.
+//! - [`worker`] and [`device`]: worker threads and the two traits devices implement;
+//! - [`sandbox`]: the per-thread seccomp filters (`--sandbox`).
 //!
 //! Devices describe themselves with [`device::VhostUserDevice`] and process queues in a
 //! [`device::QueueWorker`]; a worker owns its rings while they run, so the data path takes
@@ -38,6 +39,9 @@ pub mod memory;
 pub mod program;
 pub mod rate_limit;
 pub mod ring;
+pub mod sandbox;
+#[cfg(target_arch = "x86_64")]
+mod sandbox_names;
 pub mod server;
 pub mod worker;
 

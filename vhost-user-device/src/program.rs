@@ -6,6 +6,7 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::sandbox::{self, Profile, SandboxError, SandboxMode};
 use crate::server::{listen_fd, listen_path, ServerError};
 
 /// The flags every backend program takes (QEMU's backend program conventions); flatten
@@ -23,6 +24,18 @@ pub struct ListenArgs {
     /// Print the backend's capabilities as JSON (vhost-user.json schema) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+
+    /// After start-up, confine every thread with a seccomp filter that allows only the
+    /// system calls its kind of thread needs ("seccomp"; a denied call ends the process
+    /// with a message naming it), only log would-be denials to the kernel log ("log"), or
+    /// run without ("none"). Also taken from VHOST_SANDBOX.
+    #[arg(long, value_enum, env = "VHOST_SANDBOX", default_value_t = SandboxMode::Seccomp)]
+    pub sandbox: SandboxMode,
+
+    /// Test hook: make a forbidden system call right after the main thread entered the
+    /// sandbox.
+    #[arg(long, hide = true)]
+    pub sandbox_selftest: bool,
 }
 
 impl ListenArgs {
@@ -33,6 +46,13 @@ impl ListenArgs {
             (None, Some(fd)) => listen_fd(fd),
             (None, None) => Err(ServerError::NoListener),
         }
+    }
+
+    /// Sets up the sandbox (`--sandbox`) with the backend's per-thread additions; call it
+    /// at the start of `run`, before any thread is created. The threads enter it later:
+    /// the main thread in [`crate::Server::serve`], the others as they start.
+    pub fn sandbox(&self, profile: Profile) -> Result<(), SandboxError> {
+        sandbox::configure(self.sandbox, profile, self.sandbox_selftest)
     }
 }
 

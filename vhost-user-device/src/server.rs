@@ -21,6 +21,7 @@ use crate::device::VhostUserDevice;
 use crate::handler::Handler;
 use crate::rate_limit::RateLimitedLog;
 use crate::ring::QueueStats;
+use crate::sandbox::{self, SandboxError, ThreadKind};
 
 /// Errors that end serving.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,9 @@ pub enum ServerError {
     /// A queue worker failed; the process should exit non-zero.
     #[error("a queue worker failed (see the log above); giving up")]
     WorkerFailed,
+    /// The main thread could not enter the sandbox.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
 }
 
 /// Shared shutdown request: set by the signal thread (or a test), observed by the server.
@@ -111,19 +115,22 @@ pub fn handle_termination_signals(shutdown: Arc<Shutdown>) -> io::Result<()> {
     }
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: valid pointers to a local set and int.
-            let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            if rc != 0 {
-                continue;
+        .spawn(move || {
+            sandbox::enter_or_exit(ThreadKind::Signals);
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: valid pointers to a local set and int.
+                let rc = unsafe { libc::sigwait(&set, &mut sig) };
+                if rc != 0 {
+                    continue;
+                }
+                if shutdown.is_requested() {
+                    log::warn!("second signal {sig}: exiting without waiting");
+                    std::process::exit(1);
+                }
+                log::info!("signal {sig}: finishing in-flight I/O and exiting");
+                shutdown.trigger();
             }
-            if shutdown.is_requested() {
-                log::warn!("second signal {sig}: exiting without waiting");
-                std::process::exit(1);
-            }
-            log::info!("signal {sig}: finishing in-flight I/O and exiting");
-            shutdown.trigger();
         })?;
     Ok(())
 }
@@ -287,8 +294,10 @@ impl<D: VhostUserDevice> Server<D> {
         &self.stats
     }
 
-    /// Accepts and serves connections until shutdown is requested.
+    /// Accepts and serves connections until shutdown is requested. Start-up is over: the
+    /// calling (main) thread enters the sandbox first (see [`crate::sandbox`]).
     pub fn serve(&self, listener: &UnixListener) -> Result<(), ServerError> {
+        sandbox::enter(ThreadKind::Main)?;
         loop {
             let Some(stream) = self.accept(listener)? else {
                 return Ok(());

@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::QueueWorker;
 use crate::rate_limit::RateLimitedLog;
 use crate::ring::Ring;
+use crate::sandbox::{self, ThreadKind};
 
 const TOKEN_WAKE: u64 = 0;
 /// A drain (ring stop) still waiting after this long is logged, and again every as long.
@@ -103,6 +104,11 @@ impl WorkerHandle {
         let failed_flag = failed.clone();
         let thread_name = name.clone();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
+            if let Err(e) = sandbox::enter(ThreadKind::Worker) {
+                log::error!("worker {thread_name}: {e}");
+                failed_flag.store(true, Ordering::SeqCst);
+                return;
+            }
             match catch_unwind(AssertUnwindSafe(|| state.run())) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {

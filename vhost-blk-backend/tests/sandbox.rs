@@ -1,0 +1,32 @@
+//! `--sandbox`: a forbidden system call ends the real program with a clear message, and
+//! `--sandbox none` lets it through. (Every other test that starts the program runs it
+//! under the default sandbox.)
+
+use std::process::Command;
+
+use vhost_tests::sandbox::{selftest_is_killed, selftest_passes_without_sandbox};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-blk-backend");
+
+fn backend(dir: &std::path::Path) -> Command {
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--blk-file")
+        .arg(&image)
+        .arg("--socket-path")
+        .arg(dir.join("blk.sock"));
+    cmd
+}
+
+#[test]
+fn a_forbidden_call_ends_the_process_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    selftest_is_killed(backend(dir.path()));
+}
+
+#[test]
+fn sandbox_none_lets_the_forbidden_call_through() {
+    let dir = tempfile::tempdir().unwrap();
+    selftest_passes_without_sandbox(backend(dir.path()), &dir.path().join("blk.sock"));
+}
