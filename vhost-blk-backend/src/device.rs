@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost_user_device::device::read_config_bytes;
-use vhost_user_device::{DeviceError, QueueWorker, VhostUserDevice};
+use vhost_user_device::{DeviceError, QueueWorker, VhostUserDevice, VmmEvent};
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -135,6 +135,11 @@ pub struct BlkShared {
     pub gate: Gate,
     /// Checkpoint and incoming-sync state.
     pub sync: Mutex<SyncState>,
+    /// What the VMM is doing (LOG_ALL, rings started).
+    pub vmm: Mutex<VmmState>,
+    /// The disk was handed over to a destination: requests are held until the VM runs
+    /// here again (rings restarted: the VMM's migration failed).
+    pub handed_over: AtomicBool,
 }
 
 /// Holds the guest's requests while the image is not ready to be served (a destination
@@ -276,6 +281,8 @@ impl BlkDevice {
                     file: None,
                     incomplete: false,
                 }),
+                vmm: Mutex::new(VmmState::default()),
+                handed_over: AtomicBool::new(false),
             }),
         }
     }
@@ -361,5 +368,50 @@ impl VhostUserDevice for BlkDevice {
     fn reset(&self) {
         // A new driver starts with the default cache mode.
         self.shared.writeback.store(true, Ordering::Relaxed);
+        // A new VMM (or a reset device) is not migrating anything yet.
+        *self.shared.vmm.lock().unwrap_or_else(|e| e.into_inner()) = VmmState::default();
+    }
+
+    fn vmm_event(&self, event: VmmEvent) {
+        let s = &self.shared;
+        let mut v = s.vmm.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            VmmEvent::LogAll(on) => v.log_all = on,
+            VmmEvent::RingStopped(q) => v.started &= !(1u64 << (q % 64)),
+            VmmEvent::RingStarted(q) => {
+                v.started |= 1u64 << (q % 64);
+                v.ever_started = true;
+                // Rings restarted after the disk was handed over: the VMM's migration
+                // did not complete and the VM runs here again. Serve it; the dirty
+                // bitmap records what changes from now on, so the next sync to the
+                // destination sends exactly that.
+                if s.handed_over.swap(false, Ordering::AcqRel) {
+                    log::warn!(
+                        "queue {q} restarted after the hand-over: the VMM's migration did not \
+                         complete; serving the disk again (the destination is now stale)"
+                    );
+                    s.gate.open();
+                }
+            }
+        }
+    }
+}
+
+/// What the VMM is doing, as far as block migration cares.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmmState {
+    /// LOG_ALL is on: the VMM is migrating the VM's RAM.
+    pub log_all: bool,
+    /// Started rings (bit per queue).
+    pub started: u64,
+    /// A ring has run on this connection.
+    pub ever_started: bool,
+}
+
+impl VmmState {
+    /// The VMM is migrating and has paused the guest (every ring stopped): the moment
+    /// to hand the disk over.
+    pub fn switching_over(&self) -> bool {
+        self.log_all && self.ever_started && self.started == 0
     }
 }

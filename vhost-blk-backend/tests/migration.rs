@@ -275,3 +275,115 @@ fn a_cut_stream_leaves_the_destination_held_and_incomplete_and_a_retry_works() {
     assert!(!dst.shared.sync.lock().unwrap().incomplete);
     assert!(image(&src) == image(&dst));
 }
+
+mod vmm_driven {
+    //! The hand-over the VMM's own migration triggers: a ready job hands the disk over
+    //! when LOG_ALL is on and every ring has been stopped (QEMU pauses the guest for its
+    //! switch-over), not on a plain pause, and the source serves again if the VM resumes
+    //! there afterwards (the VMM's migration failed).
+
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Instant;
+    use vhost::VhostBackend;
+    use vhost_blk_backend::migration::dest::serve_incoming;
+    use vhost_blk_backend::migration::job::{CopyMode, JobParams, Migrations};
+    use vhost_blk_backend::migration::transport::{listen, Uri};
+
+    fn status(m: &Migrations) -> String {
+        m.query().unwrap()["status"].as_str().unwrap().to_string()
+    }
+
+    fn wait_status(m: &Migrations, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while status(m) != want {
+            assert!(
+                Instant::now() < deadline,
+                "job never {want}: {}",
+                m.query().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A source with a running guest (queue 0 started), a held destination listening,
+    /// and a job that became ready.
+    fn ready_job() -> (TestBackend, TestBackend, TestFrontend, Arc<Migrations>) {
+        let src = backend(true, false);
+        let dst = backend(false, true);
+        let uri = Uri::Unix(dst.dir.path().join("mig.sock"));
+        let mut l = listen(&uri, false).unwrap();
+        let dshared = dst.shared.clone();
+        std::thread::spawn(move || serve_incoming(&dshared, &mut l));
+        let mut fe = TestFrontend::connect(src.socket(), FrontendOptions::default()).unwrap();
+        assert_eq!(write(&mut fe, 0, &[0x11; 4096]), status::OK);
+        let m = Arc::new(Migrations::new(
+            src.shared.clone(),
+            false,
+            Duration::from_millis(100),
+        ));
+        m.start(JobParams {
+            uri,
+            incremental: false,
+            copy_mode: CopyMode::Background,
+            max_bandwidth: 0,
+        })
+        .unwrap();
+        wait_status(&m, "ready");
+        (src, dst, fe, m)
+    }
+
+    #[test]
+    fn log_all_and_every_ring_stopped_hand_the_disk_over() {
+        let (src, dst, mut fe, m) = ready_job();
+        // A write while ready: the last pass must carry it.
+        assert_eq!(write(&mut fe, 8, &[0x22; 4096]), status::OK);
+        let _log = fe.enable_dirty_log().unwrap();
+        fe.fe.get_vring_base(0).unwrap();
+        wait_status(&m, "concluded");
+        let q = m.query().unwrap();
+        assert!(q.get("error").is_none(), "{q}");
+        assert!(q["downtime-ms"].as_f64().is_some());
+        assert!(dst.shared.gate.is_open(), "the destination serves");
+        assert!(!src.shared.gate.is_open(), "the source holds");
+        assert!(image(&src) == image(&dst));
+        assert_eq!(&image(&dst)[4096..8192], &[0x22; 4096][..]);
+    }
+
+    #[test]
+    fn a_plain_pause_does_not_hand_over() {
+        let (src, dst, mut fe, m) = ready_job();
+        // No LOG_ALL: a stop/cont, a snapshot, a reset... not a migration.
+        fe.fe.get_vring_base(0).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(status(&m), "ready");
+        assert!(src.shared.gate.is_open());
+        assert!(!dst.shared.gate.is_open());
+        fe.start_queue_at(0, fe.queues[0].avail_idx()).unwrap();
+        assert_eq!(write(&mut fe, 16, &[0x33; 4096]), status::OK);
+        m.cancel().unwrap();
+        wait_status(&m, "concluded");
+        assert!(
+            src.shared.gate.is_open(),
+            "a cancelled job leaves the source serving"
+        );
+    }
+
+    #[test]
+    fn the_source_serves_again_when_the_vm_resumes_there_after_the_hand_over() {
+        let (src, _dst, mut fe, m) = ready_job();
+        let _log = fe.enable_dirty_log().unwrap();
+        fe.fe.get_vring_base(0).unwrap();
+        wait_status(&m, "concluded");
+        assert!(!src.shared.gate.is_open());
+        // The VMM's migration failed: it restarts the rings on the same connection.
+        fe.disable_dirty_log().unwrap();
+        fe.start_queue_at(0, fe.queues[0].avail_idx()).unwrap();
+        assert_eq!(write(&mut fe, 24, &[0x44; 4096]), status::OK);
+        let (data, st) = read(&mut fe, 24, 4096);
+        assert_eq!((st, data), (status::OK, vec![0x44; 4096]));
+        // And that write is what the next sync to the (stale) destination sends.
+        assert_eq!(src.shared.dirty.count(), 1);
+        assert!(src.shared.dirty.is_dirty(3));
+    }
+}

@@ -103,6 +103,23 @@ pub trait VhostUserDevice: Send + Sync + 'static {
 
     /// The frontend reset the device or went away: drop per-connection state.
     fn reset(&self) {}
+
+    /// What the VMM does that tells a device about the VM's own migration (a backend
+    /// moving its state elsewhere needs to know when the guest is paused for the
+    /// switch-over). Default: ignored.
+    fn vmm_event(&self, _event: VmmEvent) {}
+}
+
+/// The VMM's migration-related actions, as the layer sees them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmmEvent {
+    /// VHOST_F_LOG_ALL acked (true: the VMM is migrating RAM) or cleared.
+    LogAll(bool),
+    /// A ring started (kick set); after a stop on the same connection this means the VM
+    /// runs here again.
+    RingStarted(u16),
+    /// GET_VRING_BASE stopped a ring: the VMM paused it (any stop, pause or migration).
+    RingStopped(u16),
 }
 
 /// Processes the queues of one group on one thread.

@@ -19,7 +19,7 @@ use vhost::vhost_user::{
 use vhost::VhostUserMemoryRegionBase;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::VhostUserDevice;
+use crate::device::{VhostUserDevice, VmmEvent};
 use crate::dirty_log::DirtyLog;
 use crate::fd_check::check_eventfd;
 use crate::inflight::InflightRegion;
@@ -235,6 +235,7 @@ impl<D: VhostUserDevice> Handler<D> {
             return Err(VuError::BackendInternalError);
         }
         self.vring(u32::from(index))?.started = true;
+        self.device.vmm_event(VmmEvent::RingStarted(index));
         Ok(())
     }
 
@@ -345,8 +346,9 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         }
         self.acked_features = features;
         // LOG_ALL on: log every write from now on; off (migration done or cancelled): stop.
-        self.log
-            .set_log_all(features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0);
+        let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        self.log.set_log_all(log_all);
+        self.device.vmm_event(VmmEvent::LogAll(log_all));
         if !self.protocol_negotiated() {
             for vr in self.vrings.iter_mut() {
                 vr.enabled = true;
@@ -420,7 +422,11 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
         let q = u16::try_from(index).map_err(|_| VuError::InvalidParam)?;
+        let was_started = self.vring(index)?.started;
         let base = self.stop_ring(q)?;
+        if was_started {
+            self.device.vmm_event(VmmEvent::RingStopped(q));
+        }
         Ok(VhostUserVringState::new(index, u32::from(base)))
     }
 

@@ -46,7 +46,7 @@ pub mod server;
 pub mod worker;
 
 pub use chain::{Chain, Segment};
-pub use device::{DeviceError, QueueWorker, VhostUserDevice};
+pub use device::{DeviceError, QueueWorker, VhostUserDevice, VmmEvent};
 pub use memory::{GuestMem, GuestMemAtomic};
 pub use ring::{QueueStats, Ring};
 pub use server::{Server, ServerError, Shutdown};

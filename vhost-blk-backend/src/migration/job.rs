@@ -374,6 +374,7 @@ impl Migrations {
             self.set(job, |i| i.total = self.shared.dirty.dirty_bytes());
         }
         self.set(job, |i| i.phase = "dirty");
+        let mut by_vmm = false;
         loop {
             if job.cancel.load(Ordering::Acquire) {
                 return Err(MigrationError::Cancelled);
@@ -409,6 +410,21 @@ impl Migrations {
             if job.complete.load(Ordering::Acquire) {
                 break;
             }
+            // The VMM is migrating the VM and paused it: hand over now, without being
+            // asked (a plain pause has no LOG_ALL; a pause before ready waits for ready).
+            let switching = self
+                .shared
+                .vmm
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .switching_over();
+            let ready =
+                job.info.lock().unwrap_or_else(|e| e.into_inner()).status == JobStatus::Ready;
+            if switching && ready {
+                log::info!("the VMM paused the guest for its migration: handing the disk over");
+                by_vmm = true;
+                break;
+            }
             if left < (1 << 20) {
                 // Little to do: do not spin on an idle disk.
                 std::thread::sleep(Duration::from_millis(50));
@@ -429,6 +445,23 @@ impl Migrations {
         }
         let (_, stats) = src.complete()?;
         let downtime = t.elapsed();
+        self.shared.handed_over.store(true, Ordering::Release);
+        // A VMM that resumed the guest here while we handed over cancelled its
+        // migration: the VM runs on this side, so this side serves it (a restart after
+        // this point is caught by the device's RingStarted).
+        if by_vmm {
+            let running = self
+                .shared
+                .vmm
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .started
+                != 0;
+            if running && self.shared.handed_over.swap(false, Ordering::AcqRel) {
+                log::warn!("the guest resumed during the hand-over: serving the disk again");
+                self.shared.gate.open();
+            }
+        }
         self.set(job, |i| {
             i.downtime = Some(downtime);
             i.data_bytes = stats.data_bytes;
