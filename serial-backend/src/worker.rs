@@ -812,7 +812,9 @@ impl Engine {
                 if ring.enable_notification(&mem) {
                     continue;
                 }
-                drained = true;
+                // A round spent on malformed chains may have left data behind them:
+                // the layer comes back for it, and EOF waits until then.
+                drained = !ring.round_spent();
                 break;
             }
             taken += 1;

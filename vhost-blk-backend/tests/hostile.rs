@@ -490,3 +490,150 @@ fn an_avail_ring_at_address_zero_is_reported_not_spun_on() {
     restart_ring(&mut fe);
     still_serving(&mut fe);
 }
+
+/// A backend and frontend with rings of `size` entries.
+fn setup_sized(size: u16) -> (TestBackend, TestFrontend) {
+    let b = TestBackend::start(BackendConfig {
+        queue_size: size,
+        ..BackendConfig::default()
+    });
+    let fe = TestFrontend::connect(
+        b.socket(),
+        FrontendOptions {
+            queue_size: size,
+            ..FrontendOptions::default()
+        },
+    )
+    .unwrap();
+    (b, fe)
+}
+
+/// Writes an indirect table of `n` descriptors at `table` that loops (the last one leads
+/// back to the first): walking it reads all `n` before the chain is found too long.
+fn looping_table(fe: &TestFrontend, table: u64, n: u16) {
+    let mut raw = Vec::with_capacity(16 * usize::from(n));
+    for i in 0..n {
+        let next = if i + 1 == n { 0 } else { i + 1 };
+        raw.extend_from_slice(&0u64.to_le_bytes());
+        raw.extend_from_slice(&0u32.to_le_bytes());
+        raw.extend_from_slice(&F_NEXT.to_le_bytes());
+        raw.extend_from_slice(&next.to_le_bytes());
+    }
+    fe.write(table, &raw);
+}
+
+/// A ring filled with malformed chains, good ones behind them, and one kick: the backend
+/// takes the malformed ones a bounded share at a time, and comes back for the rest on its
+/// own. Every good request is served, every malformed chain comes back exactly once
+/// (unanswered) and is counted exactly once.
+#[test]
+fn many_malformed_chains_then_good_ones_are_all_served() {
+    let (b, mut fe) = setup_sized(1024);
+    let table = fe.alloc(16 * 8);
+    looping_table(&fe, table, 8);
+    let bad = 1000usize;
+    let mut bad_heads = Vec::with_capacity(bad);
+    for i in 0..bad {
+        let ids = fe.queues[0].reserve(1);
+        if i % 2 == 0 {
+            // A buffer outside guest memory.
+            fe.queues[0].write_desc(&fe.mem, ids[0], MEM + 4096, 16, 0, 0);
+        } else {
+            fe.queues[0].write_desc(&fe.mem, ids[0], table, 16 * 8, F_INDIRECT, 0);
+        }
+        fe.queues[0].publish(&fe.mem, ids[0]);
+        bad_heads.push(u32::from(ids[0]));
+    }
+    let mut good = Vec::new();
+    for i in 0..8u64 {
+        let r = blk_req(&mut fe, req_type::IN, 10 + i, 512);
+        let head = fe.queues[0].add_chain(&fe.mem, &r.chain(true));
+        fe.queues[0].publish(&fe.mem, head);
+        good.push((u32::from(head), i, r));
+    }
+    fe.queues[0].notify();
+    let used = fe.wait(0, bad + good.len()).expect("every chain returned");
+    assert_eq!(
+        used.len(),
+        bad + good.len(),
+        "more used entries than chains"
+    );
+    let mut returned_bad: Vec<u32> = used.iter().filter(|u| u.len == 0).map(|u| u.id).collect();
+    returned_bad.sort_unstable();
+    let mut expected_bad = bad_heads.clone();
+    expected_bad.sort_unstable();
+    assert_eq!(
+        returned_bad, expected_bad,
+        "each malformed chain returned once"
+    );
+    for (head, i, r) in &good {
+        let u: Vec<_> = used.iter().filter(|u| u.id == *head).collect();
+        assert_eq!(
+            u.len(),
+            1,
+            "good request {i} (head {head}) returned {} times",
+            u.len()
+        );
+        assert_eq!(u[0].len, 513);
+        assert_eq!(r.status(&fe), status::OK);
+        assert_eq!(fe.read(r.data, 512), pattern_range((10 + i) * 512, 512));
+    }
+    assert_eq!(b.stats[0].bad_chains.load(Ordering::Relaxed), bad as u64);
+    // Nothing more comes back later (no chain is returned twice).
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(fe.queues[0].used_idx(&fe.mem), (bad + good.len()) as u16);
+    assert_eq!(b.stats[0].bad_chains.load(Ordering::Relaxed), bad as u64);
+    still_serving(&mut fe);
+}
+
+/// GET_VRING_BASE while a ring still holds many malformed chains, each expensive to walk
+/// (an indirect table as long as the ring, that loops): the backend answers after the
+/// share it is working on, not after the whole ring, and the index it answers is exact.
+#[test]
+fn stopping_a_ring_full_of_malformed_chains_answers_promptly() {
+    let size = 4096u16;
+    let (b, mut fe) = setup_sized(size);
+    let n = size;
+    let table = fe.alloc(16 * u64::from(n));
+    looping_table(&fe, table, n);
+    let mut heads = Vec::with_capacity(usize::from(size));
+    for _ in 0..size {
+        let ids = fe.queues[0].reserve(1);
+        fe.queues[0].write_desc(&fe.mem, ids[0], table, 16 * u32::from(n), F_INDIRECT, 0);
+        fe.queues[0].publish(&fe.mem, ids[0]);
+        heads.push(u32::from(ids[0]));
+    }
+    fe.queues[0].notify();
+    // The stop must find the worker at work on the ring, not before it started.
+    let deadline = std::time::Instant::now() + PROMPT;
+    while b.stats[0].bad_chains.load(Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backend did not start on the ring"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let started = std::time::Instant::now();
+    let base = fe
+        .within(PROMPT, |fe| fe.fe.get_vring_base(0))
+        .expect("GET_VRING_BASE answered in time");
+    let took = started.elapsed();
+    let base = u16::try_from(base).expect("base fits the ring");
+    assert!(
+        base < size,
+        "GET_VRING_BASE was answered only after all {size} malformed chains ({took:?})"
+    );
+    // Everything before the index is back on the used ring, once, and counted; nothing
+    // after it was touched.
+    assert_eq!(fe.queues[0].used_idx(&fe.mem), base);
+    assert_eq!(
+        b.stats[0].bad_chains.load(Ordering::Relaxed),
+        u64::from(base)
+    );
+    let used = fe.queues[0].take_used(&fe.mem);
+    let ids: Vec<u32> = used.iter().map(|u| u.id).collect();
+    assert_eq!(ids, heads[..usize::from(base)]);
+    assert!(used.iter().all(|u| u.len == 0));
+    restart_ring(&mut fe);
+    still_serving(&mut fe);
+}

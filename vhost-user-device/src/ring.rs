@@ -37,6 +37,16 @@ pub struct QueueStats {
 /// The driver asks for no interrupts (avail ring flags; used without event_idx).
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
+/// Malformed chains [`Ring::pop`] skips in one round (see [`Ring::begin_round`]).
+///
+/// Skipping a malformed chain costs a walk of up to a whole descriptor table (an indirect
+/// one holds up to 65535 entries), and a guest can fill a ring of 32768 entries with such
+/// chains. Without a bound one kick would keep the worker on that ring for all of them,
+/// with its other rings, its completions and the protocol thread's commands (a
+/// GET_VRING_BASE waiting for its reply) left waiting. 64 keeps a round short and costs a
+/// well-behaved guest nothing: it never posts a malformed chain.
+pub const BAD_CHAINS_PER_ROUND: u32 = 64;
+
 /// One log for broken rings across all queues and connections: a frontend that restarts a
 /// broken ring in a loop must not flood the host log either.
 static BROKEN_LOG: Mutex<RateLimitedLog> = Mutex::new(RateLimitedLog::new());
@@ -82,6 +92,11 @@ pub struct Ring {
     pub(crate) enabled: bool,
     /// Found broken: parked (nothing popped, no more work reported) until restarted.
     broken: bool,
+    /// Malformed chains skipped in the current round.
+    bad_in_round: u32,
+    /// The round skipped its share of malformed chains: nothing more is popped or
+    /// reported as work until the next round, which the worker starts on its own.
+    round_spent: bool,
     /// The avail index last read; chains up to it are known to be there, so the avail
     /// index is read again only once the device caught up with it.
     known_avail: u16,
@@ -206,6 +221,8 @@ impl Ring {
             err: setup.err,
             enabled: setup.enabled,
             broken: false,
+            bad_in_round: 0,
+            round_spent: false,
             known_avail,
             inflight,
             resubmit,
@@ -262,6 +279,24 @@ impl Ring {
         self.broken
     }
 
+    /// Starts a new round: [`Ring::pop`] may skip another [`BAD_CHAINS_PER_ROUND`]
+    /// malformed chains. The layer's worker calls this before each `process_queue` it
+    /// makes (kick, start, enable, and its own return to a ring whose round was spent),
+    /// so devices need not; chains a device pops on its own events count towards the
+    /// round in progress.
+    pub fn begin_round(&mut self) {
+        self.bad_in_round = 0;
+        self.round_spent = false;
+    }
+
+    /// Whether this round skipped its share of malformed chains and chains may be left:
+    /// [`Ring::pop`] and [`Ring::enable_notification`] report nothing until the next
+    /// round, which the layer's worker starts without waiting for a kick. A device that
+    /// acts on "the ring is empty" (rather than only stopping) must check this.
+    pub fn round_spent(&self) -> bool {
+        self.round_spent
+    }
+
     /// Suppresses guest kicks while we drain the ring.
     pub fn disable_notification(&mut self, mem: &GuestMem) {
         if !self.broken {
@@ -271,9 +306,12 @@ impl Ring {
 
     /// Re-enables kicks; returns true if new chains arrived meanwhile (process again).
     /// Never true for a broken ring: callers loop on it, and a ring [`Ring::pop`] cannot
-    /// take from would otherwise be reported as having work for ever.
+    /// take from would otherwise be reported as having work for ever. Nor once the round
+    /// is spent ([`Ring::round_spent`]): the chains left would be reported as work and
+    /// the caller would loop through them all in this round after all. Kicks then stay
+    /// as the caller left them (off while it drains): the worker comes back on its own.
     pub fn enable_notification(&mut self, mem: &GuestMem) -> bool {
-        if self.broken {
+        if self.broken || self.round_spent {
             return false;
         }
         match self.queue.enable_notification(mem) {
@@ -287,10 +325,12 @@ impl Ring {
 
     /// Takes the next chain: first chains to resubmit after a reconnect, then the avail
     /// ring. Malformed chains are returned to the guest with length 0, counted and logged,
-    /// and the next chain is tried. A ring that cannot be read at all is parked
+    /// and the next chain is tried, up to [`BAD_CHAINS_PER_ROUND`] in a round: then the
+    /// round is spent ([`Ring::round_spent`]) and nothing more is taken until the next
+    /// ([`Ring::begin_round`]). A ring that cannot be read at all is parked
     /// ([`Ring::is_broken`]) and yields nothing more.
     pub fn pop(&mut self, mem: &GuestMem, chain: &mut Chain) -> bool {
-        if self.broken {
+        if self.broken || self.round_spent {
             return false;
         }
         loop {
@@ -315,7 +355,14 @@ impl Ring {
             self.stats.chains.fetch_add(1, Ordering::Relaxed);
             match chain::walk(mem, self.queue.desc_table(), self.queue.size(), head, chain) {
                 Ok(()) => return true,
-                Err(e) => self.reject_chain(mem, head, e),
+                Err(e) => {
+                    self.reject_chain(mem, head, e);
+                    self.bad_in_round += 1;
+                    if self.bad_in_round >= BAD_CHAINS_PER_ROUND {
+                        self.round_spent = true;
+                        return false;
+                    }
+                }
             }
         }
     }
@@ -519,5 +566,142 @@ impl Ring {
     /// Chains waiting to be resubmitted from the inflight region.
     pub fn has_resubmits(&self) -> bool {
         !self.resubmit.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+
+    use vhost::vhost_user::message::VhostUserMemoryRegion;
+    use vm_memory::Bytes;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use crate::memory::MemoryTable;
+
+    const SIZE: u16 = 256;
+    const DESC: u64 = 0;
+    const AVAIL: u64 = 0x1000;
+    const USED: u64 = 0x2000;
+    /// Guest memory size; anything at or above is outside it.
+    const MEM: u64 = 0x10000;
+
+    fn memfd(len: u64) -> File {
+        // SAFETY: valid C string; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"ring-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh descriptor we own.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        f
+    }
+
+    /// A started ring of SIZE entries in 64 KiB of guest memory.
+    fn ring() -> Ring {
+        let mut table = MemoryTable::new(DirtyLog::new());
+        table
+            .add_region(
+                &VhostUserMemoryRegion::new(0, MEM, 0x7000_0000_0000, 0),
+                memfd(MEM),
+            )
+            .unwrap();
+        Ring::start(RingSetup {
+            index: 0,
+            size: SIZE,
+            max_size: SIZE,
+            desc: DESC,
+            avail: AVAIL,
+            used: USED,
+            base: 0,
+            event_idx: false,
+            acked_features: 0,
+            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+            call: None,
+            err: None,
+            enabled: true,
+            inflight: None,
+            mem: table.atomic(),
+            log: DirtyLog::new(),
+            stats: Arc::new(QueueStats::default()),
+        })
+        .unwrap()
+    }
+
+    /// Writes descriptor `i`: one buffer, no NEXT.
+    fn desc(mem: &GuestMem, i: u16, addr: u64, len: u32) {
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&raw, GuestAddress(DESC + 16 * u64::from(i)))
+            .unwrap();
+    }
+
+    /// Publishes heads 0..n on the avail ring.
+    fn publish(mem: &GuestMem, n: u16) {
+        for i in 0..n {
+            mem.write_obj(i.to_le(), GuestAddress(AVAIL + 4 + 2 * u64::from(i)))
+                .unwrap();
+        }
+        mem.write_obj(n.to_le(), GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    fn used_idx(mem: &GuestMem) -> u16 {
+        u16::from_le(mem.read_obj(GuestAddress(USED + 2)).unwrap())
+    }
+
+    /// A guest that fills its ring with malformed chains gets only a bounded share of one
+    /// round: `pop` and `enable_notification` then report nothing more (the device loops
+    /// `pop` until it fails and `enable_notification` says no more), so the worker can
+    /// serve its other rings and commands before it comes back for the rest.
+    #[test]
+    fn one_round_skips_a_bounded_number_of_malformed_chains() {
+        let mut ring = ring();
+        let mem = ring.memory();
+        let bad = 100u16;
+        for i in 0..bad {
+            desc(&mem, i, MEM + 4096, 16);
+        }
+        desc(&mem, bad, 0x8000, 16);
+        publish(&mem, bad + 1);
+        let mut chain = Chain::default();
+        ring.disable_notification(&mem);
+        assert!(
+            !ring.pop(&mem, &mut chain),
+            "one pop went through {} malformed chains to the good one (head {})",
+            ring.stats().bad_chains.load(Ordering::Relaxed),
+            chain.head
+        );
+        let share = BAD_CHAINS_PER_ROUND as u16;
+        assert_eq!(
+            ring.stats().bad_chains.load(Ordering::Relaxed),
+            u64::from(share)
+        );
+        assert_eq!(ring.next_avail(), share);
+        assert_eq!(used_idx(&mem), share, "each skipped chain is returned");
+        assert!(ring.round_spent());
+        assert!(
+            !ring.enable_notification(&mem),
+            "the rest of the ring must not be reported as work within the round"
+        );
+        assert!(!ring.pop(&mem, &mut chain), "a spent round stays spent");
+        assert_eq!(ring.next_avail(), share);
+        // The next round takes the rest: the other malformed chains, then the good one.
+        ring.begin_round();
+        assert!(!ring.round_spent());
+        assert!(ring.pop(&mem, &mut chain));
+        assert_eq!(chain.head, bad);
+        assert_eq!(
+            ring.stats().bad_chains.load(Ordering::Relaxed),
+            u64::from(bad)
+        );
+        assert_eq!(used_idx(&mem), bad, "each malformed chain is returned once");
+        assert!(!ring.pop(&mem, &mut chain));
+        assert!(
+            !ring.round_spent(),
+            "an empty ring does not spend the round"
+        );
+        assert!(!ring.enable_notification(&mem));
     }
 }

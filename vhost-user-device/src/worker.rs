@@ -25,6 +25,8 @@ const DRAIN_REPORT_AFTER: Duration = Duration::from_secs(10);
 const DRAIN_RETRY_MAX: Duration = Duration::from_millis(100);
 const TOKEN_KICK_BASE: u64 = 1;
 const TOKEN_DEVICE_BASE: u64 = 1 << 32;
+/// The worker's own eventfd, written to come back to rings whose round was spent.
+const TOKEN_RESUME: u64 = u64::MAX;
 
 /// The rings a worker owns, by position in its group.
 pub struct Rings {
@@ -75,6 +77,7 @@ impl WorkerHandle {
     ) -> io::Result<Self> {
         let (tx, rx) = unbounded();
         let wake = EventFd::new(EFD_NONBLOCK)?;
+        let resume = EventFd::new(EFD_NONBLOCK)?;
         let exit = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicBool::new(false));
         let epoll = Epoll::new()?;
@@ -82,6 +85,11 @@ impl WorkerHandle {
             ControlOperation::Add,
             wake.as_raw_fd(),
             EpollEvent::new(EventSet::IN, TOKEN_WAKE),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            resume.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_RESUME),
         )?;
         for (i, fd) in worker.event_fds().into_iter().enumerate() {
             epoll.ctl(
@@ -99,6 +107,7 @@ impl WorkerHandle {
             epoll,
             rx,
             wake: wake.try_clone()?,
+            resume,
             exit: exit.clone(),
         };
         let failed_flag = failed.clone();
@@ -186,7 +195,16 @@ struct WorkerState {
     epoll: Epoll,
     rx: Receiver<Command>,
     wake: EventFd,
+    /// Written when a ring's round was spent ([`Ring::round_spent`]): the worker comes
+    /// back to it after the events already waiting, without a kick.
+    resume: EventFd,
     exit: Arc<AtomicBool>,
+}
+
+/// Has `worker` process what the guest made available on `ring`, in a new round.
+fn process(worker: &mut dyn QueueWorker, ring: &mut Ring) {
+    ring.begin_round();
+    worker.process_queue(ring);
 }
 
 impl WorkerState {
@@ -222,6 +240,9 @@ impl WorkerState {
                         self.stop_all();
                         return Ok(());
                     }
+                } else if token == TOKEN_RESUME {
+                    let _ = self.resume.read();
+                    self.resume_spent();
                 } else if token >= TOKEN_DEVICE_BASE {
                     let index = (token - TOKEN_DEVICE_BASE) as usize;
                     self.worker.handle_event(index, &mut self.rings);
@@ -229,6 +250,40 @@ impl WorkerState {
                     let slot = (token - TOKEN_KICK_BASE) as usize;
                     self.kicked(slot);
                 }
+            }
+            self.schedule_resume();
+        }
+    }
+
+    /// Rings whose round is spent but which may be processed: the ones to come back to.
+    fn spent(ring: &Ring) -> bool {
+        ring.round_spent() && ring.is_enabled() && !ring.is_broken()
+    }
+
+    /// After a batch of events: if a ring's round was spent (it skipped its share of
+    /// malformed chains with more left), come back to it through `resume`. Not at once:
+    /// epoll reports `resume` after the fds already ready, so the other rings, the
+    /// device's completions and the protocol thread's commands (a GET_VRING_BASE waiting
+    /// for its reply) get their turn first. And not through a kick, which the guest need
+    /// not send again: the chains are already on the ring.
+    fn schedule_resume(&mut self) {
+        if self
+            .rings
+            .slots
+            .iter()
+            .any(|(_, r)| r.as_ref().is_some_and(Self::spent))
+        {
+            // Fails only when the counter is about to overflow (EAGAIN): it is then
+            // readable anyway, which is all we need.
+            let _ = self.resume.write(1);
+        }
+    }
+
+    /// Starts a new round on each ring whose round was spent.
+    fn resume_spent(&mut self) {
+        for (_, ring) in &mut self.rings.slots {
+            if let Some(ring) = ring.as_mut().filter(|r| Self::spent(r)) {
+                process(self.worker.as_mut(), ring);
             }
         }
     }
@@ -241,7 +296,7 @@ impl WorkerState {
         // Read it even for a parked ring, or epoll would report it readable for ever.
         let _ = ring.kick.read();
         if ring.is_enabled() && !ring.is_broken() {
-            self.worker.process_queue(ring);
+            process(self.worker.as_mut(), ring);
         }
     }
 
@@ -260,14 +315,14 @@ impl WorkerState {
                 let ring = &mut self.rings.slots[slot].1.insert(*ring);
                 // Chains made available before the kick fd arrived, and resubmissions.
                 if ring.is_enabled() && !ring.is_broken() {
-                    self.worker.process_queue(ring);
+                    process(self.worker.as_mut(), ring);
                 }
             }
             Command::Enable(queue, on) => {
                 if let Some(ring) = self.rings.get_mut(queue) {
                     ring.enabled = on;
                     if on && !ring.is_broken() {
-                        self.worker.process_queue(ring);
+                        process(self.worker.as_mut(), ring);
                     }
                 }
             }
