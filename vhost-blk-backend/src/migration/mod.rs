@@ -49,20 +49,26 @@ pub enum MigrationError {
     Cancelled,
 }
 
-/// Reads whole frames off a connection.
+/// Reads whole frames off a connection, through one buffer allocated once (a frame is at
+/// most a header and MAX_PAYLOAD bytes, so it always fits).
 pub(crate) struct FrameReader {
     conn: transport::Conn,
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     eof: bool,
 }
+
+/// Room for two largest frames: reads of up to one frame's size never wait for a move.
+const READ_BUF: usize = 2 * (stream::HEADER_LEN + stream::MAX_PAYLOAD as usize);
 
 impl FrameReader {
     pub(crate) fn new(conn: transport::Conn) -> Self {
         Self {
             conn,
-            buf: Vec::with_capacity(2 << 20),
+            buf: vec![0u8; READ_BUF],
             start: 0,
+            end: 0,
             eof: false,
         }
     }
@@ -74,31 +80,25 @@ impl FrameReader {
     ) -> Result<Option<(stream::Message, u64)>, MigrationError> {
         use std::io::Read;
         loop {
-            if let Some((msg, seq, n)) = dec.decode(&self.buf[self.start..], self.eof)? {
+            if let Some((msg, seq, n)) = dec.decode(&self.buf[self.start..self.end], self.eof)? {
                 self.start += n;
                 return Ok(Some((msg, seq)));
             }
             if self.eof {
                 return Ok(None);
             }
-            // Keep the buffer from growing: move the unread bytes to the front.
-            if self.start > 0 {
-                self.buf.drain(..self.start);
+            // Less than a frame's room left at the end: move the unread bytes forward.
+            if self.buf.len() - self.end < READ_BUF / 2 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
                 self.start = 0;
             }
-            let have = self.buf.len();
-            self.buf.resize(have + (256 << 10), 0);
-            let n = match self.conn.read(&mut self.buf[have..]) {
+            let n = match self.conn.read(&mut self.buf[self.end..]) {
                 Ok(n) => n,
-                Err(e) => {
-                    self.buf.truncate(have);
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(e.into());
-                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
             };
-            self.buf.truncate(have + n);
+            self.end += n;
             if n == 0 {
                 self.eof = true;
             }

@@ -315,12 +315,11 @@ impl<'a> Source<'a> {
                 if let Some(p) = &self.pacer {
                     p.covered((end - start) as u64);
                 }
-                self.send(&Message::Extent {
-                    offset: at,
-                    len: (end - start) as u32,
-                    flags: 0,
-                    data: data[start..end].to_vec(),
-                })?;
+                self.enc
+                    .encode_data_extent(at, &data[start..end], &mut self.out);
+                if self.out.len() >= 2 << 20 {
+                    self.flush()?;
+                }
             }
             start = end;
         }
