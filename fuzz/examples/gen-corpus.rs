@@ -345,6 +345,8 @@ fn migration_stream() {
     let mut b = vec![1u8];
     b.extend_from_slice(&session.to_le_bytes());
     b.push(1);
+    b.push(0); // Accept: full,
+    b.push(0); // no reason
     b.push(2);
     b.extend_from_slice(&512u64.to_le_bytes());
     b.push(0);

@@ -59,6 +59,9 @@ fuzz_target!(|data: &[u8]| {
     for &op in &ops[..usize::from(nops)] {
         let arg = op >> 3;
         let was_pop = std::mem::take(&mut just_popped);
+        // Each operation is a new round, as each event is for the layer's worker: a
+        // round stops after a bounded number of malformed chains.
+        ring.begin_round();
         match op & 7 {
             0 | 1 => {
                 if ring.pop(&mem, &mut chain) {

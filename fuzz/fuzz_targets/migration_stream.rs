@@ -105,7 +105,16 @@ fn message(r: &mut Reader) -> (Message, bool) {
                 granularity.is_power_of_two(),
             )
         }
-        1 => (Message::Accept, true),
+        1 => {
+            let mode = if r.u8() & 1 == 0 {
+                Mode::Full
+            } else {
+                Mode::Incremental
+            };
+            let n = usize::from(r.u8());
+            let reason = String::from_utf8_lossy(r.bytes(n)).into_owned();
+            (Message::Accept { mode, reason }, true)
+        }
         2 => {
             let offset = r.u64();
             let flags = u32::from(r.u8());
