@@ -8,6 +8,7 @@
 //! - [`sandbox`]: the `--sandbox` checks every backend program shares.
 
 pub mod console_bench;
+pub mod freeze;
 pub mod frontend;
 pub mod guest;
 pub mod guest_console;

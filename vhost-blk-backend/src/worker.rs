@@ -1123,7 +1123,6 @@ mod tests {
     use std::fs::File;
     use std::os::fd::FromRawFd;
     use std::path::PathBuf;
-    use std::process::Command;
     use std::sync::mpsc;
 
     use vhost::vhost_user::message::VhostUserMemoryRegion;
@@ -1131,72 +1130,11 @@ mod tests {
     use vhost_user_device::memory::MemoryTable;
     use vm_memory::GuestAddressSpace;
 
+    use vhost_tests::freeze::FreezableFs;
+
     use crate::{BlkDevice, BlkOptions, CacheMode, Disk};
 
-    fn sh(cmd: &str, args: &[&str]) {
-        let out = Command::new(cmd).args(args).output().expect("run");
-        assert!(out.status.success(), "{cmd} {args:?} failed");
-    }
-
-    /// An ext4 on a loop device that can be frozen: writes to it wait in the kernel.
-    /// Thawed, unmounted and detached on drop.
-    struct Frozen {
-        _dir: tempfile::TempDir,
-        mnt: PathBuf,
-        dev: String,
-        frozen: bool,
-    }
-
-    impl Frozen {
-        fn new() -> Self {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let backing = dir.path().join("fs.img");
-            File::create(&backing)
-                .and_then(|f| f.set_len(64 << 20))
-                .expect("backing file");
-            sh("mkfs.ext4", &["-q", "-F", backing.to_str().expect("path")]);
-            let out = Command::new("losetup")
-                .args(["--find", "--show"])
-                .arg(&backing)
-                .output()
-                .expect("losetup");
-            assert!(out.status.success(), "losetup failed");
-            let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            let mnt = dir.path().join("mnt");
-            std::fs::create_dir(&mnt).expect("mount point");
-            sh("mount", &[&dev, mnt.to_str().expect("path")]);
-            Self {
-                _dir: dir,
-                mnt,
-                dev,
-                frozen: false,
-            }
-        }
-
-        fn set_frozen(&mut self, on: bool) {
-            let flag = if on { "--freeze" } else { "--unfreeze" };
-            if self.frozen != on {
-                sh("fsfreeze", &[flag, self.mnt.to_str().expect("path")]);
-                self.frozen = on;
-            }
-        }
-    }
-
-    impl Drop for Frozen {
-        fn drop(&mut self) {
-            if self.frozen {
-                let _ = Command::new("fsfreeze")
-                    .arg("--unfreeze")
-                    .arg(&self.mnt)
-                    .status();
-            }
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-            let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-        }
-    }
-
     const LEN: u32 = 64 << 10;
-
     /// 1 MiB of guest memory (a memfd mapping, as a frontend's would be).
     fn guest_memory() -> Arc<GuestMem> {
         // SAFETY: valid C string; the result is checked.
@@ -1272,8 +1210,8 @@ mod tests {
         w
     }
 
-    fn image_in(fs: &Frozen) -> PathBuf {
-        let image = fs.mnt.join("disk.img");
+    fn image_in(fs: &FreezableFs) -> PathBuf {
+        let image = fs.path().join("disk.img");
         File::create(&image)
             .and_then(|f| f.set_len(1 << 20))
             .expect("image");
@@ -1306,9 +1244,9 @@ mod tests {
         if skip_unless_root("a_worker_torn_down_with_a_write_in_the_kernel_waits_for_it") {
             return;
         }
-        let mut fs = Frozen::new();
+        let mut fs = FreezableFs::new();
         let image = image_in(&fs);
-        fs.set_frozen(true);
+        fs.freeze();
         let (tx, rx) = mpsc::channel();
         let path = image.clone();
         // Built, used and dropped on one thread, like the worker thread (a DEFER_TASKRUN
@@ -1324,7 +1262,7 @@ mod tests {
         assert!(rx.recv().expect("write submitted").is_none());
         let early = rx.recv_timeout(Duration::from_millis(500)).ok().flatten();
         let dropped_early = early.is_some();
-        fs.set_frozen(false);
+        fs.thaw();
         let shared = match early {
             Some(shared) => shared,
             None => match rx.recv_timeout(Duration::from_secs(20)) {
@@ -1352,9 +1290,9 @@ mod tests {
         if skip_unless_root("a_teardown_that_outlasts_its_bound_leaks_instead_of_freeing") {
             return;
         }
-        let mut fs = Frozen::new();
+        let mut fs = FreezableFs::new();
         let image = image_in(&fs);
-        fs.set_frozen(true);
+        fs.freeze();
         let path = image.clone();
         let started = Instant::now();
         let (tx, rx) = mpsc::channel();
@@ -1374,7 +1312,7 @@ mod tests {
             "the request still in the kernel was not leaked (dropped after {took:?})"
         );
         assert!(took >= Duration::from_millis(300), "gave up after {took:?}");
-        fs.set_frozen(false);
+        fs.thaw();
         t.join().expect("worker thread");
         let deadline = Instant::now() + Duration::from_secs(10);
         while read_image(&image) != vec![0xa5; LEN as usize] {

@@ -3,7 +3,6 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -234,80 +233,6 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-pub fn sh(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect("run");
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// An ext4 file system on a loop device, mounted on a temporary directory; thawed,
-/// unmounted and detached on drop (even when the test fails while it is frozen).
-pub struct FreezableFs {
-    dir: tempfile::TempDir,
-    mnt: PathBuf,
-    dev: String,
-    frozen: bool,
-}
-
-impl FreezableFs {
-    pub fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let backing = dir.path().join("fs.img");
-        std::fs::File::create(&backing)
-            .and_then(|f| f.set_len(64 << 20))
-            .expect("backing file");
-        sh("mkfs.ext4", &["-q", "-F", backing.to_str().expect("path")]);
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&backing)
-            .output()
-            .expect("losetup");
-        assert!(out.status.success(), "losetup failed");
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).expect("mount point");
-        sh("mount", &[&dev, mnt.to_str().expect("path")]);
-        Self {
-            dir,
-            mnt,
-            dev,
-            frozen: false,
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.mnt
-    }
-
-    pub fn freeze(&mut self) {
-        sh("fsfreeze", &["--freeze", self.mnt.to_str().expect("path")]);
-        self.frozen = true;
-    }
-
-    pub fn thaw(&mut self) {
-        if self.frozen {
-            sh(
-                "fsfreeze",
-                &["--unfreeze", self.mnt.to_str().expect("path")],
-            );
-            self.frozen = false;
-        }
-    }
-}
-
-impl Drop for FreezableFs {
-    fn drop(&mut self) {
-        if self.frozen {
-            let _ = Command::new("fsfreeze")
-                .arg("--unfreeze")
-                .arg(&self.mnt)
-                .status();
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-        let _ = &self.dir;
-    }
-}
+// Not every test binary that includes this module freezes a file system.
+#[allow(unused_imports)]
+pub use vhost_tests::freeze::FreezableFs;
