@@ -12,7 +12,8 @@ use vhost_blk_backend::dirty_file::{DirtyFile, Loaded};
 use vhost_blk_backend::migration::client::{self, MigrateArgs, WaitFor};
 use vhost_blk_backend::migration::dest::serve_incoming;
 use vhost_blk_backend::migration::job::Migrations;
-use vhost_blk_backend::migration::transport::{self, Uri};
+use vhost_blk_backend::migration::tls::TlsCreds;
+use vhost_blk_backend::migration::transport::{self, Security, Uri};
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
 use vhost_user_device::control::ControlServer;
 use vhost_user_device::program::{backend_main, parse_size, ListenArgs};
@@ -108,6 +109,13 @@ struct Args {
     /// unencrypted and unauthenticated. Needed on both ends for tcp: URIs.
     #[arg(long)]
     migration_insecure: bool,
+
+    /// Encrypt and mutually authenticate migration streams over TCP with TLS, from DIR in
+    /// QEMU's tls-creds-x509 layout (ca-cert.pem; server-cert.pem and server-key.pem for
+    /// --incoming; client-cert.pem and client-key.pem for migrate): the credentials
+    /// libvirt deploys for migration work as they are. Needed on both ends.
+    #[arg(long, value_name = "DIR")]
+    tls_creds: Option<PathBuf>,
 
     /// Serve QMP (QEMU's machine protocol) on this Unix socket: status, counters and the
     /// block migration commands (migrate, query-migrate, migrate-set-speed,
@@ -305,11 +313,21 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             incomplete,
         };
     }
+    let security = Security {
+        insecure: args.migration_insecure,
+        tls: args.tls_creds.as_deref().map(TlsCreds::new),
+    };
+    if let (Some(t), Some(_)) = (&security.tls, &args.control_socket) {
+        t.check(false)?;
+    }
     // Bind the migration address before anything else, so a bad one fails at start.
     let incoming = match &args.incoming {
         Some(uri) => {
             shared.gate.close();
-            Some(transport::listen(uri, args.migration_insecure)?)
+            if let Some(t) = &security.tls {
+                t.check(true)?;
+            }
+            Some(transport::listen(uri, &security)?)
         }
         None => None,
     };
@@ -332,7 +350,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(p) => {
             let migrations = Arc::new(Migrations::new(
                 shared.clone(),
-                args.migration_insecure,
+                security.clone(),
                 std::time::Duration::from_millis(args.downtime_limit),
             ));
             let server = ControlServer::start(

@@ -288,7 +288,7 @@ mod vmm_driven {
     use vhost::VhostBackend;
     use vhost_blk_backend::migration::dest::serve_incoming;
     use vhost_blk_backend::migration::job::{CopyMode, JobParams, Migrations};
-    use vhost_blk_backend::migration::transport::{listen, Uri};
+    use vhost_blk_backend::migration::transport::{listen, Security, Uri};
 
     fn status(m: &Migrations) -> String {
         m.query().unwrap()["status"].as_str().unwrap().to_string()
@@ -312,14 +312,14 @@ mod vmm_driven {
         let src = backend(true, false);
         let dst = backend(false, true);
         let uri = Uri::Unix(dst.dir.path().join("mig.sock"));
-        let mut l = listen(&uri, false).unwrap();
+        let mut l = listen(&uri, &Security::default()).unwrap();
         let dshared = dst.shared.clone();
         std::thread::spawn(move || serve_incoming(&dshared, &mut l));
         let mut fe = TestFrontend::connect(src.socket(), FrontendOptions::default()).unwrap();
         assert_eq!(write(&mut fe, 0, &[0x11; 4096]), status::OK);
         let m = Arc::new(Migrations::new(
             src.shared.clone(),
-            false,
+            Security::default(),
             Duration::from_millis(100),
         ));
         m.start(JobParams {
@@ -385,5 +385,115 @@ mod vmm_driven {
         // And that write is what the next sync to the (stale) destination sends.
         assert_eq!(src.shared.dirty.count(), 1);
         assert!(src.shared.dirty.is_dirty(3));
+    }
+}
+
+mod tls {
+    //! Migration over TCP with TLS, from credentials in QEMU's tls-creds-x509 layout that
+    //! the test makes: mutual authentication both ways, a foreign client or a plain one
+    //! refused with nothing written.
+
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use vhost_blk_backend::migration::tls::TlsCreds;
+    use vhost_blk_backend::migration::transport::{connect, listen, Security, Uri};
+
+    /// A CA and its server and client certificates in `dir`, QEMU's file names.
+    fn make_creds(dir: &std::path::Path, ca_name: &str) {
+        std::fs::create_dir_all(dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, ca_name);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        std::fs::write(dir.join("ca-cert.pem"), ca_cert.pem()).unwrap();
+        for side in ["server", "client"] {
+            let key = KeyPair::generate().unwrap();
+            let mut p =
+                CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                    .unwrap();
+            p.distinguished_name.push(DnType::CommonName, side);
+            let cert = p.signed_by(&key, &issuer).unwrap();
+            std::fs::write(dir.join(format!("{side}-cert.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.join(format!("{side}-key.pem")), key.serialize_pem()).unwrap();
+        }
+    }
+
+    fn secure(dir: &std::path::Path) -> Security {
+        Security {
+            insecure: false,
+            tls: Some(TlsCreds::new(dir)),
+        }
+    }
+
+    /// Listens on a free loopback port with `dst_sec`; returns the URI and the listener.
+    fn tcp_listener(
+        dst_sec: &Security,
+    ) -> (Uri, vhost_blk_backend::migration::transport::Listener) {
+        let l = listen(&"tcp:127.0.0.1:0".parse().unwrap(), dst_sec).unwrap();
+        let port = l.local_port().unwrap();
+        (format!("tcp:127.0.0.1:{port}").parse().unwrap(), l)
+    }
+
+    #[test]
+    fn a_sync_over_tls_with_certificates_from_one_authority_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("creds");
+        make_creds(&creds, "migration CA");
+        let src = backend(true, false);
+        let dst = backend(false, true);
+        let (uri, mut l) = tcp_listener(&secure(&creds));
+        let accept = std::thread::spawn(move || l.accept().map(|c| (c, l)));
+        let a = connect(&uri, &secure(&creds)).unwrap();
+        let (b, _l) = accept.join().unwrap().unwrap();
+        assert!(matches!(a, Conn::Tls(_)) && matches!(b, Conn::Tls(_)));
+        let (stats, got, _) = sync_over(&src, &dst, Mode::Full, a, b).unwrap();
+        assert_eq!(got.data_bytes, stats.data_bytes);
+        assert!(image(&src) == image(&dst));
+    }
+
+    #[test]
+    fn a_client_of_another_authority_or_without_tls_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
+        make_creds(&ours, "migration CA");
+        make_creds(&theirs, "another CA");
+        let (uri, mut l) = tcp_listener(&secure(&ours));
+        // A source whose certificates come from another authority: the handshake fails
+        // on both ends (it does not trust our server either).
+        let accept = std::thread::spawn(move || {
+            let r = l.accept().map(|_| ());
+            (r, l)
+        });
+        let e = connect(&uri, &secure(&theirs)).unwrap_err();
+        assert!(e.to_string().contains("TLS"), "{e}");
+        let (r, mut l) = accept.join().unwrap();
+        assert!(r.is_err(), "the destination accepted a foreign client");
+        // A source that trusts our authority but holds a certificate of another: only
+        // the destination's check of client certificates can refuse it.
+        let mixed = dir.path().join("mixed");
+        std::fs::create_dir_all(&mixed).unwrap();
+        std::fs::copy(ours.join("ca-cert.pem"), mixed.join("ca-cert.pem")).unwrap();
+        for f in ["client-cert.pem", "client-key.pem"] {
+            std::fs::copy(theirs.join(f), mixed.join(f)).unwrap();
+        }
+        let accept = std::thread::spawn(move || {
+            let r = l.accept().map(|_| ());
+            (r, l)
+        });
+        let _ = connect(&uri, &secure(&mixed)).map(|mut c| c.write_all(b"x"));
+        let (r, mut l) = accept.join().unwrap();
+        let e = r.expect_err("the destination accepted a client certificate of another CA");
+        assert!(e.to_string().contains("TLS"), "{e}");
+        // A plain TCP source (with consent on its end only): no TLS handshake, refused.
+        let accept = std::thread::spawn(move || l.accept().map(|_| ()));
+        let mut plain = connect(&uri, &Security::plain(true)).unwrap();
+        let _ = plain.write_all(b"VHBM not a TLS hello, just a plain stream\n");
+        plain.shutdown();
+        assert!(
+            accept.join().unwrap().is_err(),
+            "the destination took a plain stream"
+        );
     }
 }

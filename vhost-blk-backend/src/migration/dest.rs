@@ -75,6 +75,7 @@ pub fn receive(shared: &BlkShared, conn: Conn) -> Result<Received, MigrationErro
         let mut out = Vec::new();
         let seq = enc.encode(msg, &mut out);
         w.write_all(&out)?;
+        w.flush()?;
         Ok(seq)
     };
     let refuse =

@@ -24,7 +24,7 @@ use crate::device::BlkShared;
 
 use super::source::{Pacer, Source};
 use super::stream::Mode;
-use super::transport::{self, Uri};
+use super::transport::{self, Security, Uri};
 use super::MigrationError;
 
 /// QEMU's job states (those this job goes through).
@@ -107,7 +107,7 @@ pub struct Migrations {
     events: Mutex<Option<Events>>,
     current: Mutex<Option<Arc<Job>>>,
     next_id: AtomicU64,
-    insecure: bool,
+    security: Security,
     downtime_limit: Duration,
 }
 
@@ -123,15 +123,15 @@ pub enum JobError {
 }
 
 impl Migrations {
-    /// The migration jobs of the device sharing `shared`. `insecure` allows plain TCP;
-    /// `downtime_limit` is the switch-over time the job aims for.
-    pub fn new(shared: Arc<BlkShared>, insecure: bool, downtime_limit: Duration) -> Self {
+    /// The migration jobs of the device sharing `shared`. `security` says how TCP streams
+    /// are protected; `downtime_limit` is the switch-over time the job aims for.
+    pub fn new(shared: Arc<BlkShared>, security: Security, downtime_limit: Duration) -> Self {
         Self {
             shared,
             events: Mutex::new(None),
             current: Mutex::new(None),
             next_id: AtomicU64::new(0),
-            insecure,
+            security,
             downtime_limit,
         }
     }
@@ -148,7 +148,7 @@ impl Migrations {
                 "copy-mode write-blocking is not available yet; use background".into(),
             ));
         }
-        transport::check_policy(&params.uri, self.insecure)
+        transport::check_policy(&params.uri, &self.security)
             .map_err(|e| JobError::Refused(e.to_string()))?;
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(j) = cur.as_ref() {
@@ -349,7 +349,7 @@ impl Migrations {
     }
 
     fn copy(&self, job: &Job, params: &JobParams) -> Result<(), MigrationError> {
-        let conn = transport::connect(&params.uri, self.insecure).map_err(|e| match e {
+        let conn = transport::connect(&params.uri, &self.security).map_err(|e| match e {
             transport::TransportError::Io { source, .. } => MigrationError::Io(source),
             other => MigrationError::Protocol(other.to_string()),
         })?;

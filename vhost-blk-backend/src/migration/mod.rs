@@ -17,6 +17,7 @@ pub mod image;
 pub mod job;
 pub mod source;
 pub mod stream;
+pub mod tls;
 pub mod transport;
 
 use std::io;

@@ -368,7 +368,10 @@ impl<'a> Source<'a> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let r = self.conn.write_all(&self.out);
+        let r = self
+            .conn
+            .write_all(&self.out)
+            .and_then(|()| self.conn.flush());
         let n = self.out.len() as u64;
         self.stats.wire_bytes += n;
         self.out.clear();

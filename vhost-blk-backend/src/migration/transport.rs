@@ -1,9 +1,10 @@
 //! Where the migration stream goes: `tcp:HOST:PORT`, `unix:PATH`, or `fd:N` (a connected
 //! or listening stream socket a manager hands over, so it can bring its own tunnel).
 //!
-//! Plain TCP crosses hosts unprotected, so it is only allowed where the operator says so
-//! on both ends (`--migration-insecure`); a Unix socket or a handed-over fd stays on the
-//! host or inside the manager's tunnel.
+//! TCP is encrypted and mutually authenticated with TLS when both ends have credentials
+//! (`--tls-creds DIR`, see [`super::tls`]). Plain TCP crosses hosts unprotected, so it is
+//! only allowed where the operator says so on both ends (`--migration-insecure`); a Unix
+//! socket or a handed-over fd stays on the host or inside the manager's tunnel.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -13,6 +14,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
+
+use super::tls::{TlsCreds, TlsStream};
 
 /// A migration address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,6 +84,25 @@ impl Uri {
     }
 }
 
+/// How TCP streams are protected.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    /// Plain TCP allowed (`--migration-insecure`).
+    pub insecure: bool,
+    /// TLS credentials (`--tls-creds`): TCP streams use TLS.
+    pub tls: Option<TlsCreds>,
+}
+
+impl Security {
+    /// Plain TCP allowed or not, no TLS.
+    pub fn plain(insecure: bool) -> Self {
+        Self {
+            insecure,
+            tls: None,
+        }
+    }
+}
+
 /// Why a transport cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -107,6 +129,8 @@ pub enum Conn {
     Tcp(TcpStream),
     /// A Unix stream socket (also any handed-over stream socket).
     Unix(UnixStream),
+    /// TLS over TCP.
+    Tls(TlsStream),
 }
 
 impl Conn {
@@ -115,6 +139,7 @@ impl Conn {
         let _ = match self {
             Conn::Tcp(s) => s.shutdown(Shutdown::Both),
             Conn::Unix(s) => s.shutdown(Shutdown::Both),
+            Conn::Tls(s) => s.socket().and_then(|t| t.shutdown(Shutdown::Both)),
         };
     }
 
@@ -123,6 +148,8 @@ impl Conn {
         Ok(match self {
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            // One TLS session: both handles share it.
+            Conn::Tls(s) => Conn::Tls(s.clone()),
         })
     }
 
@@ -131,6 +158,7 @@ impl Conn {
         match self {
             Conn::Tcp(s) => s.set_read_timeout(t),
             Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tls(s) => s.socket()?.set_read_timeout(t),
         }
     }
 }
@@ -140,6 +168,7 @@ impl Read for Conn {
         match self {
             Conn::Tcp(s) => s.read(buf),
             Conn::Unix(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
         }
     }
 }
@@ -149,6 +178,7 @@ impl Write for Conn {
         match self {
             Conn::Tcp(s) => s.write(buf),
             Conn::Unix(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
         }
     }
 
@@ -156,21 +186,22 @@ impl Write for Conn {
         match self {
             Conn::Tcp(s) => s.flush(),
             Conn::Unix(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
         }
     }
 }
 
-/// Refuses plain TCP unless `insecure` (the operator's consent).
-pub fn check_policy(uri: &Uri, insecure: bool) -> Result<(), TransportError> {
-    if uri.is_network() && !insecure {
+/// Refuses plain TCP unless TLS is configured or the operator consented.
+pub fn check_policy(uri: &Uri, sec: &Security) -> Result<(), TransportError> {
+    if uri.is_network() && sec.tls.is_none() && !sec.insecure {
         return Err(TransportError::Insecure(uri.clone()));
     }
     Ok(())
 }
 
 /// Connects to `uri` (the source side).
-pub fn connect(uri: &Uri, insecure: bool) -> Result<Conn, TransportError> {
-    check_policy(uri, insecure)?;
+pub fn connect(uri: &Uri, sec: &Security) -> Result<Conn, TransportError> {
+    check_policy(uri, sec)?;
     let io = |source| TransportError::Io {
         uri: uri.clone(),
         source,
@@ -186,7 +217,12 @@ pub fn connect(uri: &Uri, insecure: bool) -> Result<Conn, TransportError> {
                 match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
                     Ok(s) => {
                         let _ = s.set_nodelay(true);
-                        return Ok(Conn::Tcp(s));
+                        return match &sec.tls {
+                            Some(creds) => TlsStream::connect(s, host, creds)
+                                .map(Conn::Tls)
+                                .map_err(io),
+                            None => Ok(Conn::Tcp(s)),
+                        };
                     }
                     Err(e) => last = e,
                 }
@@ -201,8 +237,8 @@ pub fn connect(uri: &Uri, insecure: bool) -> Result<Conn, TransportError> {
 /// A bound address waiting for the source (the destination side).
 #[derive(Debug)]
 pub enum Listener {
-    /// TCP.
-    Tcp(TcpListener),
+    /// TCP, with TLS credentials when configured.
+    Tcp(TcpListener, Option<TlsCreds>),
     /// Unix.
     Unix(UnixListener, PathBuf),
     /// A handed-over listening socket.
@@ -212,15 +248,15 @@ pub enum Listener {
 }
 
 /// Binds `uri` (the destination side).
-pub fn listen(uri: &Uri, insecure: bool) -> Result<Listener, TransportError> {
-    check_policy(uri, insecure)?;
+pub fn listen(uri: &Uri, sec: &Security) -> Result<Listener, TransportError> {
+    check_policy(uri, sec)?;
     let io = |source| TransportError::Io {
         uri: uri.clone(),
         source,
     };
     match uri {
         Uri::Tcp { host, port } => TcpListener::bind((host.as_str(), *port))
-            .map(Listener::Tcp)
+            .map(|l| Listener::Tcp(l, sec.tls.clone()))
             .map_err(io),
         Uri::Unix(p) => {
             // A stale socket file from an earlier run would make bind fail.
@@ -252,10 +288,18 @@ impl Listener {
     /// Waits for the next connection.
     pub fn accept(&mut self) -> io::Result<Conn> {
         match self {
-            Listener::Tcp(l) => {
+            Listener::Tcp(l, tls) => {
                 let (s, _) = l.accept()?;
                 let _ = s.set_nodelay(true);
-                Ok(Conn::Tcp(s))
+                match tls {
+                    // A peer that fails the handshake (no or a foreign certificate)
+                    // gets nothing: its stream ends here.
+                    Some(creds) => {
+                        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                        TlsStream::accept(s, creds).map(Conn::Tls)
+                    }
+                    None => Ok(Conn::Tcp(s)),
+                }
             }
             Listener::Unix(l, _) | Listener::FdListening(l) => Ok(Conn::Unix(l.accept()?.0)),
             Listener::FdConnected(s) => s.take().map(Conn::Unix).ok_or_else(|| {
@@ -270,7 +314,7 @@ impl Listener {
     /// The bound TCP port (port 0 in the URI picks a free one).
     pub fn local_port(&self) -> Option<u16> {
         match self {
-            Listener::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            Listener::Tcp(l, _) => l.local_addr().ok().map(|a| a.port()),
             _ => None,
         }
     }
@@ -363,17 +407,17 @@ mod tests {
     #[test]
     fn plain_tcp_needs_consent() {
         let uri: Uri = "tcp:127.0.0.1:1".parse().unwrap();
-        let e = connect(&uri, false).unwrap_err();
+        let e = connect(&uri, &Security::plain(false)).unwrap_err();
         assert!(e.to_string().contains("--migration-insecure"), "{e}");
-        assert!(check_policy(&"unix:/x".parse().unwrap(), false).is_ok());
+        assert!(check_policy(&"unix:/x".parse().unwrap(), &Security::default()).is_ok());
     }
 
     #[test]
     fn unix_and_fd_transports_carry_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let uri = Uri::Unix(dir.path().join("m.sock"));
-        let mut l = listen(&uri, false).unwrap();
-        let mut a = connect(&uri, false).unwrap();
+        let mut l = listen(&uri, &Security::default()).unwrap();
+        let mut a = connect(&uri, &Security::default()).unwrap();
         let mut b = l.accept().unwrap();
         a.write_all(b"hello").unwrap();
         let mut got = [0u8; 5];
@@ -382,7 +426,7 @@ mod tests {
         // A connected socketpair handed over as fd:N.
         let (x, y) = UnixStream::pair().unwrap();
         let fd = std::os::fd::IntoRawFd::into_raw_fd(x);
-        let mut l = listen(&Uri::Fd(fd), false).unwrap();
+        let mut l = listen(&Uri::Fd(fd), &Security::default()).unwrap();
         let mut c = l.accept().unwrap();
         assert!(l.accept().is_err(), "a handed-over connection serves once");
         let mut y = y;
@@ -393,7 +437,7 @@ mod tests {
         // Not a socket.
         let f = std::fs::File::open("/dev/null").unwrap();
         let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
-        let e = connect(&Uri::Fd(fd), false).unwrap_err();
+        let e = connect(&Uri::Fd(fd), &Security::default()).unwrap_err();
         assert!(e.to_string().contains("not a socket"), "{e}");
     }
 }
