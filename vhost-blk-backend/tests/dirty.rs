@@ -12,27 +12,12 @@ use common::*;
 use vhost_blk_backend::dirty::DirtyBitmap;
 use vhost_blk_backend::dirty_file::{DirtyFile, Loaded};
 use vhost_blk_backend::spec::{req_type, status, WRITE_ZEROES_FLAG_UNMAP};
-use vhost_tests::frontend::{Buf, FrontendOptions, TestFrontend};
+use vhost_tests::frontend::{FrontendOptions, TestFrontend};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-blk-backend");
 
 fn dirty_blocks(b: &DirtyBitmap) -> Vec<u64> {
     (0..b.blocks()).filter(|&i| b.is_dirty(i)).collect()
-}
-
-fn range_request(fe: &mut TestFrontend, type_: u32, sector: u64, sectors: u32, flags: u32) -> u8 {
-    let r = blk_req(fe, type_, 0, 0);
-    let seg = fe.alloc(16);
-    let mut raw = sector.to_le_bytes().to_vec();
-    raw.extend_from_slice(&sectors.to_le_bytes());
-    raw.extend_from_slice(&flags.to_le_bytes());
-    fe.write(seg, &raw);
-    fe.submit(
-        0,
-        &[Buf::ro(r.hdr, 16), Buf::ro(seg, 16), Buf::wo(r.status, 1)],
-    );
-    fe.wait(0, 1).expect("completion");
-    r.status(fe)
 }
 
 #[test]
@@ -52,21 +37,19 @@ fn completed_writes_discards_and_write_zeroes_mark_exactly_their_blocks() {
     assert_eq!(dirty_blocks(&dirty), vec![2, 4, 5]);
     // Discard of blocks 10..=11, write-zeroes of 20 (with unmap) and 30..=32 (without).
     assert_eq!(
-        range_request(&mut fe, req_type::DISCARD, 80, 16, 0),
+        range_request(&mut fe, req_type::DISCARD, &[(80, 16, 0)]),
         status::OK
     );
     assert_eq!(
         range_request(
             &mut fe,
             req_type::WRITE_ZEROES,
-            160,
-            8,
-            WRITE_ZEROES_FLAG_UNMAP
+            &[(160, 8, WRITE_ZEROES_FLAG_UNMAP)]
         ),
         status::OK
     );
     assert_eq!(
-        range_request(&mut fe, req_type::WRITE_ZEROES, 240, 24, 0),
+        range_request(&mut fe, req_type::WRITE_ZEROES, &[(240, 24, 0)]),
         status::OK
     );
     assert_eq!(dirty_blocks(&dirty), vec![2, 4, 5, 10, 11, 20, 30, 31, 32]);

@@ -116,31 +116,6 @@ fn get_id_returns_the_serial() {
     assert_eq!(&id[16..], &[0, 0, 0, 0]);
 }
 
-fn segments(fe: &mut TestFrontend, segs: &[(u64, u32, u32)]) -> u64 {
-    let at = fe.alloc(16 * segs.len() as u64);
-    let mut raw = Vec::new();
-    for &(sector, num, flags) in segs {
-        raw.extend_from_slice(&sector.to_le_bytes());
-        raw.extend_from_slice(&num.to_le_bytes());
-        raw.extend_from_slice(&flags.to_le_bytes());
-    }
-    fe.write(at, &raw);
-    at
-}
-
-fn range_request(fe: &mut TestFrontend, type_: u32, segs: &[(u64, u32, u32)]) -> u8 {
-    let r = blk_req(fe, type_, 0, 0);
-    let payload = segments(fe, segs);
-    let chain = vec![
-        Buf::ro(r.hdr, 16),
-        Buf::ro(payload, 16 * segs.len() as u32),
-        Buf::wo(r.status, 1),
-    ];
-    fe.submit(0, &chain);
-    fe.wait(0, 1).expect("completion");
-    r.status(fe)
-}
-
 #[test]
 fn discard_and_write_zeroes_read_back_as_zeroes() {
     let b = TestBackend::start(BackendConfig::default());

@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 use vhost_blk_backend::spec::{req_type, status, WRITE_ZEROES_FLAG_UNMAP};
-use vhost_tests::frontend::{Buf, FrontendOptions, TestFrontend};
+use vhost_tests::frontend::{FrontendOptions, TestFrontend};
 
 const SIZE: u64 = 16 << 20;
 
@@ -96,22 +96,6 @@ fn make_image(path: &Path) {
         .expect("fill image");
 }
 
-fn write_zeroes(fe: &mut TestFrontend, sector: u64, sectors: u32, flags: u32) -> u8 {
-    let r = blk_req(fe, req_type::WRITE_ZEROES, 0, 0);
-    let seg = fe.alloc(16);
-    let mut raw = Vec::with_capacity(16);
-    raw.extend_from_slice(&sector.to_le_bytes());
-    raw.extend_from_slice(&sectors.to_le_bytes());
-    raw.extend_from_slice(&flags.to_le_bytes());
-    fe.write(seg, &raw);
-    fe.submit(
-        0,
-        &[Buf::ro(r.hdr, 16), Buf::ro(seg, 16), Buf::wo(r.status, 1)],
-    );
-    fe.wait(0, 1).expect("completion");
-    r.status(fe)
-}
-
 /// Zeroes 2 MiB with and 3 MiB without UNMAP, each crossing the 1 MiB buffer of zeros
 /// unevenly, and checks that the guest and `read_back` (the image's bytes) see zeros
 /// there and the pattern around.
@@ -123,7 +107,7 @@ fn check_zeroing(b: &TestBackend, read_back: &dyn Fn(u64, usize) -> Vec<u8>) {
     ] {
         let what = if flags == 0 { "without" } else { "with" };
         assert_eq!(
-            write_zeroes(&mut fe, sector, sectors, flags),
+            range_request(&mut fe, req_type::WRITE_ZEROES, &[(sector, sectors, flags)]),
             status::OK,
             "write-zeroes {what} UNMAP"
         );

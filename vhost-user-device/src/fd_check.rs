@@ -108,6 +108,30 @@ pub fn check_eventfd(file: &File, what: &'static str) -> Result<(), FdCheckError
     Err(FdCheckError::NotEventFd { what, kind })
 }
 
+/// An integer socket option of `fd` (SO_TYPE, SO_ACCEPTCONN, ...); an error for a file
+/// descriptor that is not a socket.
+pub fn socket_int_option(
+    fd: std::os::fd::RawFd,
+    option: libc::c_int,
+) -> std::io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid out pointers of the right size; a bad fd or option gives an error.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

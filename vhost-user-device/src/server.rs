@@ -18,6 +18,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VuError, VhostUserBackendReq
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::VhostUserDevice;
+use crate::fd_check::socket_int_option;
 use crate::handler::Handler;
 use crate::rate_limit::RateLimitedLog;
 use crate::ring::QueueStats;
@@ -146,33 +147,13 @@ pub fn listen_path(path: &Path) -> Result<UnixListener, ServerError> {
 
 /// Takes over an inherited listening socket (`--fd`).
 pub fn listen_fd(fd: RawFd) -> Result<UnixListener, ServerError> {
-    let mut ty: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    let mut accepting: libc::c_int = 0;
-    let mut len2 = len;
-    // SAFETY: getsockopt with valid out pointers; failure is reported through errno.
-    let ok = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        ) == 0
-            && libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_ACCEPTCONN,
-                (&mut accepting as *mut libc::c_int).cast(),
-                &mut len2,
-            ) == 0
+    let (ty, accepting) = match (
+        socket_int_option(fd, libc::SO_TYPE),
+        socket_int_option(fd, libc::SO_ACCEPTCONN),
+    ) {
+        (Ok(t), Ok(a)) => (t, a),
+        (Err(source), _) | (_, Err(source)) => return Err(ServerError::BadFd { fd, source }),
     };
-    if !ok {
-        return Err(ServerError::BadFd {
-            fd,
-            source: io::Error::last_os_error(),
-        });
-    }
     if ty != libc::SOCK_STREAM || accepting == 0 {
         return Err(ServerError::BadFd {
             fd,

@@ -15,6 +15,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use vhost_user_device::fd_check::socket_int_option;
+
 use super::tls::{TlsCreds, TlsStream};
 
 /// A migration address.
@@ -330,24 +332,12 @@ impl Drop for Listener {
 
 /// Takes ownership of inherited fd `fd`, checking that it is a stream socket.
 fn take_fd(fd: RawFd) -> io::Result<UnixStream> {
-    let mut ty: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: valid out pointers of the right size; a bad fd gives an error.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::new(
+    let ty = socket_int_option(fd, libc::SO_TYPE).map_err(|e| {
+        io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("fd {fd} is not a socket: {}", io::Error::last_os_error()),
-        ));
-    }
+            format!("fd {fd} is not a socket: {e}"),
+        )
+    })?;
     if ty != libc::SOCK_STREAM {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -361,19 +351,7 @@ fn take_fd(fd: RawFd) -> io::Result<UnixStream> {
 }
 
 fn is_listening(fd: RawFd) -> bool {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: valid out pointers of the right size.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    rc == 0 && v != 0
+    socket_int_option(fd, libc::SO_ACCEPTCONN).is_ok_and(|v| v != 0)
 }
 
 #[cfg(test)]

@@ -236,3 +236,30 @@ pub fn is_root() -> bool {
 // Not every test binary that includes this module freezes a file system.
 #[allow(unused_imports)]
 pub use vhost_tests::freeze::FreezableFs;
+
+/// Writes discard / write-zeroes segments `(sector, sectors, flags)` into guest memory.
+pub fn segments(fe: &mut TestFrontend, segs: &[(u64, u32, u32)]) -> u64 {
+    let at = fe.alloc(16 * segs.len() as u64);
+    let mut raw = Vec::new();
+    for &(sector, num, flags) in segs {
+        raw.extend_from_slice(&sector.to_le_bytes());
+        raw.extend_from_slice(&num.to_le_bytes());
+        raw.extend_from_slice(&flags.to_le_bytes());
+    }
+    fe.write(at, &raw);
+    at
+}
+
+/// A discard or write-zeroes request with `segs` on queue 0; returns its status.
+pub fn range_request(fe: &mut TestFrontend, type_: u32, segs: &[(u64, u32, u32)]) -> u8 {
+    let r = blk_req(fe, type_, 0, 0);
+    let payload = segments(fe, segs);
+    let chain = vec![
+        Buf::ro(r.hdr, 16),
+        Buf::ro(payload, 16 * segs.len() as u32),
+        Buf::wo(r.status, 1),
+    ];
+    fe.submit(0, &chain);
+    fe.wait(0, 1).expect("completion");
+    r.status(fe)
+}
