@@ -91,6 +91,9 @@ pub struct Ring {
     event_idx: bool,
     /// Used elements published since the last notification decision (event_idx).
     added_since_notify: u16,
+    /// Used elements were published since the ring started: a call fd arriving now gets
+    /// signalled once (see [`Ring::set_call`]).
+    published: bool,
     stats: Arc<QueueStats>,
     bad_chain_log: RateLimitedLog,
 }
@@ -212,6 +215,7 @@ impl Ring {
             acked_features: setup.acked_features,
             event_idx: setup.event_idx,
             added_since_notify: 0,
+            published: false,
             stats: setup.stats,
             bad_chain_log: RateLimitedLog::new(),
         })
@@ -469,6 +473,9 @@ impl Ring {
     pub fn notify(&mut self, mem: &GuestMem) {
         use vm_memory::Bytes;
         let added = std::mem::take(&mut self.added_since_notify);
+        if added > 0 {
+            self.published = true;
+        }
         let needed = if self.event_idx {
             std::sync::atomic::fence(Ordering::SeqCst);
             let at = self.queue.avail_ring() + 4 + 2 * u64::from(self.queue.size());
@@ -500,7 +507,21 @@ impl Ring {
         }
     }
 
+    /// A new call eventfd for a started ring. If the ring already published used elements,
+    /// the new fd is signalled once: their interrupt may have gone to no fd at all or to
+    /// one the frontend no longer watches. QEMU restarting vhost-user-blk on a new backend
+    /// sends SET_VRING_KICK and SET_VRING_ENABLE before SET_VRING_CALL, so requests
+    /// resubmitted from the inflight region can complete before there is a call fd, and
+    /// without this the guest waits for them for ever. libvhost-user signals every new
+    /// call fd for the same reason; a spurious interrupt only costs the driver a look at
+    /// its used ring.
     pub(crate) fn set_call(&mut self, call: Option<EventFd>) {
+        if self.published {
+            if let Some(c) = &call {
+                let _ = c.write(1);
+                self.stats.notifications.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.call = call;
     }
 
