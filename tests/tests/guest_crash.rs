@@ -13,23 +13,32 @@
 //!   to its baseline and its RSS to within a small tolerance, and the next guest boots,
 //!   writes, reads, and finds what the previous guest wrote.
 //!
-//! Kill counts: `VHOST_CRASH_KILLS` (backend kills, default 10) and `VHOST_CRASH_VMM_KILLS`
-//! (QEMU kills, default 10); `VHOST_CRASH_SEED` repeats a run's random kill moments.
+//! * `guest_net_backend_sigkill_traffic_resumes`: vhost-net-backend (in a network namespace,
+//!   on a persistent tap) is SIGKILLed and restarted while the guest pings the host end
+//!   five times a second; after each restart a TCP SYN from the host end to the guest must
+//!   be answered within 5 s, and at the end the guest still pings and saw no rx/tx errors.
+//!
+//! Kill counts: `VHOST_CRASH_KILLS` (backend kills, default 10), `VHOST_CRASH_VMM_KILLS`
+//! (QEMU kills, default 10), `VHOST_CRASH_NET_KILLS` (net backend kills, default 5);
+//! `VHOST_CRASH_SEED` repeats a run's random kill moments.
 //! Like the other guest tests these need root and QEMU, or skip loudly.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vhost_tests::guest::{
-    proc_fd_count, proc_fd_targets, proc_rss_kib, spawn_backend_in, tail_file, vhost_user_blk_args,
-    vhost_user_blk_reconnect_args, Backend, BlkBackend, BlkOpts, GuestBoot, GuestTest,
-    VHOST_FALLBACK,
+    proc_fd_count, proc_fd_targets, proc_rss_kib, report_skip, spawn_backend_in, tail_file,
+    vhost_user_blk_args, vhost_user_blk_reconnect_args, Backend, BlkBackend, BlkOpts, GuestBoot,
+    GuestTest, VHOST_FALLBACK,
+};
+use vhost_tests::guest_net::{
+    locate_vhost_net_backend, vhost_user_net_args, wait_socket_file, NetNs,
 };
 
 const MIB: u64 = 1 << 20;
@@ -155,6 +164,7 @@ fn check_image(img: &Path, off: u64, size: u64, tag: &str, pat: &str) -> ImageCh
 }
 
 /// What QEMU 10 prints when a vhost-user-blk backend dies under it (one set per kill).
+/// (vhost-user-net prints the same lines, the ring restore once per ring.)
 const QEMU_HANGUP_NOISE: &[&str] = &[
     "Unexpected end-of-file before all data were read",
     "Failed to set msg fds.",
@@ -191,10 +201,31 @@ fn guest_blk_backend_sigkill_under_load() {
     // running the guest.
     let io_started = Arc::new(AtomicBool::new(false));
     let guest_done = Arc::new(AtomicBool::new(false));
+    // When the guest last finished a pass (ms since `t0`): a guest whose I/O hangs is
+    // found within STALL instead of at the boot timeout (its QEMU is killed).
+    let t0 = Instant::now();
+    let progress_ms = Arc::new(AtomicU64::new(0));
+    let pidfile = t.path("qemu.pid");
+    const STALL: Duration = Duration::from_secs(30);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let killer = {
         let (dir, img, sock) = (t.dir().to_path_buf(), img.clone(), sock.clone());
         let (io_started, guest_done) = (io_started.clone(), guest_done.clone());
+        let (progress_ms, pidfile) = (progress_ms.clone(), pidfile.clone());
+        let stalled = move || {
+            let last = Duration::from_millis(progress_ms.load(Ordering::SeqCst));
+            let stalled = t0.elapsed().saturating_sub(last) > STALL;
+            if stalled {
+                if let Some(pid) = fs::read_to_string(&pidfile)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
+                {
+                    // SAFETY: kill(2) on the QEMU this test started (its pidfile).
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            stalled
+        };
         thread::spawn(move || -> Result<KillStats, String> {
             let start = |n: u32| -> Result<Backend, String> {
                 let mut be = spawn_backend_in(
@@ -237,6 +268,12 @@ fn guest_blk_backend_sigkill_under_load() {
                 }
                 if k > 1 {
                     stats.reconnect.push(restarted.elapsed());
+                }
+                if stalled() {
+                    return Err(format!(
+                        "guest I/O hung: no fio pass finished in {STALL:?} (before kill {k}); \
+                         QEMU killed"
+                    ));
                 }
                 // Random moment: right after the reconnection (rings being set up, inflight
                 // requests being resubmitted) up to well into steady I/O. Under TCG the
@@ -287,6 +324,15 @@ fn guest_blk_backend_sigkill_under_load() {
                 .and_then(|()| f.sync_all())
                 .map_err(|e| e.to_string())?;
             while !guest_done.load(Ordering::SeqCst) {
+                if stalled() {
+                    while !guest_done.load(Ordering::SeqCst) {
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                    return Err(format!(
+                        "guest I/O hung after the last kill: no fio pass finished in \
+                         {STALL:?}; QEMU killed"
+                    ));
+                }
                 thread::sleep(Duration::from_millis(50));
             }
             stats.final_exit = Some(match be.stop() {
@@ -307,10 +353,12 @@ fn guest_blk_backend_sigkill_under_load() {
         .env("MARK_BLK", MARK_BLK)
         .env("TAG", TAG)
         .timeout(Duration::from_secs(120 + 10 * u64::from(kills)))
-        .qemu_args(vhost_user_blk_reconnect_args(&sock, 1, 500));
+        .qemu_args(vhost_user_blk_reconnect_args(&sock, 1, 500))
+        .qemu_args(["-pidfile".to_string(), pidfile.display().to_string()]);
     let started = Instant::now();
     let out = t.boot_with(&boot, |line| {
-        if line.contains("@@RESULT phase=io") {
+        if line.contains("@@RESULT phase=io") || line.contains("@@RESULT pass_done=") {
+            progress_ms.store(t0.elapsed().as_millis() as u64, Ordering::SeqCst);
             io_started.store(true, Ordering::SeqCst);
         }
     });
@@ -544,5 +592,171 @@ fn guest_blk_vmm_sigkill_backend_recovers() {
         log.iter().map(|r| r.fds).collect::<Vec<_>>(),
         max_settle.as_secs_f64()
     );
+    be.stop_expect_clean();
+}
+
+/// Whether a TCP SYN to `addr` gets an answer (accepted or refused) within `timeout`, sent
+/// from inside network namespace `ns` (a thread of our own enters it: the test process
+/// stays in the host's namespace).
+fn tcp_answers_in_ns(ns: &str, addr: std::net::SocketAddr, timeout: Duration) -> bool {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let Ok(f) = File::open(&path) else {
+            return false;
+        };
+        // SAFETY: setns on a namespace fd we hold; it only affects this thread.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+            return false;
+        }
+        match std::net::TcpStream::connect_timeout(&addr, timeout) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        }
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+#[test]
+fn guest_net_backend_sigkill_traffic_resumes() {
+    const NAME: &str = "guest_net_backend_sigkill_traffic_resumes";
+    const HOST_CIDR: &str = "169.254.79.1/24";
+    const HOST_IP: &str = "169.254.79.1";
+    const STOP_CIDR: &str = "169.254.79.3/24";
+    const GUEST_IP: &str = "169.254.79.2";
+    const TAP: &str = "vctap0";
+    let Some(mut t) = GuestTest::start(NAME) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        report_skip(
+            NAME,
+            "needs root (network namespace and tap for the backend)",
+        );
+        return;
+    }
+    let bin = locate_vhost_net_backend().unwrap_or_else(|e| panic!("{e}"));
+    let kills = env_u32("VHOST_CRASH_NET_KILLS", 5);
+    let resume_limit = Duration::from_secs(5);
+    let mut rng = Rng::from_env(NAME);
+    // A persistent tap, so its address survives the backend (a tap the backend created
+    // would go away with it).
+    let ns = NetNs::create("crash").unwrap_or_else(|e| panic!("{e}"));
+    let _ = ns.run(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+    let _ = ns.run(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+    for cmd in [
+        &[
+            "ip",
+            "tuntap",
+            "add",
+            TAP,
+            "mode",
+            "tap",
+            "multi_queue",
+            "vnet_hdr",
+        ][..],
+        &["ip", "addr", "add", HOST_CIDR, "dev", TAP],
+        &["ip", "link", "set", TAP, "up"],
+    ] {
+        ns.run(cmd).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let sock = t.path("net.sock");
+    let dir = t.dir().to_path_buf();
+    let start_backend = |n: u32| -> Backend {
+        let _ = fs::remove_file(&sock);
+        let mut cmd = ns.command(&bin);
+        cmd.arg("--socket-path").arg(&sock).args(["--tap", TAP]);
+        let mut be = spawn_backend_in(&dir, NAME, &format!("backend-{n}"), cmd)
+            .unwrap_or_else(|e| panic!("{e}"));
+        wait_socket_file(&mut be, &sock, Duration::from_secs(15)).unwrap_or_else(|e| panic!("{e}"));
+        be
+    };
+    let mut be = start_backend(0);
+    let mut args = vhost_user_net_args(&sock, 1, "52:54:00:00:79:02");
+    args[1].push_str(",reconnect-ms=500");
+    let boot = GuestBoot::new("net-crash.sh")
+        .env("GUEST_IP", format!("{GUEST_IP}/24"))
+        .env("HOST_IP", HOST_IP)
+        .env("STOP_IP", STOP_CIDR.split('/').next().unwrap_or_default())
+        .timeout(Duration::from_secs(120 + 15 * u64::from(kills)))
+        .qemu_args(args);
+    let guest: std::net::SocketAddr = format!("{GUEST_IP}:9").parse().expect("address");
+    let mut resume: Vec<Duration> = Vec::new();
+    let mut failure: Option<String> = None;
+    let mut done = false;
+    // The kills run on this thread (inside the console callback): backends die with the
+    // thread that started them.
+    let out = t.boot_with(&boot, |line| {
+        if done || !line.contains("@@RESULT phase=up") {
+            return;
+        }
+        done = true;
+        for k in 1..=kills {
+            thread::sleep(rng.millis(200, 1500));
+            if !tcp_answers_in_ns(&ns.name, guest, Duration::from_secs(2)) {
+                failure = Some(format!("no traffic before kill {k}"));
+                return;
+            }
+            be.kill();
+            let killed = Instant::now();
+            be = start_backend(k);
+            let resumed = loop {
+                if tcp_answers_in_ns(&ns.name, guest, Duration::from_millis(300)) {
+                    break Some(killed.elapsed());
+                }
+                if killed.elapsed() > Duration::from_secs(20) {
+                    break None;
+                }
+            };
+            match resumed {
+                Some(d) => resume.push(d),
+                None => {
+                    failure = Some(format!("no traffic within 20 s of kill {k}"));
+                    return;
+                }
+            }
+        }
+        if let Err(e) = ns.run(&["ip", "addr", "add", STOP_CIDR, "dev", TAP]) {
+            failure = Some(e);
+        }
+    });
+    eprintln!(
+        "{NAME}: {} kills, traffic resumed after {:?} (s)",
+        resume.len(),
+        resume
+            .iter()
+            .map(|d| (d.as_secs_f64() * 100.0).round() / 100.0)
+            .collect::<Vec<_>>()
+    );
+    if let Some(f) = failure {
+        panic!("{f}\n{}", out.check().err().unwrap_or_default());
+    }
+    out.assert_success();
+    assert_eq!(resume.len(), kills as usize);
+    // QEMU's hang-up lines for each kill (both rings), and the same warning at every
+    // connection (vhost-user-net in QEMU does not take the backend's config space).
+    let unexpected: Vec<&str> = out
+        .qemu_stderr
+        .lines()
+        .filter(|l| {
+            !l.trim().is_empty()
+                && !QEMU_HANGUP_NOISE.iter().any(|n| l.contains(n))
+                && !l.contains("supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not")
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty() && !out.qemu_stderr.contains(VHOST_FALLBACK),
+        "QEMU reported:\n{}",
+        unexpected.join("\n")
+    );
+    let slowest = resume.iter().max().copied().unwrap_or_default();
+    assert!(
+        slowest <= resume_limit,
+        "traffic resumed only after {slowest:?} (limit {resume_limit:?})"
+    );
+    assert_eq!(out.result("final_ping"), "ok");
+    assert_eq!(out.result("rx_errors"), "0");
+    assert_eq!(out.result("tx_errors"), "0");
     be.stop_expect_clean();
 }
