@@ -501,8 +501,9 @@ impl Ring {
         };
         if needed {
             if let Some(call) = &self.call {
+                // Counted before the write: a reader woken by the interrupt sees it counted.
+                self.stats.notifications.fetch_add(1, Ordering::Release);
                 let _ = call.write(1);
-                self.stats.notifications.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -518,8 +519,8 @@ impl Ring {
     pub(crate) fn set_call(&mut self, call: Option<EventFd>) {
         if self.published {
             if let Some(c) = &call {
+                self.stats.notifications.fetch_add(1, Ordering::Release);
                 let _ = c.write(1);
-                self.stats.notifications.fetch_add(1, Ordering::Relaxed);
             }
         }
         self.call = call;
