@@ -575,6 +575,51 @@ fn completions_before_the_call_fd_arrives_are_signalled_on_it() {
     );
 }
 
+/// A backend killed after publishing completions and before signalling them (or before it
+/// had a call fd) leaves its successor nothing to complete and nothing in flight: the
+/// successor must still interrupt the guest once, whichever comes first, the call fd or
+/// the ring start; or the guest waits for the completions already in its used ring for
+/// ever (found by `guest_crash`'s 100-kill soak: a hang after a kill that came right after
+/// a restart with resubmissions). A fresh ring (used index 0) gets no such interrupt (see
+/// `without_event_idx_no_interrupt_is_honoured`).
+#[test]
+fn a_restarted_ring_with_completions_interrupts_the_guest_once() {
+    let b = TestBackend::start(BackendConfig::default());
+    let o = FrontendOptions {
+        inflight: true,
+        ..Default::default()
+    };
+    for call_first in [true, false] {
+        let mut fe = TestFrontend::handshake(b.socket(), &o).unwrap();
+        fe.setup_inflight().unwrap();
+        fe.add_queue(0).unwrap();
+        // Guest memory as the dead backend left it: 3 requests made available, all 3
+        // published as used (the driver never heard of them); nothing in flight.
+        let (avail, used) = (fe.queues[0].avail, fe.queues[0].used);
+        fe.write(avail + 2, &3u16.to_le_bytes());
+        fe.write(used + 2, &3u16.to_le_bytes());
+        if call_first {
+            // NUM/ADDR/BASE/CALL/KICK/ENABLE: the signal comes at ring start.
+            fe.start_queue_at(0, 3).unwrap();
+        } else {
+            // QEMU's order for vhost-user-blk-pci: the call fd comes last.
+            fe.start_queue_without_call(0, 3).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            fe.set_call(0).unwrap();
+        }
+        assert!(
+            wait_eventfd(&fe.queues[0].call, Duration::from_secs(2)),
+            "call_first={call_first}: completions of the dead backend never signalled"
+        );
+        assert!(
+            !wait_eventfd(&fe.queues[0].call, Duration::from_millis(100)),
+            "call_first={call_first}: more than one interrupt"
+        );
+        assert_eq!(fe.queues[0].used_idx(&fe.mem), 3, "nothing re-executed");
+        fe.fe.get_vring_base(0).unwrap();
+    }
+}
+
 #[test]
 fn reset_device_stops_rings_and_allows_a_fresh_start() {
     let b = TestBackend::start(BackendConfig::default());
