@@ -699,6 +699,40 @@ impl TestFrontend {
         Ok(())
     }
 
+    /// Starts queue `q` at `base` in QEMU's order for vhost-user-blk-pci after a
+    /// (re)connection: NUM, ADDR, BASE, KICK, ENABLE, and no call fd yet (QEMU sends
+    /// SET_VRING_CALL only when it unmasks the guest notifiers after the device started:
+    /// [`TestFrontend::set_call`]).
+    pub fn start_queue_without_call(&mut self, q: u16, base: u16) -> Result<()> {
+        let (desc, avail, used, size) = {
+            let dq = &self.queues[usize::from(q)];
+            (dq.desc, dq.avail, dq.used, dq.size)
+        };
+        let i = usize::from(q);
+        self.fe.set_vring_num(i, size)?;
+        let cfg = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: self.uaddr(desc)?,
+            used_ring_addr: self.uaddr(used)?,
+            avail_ring_addr: self.uaddr(avail)?,
+            log_addr: None,
+        };
+        self.fe.set_vring_addr(i, &cfg)?;
+        self.fe.set_vring_base(i, base)?;
+        self.fe.set_vring_kick(i, &self.queues[i].kick)?;
+        self.fe.set_vring_enable(i, true)?;
+        Ok(())
+    }
+
+    /// SET_VRING_CALL with queue `q`'s call eventfd.
+    pub fn set_call(&mut self, q: u16) -> Result<()> {
+        let i = usize::from(q);
+        self.fe.set_vring_call(i, &self.queues[i].call)?;
+        Ok(())
+    }
+
     /// Starts queue `q` from avail index 0.
     pub fn start_queue(&mut self, q: u16) -> Result<()> {
         self.start_queue_at(q, 0)

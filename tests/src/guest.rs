@@ -436,37 +436,8 @@ impl GuestTest {
     /// Starts a backend process; stdout and stderr go to `<dir>/<name>.log`
     /// (the command line is written first). `RUST_LOG` defaults to `info`.
     /// The process is killed when the returned [`Backend`] is dropped.
-    pub fn spawn_backend(&self, name: &str, mut cmd: Command) -> io::Result<Backend> {
-        let log = self.path(&format!("{name}.log"));
-        let mut f = File::create(&log)?;
-        writeln!(f, "# {}", command_line(&cmd))?;
-        let f2 = f.try_clone()?;
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
-        cmd.env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(f)
-            .stderr(f2);
-        set_pdeathsig(&mut cmd);
-        let child = cmd.spawn().map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot start {}: {e}", command_line(&cmd)),
-            )
-        })?;
-        eprintln!(
-            "guest test {}: started {name} pid {} ({})",
-            self.name,
-            child.id(),
-            command_line(&cmd)
-        );
-        Ok(Backend {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-            status: None,
-        })
+    pub fn spawn_backend(&self, name: &str, cmd: Command) -> io::Result<Backend> {
+        spawn_backend_in(&self.dir, &self.name, name, cmd)
     }
 
     /// The QEMU command line for `boot` with `initrd` (accelerator, machine, shared
@@ -755,6 +726,51 @@ pub fn vhost_user_blk_args(socket: &Path, num_queues: u16) -> Vec<String> {
     ]
 }
 
+/// [`vhost_user_blk_args`] with `reconnect-ms` on the chardev: QEMU reconnects to a
+/// restarted backend (and hands it the inflight region it kept) instead of losing the disk.
+pub fn vhost_user_blk_reconnect_args(
+    socket: &Path,
+    num_queues: u16,
+    reconnect_ms: u32,
+) -> Vec<String> {
+    let mut a = vhost_user_blk_args(socket, num_queues);
+    a[1].push_str(&format!(",reconnect-ms={reconnect_ms}"));
+    a
+}
+
+/// `VmRSS` of a process in KiB (from `/proc/PID/status`).
+pub fn proc_rss_kib(pid: u32) -> io::Result<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("no VmRSS in /proc/{pid}/status")))
+}
+
+/// Number of open file descriptors of a process (entries of `/proc/PID/fd`).
+pub fn proc_fd_count(pid: u32) -> io::Result<usize> {
+    Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// The targets of a process's open file descriptors (`/proc/PID/fd/*`), sorted: for
+/// messages when the count is off.
+pub fn proc_fd_targets(pid: u32) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    let t = fs::read_link(e.path())
+                        .map(|t| t.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    format!("{}->{t}", e.file_name().to_string_lossy())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 /// Result of one guest boot.
 #[derive(Debug, Clone)]
 pub struct GuestOutcome {
@@ -1034,6 +1050,47 @@ impl CpioWriter {
         self.entry("TRAILER!!!", 0, &[]);
         self.buf
     }
+}
+
+/// [`GuestTest::spawn_backend`] without the `GuestTest`: for threads that restart backends
+/// while the test's guest runs. `dir` is the test directory, `test` its name (for messages).
+/// The child gets `PR_SET_PDEATHSIG`: it dies when the *thread* that spawned it ends.
+pub fn spawn_backend_in(
+    dir: &Path,
+    test: &str,
+    name: &str,
+    mut cmd: Command,
+) -> io::Result<Backend> {
+    let log = dir.join(format!("{name}.log"));
+    let mut f = File::create(&log)?;
+    writeln!(f, "# {}", command_line(&cmd))?;
+    let f2 = f.try_clone()?;
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    cmd.env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(f)
+        .stderr(f2);
+    set_pdeathsig(&mut cmd);
+    let child = cmd.spawn().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot start {}: {e}", command_line(&cmd)),
+        )
+    })?;
+    eprintln!(
+        "guest test {}: started {name} pid {} ({})",
+        test,
+        child.id(),
+        command_line(&cmd)
+    );
+    Ok(Backend {
+        name: name.to_string(),
+        child: Some(child),
+        log,
+        status: None,
+    })
 }
 
 /// A backend process started by [`GuestTest::spawn_backend`]. Killed

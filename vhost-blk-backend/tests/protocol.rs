@@ -5,13 +5,13 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::VhostBackend;
 use vhost_blk_backend::spec::{req_type, status, HEADER_SIZE};
-use vhost_tests::frontend::{Buf, FrontendOptions, TestFrontend};
+use vhost_tests::frontend::{wait_eventfd, Buf, FrontendOptions, TestFrontend};
 use vhost_user_device::inflight::InflightRegion;
 
 fn opts(num_queues: u16) -> FrontendOptions {
@@ -523,6 +523,101 @@ fn inflight_requests_of_a_dead_backend_are_resubmitted() {
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(fe.queues[0].used_idx(&fe.mem), 2);
     assert_eq!(fe.fe.get_vring_base(0).unwrap(), 2);
+}
+
+/// QEMU (vhost-user-blk-pci) restarting the device on a new backend sends SET_VRING_KICK and
+/// SET_VRING_ENABLE first and SET_VRING_CALL only afterwards, when it unmasks the guest
+/// notifiers. Requests resubmitted from the inflight region may complete in between, with
+/// no call fd to signal: the new call fd must then be signalled, or the guest waits for
+/// those completions for ever (found by `guest_crash`: a guest hung after a backend kill).
+#[test]
+fn completions_before_the_call_fd_arrives_are_signalled_on_it() {
+    let b = TestBackend::start(BackendConfig::default());
+    let o = FrontendOptions {
+        inflight: true,
+        ..Default::default()
+    };
+    let (file, info) = {
+        let mut fe = TestFrontend::connect(b.socket(), o.clone()).unwrap();
+        assert_eq!(write(&mut fe, 0, &[1u8; 512]), status::OK);
+        fe.fe.get_vring_base(0).unwrap();
+        fe.inflight.take().unwrap()
+    };
+    let mut fe = TestFrontend::handshake(b.socket(), &o).unwrap();
+    fe.add_queue(0).unwrap();
+    let w = blk_req(&mut fe, req_type::OUT, 20, 1024);
+    fe.write(w.data, &[0x55u8; 1024]);
+    let dq = &mut fe.queues[0];
+    let hw = dq.add_chain(&fe.mem, &w.chain(false));
+    dq.publish(&fe.mem, hw);
+    {
+        let region = InflightRegion::map(&file, 0, info.mmap_size, 1, 128).unwrap();
+        let mut q = region.queue(0, 128).unwrap();
+        q.recover(0);
+        q.set_entry(hw, 3, true);
+    }
+    fe.set_inflight(file, info).unwrap();
+    fe.start_queue_without_call(0, 0).unwrap();
+    // The resubmitted request completes while the ring has no call fd.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fe.queues[0].used_idx(&fe.mem) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "resubmitted request never completed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(w.status(&fe), status::OK);
+    fe.set_call(0).unwrap();
+    assert!(
+        wait_eventfd(&fe.queues[0].call, Duration::from_secs(2)),
+        "the call fd that arrived after the completion was never signalled"
+    );
+}
+
+/// A backend killed after publishing completions and before signalling them (or before it
+/// had a call fd) leaves its successor nothing to complete and nothing in flight: the
+/// successor must still interrupt the guest once, whichever comes first, the call fd or
+/// the ring start; or the guest waits for the completions already in its used ring for
+/// ever (found by `guest_crash`'s 100-kill soak: a hang after a kill that came right after
+/// a restart with resubmissions). A fresh ring (used index 0) gets no such interrupt (see
+/// `without_event_idx_no_interrupt_is_honoured`).
+#[test]
+fn a_restarted_ring_with_completions_interrupts_the_guest_once() {
+    let b = TestBackend::start(BackendConfig::default());
+    let o = FrontendOptions {
+        inflight: true,
+        ..Default::default()
+    };
+    for call_first in [true, false] {
+        let mut fe = TestFrontend::handshake(b.socket(), &o).unwrap();
+        fe.setup_inflight().unwrap();
+        fe.add_queue(0).unwrap();
+        // Guest memory as the dead backend left it: 3 requests made available, all 3
+        // published as used (the driver never heard of them); nothing in flight.
+        let (avail, used) = (fe.queues[0].avail, fe.queues[0].used);
+        fe.write(avail + 2, &3u16.to_le_bytes());
+        fe.write(used + 2, &3u16.to_le_bytes());
+        if call_first {
+            // NUM/ADDR/BASE/CALL/KICK/ENABLE: the signal comes at ring start.
+            fe.start_queue_at(0, 3).unwrap();
+        } else {
+            // QEMU's order for vhost-user-blk-pci: the call fd comes last.
+            fe.start_queue_without_call(0, 3).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            fe.set_call(0).unwrap();
+        }
+        assert!(
+            wait_eventfd(&fe.queues[0].call, Duration::from_secs(2)),
+            "call_first={call_first}: completions of the dead backend never signalled"
+        );
+        assert!(
+            !wait_eventfd(&fe.queues[0].call, Duration::from_millis(100)),
+            "call_first={call_first}: more than one interrupt"
+        );
+        assert_eq!(fe.queues[0].used_idx(&fe.mem), 3, "nothing re-executed");
+        fe.fe.get_vring_base(0).unwrap();
+    }
 }
 
 #[test]

@@ -106,6 +106,8 @@ pub struct Ring {
     event_idx: bool,
     /// Used elements published since the last notification decision (event_idx).
     added_since_notify: u16,
+    /// Used elements were published since the ring started (see [`Ring::resync_call`]).
+    published: bool,
     stats: Arc<QueueStats>,
     bad_chain_log: RateLimitedLog,
 }
@@ -229,6 +231,7 @@ impl Ring {
             acked_features: setup.acked_features,
             event_idx: setup.event_idx,
             added_since_notify: 0,
+            published: false,
             stats: setup.stats,
             bad_chain_log: RateLimitedLog::new(),
         })
@@ -516,6 +519,9 @@ impl Ring {
     pub fn notify(&mut self, mem: &GuestMem) {
         use vm_memory::Bytes;
         let added = std::mem::take(&mut self.added_since_notify);
+        if added > 0 {
+            self.published = true;
+        }
         let needed = if self.event_idx {
             std::sync::atomic::fence(Ordering::SeqCst);
             let at = self.queue.avail_ring() + 4 + 2 * u64::from(self.queue.size());
@@ -541,14 +547,51 @@ impl Ring {
         };
         if needed {
             if let Some(call) = &self.call {
+                // Counted before the write: a reader woken by the interrupt sees it counted.
+                self.stats.notifications.fetch_add(1, Ordering::Release);
                 let _ = call.write(1);
-                self.stats.notifications.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
+    /// A new call eventfd for a started ring: see [`Ring::resync_call`].
     pub(crate) fn set_call(&mut self, call: Option<EventFd>) {
         self.call = call;
+        self.resync_call();
+    }
+
+    /// Interrupts the guest once, on the call fd the ring has now, if the used ring is not
+    /// fresh: at ring start and whenever the call fd changes on a started ring.
+    ///
+    /// Used elements may be in guest memory whose interrupt the driver never got: a
+    /// backend killed after publishing them and before signalling (or before it had a call
+    /// fd at all), or a ring that completed requests before SET_VRING_CALL arrived. QEMU
+    /// restarting vhost-user-blk-pci on a new backend sends SET_VRING_KICK and
+    /// SET_VRING_ENABLE before SET_VRING_CALL, so requests resubmitted from the inflight
+    /// region can complete with no call fd; and a backend killed in that window leaves its
+    /// successor nothing to complete. Either way the guest waits for ever. libvhost-user
+    /// signals every SET_VRING_CALL for the same reason. A spurious interrupt only costs
+    /// the driver a look at its used ring; a fresh ring (used index 0) gets none, and a
+    /// driver that asked for no interrupts (VRING_AVAIL_F_NO_INTERRUPT, without
+    /// event_idx) polls anyway.
+    pub(crate) fn resync_call(&mut self) {
+        use vm_memory::Bytes;
+        let Some(call) = &self.call else { return };
+        if self.queue.next_used() == 0 && !self.published {
+            return;
+        }
+        if !self.event_idx {
+            let mem = self.mem.memory();
+            if let Ok(raw) =
+                mem.load::<u16>(GuestAddress(self.queue.avail_ring()), Ordering::Acquire)
+            {
+                if u16::from_le(raw) & VRING_AVAIL_F_NO_INTERRUPT != 0 {
+                    return;
+                }
+            }
+        }
+        self.stats.notifications.fetch_add(1, Ordering::Release);
+        let _ = call.write(1);
     }
 
     /// A new VRING_ERR eventfd. The worker may have parked the ring before it got this

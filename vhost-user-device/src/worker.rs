@@ -313,6 +313,9 @@ impl WorkerState {
                     EpollEvent::new(EventSet::IN, TOKEN_KICK_BASE + slot as u64),
                 )?;
                 let ring = &mut self.rings.slots[slot].1.insert(*ring);
+                // Completions an earlier backend (or session) published without an
+                // interrupt the driver got.
+                ring.resync_call();
                 // Chains made available before the kick fd arrived, and resubmissions.
                 if ring.is_enabled() && !ring.is_broken() {
                     process(self.worker.as_mut(), ring);
