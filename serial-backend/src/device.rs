@@ -35,9 +35,9 @@ pub struct SerialStats {
     pub console_dropped: AtomicU64,
     /// Guest output dropped because a port had to give a chain back to the guest before
     /// its host side took it all (the VMM went away) and the rest exceeded what a port
-    /// keeps (`HELD_LIMIT` in the worker).
+    /// keeps (`HELD_LIMIT` in the worker), or because writing to its pty or stdio failed.
     pub tx_dropped: AtomicU64,
-    /// Guest output that could not be written to a file port (disk full...).
+    /// Failed writes to a port's file, pty or stdio (disk full, stdout closed...).
     pub host_write_errors: AtomicU64,
     /// Emergency-write characters.
     pub emerg_chars: AtomicU64,

@@ -65,6 +65,16 @@ fn token(idx: usize, kind: u64) -> u64 {
 }
 
 /// Bytes waiting to be read on a socket.
+/// The error of a write(2)/writev(2) that returned `n` <= 0. A write of a non-empty buffer
+/// that returns 0 made no progress and never will (errno is not set then): an error too.
+fn write_error(n: isize) -> io::Error {
+    if n == 0 {
+        io::Error::from(io::ErrorKind::WriteZero)
+    } else {
+        io::Error::last_os_error()
+    }
+}
+
 fn unread_bytes(fd: RawFd) -> usize {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes an int through a valid pointer.
@@ -1091,7 +1101,7 @@ impl Engine {
                         .fetch_add(n as u64, Ordering::Relaxed);
                     continue;
                 }
-                let err = io::Error::last_os_error();
+                let err = write_error(n);
                 if err.kind() == io::ErrorKind::WouldBlock {
                     return Flush::Blocked;
                 }
@@ -1101,7 +1111,7 @@ impl Engine {
                 break;
             }
             if !port.out_buf.is_empty() {
-                self.write_failed(idx);
+                self.write_failed(idx, ring, mem, completed);
                 continue;
             }
             let Some(p) = &mut port.pending else {
@@ -1132,36 +1142,44 @@ impl Engine {
                 }
                 continue;
             }
-            let err = io::Error::last_os_error();
+            let err = write_error(n);
             if err.kind() == io::ErrorKind::WouldBlock {
                 return Flush::Blocked;
             }
             if err.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            self.write_failed(idx);
+            self.write_failed(idx, ring, mem, completed);
         }
     }
 
-    /// Writing to the host failed (client gone): the client is dropped, output stays held.
-    fn write_failed(&mut self, idx: usize) {
+    /// Writing to the host failed. A socket client is dropped and the output stays held for
+    /// the next one. A pty or stdio that cannot be written to will not get better: what is
+    /// held and the pending chain are dropped (counted, logged) and the chain goes back to
+    /// the guest, rather than retried for ever.
+    fn write_failed(&mut self, idx: usize, ring: &mut Ring, mem: &GuestMem, completed: &mut bool) {
         let id = self.st.ports[idx].id;
-        match &mut self.st.ports[idx].host {
-            HostSide::Socket { .. } => {
-                log::info!("port {id}: client went away while writing");
-                self.client_gone(idx);
-            }
-            _ => {
-                // A pty or stdio we cannot write to: drop what is held rather than spin.
-                let p = &mut self.st.ports[idx];
-                let n = p.out_buf.len() as u64;
-                p.out_buf.clear();
-                self.shared
-                    .stats
-                    .host_write_errors
-                    .fetch_add(1 + n, Ordering::Relaxed);
-                self.log.warn(|| format!("port {id}: host write failed"));
-            }
+        if let HostSide::Socket { .. } = &self.st.ports[idx].host {
+            log::info!("port {id}: client went away while writing");
+            self.client_gone(idx);
+            return;
+        }
+        let p = &mut self.st.ports[idx];
+        let held = p.out_buf.len() as u64;
+        p.out_buf.clear();
+        let chain = p.pending.as_ref().map_or(0, |c| c.total - c.done);
+        self.shared
+            .stats
+            .host_write_errors
+            .fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .tx_dropped
+            .fetch_add(held + chain, Ordering::Relaxed);
+        self.log.warn(|| format!("port {id}: host write failed"));
+        if self.st.ports[idx].pending.is_some() {
+            self.complete_pending(idx, ring, mem);
+            *completed = true;
         }
     }
 

@@ -87,13 +87,19 @@ pub struct Driver {
 
 impl Driver {
     pub fn connect(b: &TestBackend) -> Self {
+        Self::connect_socket(&b.socket, b.max_ports)
+    }
+
+    /// A driver for a backend (in this process or another) listening on `socket` and
+    /// offering `max_ports` port ids.
+    pub fn connect_socket(socket: &Path, max_ports: u32) -> Self {
         let opts = FrontendOptions {
             mem_size: 64 << 20,
-            num_queues: queue::count(b.max_ports),
+            num_queues: queue::count(max_ports),
             queue_size: 256,
             ..Default::default()
         };
-        let mut fe = TestFrontend::connect(&b.socket, opts).expect("connect");
+        let mut fe = TestFrontend::connect(socket, opts).expect("connect");
         // The harness puts ring q at 0x1000 + q * 128 KiB: keep allocations above them.
         fe.alloc(8 << 20);
         let mut d = Self {
