@@ -8,7 +8,8 @@
 #   FUZZ_TARGETS="blk_request chain_ring" scripts/fuzz.sh 30
 #
 # New inputs the fuzzer finds go to fuzz/target/fuzz-corpus/<target> (not committed);
-# the seeds in fuzz/corpus/<target> are only read. Crash inputs go to
+# the seeds in fuzz/corpus/<target> are only read; fuzz/dict/<target>.dict, if there,
+# is passed as a libFuzzer dictionary. Crash inputs go to
 # fuzz/artifacts/<target>/; logs to fuzz/target/fuzz-logs/<target>.log.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../fuzz"
@@ -35,8 +36,12 @@ for t in $targets; do
     log="target/fuzz-logs/$t.log"
     echo "== $t: ${secs}s" >&2
     rc=0
+    dict=()
+    if [ -f "dict/$t.dict" ]; then
+        dict=(-dict="dict/$t.dict")
+    fi
     cargo "+$toolchain" fuzz run -O "$t" "target/fuzz-corpus/$t" "corpus/$t" -- \
-        -max_total_time="$secs" -print_final_stats=1 -timeout=20 -rss_limit_mb=4096 \
+        "${dict[@]}" -max_total_time="$secs" -print_final_stats=1 -timeout=20 -rss_limit_mb=4096 \
         >"$log" 2>&1 || rc=$?
     execs=$(awk '/^stat::number_of_executed_units:/ {print $2}' "$log" | tail -1)
     crash=$(grep -E '^(artifact_prefix|Test unit written to|==[0-9]+==ERROR|SUMMARY:|thread .* panicked)' "$log" | grep -v '^artifact_prefix' | head -3 || true)

@@ -416,4 +416,41 @@ fn main() {
     console_control();
     migration_stream();
     vhost_user();
+    qmp();
+}
+
+/// QMP sessions: piece size, then what a client sends.
+fn qmp() {
+    let seeds: [(&str, u8, &str); 5] = [
+        (
+            "status",
+            0,
+            r#"{"execute":"qmp_capabilities"}{"execute":"query-status","id":1}{"execute":"query-stats"}"#,
+        ),
+        (
+            "migrate",
+            7,
+            r#"{"execute":"qmp_capabilities"} {"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:4444","incremental":true,"copy-mode":"background","max-bandwidth":1048576}} {"execute":"migrate","arguments":{"uri":"unix:/tmp/x.sock"}} {"execute":"migrate","arguments":{"uri":"fd:3","copy-mode":"write-blocking"}}"#,
+        ),
+        (
+            "jobs",
+            1,
+            r#"{"execute":"qmp_capabilities"}{"execute":"query-migrate"}{"execute":"migrate-set-speed","arguments":{"value":100}}{"execute":"migrate-cancel"}{"execute":"migrate-complete"}{"execute":"query-commands"}{"execute":"query-version"}"#,
+        ),
+        (
+            "broken",
+            3,
+            r#"{"execute":"query-status"} {"execute": } [1,2] "x" {"execute":"qmp_capabilities","bogus":1} {"arguments":{}}"#,
+        ),
+        (
+            "args",
+            0,
+            r#"{"execute":"qmp_capabilities"}{"execute":"query-status","arguments":{"x":1}}{"execute":"migrate","arguments":[]}{"execute":"migrate","arguments":{"uri":5}}{"execute":"migrate-set-speed","arguments":{"value":-1}}"#,
+        ),
+    ];
+    for (name, step, text) in seeds {
+        let mut b = vec![step];
+        b.extend_from_slice(text.as_bytes());
+        write("qmp", &format!("seed-{name}"), &b);
+    }
 }

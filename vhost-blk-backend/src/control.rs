@@ -45,6 +45,39 @@ fn u64_arg(args: &Map<String, Value>, name: &str) -> Result<Option<u64>, QmpErro
     }
 }
 
+/// The arguments of `migrate`, checked: `uri` (a string: `tcp:HOST:PORT`, `unix:PATH`
+/// or `fd:N`), `incremental` (a boolean), `copy-mode` (`background` or `write-blocking`),
+/// `max-bandwidth` (bytes/s, 0 = unlimited); nothing else.
+pub fn migrate_params(args: &Map<String, Value>) -> Result<JobParams, QmpError> {
+    only(args, &["uri", "incremental", "copy-mode", "max-bandwidth"])?;
+    let uri = match args.get("uri") {
+        Some(Value::String(s)) => s.parse().map_err(QmpError::generic)?,
+        _ => return Err(QmpError::bad_argument("uri", "a string")),
+    };
+    let incremental = match args.get("incremental") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(QmpError::bad_argument("incremental", "a boolean")),
+    };
+    let copy_mode = match args.get("copy-mode").map(|v| v.as_str()) {
+        None | Some(Some("background")) => CopyMode::Background,
+        Some(Some("write-blocking")) => CopyMode::WriteBlocking,
+        Some(_) => {
+            return Err(QmpError::bad_argument(
+                "copy-mode",
+                "'background' or 'write-blocking'",
+            ))
+        }
+    };
+    let max_bandwidth = u64_arg(args, "max-bandwidth")?.unwrap_or(0);
+    Ok(JobParams {
+        uri,
+        incremental,
+        copy_mode,
+        max_bandwidth,
+    })
+}
+
 impl ControlHandler for BlkControl {
     fn commands(&self) -> Vec<&'static str> {
         vec![
@@ -93,35 +126,9 @@ impl ControlHandler for BlkControl {
                 }))
             }
             "migrate" => {
-                only(args, &["uri", "incremental", "copy-mode", "max-bandwidth"])?;
-                let uri = match args.get("uri") {
-                    Some(Value::String(s)) => s.parse().map_err(QmpError::generic)?,
-                    _ => return Err(QmpError::bad_argument("uri", "a string")),
-                };
-                let incremental = match args.get("incremental") {
-                    None => false,
-                    Some(Value::Bool(b)) => *b,
-                    Some(_) => return Err(QmpError::bad_argument("incremental", "a boolean")),
-                };
-                let copy_mode = match args.get("copy-mode").map(|v| v.as_str()) {
-                    None | Some(Some("background")) => CopyMode::Background,
-                    Some(Some("write-blocking")) => CopyMode::WriteBlocking,
-                    Some(_) => {
-                        return Err(QmpError::bad_argument(
-                            "copy-mode",
-                            "'background' or 'write-blocking'",
-                        ))
-                    }
-                };
-                let max_bandwidth = u64_arg(args, "max-bandwidth")?.unwrap_or(0);
                 let id = self
                     .migrations
-                    .start(JobParams {
-                        uri,
-                        incremental,
-                        copy_mode,
-                        max_bandwidth,
-                    })
+                    .start(migrate_params(args)?)
                     .map_err(job_error)?;
                 Ok(json!({"id": id}))
             }

@@ -276,19 +276,11 @@ fn client_loop(
     queue: &ClientQueue,
     mut wake: UnixStream,
 ) -> io::Result<()> {
-    let (major, minor, micro) = parse_version(ctx.version);
-    send(
-        conn,
-        &json!({"QMP": {
-            "version": {"qemu": {"major": major, "minor": minor, "micro": micro},
-                        "package": format!("{} {}", ctx.program, ctx.version)},
-            "capabilities": []
-        }}),
-    )?;
-    let mut buf: Vec<u8> = Vec::new();
-    let mut negotiated = false;
+    let mut session = QmpSession::new(ctx.program, ctx.version, ctx.handler.clone());
+    send(conn, &session.greeting())?;
     conn.set_nonblocking(true)?;
     wake.set_nonblocking(true)?;
+    let mut replies = Vec::new();
     loop {
         // Events first, then whatever the client sent.
         let pending: Vec<Value> = queue
@@ -301,9 +293,9 @@ fn client_loop(
             send_blocking(conn, &ev)?;
         }
         let mut chunk = [0u8; 4096];
-        match conn.read(&mut chunk) {
+        let n = match conn.read(&mut chunk) {
             Ok(0) => return Ok(()),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 wait_readable(conn, &wake)?;
                 let mut sink = [0u8; 64];
@@ -312,41 +304,188 @@ fn client_loop(
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
+        };
+        let feed = session.feed(&chunk[..n], &mut replies);
+        if session.negotiated() {
+            queue.ready.store(true, Ordering::Release);
         }
+        for r in replies.drain(..) {
+            send_blocking(conn, &r)?;
+        }
+        if feed == Feed::Close {
+            return Ok(());
+        }
+    }
+}
+
+/// What [`QmpSession::feed`] says about the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feed {
+    /// Keep reading.
+    More,
+    /// Drop the client (it sent a message longer than 64 KiB; the replies say so).
+    Close,
+}
+
+/// One client's side of the protocol, apart from the socket: bytes in, replies out. The
+/// server runs one per client; the fuzzer (`fuzz/fuzz_targets/qmp.rs`) drives it directly.
+pub struct QmpSession {
+    program: &'static str,
+    version: &'static str,
+    handler: Arc<dyn ControlHandler>,
+    /// Received bytes not yet parsed (a message cut by the socket, at most 64 KiB).
+    buf: Vec<u8>,
+    negotiated: bool,
+}
+
+impl QmpSession {
+    /// A session before the greeting.
+    pub fn new(
+        program: &'static str,
+        version: &'static str,
+        handler: Arc<dyn ControlHandler>,
+    ) -> Self {
+        Self {
+            program,
+            version,
+            handler,
+            buf: Vec::new(),
+            negotiated: false,
+        }
+    }
+
+    /// What the server says first.
+    pub fn greeting(&self) -> Value {
+        json!({"QMP": {"version": self.version_value(), "capabilities": []}})
+    }
+
+    /// Whether `qmp_capabilities` was accepted (events go to the client from then on).
+    pub fn negotiated(&self) -> bool {
+        self.negotiated
+    }
+
+    /// Bytes received and not yet parsed.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn version_value(&self) -> Value {
+        let (major, minor, micro) = parse_version(self.version);
+        json!({"qemu": {"major": major, "minor": minor, "micro": micro},
+               "package": format!("{} {}", self.program, self.version)})
+    }
+
+    /// Takes bytes from the client and appends one reply per complete message (or per
+    /// broken one) to `replies`.
+    pub fn feed(&mut self, bytes: &[u8], replies: &mut Vec<Value>) -> Feed {
+        self.buf.extend_from_slice(bytes);
         // Every complete JSON value in the buffer.
         loop {
-            let trimmed = buf.iter().position(|b| !b.is_ascii_whitespace());
+            let trimmed = self.buf.iter().position(|b| !b.is_ascii_whitespace());
             let Some(start) = trimmed else {
-                buf.clear();
-                break;
+                self.buf.clear();
+                return Feed::More;
             };
-            buf.drain(..start);
-            let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
+            self.buf.drain(..start);
+            let mut it = serde_json::Deserializer::from_slice(&self.buf).into_iter::<Value>();
             match it.next() {
                 Some(Ok(v)) => {
                     let used = it.byte_offset();
-                    buf.drain(..used);
-                    let reply = handle(ctx, &v, &mut negotiated, queue);
-                    send_blocking(conn, &reply)?;
+                    self.buf.drain(..used);
+                    replies.push(self.handle(&v));
                 }
                 Some(Err(e)) if e.is_eof() => {
-                    if buf.len() > MAX_MESSAGE {
+                    if self.buf.len() > MAX_MESSAGE {
                         let e =
                             QmpError::generic(format!("message longer than {MAX_MESSAGE} bytes"));
-                        send_blocking(conn, &error_reply(&e, None))?;
-                        return Ok(());
+                        replies.push(error_reply(&e, None));
+                        self.buf = Vec::new();
+                        return Feed::Close;
                     }
-                    break;
+                    return Feed::More;
                 }
                 Some(Err(e)) => {
                     // Where a broken message ends cannot be known: drop what is buffered
                     // and start afresh with the next bytes.
-                    buf.clear();
+                    self.buf.clear();
                     let e = QmpError::generic(format!("JSON parse error: {e}"));
-                    send_blocking(conn, &error_reply(&e, None))?;
+                    replies.push(error_reply(&e, None));
+                    return Feed::More;
                 }
-                None => break,
+                None => return Feed::More,
             }
+        }
+    }
+
+    fn handle(&mut self, msg: &Value) -> Value {
+        let Some(obj) = msg.as_object() else {
+            return error_reply(&QmpError::generic("QMP input must be a JSON object"), None);
+        };
+        let id = obj.get("id");
+        let Some(cmd) = obj.get("execute").and_then(Value::as_str) else {
+            return error_reply(&QmpError::generic("QMP input lacks member 'execute'"), id);
+        };
+        let empty = Map::new();
+        let args = match obj.get("arguments") {
+            None => &empty,
+            Some(Value::Object(m)) => m,
+            Some(_) => {
+                return error_reply(
+                    &QmpError::generic("QMP input member 'arguments' must be an object"),
+                    id,
+                )
+            }
+        };
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !matches!(k.as_str(), "execute" | "arguments" | "id"))
+        {
+            return error_reply(
+                &QmpError::generic(format!("QMP input member '{k}' is unexpected")),
+                id,
+            );
+        }
+        let result = if cmd == "qmp_capabilities" {
+            if self.negotiated {
+                Err(QmpError {
+                    class: "CommandNotFound",
+                    desc: "Capabilities negotiation is already complete, command ignored".into(),
+                })
+            } else {
+                self.negotiated = true;
+                Ok(json!({}))
+            }
+        } else if !self.negotiated {
+            Err(QmpError {
+                class: "CommandNotFound",
+                desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+            })
+        } else {
+            match cmd {
+                "query-version" => Ok(self.version_value()),
+                "query-commands" => {
+                    let mut names = vec!["qmp_capabilities", "query-version", "query-commands"];
+                    names.extend(self.handler.commands());
+                    Ok(Value::Array(
+                        names.into_iter().map(|n| json!({"name": n})).collect(),
+                    ))
+                }
+                c if self.handler.commands().contains(&c) => self.handler.execute(c, args),
+                c => Err(QmpError {
+                    class: "CommandNotFound",
+                    desc: format!("The command {c} has not been found"),
+                }),
+            }
+        };
+        match result {
+            Ok(v) => {
+                let mut r = json!({"return": v});
+                if let Some(id) = id {
+                    r["id"] = id.clone();
+                }
+                r
+            }
+            Err(e) => error_reply(&e, id),
         }
     }
 }
@@ -391,85 +530,6 @@ fn parse_version(v: &str) -> (u64, u64, u64) {
         it.next().unwrap_or(0),
         it.next().unwrap_or(0),
     )
-}
-
-fn handle(ctx: &Context, msg: &Value, negotiated: &mut bool, queue: &ClientQueue) -> Value {
-    let Some(obj) = msg.as_object() else {
-        return error_reply(&QmpError::generic("QMP input must be a JSON object"), None);
-    };
-    let id = obj.get("id");
-    let Some(cmd) = obj.get("execute").and_then(Value::as_str) else {
-        return error_reply(&QmpError::generic("QMP input lacks member 'execute'"), id);
-    };
-    let empty = Map::new();
-    let args = match obj.get("arguments") {
-        None => &empty,
-        Some(Value::Object(m)) => m,
-        Some(_) => {
-            return error_reply(
-                &QmpError::generic("QMP input member 'arguments' must be an object"),
-                id,
-            )
-        }
-    };
-    if let Some(k) = obj
-        .keys()
-        .find(|k| !matches!(k.as_str(), "execute" | "arguments" | "id"))
-    {
-        return error_reply(
-            &QmpError::generic(format!("QMP input member '{k}' is unexpected")),
-            id,
-        );
-    }
-    let result = if cmd == "qmp_capabilities" {
-        if *negotiated {
-            Err(QmpError {
-                class: "CommandNotFound",
-                desc: "Capabilities negotiation is already complete, command ignored".into(),
-            })
-        } else {
-            *negotiated = true;
-            queue.ready.store(true, Ordering::Release);
-            Ok(json!({}))
-        }
-    } else if !*negotiated {
-        Err(QmpError {
-            class: "CommandNotFound",
-            desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
-        })
-    } else {
-        match cmd {
-            "query-version" => {
-                let (major, minor, micro) = parse_version(ctx.version);
-                Ok(
-                    json!({"qemu": {"major": major, "minor": minor, "micro": micro},
-                          "package": format!("{} {}", ctx.program, ctx.version)}),
-                )
-            }
-            "query-commands" => {
-                let mut names = vec!["qmp_capabilities", "query-version", "query-commands"];
-                names.extend(ctx.handler.commands());
-                Ok(Value::Array(
-                    names.into_iter().map(|n| json!({"name": n})).collect(),
-                ))
-            }
-            c if ctx.handler.commands().contains(&c) => ctx.handler.execute(c, args),
-            c => Err(QmpError {
-                class: "CommandNotFound",
-                desc: format!("The command {c} has not been found"),
-            }),
-        }
-    };
-    match result {
-        Ok(v) => {
-            let mut r = json!({"return": v});
-            if let Some(id) = id {
-                r["id"] = id.clone();
-            }
-            r
-        }
-        Err(e) => error_reply(&e, id),
-    }
 }
 
 /// A small QMP client, for the programs' own subcommands and for tests.
@@ -609,6 +669,38 @@ mod tests {
         let p = dir.path().join("ctl.sock");
         let s = ControlServer::start(&p, "test", "1.2.3", Arc::new(Echo)).unwrap();
         (dir, p, s)
+    }
+
+    #[test]
+    fn a_session_replies_per_message_however_the_bytes_are_cut() {
+        let mut s = QmpSession::new("test", "1.2.3", Arc::new(Echo));
+        assert_eq!(s.greeting()["QMP"]["version"]["qemu"]["minor"], 2);
+        let mut out = Vec::new();
+        let input = br#"{"execute": "qmp_capabilities"} {"execute": "echo", "arguments": {"text": "hi"}, "id": 7}"#;
+        // One byte at a time: a reply only when a message is complete.
+        for (i, b) in input.iter().enumerate() {
+            assert_eq!(s.feed(&[*b], &mut out), Feed::More, "at byte {i}");
+        }
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out[0], json!({"return": {}}));
+        assert_eq!(out[1], json!({"return": {"text": "hi"}, "id": 7}));
+        assert!(s.negotiated());
+        assert_eq!(s.buffered(), 0);
+        // A broken message: one error, then the session goes on.
+        out.clear();
+        s.feed(br#"{"execute": } {"execute": "fail"}"#, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0]["error"]["class"], "GenericError");
+        out.clear();
+        s.feed(br#"{"execute": "fail"}"#, &mut out);
+        assert_eq!(out[0]["error"]["desc"], "asked to fail");
+        // An unfinished message longer than the limit ends the session.
+        out.clear();
+        let mut long = b"[\"".to_vec();
+        long.extend(std::iter::repeat_n(b'a', MAX_MESSAGE));
+        assert_eq!(s.feed(&long, &mut out), Feed::Close);
+        assert_eq!(out.len(), 1);
+        assert_eq!(s.buffered(), 0);
     }
 
     #[test]
