@@ -13,15 +13,16 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Largest message a client may send.
 const MAX_MESSAGE: usize = 64 << 10;
@@ -106,8 +107,9 @@ impl Events {
 
 /// A running control socket; removed (file and thread) on drop.
 pub struct ControlServer {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
+    /// Readable when the accept loop must end (its thread removes the socket file).
+    stop: Arc<EventFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
     events: Events,
 }
 
@@ -128,7 +130,8 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        let stop = Arc::new(AtomicBool::new(false));
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK)?);
         let events = Events::default();
         let ctx = Arc::new(Context {
             program,
@@ -138,12 +141,16 @@ impl ControlServer {
             clients: AtomicUsize::new(0),
         });
         let stop2 = stop.clone();
-        std::thread::Builder::new()
+        let path = path.to_path_buf();
+        let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || accept_loop(listener, ctx, stop2))?;
+            .spawn(move || {
+                accept_loop(&listener, &ctx, &stop2);
+                let _ = std::fs::remove_file(&path);
+            })?;
         Ok(Self {
-            path: path.to_path_buf(),
             stop,
+            thread: Some(thread),
             events,
         })
     }
@@ -156,10 +163,13 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
-        let _ = std::fs::remove_file(&self.path);
+        // Only a write(2) and a futex wait here: the dropping thread is usually the main
+        // thread under its sandbox, which may not create sockets or unlink files.
+        if self.stop.write(1).is_ok() {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
     }
 }
 
@@ -171,12 +181,27 @@ struct Context {
     clients: AtomicUsize,
 }
 
-fn accept_loop(listener: UnixListener, ctx: Arc<Context>, stop: Arc<AtomicBool>) {
-    for conn in listener.incoming() {
-        if stop.load(Ordering::Acquire) {
+fn accept_loop(listener: &UnixListener, ctx: &Arc<Context>, stop: &EventFd) {
+    loop {
+        if let Err(e) = wait_readable(listener.as_raw_fd(), stop.as_raw_fd()) {
+            log::error!("control socket: poll: {e}");
             return;
         }
-        let Ok(mut conn) = conn else { continue };
+        if stop.read().is_ok() {
+            return;
+        }
+        let mut conn = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // Out of fds, say: log (rate-limited by the pause) and keep serving.
+                log::warn!("control socket: accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        // Accepted sockets do not inherit O_NONBLOCK on Linux; the client loop sets it.
         if let Err(why) = check_peer(&conn) {
             log::warn!("control socket: refused a client: {why}");
             let _ = writeln!(conn, "{}", error_reply(&QmpError::generic(why), None));
@@ -297,7 +322,7 @@ fn client_loop(
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait_readable(conn, &wake)?;
+                wait_readable(conn.as_raw_fd(), wake.as_raw_fd())?;
                 let mut sink = [0u8; 64];
                 while wake.read(&mut sink).is_ok_and(|n| n > 0) {}
                 continue;
@@ -499,15 +524,16 @@ fn send_blocking(conn: &mut UnixStream, v: &Value) -> io::Result<()> {
     r
 }
 
-fn wait_readable(a: &UnixStream, b: &UnixStream) -> io::Result<()> {
+/// Waits until `a` or `b` is readable (or a signal interrupts).
+fn wait_readable(a: RawFd, b: RawFd) -> io::Result<()> {
     let mut fds = [
         libc::pollfd {
-            fd: a.as_raw_fd(),
+            fd: a,
             events: libc::POLLIN,
             revents: 0,
         },
         libc::pollfd {
-            fd: b.as_raw_fd(),
+            fd: b,
             events: libc::POLLIN,
             revents: 0,
         },
@@ -664,7 +690,7 @@ mod tests {
         }
     }
 
-    fn server() -> (tempfile::TempDir, PathBuf, ControlServer) {
+    fn server() -> (tempfile::TempDir, std::path::PathBuf, ControlServer) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ctl.sock");
         let s = ControlServer::start(&p, "test", "1.2.3", Arc::new(Echo)).unwrap();
