@@ -160,6 +160,11 @@ pub struct Port {
     regs: [Reg; 3],
     /// stdin or stdout cannot be polled (a regular file, /dev/null).
     unpollable: [bool; 3],
+    /// We asked a driver set up by an earlier backend to announce the port again (see
+    /// `Engine::reattach`); its PORT_READY restores the port's state.
+    reattaching: bool,
+    /// A PORT_OPEN the guest sent while we waited for that PORT_READY.
+    told_open: Option<bool>,
 }
 
 impl Port {
@@ -187,6 +192,8 @@ impl Port {
             size,
             regs: [Reg::default(); 3],
             unpollable: [false; 3],
+            reattaching: false,
+            told_open: None,
         }
     }
 
@@ -199,6 +206,8 @@ impl Port {
         self.guest_open = false;
         self.host_open_sent = false;
         self.close_after_flush = false;
+        self.reattaching = false;
+        self.told_open = None;
         if matches!(self.host, HostSide::Hostinfo) {
             self.doc_active = false;
             self.rx_buf.clear();
@@ -345,6 +354,10 @@ struct Engine {
     /// Queues that stopped at their `BUDGET` with chains possibly left; `handle_event` (run
     /// through our wake eventfd) comes back to them. Guest kicks stay off meanwhile.
     held: Vec<u16>,
+    /// Whether we looked at the control transmit and receive rings yet (`[tx, rx]`), and
+    /// whether we asked the driver to announce its ports again (`Engine::reattach`).
+    control_seen: [bool; 2],
+    reattached: bool,
     log: RateLimitedLog,
     events: Vec<EpollEvent>,
     iov: Vec<libc::iovec>,
@@ -388,6 +401,8 @@ impl SerialWorker {
                 ctrl_out: VecDeque::new(),
                 dirty: false,
                 held: Vec::new(),
+                control_seen: [false; 2],
+                reattached: false,
                 log: RateLimitedLog::new(),
                 events: vec![EpollEvent::default(); 64],
                 iov: Vec::with_capacity(MAX_IOV),
@@ -1277,7 +1292,47 @@ impl Engine {
 
     // ---- control queues ---------------------------------------------------------------
 
+    /// The first look at a control ring of this connection, before anything is taken from
+    /// it: a ring that does not start at index 0 was used before, by a backend this one
+    /// replaces (the previous one was killed and QEMU reconnected, or the connection was
+    /// dropped and made again under a running guest). The driver set its ports up with that
+    /// backend and will not do it again on its own: [`Engine::reattach`]. A driver that
+    /// starts (or restarts) the device begins both control rings at 0.
+    fn check_live_driver(&mut self, ring: &Ring) {
+        let i = usize::from(ring.index() == queue::CONTROL_RX);
+        if std::mem::replace(&mut self.control_seen[i], true) {
+            return;
+        }
+        if ring.next_avail() != 0 && !self.reattached {
+            self.reattach();
+        }
+    }
+
+    /// Asks a driver that set its ports up with an earlier backend to announce them again:
+    /// DEVICE_ADD for every port, which a driver that already has the port answers with
+    /// PORT_READY (Linux's virtio_console does). The PORT_READY then restores what this
+    /// process cannot know (`port_ready`): the port is ready, and it is open in the guest
+    /// (assumed, see serial-backend's README, "Restarts"); and the driver learns the host
+    /// side's state now, which may differ from what it last heard.
+    fn reattach(&mut self) {
+        self.reattached = true;
+        if !self.multiport {
+            return;
+        }
+        log::info!(
+            "the driver was set up by an earlier backend: asking it to announce its {} port(s) \
+             again",
+            self.st.ports.len()
+        );
+        let ids: Vec<u32> = self.st.ports.iter().map(|p| p.id).collect();
+        for (i, id) in ids.into_iter().enumerate() {
+            self.st.ports[i].reattaching = true;
+            self.send_ctrl(id, event::DEVICE_ADD, 1, &[]);
+        }
+    }
+
     fn control_tx(&mut self, ring: &mut Ring) {
+        self.check_live_driver(ring);
         let mem = ring.memory();
         let mut completed = false;
         let mut taken = 0;
@@ -1387,12 +1442,34 @@ impl Engine {
             self.st.ports[idx].host_open_sent = true;
             self.send_ctrl(id, event::PORT_OPEN, 1, &[]);
         }
+        let p = &mut self.st.ports[idx];
+        if std::mem::replace(&mut p.reattaching, false) {
+            // The driver had this port before we started. A console is open in the guest
+            // for good (hvc opens it when it sets the console up); a named port is assumed
+            // open, unless the guest told us meanwhile, as a guest program holding it
+            // across our restart is the case that must keep working (its next PORT_OPEN
+            // corrects us). The hostinfo port starts a document only on an open it sees.
+            let told = p.told_open.take();
+            p.guest_open = !matches!(p.host, HostSide::Hostinfo) && told.unwrap_or(true);
+            if !open && !console {
+                // It may still believe the earlier backend's client is connected.
+                self.send_ctrl(id, event::PORT_OPEN, 0, &[]);
+            }
+            log::info!("port {id}: announced again by the driver");
+            self.dirty = true;
+            self.st.update_interest(idx);
+        }
     }
 
     fn guest_open(&mut self, idx: usize, open: bool) {
         let p = &mut self.st.ports[idx];
         let id = p.id;
         if !p.guest_ready {
+            if p.reattaching {
+                // The driver has the port; its PORT_READY is on the way.
+                p.told_open = Some(open);
+                return;
+            }
             self.bad(|| format!("port {id}: PORT_OPEN before PORT_READY ignored"));
             return;
         }
@@ -1441,6 +1518,7 @@ impl Engine {
     }
 
     fn control_rx(&mut self, ring: &mut Ring) {
+        self.check_live_driver(ring);
         let mem = ring.memory();
         let mut used = false;
         while let Some(msg) = self.ctrl_out.front() {

@@ -271,6 +271,54 @@ fn guest_close_and_host_reconnect() {
     assert_eq!(&v, b"again");
 }
 
+/// A driver set up by an earlier backend (QEMU reconnected to a restarted backend, or the
+/// connection was made again under a running guest) does not repeat its handshake. The
+/// backend sees control rings already in use, asks the driver to announce its ports again
+/// (DEVICE_ADD, which Linux answers with PORT_READY) and then serves them: host input
+/// reaches a port the guest opened with the earlier backend and the console, and a port
+/// whose client is gone hears PORT_OPEN 0. Without this, host input never reached the
+/// guest after a restart (found by `tests/crash.rs`). A fresh driver gets no such request.
+#[test]
+fn a_driver_set_up_by_an_earlier_backend_announces_its_ports_again() {
+    let b = standard();
+    let mut d = Driver::connect(&b);
+    std::thread::sleep(Duration::from_millis(100));
+    d.poll();
+    assert!(d.ctrl.is_empty(), "before DEVICE_READY: {:?}", d.ctrl);
+    d.handshake(6);
+    let mut a = connect(&b.path("a.sock"));
+    d.wait_ctrl("host open", |m| has(m, 2, event::PORT_OPEN, 1));
+    d.send_ctrl(2, event::PORT_OPEN, 1);
+    let n = d.write_port(2, b"before", 6);
+    assert_eq!(d.wait_tx(2, n, Duration::from_secs(5)), n);
+
+    // Same guest memory and rings, a new connection; the driver stays as it is.
+    d.fe.reconnect(&b.socket).expect("reconnect");
+    let m = d.wait_ctrl("DEVICE_ADD for every port", |m| {
+        (0..6).all(|id| has(m, id, event::DEVICE_ADD, 1))
+    });
+    assert!(
+        !m.iter().any(|(c, _)| c.event == event::PORT_OPEN),
+        "port state before the driver answered: {m:?}"
+    );
+    for id in 0..6 {
+        d.send_ctrl(id, event::PORT_READY, 1);
+    }
+    d.wait_ctrl("the host sides' state", |m| {
+        has(m, 2, event::PORT_OPEN, 1) && has(m, 3, event::PORT_OPEN, 0)
+    });
+    a.write_all(b"after").unwrap();
+    assert_eq!(d.read_port(2, 5, Duration::from_secs(5)), b"after");
+    let n = d.write_port(2, b"out", 3);
+    assert_eq!(d.wait_tx(2, n, Duration::from_secs(5)), n);
+    let mut v = [0u8; 9];
+    a.read_exact(&mut v).unwrap();
+    assert_eq!(&v, b"beforeout");
+    let mut c = connect(&b.path("con0.sock"));
+    c.write_all(b"console").unwrap();
+    assert_eq!(d.read_port(0, 7, Duration::from_secs(5)), b"console");
+}
+
 fn set_winsize(f: &std::fs::File, ws: &libc::winsize) {
     // SAFETY: TIOCSWINSZ reads a winsize through a valid pointer.
     let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::TIOCSWINSZ, ws) };

@@ -244,6 +244,11 @@ impl DriverQueue {
         n
     }
 
+    /// Descriptors not in any chain (what [`DriverQueue::add_chain`] can still take).
+    pub fn free_descs(&self) -> usize {
+        self.free.len()
+    }
+
     /// The used index consumed so far (by `take_used*`).
     pub fn last_used(&self) -> u16 {
         self.last_used
@@ -565,6 +570,43 @@ impl TestFrontend {
             next_free: 1 << 20,
             opts: opts.clone(),
         })
+    }
+
+    /// Connects to a new backend at `path` (one restarted after the last died) with the same
+    /// guest memory, rings and driver state, as QEMU's vhost-user frontends do when their
+    /// chardev reconnects (`reconnect-ms`): the handshake with the features acked before,
+    /// the same memory table (and inflight region, if any), and every ring started again.
+    /// A dead backend cannot say where its rings stood (GET_VRING_BASE), so QEMU restarts
+    /// each ring at its used index (`virtio_queue_restore_last_avail_idx`): chains the dead
+    /// backend took and never put on the used ring are taken again. So does this.
+    pub fn reconnect(&mut self, path: &Path) -> Result<()> {
+        // The old connection is gone (a backend that is still alive sees the hang-up).
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        let sock = connect_socket(path)?;
+        let mut fe =
+            Frontend::from_stream(sock.try_clone()?, u64::from(self.opts.num_queues.max(1)));
+        let offered = fe.get_features()?;
+        fe.set_owner()?;
+        let offered_proto = fe.get_protocol_features()?;
+        fe.set_protocol_features(self.protocol & offered_proto)?;
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        fe.set_features(self.features & offered)?;
+        let region = self
+            .mem
+            .find_region(GuestAddress(0))
+            .ok_or_else(|| HarnessError::Memory("no region".into()))?;
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region)?;
+        fe.set_mem_table(&[info])?;
+        self.fe = fe;
+        self.sock = sock;
+        if let Some((file, info)) = self.inflight.take() {
+            self.set_inflight(file, info)?;
+        }
+        for q in 0..self.queues.len() {
+            let base = self.queues[q].used_idx(&self.mem);
+            self.start_queue_at(q as u16, base)?;
+        }
+        Ok(())
     }
 
     /// Runs `f` (requests to the backend), failing with a timeout if it has not returned

@@ -5,6 +5,8 @@
 //! - [`guest`]: boots a real QEMU guest with backends attached and runs a script in it;
 //! - [`console_bench`]: one console port's throughput in a guest, ours vs QEMU's (shared by
 //!   a test and `bench compare serial`);
+//! - [`records`]: sequence-numbered records through a console port whose backend is
+//!   killed and restarted, checked on the host side (the serial crash tests);
 //! - [`sandbox`]: the `--sandbox` checks every backend program shares.
 
 pub mod console_bench;
@@ -13,4 +15,5 @@ pub mod frontend;
 pub mod guest;
 pub mod guest_console;
 pub mod guest_net;
+pub mod records;
 pub mod sandbox;
