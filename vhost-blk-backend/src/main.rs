@@ -17,6 +17,7 @@ use vhost_blk_backend::migration::transport::{self, Security, Uri};
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
 use vhost_user_device::control::ControlServer;
 use vhost_user_device::program::{backend_main, parse_size, ListenArgs};
+use vhost_user_device::sandbox::{self, ThreadKind};
 use vhost_user_device::server::handle_termination_signals;
 use vhost_user_device::{Server, Shutdown};
 
@@ -341,6 +342,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         std::thread::Builder::new()
             .name("incoming".into())
             .spawn(move || {
+                sandbox::enter_or_exit(ThreadKind::Job);
                 if let Err(e) = serve_incoming(&shared, &mut l) {
                     log::error!("incoming block migration: {e}");
                 }

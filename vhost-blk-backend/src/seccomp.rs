@@ -35,6 +35,70 @@ pub fn profile(dirty_file: bool) -> Profile {
                 a
             }
         }
+        // A block migration, either end: the source connects (unix, TCP, or an inherited
+        // fd), reads the image through its own descriptor, and saves the dirty bitmap's
+        // checkpoint; the destination accepts, writes and zeroes ranges, syncs, and marks
+        // its bitmap file incomplete while it copies.
+        ThreadKind::Job => Allow::new()
+            .calls(&[
+                libc::SYS_connect,
+                libc::SYS_accept4,
+                libc::SYS_accept,
+                libc::SYS_poll,
+                libc::SYS_ppoll,
+                libc::SYS_read,
+                libc::SYS_readv,
+                libc::SYS_recvfrom,
+                libc::SYS_recvmsg,
+                libc::SYS_sendto,
+                libc::SYS_sendmsg,
+                libc::SYS_shutdown,
+                libc::SYS_getsockopt,
+                libc::SYS_setsockopt,
+                libc::SYS_getsockname,
+                libc::SYS_getpeername,
+                libc::SYS_openat,
+                libc::SYS_fstat,
+                libc::SYS_newfstatat,
+                libc::SYS_statx,
+                libc::SYS_lseek,
+                libc::SYS_pread64,
+                libc::SYS_preadv,
+                libc::SYS_preadv2,
+                libc::SYS_pwrite64,
+                libc::SYS_pwritev,
+                libc::SYS_pwritev2,
+                libc::SYS_fallocate,
+                libc::SYS_fdatasync,
+                libc::SYS_fsync,
+                libc::SYS_ftruncate,
+                libc::SYS_rename,
+                libc::SYS_renameat,
+                libc::SYS_renameat2,
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+            ])
+            .arg_in(
+                libc::SYS_socket,
+                0,
+                &[
+                    libc::AF_UNIX as u64,
+                    libc::AF_INET as u64,
+                    libc::AF_INET6 as u64,
+                ],
+            )
+            .ioctls(&[libc::FIONBIO])
+            .arg_in(
+                libc::SYS_fcntl,
+                1,
+                &[
+                    libc::F_GETFD as u64,
+                    libc::F_SETFD as u64,
+                    libc::F_GETFL as u64,
+                    libc::F_SETFL as u64,
+                    libc::F_DUPFD_CLOEXEC as u64,
+                ],
+            ),
         _ => Allow::new(),
     })
 }

@@ -3,6 +3,10 @@
 //! destination holds the guest's requests until the sync completes; a device mismatch
 //! is refused on both ends with nothing written; a cut stream leaves the destination
 //! incomplete and held, loses no change on the source, and a retry works.
+//!
+//! Both ends run in threads under the program's seccomp filter for migration threads
+//! (`ThreadKind::Job`; [`job_thread`]), as they do in the program: a call missing from
+//! the list ends this test process with the sandbox's message and status 159.
 
 mod common;
 
@@ -22,6 +26,27 @@ use vhost_blk_backend::spec::{req_type, status};
 use vhost_tests::frontend::{FrontendOptions, TestFrontend};
 
 const SIZE: u64 = 8 << 20;
+
+/// Runs `f` in a new thread under the migration threads' seccomp filter (the sandbox is
+/// configured for this process once, as vhost-blk-backend's `run` does).
+fn job_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    use vhost_user_device::sandbox::{self, SandboxMode, ThreadKind};
+    static CONFIGURED: std::sync::Once = std::sync::Once::new();
+    CONFIGURED.call_once(|| {
+        sandbox::configure(
+            SandboxMode::Seccomp,
+            vhost_blk_backend::seccomp::profile(true),
+            false,
+        )
+        .expect("configure the sandbox");
+    });
+    std::thread::spawn(move || {
+        sandbox::enter(ThreadKind::Job).expect("enter the sandbox");
+        f()
+    })
+}
 
 fn backend(fill: bool, held: bool) -> TestBackend {
     TestBackend::start(BackendConfig {
@@ -51,9 +76,10 @@ fn sync_over(
     dst_conn: Conn,
 ) -> Result<(SyncStats, Received, bool), (MigrationError, MigrationError)> {
     let dshared = dst.shared.clone();
-    let d = std::thread::spawn(move || receive(&dshared, dst_conn));
-    let s = (|| {
-        let mut s = Source::start(&src.shared, src_conn, mode)?;
+    let d = job_thread(move || receive(&dshared, dst_conn));
+    let sshared = src.shared.clone();
+    let s = job_thread(move || {
+        let mut s = Source::start(&sshared, src_conn, mode)?;
         let full = s.is_full();
         if full {
             s.bulk_pass()?;
@@ -61,7 +87,9 @@ fn sync_over(
         s.dirty_pass()?;
         let (_, stats) = s.complete()?;
         Ok::<_, MigrationError>((stats, full))
-    })();
+    })
+    .join()
+    .unwrap();
     let d = d.join().unwrap();
     match (s, d) {
         (Ok((stats, full)), Ok(r)) => Ok((stats, r, full)),
@@ -314,7 +342,7 @@ mod vmm_driven {
         let uri = Uri::Unix(dst.dir.path().join("mig.sock"));
         let mut l = listen(&uri, &Security::default()).unwrap();
         let dshared = dst.shared.clone();
-        std::thread::spawn(move || serve_incoming(&dshared, &mut l));
+        job_thread(move || serve_incoming(&dshared, &mut l));
         let mut fe = TestFrontend::connect(src.socket(), FrontendOptions::default()).unwrap();
         assert_eq!(write(&mut fe, 0, &[0x11; 4096]), status::OK);
         let m = Arc::new(Migrations::new(
@@ -444,8 +472,11 @@ mod tls {
         let src = backend(true, false);
         let dst = backend(false, true);
         let (uri, mut l) = tcp_listener(&secure(&creds));
-        let accept = std::thread::spawn(move || l.accept().map(|c| (c, l)));
-        let a = connect(&uri, &secure(&creds)).unwrap();
+        let accept = job_thread(move || l.accept().map(|c| (c, l)));
+        let a = job_thread(move || connect(&uri, &secure(&creds)))
+            .join()
+            .unwrap()
+            .unwrap();
         let (b, _l) = accept.join().unwrap().unwrap();
         assert!(matches!(a, Conn::Tls(_)) && matches!(b, Conn::Tls(_)));
         let (stats, got, _) = sync_over(&src, &dst, Mode::Full, a, b).unwrap();

@@ -145,6 +145,7 @@ impl ControlServer {
         let thread = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Control);
                 accept_loop(&listener, &ctx, &stop2);
                 let _ = std::fs::remove_file(&path);
             })?;

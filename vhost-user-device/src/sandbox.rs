@@ -55,6 +55,13 @@ pub enum ThreadKind {
     SignalLogger,
     /// A queue worker.
     Worker,
+    /// The control socket (`--control-socket`): its accept thread and the one thread per
+    /// client it creates, which run the backend's commands. The threads those commands
+    /// start ([`ThreadKind::Job`]) begin under this filter, so its list includes theirs.
+    Control,
+    /// A backend's long-running job (blk: a block migration, either end). The layer adds
+    /// nothing of its own; the backend's profile says what a job does.
+    Job,
 }
 
 impl ThreadKind {
@@ -64,6 +71,8 @@ impl ThreadKind {
             ThreadKind::Signals => "signals",
             ThreadKind::SignalLogger => "signal logger",
             ThreadKind::Worker => "queue worker",
+            ThreadKind::Control => "control socket",
+            ThreadKind::Job => "job",
         }
     }
 }
@@ -313,6 +322,60 @@ fn layer(kind: ThreadKind) -> Allow {
                     libc::F_DUPFD_CLOEXEC as u64,
                 ],
             ),
+        ThreadKind::Control => Allow::new()
+            .calls(&[
+                // Accepting clients (and the stop eventfd), talking QMP.
+                libc::SYS_poll,
+                libc::SYS_ppoll,
+                libc::SYS_accept4,
+                libc::SYS_accept,
+                libc::SYS_read,
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
+                // SO_PEERCRED against our own uid.
+                libc::SYS_getsockopt,
+                libc::SYS_geteuid,
+                // One thread per client, with a socket pair that wakes it for events.
+                libc::SYS_socketpair,
+                libc::SYS_clone3,
+                libc::SYS_set_robust_list,
+                libc::SYS_rseq,
+                libc::SYS_sched_getaffinity,
+                // The socket file, removed when the server stops.
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+            ])
+            .arg_masked(
+                libc::SYS_clone,
+                0,
+                libc::CLONE_THREAD as u64,
+                libc::CLONE_THREAD as u64,
+            )
+            // Non-blocking sockets (FIONBIO) and the write timeout (SO_SNDTIMEO).
+            .ioctls(&[libc::FIONBIO])
+            .arg_in(libc::SYS_setsockopt, 2, &[libc::SO_SNDTIMEO as u64])
+            .arg_in(
+                libc::SYS_fcntl,
+                1,
+                &[
+                    libc::F_GETFD as u64,
+                    libc::F_SETFD as u64,
+                    libc::F_GETFL as u64,
+                    libc::F_SETFL as u64,
+                    libc::F_DUPFD_CLOEXEC as u64,
+                ],
+            )
+            .arg_in(
+                libc::SYS_prctl,
+                0,
+                &[libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64],
+            )
+            .arg_in(
+                libc::SYS_seccomp,
+                0,
+                &[libc::SECCOMP_SET_MODE_FILTER as u64],
+            ),
+        ThreadKind::Job => Allow::new(),
     }
 }
 
@@ -327,11 +390,12 @@ static CONFIG: OnceLock<Config> = OnceLock::new();
 /// The complete list of `kind` under `profile` (what [`enter`] installs).
 pub fn allowed(kind: ThreadKind, profile: &dyn Fn(ThreadKind) -> Allow) -> Allow {
     let own = base().union(&layer(kind)).union(&profile(kind));
-    if kind == ThreadKind::Main {
+    match kind {
         // The main thread creates the workers, which start under its filter.
-        own.union(&allowed(ThreadKind::Worker, profile))
-    } else {
-        own
+        ThreadKind::Main => own.union(&allowed(ThreadKind::Worker, profile)),
+        // Control clients start the jobs.
+        ThreadKind::Control => own.union(&allowed(ThreadKind::Job, profile)),
+        _ => own,
     }
 }
 
@@ -552,6 +616,8 @@ mod tests {
             ThreadKind::Signals,
             ThreadKind::SignalLogger,
             ThreadKind::Worker,
+            ThreadKind::Control,
+            ThreadKind::Job,
         ] {
             let a = allowed(kind, &no_profile);
             assert!(a.compile(SandboxMode::Seccomp).is_ok(), "{kind:?}");
@@ -564,6 +630,14 @@ mod tests {
             assert!(main.contains(*c), "{c}");
         }
         assert!(!allowed(ThreadKind::Worker, &no_profile).contains(libc::SYS_clone3));
+        // A job a profile allows to connect: the control threads that start it may too.
+        let job = |k: ThreadKind| match k {
+            ThreadKind::Job => Allow::new().calls(&[libc::SYS_connect]),
+            _ => Allow::new(),
+        };
+        assert!(allowed(ThreadKind::Control, &job).contains(libc::SYS_connect));
+        assert!(!allowed(ThreadKind::Main, &job).contains(libc::SYS_connect));
+        assert!(!allowed(ThreadKind::Control, &no_profile).contains(libc::SYS_socket));
     }
 
     #[test]

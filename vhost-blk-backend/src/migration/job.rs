@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vhost_user_device::control::Events;
+use vhost_user_device::sandbox::{self, ThreadKind};
 
 use crate::device::BlkShared;
 
@@ -192,7 +193,10 @@ impl Migrations {
         let j2 = job.clone();
         std::thread::Builder::new()
             .name("migrate".into())
-            .spawn(move || me.run(&j2, params))
+            .spawn(move || {
+                sandbox::enter_or_exit(ThreadKind::Job);
+                me.run(&j2, params)
+            })
             .map_err(|e| JobError::Refused(format!("cannot start the job thread: {e}")))?;
         Ok(id)
     }
