@@ -11,7 +11,7 @@
 //!
 //! `serial_backend_sigkill_records_once`: the driver writes 64-byte records (one chain
 //! each, numbered) to a named port while the backend is SIGKILLed and restarted at random
-//! moments, `VHOST_CRASH_SERIAL_KILLS` times (default 5; `VHOST_CRASH_SEED` repeats a run).
+//! moments, `VHOST_CRASH_SERIAL_KILLS` times (default 10; `VHOST_CRASH_SEED` repeats a run).
 //! The host reads the port's socket, connecting again after each restart. Checked: records
 //! arrive again within 5 s of each restart; every record arrives, in order, and the only
 //! repeat is the one a restart cannot avoid (`vhost_tests::records`: a connection's first
@@ -383,7 +383,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[test]
 fn serial_backend_sigkill_records_once() {
     const NAME: &str = "serial_backend_sigkill_records_once";
-    let kills = env_u32("VHOST_CRASH_SERIAL_KILLS", 5);
+    let kills = env_u32("VHOST_CRASH_SERIAL_KILLS", 10);
     let resume_limit = Duration::from_secs(5);
     let mut rng = Rng::from_env(NAME);
     let tmp = tempfile::tempdir().expect("tempdir");

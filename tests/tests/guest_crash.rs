@@ -43,8 +43,8 @@
 //!   reconnects as QEMU would: `serial-backend/tests/crash.rs`.
 //!
 //! Kill counts: `VHOST_CRASH_KILLS` (backend kills, default 10), `VHOST_CRASH_VMM_KILLS`
-//! (QEMU kills, default 10), `VHOST_CRASH_NET_KILLS` (net backend kills, default 5),
-//! `VHOST_CRASH_SERIAL_KILLS` (serial backend kills, default 5); `VHOST_CRASH_SEED` repeats
+//! (QEMU kills, default 10), `VHOST_CRASH_NET_KILLS` (net backend kills, default 10),
+//! `VHOST_CRASH_SERIAL_KILLS` (serial backend kills, default 10); `VHOST_CRASH_SEED` repeats
 //! a run's random kill moments.
 //! Like the other guest tests these need root and QEMU, or skip loudly.
 
@@ -667,7 +667,7 @@ fn guest_net_backend_sigkill_traffic_resumes() {
         return;
     }
     let bin = locate_vhost_net_backend().unwrap_or_else(|e| panic!("{e}"));
-    let kills = env_u32("VHOST_CRASH_NET_KILLS", 5);
+    let kills = env_u32("VHOST_CRASH_NET_KILLS", 10);
     let resume_limit = Duration::from_secs(5);
     let mut rng = Rng::from_env(NAME);
     // A persistent tap, so its address survives the backend (a tap the backend created
@@ -869,7 +869,7 @@ fn guest_serial_backend_sigkill_records_once() {
         return;
     };
     let bin = locate_serial_backend().unwrap_or_else(|e| panic!("{e}"));
-    let kills = env_u32("VHOST_CRASH_SERIAL_KILLS", 5);
+    let kills = env_u32("VHOST_CRASH_SERIAL_KILLS", 10);
     let resume_limit = Duration::from_secs(5);
     let mut rng = Rng::from_env(NAME);
     let sock = t.path("console-vhost.sock");
