@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -60,6 +60,18 @@ pub struct BlkLoadArgs {
     /// PID of the backend process: report its CPU time (user+system, all threads) per I/O.
     #[arg(long)]
     pub pid: Option<u32>,
+    /// Where on the disk the I/O starts (bytes, a multiple of --bs); --size counts from
+    /// here. Lets runs share a disk without touching each other's blocks.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub offset: u64,
+    /// Carry --verify across runs and backend restarts: the blocks written and their
+    /// stamps are loaded from FILE at start and every one is read back and checked before
+    /// the load begins (the file is removed meanwhile, so a run that dies leaves none
+    /// behind); at the end they are written back, also when the backend went away, then
+    /// without the blocks whose write was still in flight (their content is undefined).
+    /// Not written back after a verify error.
+    #[arg(long, value_name = "FILE", requires = "verify")]
+    pub verify_state: Option<PathBuf>,
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -106,6 +118,17 @@ pub enum LoadError {
     /// Bad option combination.
     #[error("{0}")]
     Usage(String),
+    /// The backend closed the vhost-user connection (it exited or was killed).
+    #[error("the backend closed the connection")]
+    Disconnected,
+    /// The --verify-state file could not be read or written.
+    #[error("verify state {path}: {why}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        why: String,
+    },
     /// --verify found data that is not what was last written.
     #[error("verify: block at offset {offset} holds {found}, expected generation {expected}")]
     Verify {
@@ -134,6 +157,8 @@ pub struct Report {
     pub cpu_us_per_io: Option<f64>,
     /// Blocks checked by --verify (on the fly and in the final read-back).
     pub verified: u64,
+    /// Blocks loaded from --verify-state and checked before the load began.
+    pub carried: Option<u64>,
 }
 
 impl Report {
@@ -173,6 +198,12 @@ impl fmt::Display for Report {
         }
         if self.verified > 0 {
             write!(f, ", {} blocks verified", self.verified)?;
+        }
+        if let Some(c) = self.carried {
+            write!(
+                f,
+                ", {c} blocks carried over from earlier runs checked first"
+            )?;
         }
         Ok(())
     }
@@ -233,10 +264,106 @@ fn check_stamp(offset: u64, generation: u64, data: &[u8]) -> Result<(), LoadErro
     Ok(())
 }
 
+/// What --verify knows: the generation last written to each block (by byte offset) and
+/// the last generation handed out.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct VerifyState {
+    written: HashMap<u64, u64>,
+    generation: u64,
+}
+
+/// First line of a --verify-state file.
+const STATE_MAGIC: &str = "bench-blk-verify-state v1";
+
+impl VerifyState {
+    /// The file's text: the magic line, `bs N`, `generation N`, then `OFFSET GENERATION`
+    /// per block, sorted.
+    fn to_text(&self, bs: u64) -> String {
+        let mut blocks: Vec<(u64, u64)> = self.written.iter().map(|(&o, &g)| (o, g)).collect();
+        blocks.sort_unstable();
+        let mut s = format!("{STATE_MAGIC}\nbs {bs}\ngeneration {}\n", self.generation);
+        for (o, g) in blocks {
+            s.push_str(&format!("{o} {g}\n"));
+        }
+        s
+    }
+
+    fn parse(text: &str, bs: u64) -> Result<Self, String> {
+        let mut lines = text.lines();
+        if lines.next() != Some(STATE_MAGIC) {
+            return Err(format!("does not start with {STATE_MAGIC:?}"));
+        }
+        let mut field = |name: &str| -> Result<u64, String> {
+            lines
+                .next()
+                .and_then(|l| l.strip_prefix(name))
+                .and_then(|v| v.strip_prefix(' '))
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("no {name:?} line"))
+        };
+        let file_bs = field("bs")?;
+        if file_bs != bs {
+            return Err(format!("written with --bs {file_bs}, this run has {bs}"));
+        }
+        let generation = field("generation")?;
+        let mut written = HashMap::new();
+        for (n, l) in lines.enumerate() {
+            let bad = || format!("line {}: {l:?} is not OFFSET GENERATION", n + 4);
+            let (o, g) = l.split_once(' ').ok_or_else(bad)?;
+            let (o, g): (u64, u64) = (o.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?);
+            if !o.is_multiple_of(bs) || g == 0 || g > generation {
+                return Err(bad());
+            }
+            written.insert(o, g);
+        }
+        Ok(Self {
+            written,
+            generation,
+        })
+    }
+
+    /// Loads and removes `path` (none: an empty state).
+    fn take(path: &Path, bs: u64) -> Result<Self, LoadError> {
+        let err = |why: String| LoadError::State {
+            path: path.to_path_buf(),
+            why,
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let st = Self::parse(&text, bs).map_err(err)?;
+        std::fs::remove_file(path).map_err(|e| err(format!("cannot remove: {e}")))?;
+        Ok(st)
+    }
+
+    /// Writes the state to `path` (atomically), leaving out the blocks in `undefined`.
+    fn save(&self, path: &Path, bs: u64, undefined: &HashSet<u64>) -> Result<(), LoadError> {
+        let mut kept = Self {
+            written: self.written.clone(),
+            generation: self.generation,
+        };
+        kept.written.retain(|o, _| !undefined.contains(o));
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, kept.to_text(bs))
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| LoadError::State {
+                path: path.to_path_buf(),
+                why: e.to_string(),
+            })
+    }
+}
+
 /// Runs the load and reports.
 pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
     if a.bs == 0 || !a.bs.is_multiple_of(512) {
         return Err(LoadError::Usage("--bs must be a multiple of 512".into()));
+    }
+    if !a.offset.is_multiple_of(a.bs) {
+        return Err(LoadError::Usage(
+            "--offset must be a multiple of --bs".into(),
+        ));
     }
     let depth = usize::from(a.iodepth.max(1));
     if depth * 3 > usize::from(a.queue_size) {
@@ -246,6 +373,34 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
             depth * 3
         )));
     }
+    let mut st = match &a.verify_state {
+        Some(p) => VerifyState::take(p, a.bs)?,
+        None => VerifyState::default(),
+    };
+    // Blocks with a request in flight (--verify): after a failure, their content is
+    // undefined.
+    let mut busy = HashSet::new();
+    let res = drive(a, &mut st, &mut busy);
+    if let Some(p) = &a.verify_state {
+        // After a verify error the state is not carried on: that error is reported once.
+        if !matches!(res, Err(LoadError::Verify { .. })) {
+            if let Err(e) = st.save(p, a.bs, &busy) {
+                match res {
+                    Ok(_) => return Err(e),
+                    Err(_) => eprintln!("bench: {e}"),
+                }
+            }
+        }
+    }
+    res
+}
+
+fn drive(
+    a: &BlkLoadArgs,
+    st: &mut VerifyState,
+    busy: &mut HashSet<u64>,
+) -> Result<Report, LoadError> {
+    let depth = usize::from(a.iodepth.max(1));
     let nq = usize::from(a.queues.max(1));
     let mem_size = (4 << 20) + (nq as u64 * depth as u64 * (a.bs + 8192)).next_multiple_of(1 << 20);
     let mut fe = TestFrontend::connect(
@@ -262,7 +417,14 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
             .try_into()
             .map_err(|_| LoadError::Usage("short config".into()))?,
     ) * 512;
-    let span = a.size.unwrap_or(cap_bytes).min(cap_bytes);
+    if a.offset >= cap_bytes {
+        return Err(LoadError::Usage(format!(
+            "--offset {} is beyond the disk ({cap_bytes} bytes)",
+            a.offset
+        )));
+    }
+    let room = cap_bytes - a.offset;
+    let span = a.size.unwrap_or(room).min(room);
     let blocks = span / a.bs;
     if blocks == 0 {
         return Err(LoadError::Usage("disk smaller than one block".into()));
@@ -280,30 +442,29 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
             status: fe.alloc(1),
         })
         .collect();
-    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+    // Blocks an earlier run wrote (--verify-state) must hold what it last wrote there.
+    let carried = match &a.verify_state {
+        Some(_) => Some(read_back(&mut fe, &slots, &st.written, a.bs)?),
+        None => None,
+    };
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15 ^ st.generation;
     let mut next_seq = 0u64;
-    // --verify state: the generation last written to each block, and the blocks with a
-    // request in flight (never two at once on one block: their order would be undefined).
-    let mut written: HashMap<u64, u64> = HashMap::new();
-    let mut busy: HashSet<u64> = HashSet::new();
-    let mut generation = 0u64;
     let mut verified = 0u64;
     // The next generation for a --verify write, recorded as the block's latest.
     let verify = a.verify;
-    let stamp_for =
-        |offset: u64, write: bool, generation: &mut u64, written: &mut HashMap<u64, u64>| {
-            (verify && write).then(|| {
-                *generation += 1;
-                written.insert(offset, *generation);
-                *generation
-            })
-        };
+    let stamp_for = |offset: u64, write: bool, st: &mut VerifyState| {
+        (verify && write).then(|| {
+            st.generation += 1;
+            st.written.insert(offset, st.generation);
+            st.generation
+        })
+    };
     let mut next_request = |rng: &mut u64, busy: &HashSet<u64>| -> (u64, bool) {
         loop {
             let offset = if random {
-                (next_rand(rng) % blocks) * a.bs
+                a.offset + (next_rand(rng) % blocks) * a.bs
             } else {
-                let o = (next_seq % blocks) * a.bs;
+                let o = a.offset + (next_seq % blocks) * a.bs;
                 next_seq += 1;
                 o
             };
@@ -355,14 +516,14 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
     // submits it; returns its head and what to remember of it.
     let mut issue = |fe: &mut TestFrontend,
                      busy: &mut HashSet<u64>,
-                     written: &mut HashMap<u64, u64>,
+                     st: &mut VerifyState,
                      slot: usize|
      -> (u16, Pending) {
         let (offset, write) = next_request(&mut rng, busy);
         if a.verify {
             busy.insert(offset);
         }
-        let g = stamp_for(offset, write, &mut generation, written);
+        let g = stamp_for(offset, write, st);
         let head = submit(fe, slot, offset, write, g);
         let p = Pending {
             slot,
@@ -373,7 +534,7 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
         (head, p)
     };
     for slot in 0..depth * nq {
-        let (head, p) = issue(&mut fe, &mut busy, &mut written, slot);
+        let (head, p) = issue(&mut fe, busy, st, slot);
         in_flight[slot / depth].insert(head, p);
     }
     for q in &fe.queues {
@@ -391,9 +552,19 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
             revents: 0,
         })
         .collect();
+    // The vhost-user connection: the backend never writes to it unasked, so any event on
+    // it means it went away (exited, killed).
+    pfds.push(libc::pollfd {
+        fd: fe.fe.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    });
     while start.elapsed() < a.runtime {
         // SAFETY: pfds is a valid array of pollfd.
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 100) };
+        if pfds[nq].revents != 0 {
+            return Err(LoadError::Disconnected);
+        }
         for (q, pending) in in_flight.iter_mut().enumerate() {
             let _ = fe.queues[q].call.read();
             let done = fe.queues[q].take_used(&fe.mem);
@@ -408,16 +579,16 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
                 let Some(p) = pending.remove(&(u.id as u16)) else {
                     continue;
                 };
-                let st = fe.read(slots[p.slot].status, 1)[0];
-                if st != 0 {
+                let st_byte = fe.read(slots[p.slot].status, 1)[0];
+                if st_byte != 0 {
                     return Err(LoadError::Status {
                         offset: p.offset,
-                        status: st,
+                        status: st_byte,
                     });
                 }
                 if a.verify {
                     if !p.write {
-                        if let Some(&g) = written.get(&p.offset) {
+                        if let Some(&g) = st.written.get(&p.offset) {
                             check_stamp(p.offset, g, &fe.read(slots[p.slot].data, a.bs as usize))?;
                             verified += 1;
                         }
@@ -429,7 +600,7 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
                 free_slots.push(p.slot);
             }
             for slot in free_slots {
-                let (head, p) = issue(&mut fe, &mut busy, &mut written, slot);
+                let (head, p) = issue(&mut fe, busy, st, slot);
                 pending.insert(head, p);
             }
             fe.queues[q].notify();
@@ -447,7 +618,9 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
         let _ = fe.queues[q].wait_used(&fe.mem, pending.len(), Duration::from_secs(5));
     }
     if a.verify {
-        verified += read_back(&mut fe, &slots, &written, a.bs)?;
+        verified += read_back(&mut fe, &slots, &st.written, a.bs)?;
+        // Every block read back as last written: none is undefined any more.
+        busy.clear();
     }
     lat_us.sort_unstable();
     Ok(Report {
@@ -458,6 +631,7 @@ pub fn run(a: &BlkLoadArgs) -> Result<Report, LoadError> {
         args: format!("{:?} bs={} iodepth={} queues={}", a.rw, a.bs, a.iodepth, nq).to_lowercase(),
         cpu_us_per_io,
         verified,
+        carried,
     })
 }
 
@@ -518,5 +692,140 @@ mod tests {
         let mut torn = s.clone();
         torn[2048..].copy_from_slice(&stamp(8192, 2, 4096)[2048..]);
         assert!(check_stamp(8192, 3, &torn).is_err());
+    }
+
+    #[test]
+    fn verify_state_round_trips_and_rejects_garbage() {
+        let st = VerifyState {
+            written: HashMap::from([(8192, 3), (0, 1), (4096, 7)]),
+            generation: 7,
+        };
+        let text = st.to_text(4096);
+        assert!(text.starts_with(STATE_MAGIC));
+        assert_eq!(VerifyState::parse(&text, 4096), Ok(st));
+        assert!(VerifyState::parse(&text, 512).is_err(), "other block size");
+        assert!(VerifyState::parse("hello\n", 4096).is_err());
+        let bad = |line: &str| {
+            VerifyState::parse(
+                &format!("{STATE_MAGIC}\nbs 4096\ngeneration 7\n{line}\n"),
+                4096,
+            )
+        };
+        assert!(bad("4096 3").is_ok());
+        for line in ["4096", "4096 x", "100 3", "4096 0", "4096 8"] {
+            assert!(bad(line).is_err(), "{line:?} accepted");
+        }
+    }
+
+    /// Our backend in-process on an image in a temporary directory.
+    struct Backend {
+        socket: PathBuf,
+        shutdown: std::sync::Arc<vhost_user_device::Shutdown>,
+        thread: Option<std::thread::JoinHandle<Result<(), vhost_user_device::ServerError>>>,
+    }
+
+    impl Backend {
+        fn start(dir: &Path, image: &Path) -> Self {
+            use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
+            let disk = Disk::open(image, false, CacheMode::None, 512).expect("open image");
+            let device = BlkDevice::new(
+                disk,
+                &BlkOptions {
+                    num_queues: 1,
+                    queue_size: 256,
+                    block_size: 512,
+                    serial: "bench-test".into(),
+                    poll_us: 0,
+                    dirty: None,
+                },
+            );
+            let socket = dir.join("blk.sock");
+            let _ = std::fs::remove_file(&socket);
+            let listener = vhost_user_device::server::listen_path(&socket).expect("listen");
+            let shutdown = vhost_user_device::Shutdown::new().expect("shutdown");
+            let server =
+                vhost_user_device::Server::new(std::sync::Arc::new(device), shutdown.clone());
+            let thread = Some(std::thread::spawn(move || server.serve(&listener)));
+            Self {
+                socket,
+                shutdown,
+                thread,
+            }
+        }
+    }
+
+    impl Drop for Backend {
+        fn drop(&mut self) {
+            self.shutdown.trigger();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// --verify-state carries what was written across backend restarts: the next run
+    /// checks it first, a block changed behind its back is caught (and the state is not
+    /// carried on), and a run that cannot reach the backend keeps the state.
+    #[test]
+    fn verify_state_carries_across_backend_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(8 << 20))
+            .expect("image");
+        let state = dir.path().join("state");
+        let args = |socket: &Path, rw: Rw| BlkLoadArgs {
+            socket: socket.to_path_buf(),
+            rw,
+            bs: 4096,
+            iodepth: 8,
+            runtime: Duration::from_millis(300),
+            size: Some(2 << 20),
+            queue_size: 256,
+            queues: 1,
+            verify: true,
+            pid: None,
+            offset: 1 << 20,
+            verify_state: Some(state.clone()),
+        };
+        let written = {
+            let b = Backend::start(dir.path(), &image);
+            let r = run(&args(&b.socket, Rw::Randwrite)).expect("first run");
+            assert_eq!(r.carried, Some(0));
+            let st = VerifyState::take(&state, 4096).expect("state written");
+            assert!(!st.written.is_empty());
+            assert!(st.written.keys().all(|&o| (1 << 20..3 << 20).contains(&o)));
+            st.save(&state, 4096, &HashSet::new()).expect("put back");
+            st
+        };
+        {
+            let b = Backend::start(dir.path(), &image);
+            let r = run(&args(&b.socket, Rw::Randrw)).expect("run after a restart");
+            assert_eq!(r.carried, Some(written.written.len() as u64));
+        }
+        // Nobody listening: the state stays as it was.
+        let before = std::fs::read_to_string(&state).expect("state");
+        assert!(run(&args(&dir.path().join("nobody.sock"), Rw::Read)).is_err());
+        assert_eq!(std::fs::read_to_string(&state).expect("state kept"), before);
+        // A block changed behind the load generator's back.
+        let st = VerifyState::parse(&before, 4096).expect("parse");
+        let (&victim, _) = st.written.iter().next().expect("a block");
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .expect("image");
+            f.write_all_at(&[0xa5; 4096], victim).expect("clobber");
+        }
+        let b = Backend::start(dir.path(), &image);
+        match run(&args(&b.socket, Rw::Read)) {
+            Err(LoadError::Verify { offset, .. }) => assert_eq!(offset, victim),
+            other => panic!(
+                "expected a verify error at {victim}, got {:?}",
+                other.map(|r| r.to_string())
+            ),
+        }
+        assert!(!state.exists(), "state carried on after a verify error");
     }
 }

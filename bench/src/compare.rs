@@ -276,6 +276,8 @@ fn run_backend(
         queues: c.queues,
         verify,
         pid: None,
+        offset: 0,
+        verify_state: None,
     })?;
     let cpu = cpu_seconds(b.pid) - cpu0;
     Ok(Sample {

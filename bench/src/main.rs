@@ -13,6 +13,7 @@ mod compare_serial;
 mod idle;
 mod net;
 mod report;
+mod serial;
 
 use clap::{Parser, Subcommand};
 
@@ -65,6 +66,9 @@ enum LoadDevice {
     Blk(blk::BlkLoadArgs),
     /// Drive a vhost-user-net backend (ours, DPDK's vhost PMD, ...): TX, RX or both.
     Net(net::NetLoadArgs),
+    /// Drive a vhost-user virtio-console backend: one port, both directions, every byte
+    /// checked (the port's host side must be a unix socket).
+    Serial(serial::SerialLoadArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -85,6 +89,11 @@ fn main() -> std::process::ExitCode {
         Cmd::Load {
             device: LoadDevice::Net(a),
         } => net::run(&a)
+            .map(|r| r.to_string())
+            .map_err(|e| e.to_string()),
+        Cmd::Load {
+            device: LoadDevice::Serial(a),
+        } => serial::run(&a)
             .map(|r| r.to_string())
             .map_err(|e| e.to_string()),
         Cmd::Compare {
