@@ -399,6 +399,31 @@ pub fn allowed(kind: ThreadKind, profile: &dyn Fn(ThreadKind) -> Allow) -> Allow
     }
 }
 
+/// The system calls that open a file by name.
+#[cfg(target_arch = "x86_64")]
+const OPEN_CALLS: &[libc::c_long] = &[libc::SYS_openat, libc::SYS_open];
+#[cfg(not(target_arch = "x86_64"))]
+const OPEN_CALLS: &[libc::c_long] = &[libc::SYS_openat];
+
+/// A filter that makes open(2) and openat(2) fail with EACCES (only log them with
+/// `--sandbox log`). Installed, on top of its own, in every thread whose list does not
+/// allow opening files: code we do not control may open one anyway and cope with a
+/// failure. glibc's free() opens /proc/sys/vm/overcommit_memory the first time it shrinks
+/// a thread arena's heap (as a queue worker exits, say); a trap there ended
+/// vhost-net-backend in `scripts/soak.sh`. A refused open reads nothing, so this gives a
+/// thread no more than its list.
+fn open_refusal(mode: SandboxMode) -> Result<BpfProgram, seccompiler::BackendError> {
+    let refuse = if mode == SandboxMode::Log {
+        SeccompAction::Log
+    } else {
+        SeccompAction::Errno(libc::EACCES as u32)
+    };
+    let rules = OPEN_CALLS.iter().map(|&c| (c, Vec::new())).collect();
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|_| seccompiler::BackendError::InvalidTargetArch(std::env::consts::ARCH.into()))?;
+    SeccompFilter::new(rules, SeccompAction::Allow, refuse, arch)?.try_into()
+}
+
 /// Errors setting up the sandbox.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -443,8 +468,26 @@ pub fn enter(kind: ThreadKind) -> Result<(), SandboxError> {
         return Ok(());
     };
     if cfg.mode != SandboxMode::None {
-        let prog = allowed(kind, &cfg.profile).compile(cfg.mode)?;
+        let mut list = allowed(kind, &cfg.profile);
+        // A thread that may not open files gets EACCES from open(2), not SIGSYS: see
+        // [`open_refusal`]. Its own filter lets the calls through to the refusal, which
+        // takes precedence (the kernel applies the strictest result of all filters).
+        let refuse_open = !list.contains(libc::SYS_openat);
+        if refuse_open {
+            list = list.calls(OPEN_CALLS);
+        }
+        let prog = list.compile(cfg.mode)?;
+        let refusal = if refuse_open {
+            Some(open_refusal(cfg.mode)?)
+        } else {
+            None
+        };
         set_thread_label(kind);
+        // The refusal first: installing a filter takes prctl and seccomp, which the
+        // thread's own list may not allow once it is in force.
+        if let Some(r) = refusal {
+            seccompiler::apply_filter(&r)?;
+        }
         seccompiler::apply_filter(&prog)?;
     }
     if kind == ThreadKind::Main && cfg.selftest {
