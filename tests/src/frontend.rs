@@ -479,6 +479,15 @@ impl DirtyLogView {
     }
 }
 
+/// Guest memory each queue's rings get (descriptor table, avail and used rings).
+const RING_SPAN: u64 = 0x20000;
+
+/// Where queue `q`'s rings start in the harness's guest memory; `ring_base(n)` is the end
+/// of the rings of queues 0..n, above which buffers are allocated.
+fn ring_base(q: u16) -> u64 {
+    0x1000 + u64::from(q) * RING_SPAN
+}
+
 /// A connected test frontend with guest memory and rings.
 pub struct TestFrontend {
     /// The vhost-user connection.
@@ -566,8 +575,8 @@ impl TestFrontend {
             protocol: proto,
             inflight: None,
             sock,
-            // Keep the first 1 MiB for rings.
-            next_free: 1 << 20,
+            // Buffers go above the rings (see `ring_base`), and above 1 MiB.
+            next_free: ring_base(opts.num_queues).max(1 << 20),
             opts: opts.clone(),
         })
     }
@@ -676,10 +685,18 @@ impl TestFrontend {
         Ok(())
     }
 
-    /// Lays out queue `q` in guest memory (rings at a fixed place per queue index).
+    /// Lays out queue `q` in guest memory (rings at a fixed place per queue index: see
+    /// [`ring_base`]).
     pub fn add_queue(&mut self, q: u16) -> Result<()> {
         let size = self.opts.queue_size;
-        let base = 0x1000 + u64::from(q) * 0x20000;
+        let base = ring_base(q);
+        if 16 * u64::from(size) + 6 + 2 * u64::from(size) + 4095 + 6 + 8 * u64::from(size)
+            > RING_SPAN
+        {
+            return Err(HarnessError::Memory(format!(
+                "queue size {size} does not fit the harness's {RING_SPAN}-byte ring slots"
+            )));
+        }
         let desc = base;
         let avail = desc + 16 * u64::from(size);
         let used = (avail + 6 + 2 * u64::from(size) + 4095) & !4095;
