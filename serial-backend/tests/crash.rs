@@ -28,56 +28,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serial_backend::spec::{event, queue, Control};
 use vhost_tests::frontend::{Buf, FrontendOptions, TestFrontend};
 use vhost_tests::guest::socket_listening;
+use vhost_tests::kill_plan::{env_u32, Rng};
 use vhost_tests::records::{read_console, read_records, record, send_on_port, RecordLog};
 
 const PORT: u32 = 1;
 const PORT_NAME: &str = "org.test.crash";
 const RX_BUF: u32 = 4096;
 const RING: u16 = 256;
-
-fn env_u32(name: &str, default: u32) -> u32 {
-    match std::env::var(name) {
-        Ok(v) if !v.is_empty() => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        _ => default,
-    }
-}
-
-/// xorshift64*, seeded from `VHOST_CRASH_SEED` or the clock (printed).
-struct Rng(u64);
-
-impl Rng {
-    fn from_env(test: &str) -> Rng {
-        let seed = std::env::var("VHOST_CRASH_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-            });
-        eprintln!("{test}: VHOST_CRASH_SEED={seed}");
-        Rng(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.next() % (hi - lo).max(1))
-    }
-}
 
 /// A serial-backend process; SIGKILLed when dropped.
 struct Proc {

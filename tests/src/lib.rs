@@ -15,5 +15,6 @@ pub mod frontend;
 pub mod guest;
 pub mod guest_console;
 pub mod guest_net;
+pub mod kill_plan;
 pub mod records;
 pub mod sandbox;

@@ -57,7 +57,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use vhost_tests::console_bench::{console_guest, ConsoleBenchError};
 use vhost_tests::guest::{
@@ -69,50 +69,11 @@ use vhost_tests::guest_console::locate_serial_backend;
 use vhost_tests::guest_net::{
     locate_vhost_net_backend, vhost_user_net_args, wait_socket_file, NetNs,
 };
+use vhost_tests::kill_plan::{env_u32, Rng};
 use vhost_tests::records::{read_console, read_records, send_on_port, RecordLog};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
-
-fn env_u32(name: &str, default: u32) -> u32 {
-    match std::env::var(name) {
-        Ok(v) if !v.is_empty() => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        _ => default,
-    }
-}
-
-/// xorshift64*: the random kill moments (seed printed, `VHOST_CRASH_SEED` repeats it).
-struct Rng(u64);
-
-impl Rng {
-    fn from_env(test: &str) -> Rng {
-        let seed = std::env::var("VHOST_CRASH_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-            });
-        eprintln!("{test}: VHOST_CRASH_SEED={seed}");
-        Rng(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform in `lo..hi` milliseconds.
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.next() % (hi - lo).max(1))
-    }
-}
 
 /// The vhost-blk-backend under test, or `None` (with a note) for another implementation:
 /// these tests are about this project's backend.
