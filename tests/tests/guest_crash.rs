@@ -286,7 +286,7 @@ fn guest_blk_backend_sigkill_under_load() {
                         thread::sleep(rng.millis(50, 300));
                         // SAFETY: as above.
                         unsafe { libc::kill(pid, libc::SIGCONT) };
-                        thread::sleep(Duration::from_micros(rng.next() % 800));
+                        thread::sleep(Duration::from_micros(rng.next_u64() % 800));
                     }
                 }
                 be.kill();
