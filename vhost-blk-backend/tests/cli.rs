@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use vhost::VhostBackend;
 use vhost_blk_backend::spec::{req_type, status};
+use vhost_tests::control::{queue_cell, stats_command, table_line};
 use vhost_tests::frontend::{wait_eventfd, FrontendOptions, TestFrontend};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-blk-backend");
@@ -369,32 +370,6 @@ fn a_ring_far_ahead_is_parked_and_the_backend_stays_serviceable() {
     );
 }
 
-/// Runs `vhost-blk-backend stats --control-socket CTL [--json]`; its stdout.
-fn stats_command(ctl: &std::path::Path, json: bool) -> String {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("stats").arg("--control-socket").arg(ctl);
-    if json {
-        cmd.arg("--json");
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "stats failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// The line of `table` that starts with `name`, split into words.
-fn table_line<'a>(table: &'a str, name: &str) -> Vec<&'a str> {
-    table
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .unwrap_or_else(|| panic!("no {name} line in\n{table}"))
-        .split_whitespace()
-        .collect()
-}
-
 /// The real program under its default sandbox with a control socket: a known workload
 /// (10 writes and 5 reads of 4 KiB on queue 0) shows exactly in query-stats and in the
 /// `stats` subcommand (table and JSON), the VMM's connect and disconnect arrive as events
@@ -463,17 +438,15 @@ fn control_socket_counts_a_known_workload_and_reports_the_vmm() {
     assert_eq!(q[0]["in-flight"], 0, "{s}");
     assert_eq!(q[0]["bad-chains"], 0, "{s}");
 
-    let json: serde_json::Value = serde_json::from_str(stats_command(&ctl, true).trim()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(stats_command(BIN, &ctl, true).trim()).unwrap();
     assert_eq!(json["writes"], 10);
     assert_eq!(json["queues"][0]["chains"], 15);
-    let table = stats_command(&ctl, false);
+    let table = stats_command(BIN, &ctl, false);
     assert_eq!(table_line(&table, "writes"), ["writes", "10"]);
     assert_eq!(table_line(&table, "write-bytes"), ["write-bytes", "40960"]);
-    let head = table_line(&table, "queue");
-    let row = table_line(&table, "0");
-    assert_eq!(head.len(), row.len(), "{table}");
-    let col = |name: &str| row[head.iter().position(|h| *h == name).unwrap()];
-    assert_eq!((col("chains"), col("completed")), ("15", "15"), "{table}");
+    assert_eq!(queue_cell(&table, 0, "chains"), "15", "{table}");
+    assert_eq!(queue_cell(&table, 0, "completed"), "15", "{table}");
 
     drop(fe);
     let ev = c.next_event().unwrap();
