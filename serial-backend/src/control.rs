@@ -37,7 +37,11 @@ pub fn queue_role(index: usize) -> String {
         1 => "port0-tx".into(),
         2 => "control-rx".into(),
         3 => "control-tx".into(),
-        i => format!("port{}-{}", i / 2 - 1, if i % 2 == 0 { "rx" } else { "tx" }),
+        i => format!(
+            "port{}-{}",
+            i / 2 - 1,
+            if i.is_multiple_of(2) { "rx" } else { "tx" }
+        ),
     }
 }
 

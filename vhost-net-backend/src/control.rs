@@ -75,7 +75,7 @@ impl ControlHandler for NetControl {
             return object(json!({"role": "ctrl"}));
         };
         let mut m = object(json!({
-            "role": format!("{}{}", if index % 2 == 0 { "rx" } else { "tx" }, index / 2),
+            "role": format!("{}{}", if index.is_multiple_of(2) { "rx" } else { "tx" }, index / 2),
             "packets": g(&c.packets),
             "bytes": g(&c.bytes),
             "merged": g(&c.merged),
