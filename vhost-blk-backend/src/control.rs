@@ -135,6 +135,26 @@ impl ControlHandler for BlkControl {
         }
     }
 
+    fn queue_stats(&self, index: usize) -> Map<String, Value> {
+        let Some(q) = self.shared.queue_stats.get(index) else {
+            return Map::new();
+        };
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let v = json!({
+            "reads": g(&q.reads),
+            "writes": g(&q.writes),
+            "read-bytes": g(&q.read_bytes),
+            "write-bytes": g(&q.write_bytes),
+            "flushes": g(&q.flushes),
+            "bad-requests": g(&q.bad_requests),
+            "io-errors": g(&q.io_errors),
+        });
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
     fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
         match command {
             "migrate" => {

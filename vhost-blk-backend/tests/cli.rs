@@ -437,6 +437,11 @@ fn control_socket_counts_a_known_workload_and_reports_the_vmm() {
     assert_eq!(q[0]["completed"], 15, "{s}");
     assert_eq!(q[0]["in-flight"], 0, "{s}");
     assert_eq!(q[0]["bad-chains"], 0, "{s}");
+    assert_eq!(q[0]["writes"], 10, "{s}");
+    assert_eq!(q[0]["write-bytes"], 40960, "{s}");
+    assert_eq!(q[0]["reads"], 5, "{s}");
+    assert_eq!(q[0]["read-bytes"], 20480, "{s}");
+    assert_eq!(q[0]["io-errors"], 0, "{s}");
 
     let json: serde_json::Value =
         serde_json::from_str(stats_command(BIN, &ctl, true).trim()).unwrap();
@@ -447,6 +452,7 @@ fn control_socket_counts_a_known_workload_and_reports_the_vmm() {
     assert_eq!(table_line(&table, "write-bytes"), ["write-bytes", "40960"]);
     assert_eq!(queue_cell(&table, 0, "chains"), "15", "{table}");
     assert_eq!(queue_cell(&table, 0, "completed"), "15", "{table}");
+    assert_eq!(queue_cell(&table, 0, "write-bytes"), "40960", "{table}");
 
     drop(fe);
     let ev = c.next_event().unwrap();
