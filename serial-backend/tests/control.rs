@@ -143,3 +143,20 @@ fn help_names_the_control_socket_and_the_stats_subcommand() {
         "{s}"
     );
 }
+
+#[test]
+fn stats_without_a_backend_fails_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("stats")
+        .arg("--control-socket")
+        .arg(dir.path().join("nobody.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("error: control socket") && err.contains("nobody.sock"),
+        "{err}"
+    );
+}
