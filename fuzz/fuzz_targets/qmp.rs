@@ -1,5 +1,6 @@
 //! The control socket's QMP session (the layer's `QmpSession`: framing, negotiation,
-//! dispatch) answering vhost-blk-backend's commands (`BlkControl` on a 1 MiB temp image),
+//! dispatch) answering the layer's commands (`LayerControl`: query-status, query-stats) around
+//! vhost-blk-backend's (`BlkControl` on a 1 MiB temp image),
 //! fed arbitrary bytes cut into pieces of an input-chosen size, as a client's socket would
 //! deliver them.
 //!
@@ -21,7 +22,8 @@ use vhost_blk_backend::control::{migrate_params, BlkControl};
 use vhost_blk_backend::migration::job::Migrations;
 use vhost_blk_backend::migration::transport::{Security, Uri};
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
-use vhost_user_device::control::{ControlHandler, Feed, QmpError, QmpSession};
+use vhost_user_device::control::{ControlHandler, Feed, LayerControl, QmpError, QmpSession};
+use vhost_user_device::server::ServerState;
 
 /// Largest message the session keeps unparsed (the layer's limit).
 const MAX_MESSAGE: usize = 64 << 10;
@@ -33,6 +35,18 @@ struct Handler {
 impl ControlHandler for Handler {
     fn commands(&self) -> Vec<&'static str> {
         self.blk.commands()
+    }
+
+    fn status(&self) -> Map<String, Value> {
+        self.blk.status()
+    }
+
+    fn held(&self) -> bool {
+        self.blk.held()
+    }
+
+    fn device_stats(&self) -> Map<String, Value> {
+        self.blk.device_stats()
     }
 
     fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
@@ -50,8 +64,8 @@ impl ControlHandler for Handler {
     }
 }
 
-fn handler() -> Arc<Handler> {
-    static HANDLER: OnceLock<Arc<Handler>> = OnceLock::new();
+fn handler() -> Arc<LayerControl> {
+    static HANDLER: OnceLock<Arc<LayerControl>> = OnceLock::new();
     HANDLER
         .get_or_init(|| {
             let path =
@@ -78,9 +92,14 @@ fn handler() -> Arc<Handler> {
                 Security::plain(false),
                 std::time::Duration::from_millis(300),
             ));
-            Arc::new(Handler {
-                blk: BlkControl::new(shared, migrations),
-            })
+            Arc::new(LayerControl::new(
+                "vhost-blk-backend",
+                "0.1.0",
+                Arc::new(ServerState::new(1)),
+                Arc::new(Handler {
+                    blk: BlkControl::new(shared, migrations),
+                }),
+            ))
         })
         .clone()
 }

@@ -7,6 +7,7 @@
 //! - [`worker`]: the single queue worker (control handshake, data both ways, host fds);
 //! - [`device`]: features, config space, worker creation.
 
+pub mod control;
 pub mod device;
 pub mod hostinfo;
 pub mod ports;

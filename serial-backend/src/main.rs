@@ -4,11 +4,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use serial_backend::control::SerialControl;
 use serial_backend::hostinfo;
 use serial_backend::ports::{parse_spec, HostKind, PortSpec};
 use serial_backend::spec::DEFAULT_MAX_PORTS;
 use serial_backend::SerialDevice;
-use vhost_user_device::program::{backend_main, ListenArgs};
+use vhost_user_device::program::{backend_main, ClientCommand, ListenArgs};
 use vhost_user_device::server::handle_termination_signals;
 use vhost_user_device::{Server, Shutdown};
 
@@ -21,8 +22,18 @@ use vhost_user_device::{Server, Shutdown};
 ///
 /// Logs go to stderr; set RUST_LOG (error, warn, info, debug) to choose how much.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    /// Talk to a running backend instead of starting one.
+    #[command(subcommand)]
+    command: Option<ClientCommand>,
+
     #[command(flatten)]
     listen: ListenArgs,
 
@@ -50,6 +61,9 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(cmd) = &args.command {
+        return cmd.run();
+    }
     backend_main(
         args.listen.print_capabilities,
         r#"{"type": "console"}"#,
@@ -87,7 +101,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.max_ports,
         2 * (args.max_ports + 1)
     );
+    let shared = device.shared().clone();
     let server = Server::new(Arc::new(device), shutdown);
+    let _control = args.listen.start_control(
+        "serial-backend",
+        env!("CARGO_PKG_VERSION"),
+        server.state(),
+        Arc::new(SerialControl::new(shared)),
+    )?;
     server.serve(&listener)?;
     log::info!("exiting");
     Ok(())

@@ -7,9 +7,11 @@
 //!   a test and `bench compare serial`);
 //! - [`records`]: sequence-numbered records through a console port whose backend is
 //!   killed and restarted, checked on the host side (the serial crash tests);
-//! - [`sandbox`]: the `--sandbox` checks every backend program shares.
+//! - [`sandbox`]: the `--sandbox` checks every backend program shares;
+//! - [`control`]: the `stats` subcommand and its table, for the control socket tests.
 
 pub mod console_bench;
+pub mod control;
 pub mod freeze;
 pub mod frontend;
 pub mod guest;

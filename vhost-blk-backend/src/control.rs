@@ -1,5 +1,5 @@
-//! What vhost-blk-backend answers on its control socket (`--control-socket`): its status
-//! and counters, and the migration commands.
+//! What vhost-blk-backend adds on its control socket (`--control-socket`) to the layer's
+//! commands: its fields of query-status and query-stats, and the migration commands.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -81,8 +81,6 @@ pub fn migrate_params(args: &Map<String, Value>) -> Result<JobParams, QmpError> 
 impl ControlHandler for BlkControl {
     fn commands(&self) -> Vec<&'static str> {
         vec![
-            "query-status",
-            "query-stats",
             "migrate",
             "query-migrate",
             "migrate-set-speed",
@@ -91,40 +89,74 @@ impl ControlHandler for BlkControl {
         ]
     }
 
+    fn held(&self) -> bool {
+        !self.shared.gate.is_open()
+    }
+
+    fn status(&self) -> Map<String, Value> {
+        let st = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
+        let v = json!({
+            "image": self.shared.disk.path().display().to_string(),
+            "size": self.shared.disk.size,
+            "image-id": st.checkpoint.image_uuid(),
+            "generation": st.checkpoint.generation,
+            "incomplete": st.incomplete,
+            "dirty-bytes": self.shared.dirty.dirty_bytes(),
+            "dirty-granularity": self.shared.dirty.granularity(),
+        });
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    fn device_stats(&self) -> Map<String, Value> {
+        let s = &self.shared.stats;
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let v = json!({
+            "reads": g(&s.reads),
+            "writes": g(&s.writes),
+            "read-bytes": g(&s.read_bytes),
+            "write-bytes": g(&s.write_bytes),
+            "flushes": g(&s.flushes),
+            "bad-requests": g(&s.bad_requests),
+            "too-large": g(&s.too_large),
+            "io-errors": g(&s.io_errors),
+            "dropped": g(&s.dropped),
+            "bounced": g(&s.bounced),
+            "in-flight": g(&s.in_flight),
+            "in-flight-peak": g(&s.in_flight_peak),
+            "teardown-waited": g(&s.teardown_waited),
+            "teardown-leaked": g(&s.teardown_leaked),
+        });
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    fn queue_stats(&self, index: usize) -> Map<String, Value> {
+        let Some(q) = self.shared.queue_stats.get(index) else {
+            return Map::new();
+        };
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let v = json!({
+            "reads": g(&q.reads),
+            "writes": g(&q.writes),
+            "read-bytes": g(&q.read_bytes),
+            "write-bytes": g(&q.write_bytes),
+            "flushes": g(&q.flushes),
+            "bad-requests": g(&q.bad_requests),
+            "io-errors": g(&q.io_errors),
+        });
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
     fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
         match command {
-            "query-status" => {
-                only(args, &[])?;
-                let st = self.shared.sync.lock().unwrap_or_else(|e| e.into_inner());
-                Ok(json!({
-                    "status": if !self.shared.gate.is_open() { "held" } else { "running" },
-                    "image": self.shared.disk.path().display().to_string(),
-                    "size": self.shared.disk.size,
-                    "image-id": st.checkpoint.image_uuid(),
-                    "generation": st.checkpoint.generation,
-                    "incomplete": st.incomplete,
-                    "dirty-bytes": self.shared.dirty.dirty_bytes(),
-                    "dirty-granularity": self.shared.dirty.granularity(),
-                }))
-            }
-            "query-stats" => {
-                only(args, &[])?;
-                let s = &self.shared.stats;
-                let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-                Ok(json!({
-                    "reads": g(&s.reads),
-                    "writes": g(&s.writes),
-                    "read-bytes": g(&s.read_bytes),
-                    "write-bytes": g(&s.write_bytes),
-                    "flushes": g(&s.flushes),
-                    "bad-requests": g(&s.bad_requests),
-                    "io-errors": g(&s.io_errors),
-                    "dropped": g(&s.dropped),
-                    "bounced": g(&s.bounced),
-                    "in-flight": g(&s.in_flight),
-                    "in-flight-peak": g(&s.in_flight_peak),
-                }))
-            }
             "migrate" => {
                 let id = self
                     .migrations
@@ -156,10 +188,7 @@ impl ControlHandler for BlkControl {
                 self.migrations.complete().map_err(job_error)?;
                 Ok(json!({}))
             }
-            c => Err(QmpError {
-                class: "CommandNotFound",
-                desc: format!("The command {c} has not been found"),
-            }),
+            c => Err(QmpError::not_found(c)),
         }
     }
 }

@@ -90,6 +90,26 @@ pub struct BlkStats {
     pub teardown_leaked: AtomicU64,
 }
 
+/// Counters of one request queue (the device-wide [`BlkStats`] count the same requests
+/// for all queues).
+#[derive(Debug, Default)]
+pub struct BlkQueueStats {
+    /// Read requests submitted.
+    pub reads: AtomicU64,
+    /// Write requests submitted.
+    pub writes: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Flush requests.
+    pub flushes: AtomicU64,
+    /// Requests refused after parsing.
+    pub bad_requests: AtomicU64,
+    /// Requests that failed in the kernel.
+    pub io_errors: AtomicU64,
+}
+
 /// Options the device is built from (the command line).
 #[derive(Clone, Debug)]
 pub struct BlkOptions {
@@ -127,6 +147,8 @@ pub struct BlkShared {
     pub block_size: u32,
     /// Counters.
     pub stats: BlkStats,
+    /// Counters per request queue.
+    pub queue_stats: Vec<BlkQueueStats>,
     /// Adaptive polling window of each queue worker (None: sleep whenever idle).
     pub poll: Option<std::time::Duration>,
     /// Blocks changed since the last sync (block migration).
@@ -265,6 +287,9 @@ impl BlkDevice {
                 num_queues: opts.num_queues,
                 block_size: opts.block_size,
                 stats: BlkStats::default(),
+                queue_stats: (0..opts.num_queues)
+                    .map(|_| BlkQueueStats::default())
+                    .collect(),
                 poll: (opts.poll_us > 0)
                     .then(|| std::time::Duration::from_micros(u64::from(opts.poll_us))),
                 dirty: opts

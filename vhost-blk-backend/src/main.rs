@@ -15,8 +15,7 @@ use vhost_blk_backend::migration::job::Migrations;
 use vhost_blk_backend::migration::tls::TlsCreds;
 use vhost_blk_backend::migration::transport::{self, Security, Uri};
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
-use vhost_user_device::control::ControlServer;
-use vhost_user_device::program::{backend_main, parse_size, ListenArgs};
+use vhost_user_device::program::{backend_main, parse_size, ClientCommand, ListenArgs};
 use vhost_user_device::sandbox::{self, ThreadKind};
 use vhost_user_device::server::handle_termination_signals;
 use vhost_user_device::{Server, Shutdown};
@@ -118,12 +117,6 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     tls_creds: Option<PathBuf>,
 
-    /// Serve QMP (QEMU's machine protocol) on this Unix socket: status, counters and the
-    /// block migration commands (migrate, query-migrate, migrate-set-speed,
-    /// migrate-cancel, migrate-complete). Mode 0600; other users are refused.
-    #[arg(long, value_name = "PATH")]
-    control_socket: Option<PathBuf>,
-
     /// The switch-over time a migration aims for: the job is ready once what is left to
     /// copy takes at most this long at the measured rate.
     #[arg(long, value_name = "MS", default_value_t = 100)]
@@ -132,6 +125,8 @@ struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 enum Cmd {
+    #[command(flatten)]
+    Common(ClientCommand),
     /// Start a block migration of a running backend's disk to a destination
     /// vhost-blk-backend (started with --incoming), and follow it. Prints the job id;
     /// exits non-zero if the job fails.
@@ -318,7 +313,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         insecure: args.migration_insecure,
         tls: args.tls_creds.as_deref().map(TlsCreds::new),
     };
-    if let (Some(t), Some(_)) = (&security.tls, &args.control_socket) {
+    if let (Some(t), Some(_)) = (&security.tls, &args.listen.control_socket) {
         t.check(false)?;
     }
     // Bind the migration address before anything else, so a bad one fails at start.
@@ -348,26 +343,27 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 }
             })?;
     }
-    let _control = match &args.control_socket {
-        Some(p) => {
-            let migrations = Arc::new(Migrations::new(
-                shared.clone(),
-                security.clone(),
-                std::time::Duration::from_millis(args.downtime_limit),
-            ));
-            let server = ControlServer::start(
-                p,
-                "vhost-blk-backend",
-                env!("CARGO_PKG_VERSION"),
-                Arc::new(BlkControl::new(shared.clone(), migrations.clone())),
-            )
-            .map_err(|e| format!("control socket {}: {e}", p.display()))?;
-            migrations.set_events(server.events());
-            Some(server)
-        }
+    let server = Server::new(Arc::new(device), shutdown);
+    // The migration commands are only reachable through the control socket.
+    let migrations = args.listen.control_socket.is_some().then(|| {
+        Arc::new(Migrations::new(
+            shared.clone(),
+            security.clone(),
+            std::time::Duration::from_millis(args.downtime_limit),
+        ))
+    });
+    let control = match &migrations {
+        Some(m) => args.listen.start_control(
+            "vhost-blk-backend",
+            env!("CARGO_PKG_VERSION"),
+            server.state(),
+            Arc::new(BlkControl::new(shared.clone(), m.clone())),
+        )?,
         None => None,
     };
-    let server = Server::new(Arc::new(device), shutdown);
+    if let (Some(m), Some(c)) = (&migrations, &control) {
+        m.set_events(c.events());
+    }
     server.serve(&listener)?;
     // Every request has completed (serve drains before it returns): the bitmap is
     // complete, and the file may say so.
@@ -383,6 +379,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 /// The subcommands: a client of a running backend's control socket.
 fn client(cmd: Cmd) -> ExitCode {
     let r = match cmd {
+        Cmd::Common(c) => return c.run(),
         Cmd::Migrate {
             control_socket,
             to,

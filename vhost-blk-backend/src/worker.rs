@@ -5,7 +5,7 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings, Segment};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{max_request_bytes, BlkShared};
+use crate::device::{max_request_bytes, BlkQueueStats, BlkShared};
 use crate::request::{parse, ByteRange, Request};
 use crate::spec::{features, status, ID_BYTES};
 use crate::uring::{Op, Uring};
@@ -264,6 +264,7 @@ impl BlkWorker {
                     .stats
                     .bad_requests
                     .fetch_add(1, Ordering::Relaxed);
+                self.count_queue(queue, |q| &q.bad_requests, 1);
                 self.log
                     .warn(|| format!("queue {queue}: refusing request (head {head}): {e}"));
                 self.complete_now(ring, mem, head, status_addr, e.status(), 1);
@@ -331,6 +332,7 @@ impl BlkWorker {
             }
             Request::Flush => {
                 self.shared.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                self.count_queue(queue, |q| &q.flushes, 1);
                 let req = base(Kind::Flush);
                 self.submit_ops(ring, mem, req, |_| vec![(Op::Flush, false)])
             }
@@ -367,11 +369,19 @@ impl BlkWorker {
         }
     }
 
+    /// Adds `n` to the counter `which` picks of queue `queue`.
+    fn count_queue(&self, queue: u16, which: impl Fn(&BlkQueueStats) -> &AtomicU64, n: u64) {
+        if let Some(q) = self.shared.queue_stats.get(usize::from(queue)) {
+            which(q).fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
     /// Counts and logs (rate-limited) a read or write refused for its size.
     fn refuse_too_large(&mut self, queue: u16, head: u16, bytes: u64) {
         let stats = &self.shared.stats;
         stats.too_large.fetch_add(1, Ordering::Relaxed);
         stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+        self.count_queue(queue, |q| &q.bad_requests, 1);
         let max = self.max_request;
         self.log.warn(|| {
             format!(
@@ -479,11 +489,15 @@ impl BlkWorker {
         if req.kind == Kind::Read {
             stats.reads.fetch_add(1, Ordering::Relaxed);
             stats.read_bytes.fetch_add(req.remaining, Ordering::Relaxed);
+            self.count_queue(req.queue, |q| &q.reads, 1);
+            self.count_queue(req.queue, |q| &q.read_bytes, req.remaining);
         } else if req.kind == Kind::Write {
             stats.writes.fetch_add(1, Ordering::Relaxed);
             stats
                 .write_bytes
                 .fetch_add(req.remaining, Ordering::Relaxed);
+            self.count_queue(req.queue, |q| &q.writes, 1);
+            self.count_queue(req.queue, |q| &q.write_bytes, req.remaining);
         }
         let dsync = !self.shared.writeback.load(Ordering::Relaxed);
         let op = Self::rw_op(&req, dsync);
@@ -817,6 +831,7 @@ impl BlkWorker {
         }
         if st != status::OK {
             self.shared.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+            self.count_queue(req.queue, |q| &q.io_errors, 1);
         }
         let _ = mem.write_obj(st, GuestAddress(req.status_addr));
         let used_len = if st == status::OK { req.used_len } else { 1 };

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use vhost::VhostBackend;
 use vhost_blk_backend::spec::{req_type, status};
+use vhost_tests::control::{queue_cell, stats_command, table_line};
 use vhost_tests::frontend::{wait_eventfd, FrontendOptions, TestFrontend};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-blk-backend");
@@ -64,9 +65,24 @@ fn help_explains_every_flag() {
         "--poll-us",
         "--dirty-granularity",
         "--dirty-bitmap",
+        "--control-socket",
+        "--sandbox",
     ] {
         assert!(s.contains(flag), "--help lacks {flag}");
     }
+    assert!(
+        s.contains("VHOST_USER_CONNECTED"),
+        "--help must name the events"
+    );
+    let out = Command::new(BIN)
+        .args(["stats", "--help"])
+        .output()
+        .unwrap();
+    let sub = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        sub.contains("--control-socket") && sub.contains("--json"),
+        "{sub}"
+    );
     assert!(
         s.contains("32 MiB per TiB"),
         "--help must say what the bitmap costs"
@@ -352,4 +368,111 @@ fn a_ring_far_ahead_is_parked_and_the_backend_stays_serviceable() {
         1,
         "backend log:\n{log}"
     );
+}
+
+/// The real program under its default sandbox with a control socket: a known workload
+/// (10 writes and 5 reads of 4 KiB on queue 0) shows exactly in query-stats and in the
+/// `stats` subcommand (table and JSON), the VMM's connect and disconnect arrive as events
+/// in order, query-status follows the connection, and SIGTERM with the client still
+/// connected exits 0.
+#[test]
+fn control_socket_counts_a_known_workload_and_reports_the_vmm() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let sock = dir.path().join("blk.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let mut child = Command::new(BIN)
+        .arg("--blk-file")
+        .arg(&img)
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--control-socket")
+        .arg(&ctl)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&ctl);
+    wait_for_socket(&sock);
+    let mut c = vhost_user_device::control::QmpClient::connect(&ctl).unwrap();
+    let st = c
+        .execute("query-status", serde_json::json!({}))
+        .unwrap()
+        .unwrap();
+    assert_eq!(st["status"], "running");
+    assert_eq!(st["program"], "vhost-blk-backend");
+    assert_eq!(st["vmm-connected"], false);
+    assert_eq!(st["connections"], 0);
+    assert_eq!(st["size"], 1 << 20);
+
+    let mut fe = TestFrontend::connect(&sock, FrontendOptions::default()).unwrap();
+    for i in 0..10u64 {
+        assert_eq!(write(&mut fe, i * 8, &[i as u8; 4096]), status::OK);
+    }
+    for i in 0..5u64 {
+        let (data, st) = read(&mut fe, i * 8, 4096);
+        assert_eq!((st, data), (status::OK, vec![i as u8; 4096]));
+    }
+    let st = c
+        .execute("query-status", serde_json::json!({}))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (&st["vmm-connected"], &st["connections"]),
+        (&serde_json::json!(true), &serde_json::json!(1))
+    );
+    let s = c
+        .execute("query-stats", serde_json::json!({}))
+        .unwrap()
+        .unwrap();
+    assert_eq!(s["writes"], 10, "{s}");
+    assert_eq!(s["write-bytes"], 40960, "{s}");
+    assert_eq!(s["reads"], 5, "{s}");
+    assert_eq!(s["read-bytes"], 20480, "{s}");
+    assert_eq!(s["in-flight"], 0, "{s}");
+    assert_eq!(s["bad-requests"], 0, "{s}");
+    let q = s["queues"].as_array().unwrap();
+    assert_eq!(q.len(), 1, "{s}");
+    assert_eq!(q[0]["queue"], 0);
+    assert_eq!(q[0]["chains"], 15, "{s}");
+    assert_eq!(q[0]["completed"], 15, "{s}");
+    assert_eq!(q[0]["in-flight"], 0, "{s}");
+    assert_eq!(q[0]["bad-chains"], 0, "{s}");
+    assert_eq!(q[0]["writes"], 10, "{s}");
+    assert_eq!(q[0]["write-bytes"], 40960, "{s}");
+    assert_eq!(q[0]["reads"], 5, "{s}");
+    assert_eq!(q[0]["read-bytes"], 20480, "{s}");
+    assert_eq!(q[0]["io-errors"], 0, "{s}");
+
+    let json: serde_json::Value =
+        serde_json::from_str(stats_command(BIN, &ctl, true).trim()).unwrap();
+    assert_eq!(json["writes"], 10);
+    assert_eq!(json["queues"][0]["chains"], 15);
+    let table = stats_command(BIN, &ctl, false);
+    assert_eq!(table_line(&table, "writes"), ["writes", "10"]);
+    assert_eq!(table_line(&table, "write-bytes"), ["write-bytes", "40960"]);
+    assert_eq!(queue_cell(&table, 0, "chains"), "15", "{table}");
+    assert_eq!(queue_cell(&table, 0, "completed"), "15", "{table}");
+    assert_eq!(queue_cell(&table, 0, "write-bytes"), "40960", "{table}");
+
+    drop(fe);
+    let ev = c.next_event().unwrap();
+    assert_eq!(ev["event"], "VHOST_USER_CONNECTED", "{ev}");
+    assert_eq!(ev["data"]["connection"], 1);
+    let ev = c.next_event().unwrap();
+    assert_eq!(ev["event"], "VHOST_USER_DISCONNECTED", "{ev}");
+    assert_eq!(ev["data"]["connection"], 1);
+    assert_eq!(ev["data"]["reason"], "the frontend closed the connection");
+    let st = c
+        .execute("query-status", serde_json::json!({}))
+        .unwrap()
+        .unwrap();
+    assert_eq!(st["vmm-connected"], false);
+
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let code = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(code.success(), "exit status {code:?}; stderr:\n{err}");
+    assert!(!ctl.exists());
 }

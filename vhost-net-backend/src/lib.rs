@@ -8,6 +8,7 @@
 //! - [`stats`]: per-queue counters;
 //! - [`device`]: features, config space, queue layout, worker creation.
 
+pub mod control;
 pub mod ctrl;
 pub mod device;
 pub mod seccomp;

@@ -4,9 +4,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use vhost_net_backend::control::NetControl;
 use vhost_net_backend::tap::parse_mac;
 use vhost_net_backend::{NetDevice, NetOptions, NetShared, Tap, TapSpec};
-use vhost_user_device::program::{backend_main, ListenArgs};
+use vhost_user_device::program::{backend_main, ClientCommand, ListenArgs};
 use vhost_user_device::sandbox::{self, ThreadKind};
 use vhost_user_device::server::handle_termination_signals;
 use vhost_user_device::{Server, Shutdown};
@@ -19,8 +20,18 @@ use vhost_user_device::{Server, Shutdown};
 /// Logs go to stderr; set RUST_LOG (error, warn, info, debug) to choose how much.
 /// SIGUSR1 logs the per-queue counters.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    /// Talk to a running backend instead of starting one.
+    #[command(subcommand)]
+    command: Option<ClientCommand>,
+
     #[command(flatten)]
     listen: ListenArgs,
 
@@ -108,6 +119,9 @@ fn handle_stats_signal(set: libc::sigset_t, shared: Arc<NetShared>) -> std::io::
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(cmd) = &args.command {
+        return cmd.run();
+    }
     backend_main(args.listen.print_capabilities, r#"{"type": "net"}"#, || {
         run(args)
     })
@@ -154,6 +168,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let listener = args.listen.listener()?;
     let shared = device.shared().clone();
     let server = Server::new(Arc::new(device), shutdown);
+    let _control = args.listen.start_control(
+        "vhost-net-backend",
+        env!("CARGO_PKG_VERSION"),
+        server.state(),
+        Arc::new(NetControl::new(shared.clone())),
+    )?;
     server.serve(&listener)?;
     log::info!("exiting; counters:\n{}", shared.stats.report());
     Ok(())

@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
+
+use crate::server::ServerState;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Largest message a client may send.
@@ -49,19 +51,208 @@ impl QmpError {
         }
     }
 
+    /// An unknown command.
+    pub fn not_found(command: &str) -> Self {
+        Self {
+            class: "CommandNotFound",
+            desc: format!("The command {command} has not been found"),
+        }
+    }
+
     /// An argument is missing or of the wrong type.
     pub fn bad_argument(name: &str, want: &str) -> Self {
         Self::generic(format!("Parameter '{name}' expects {want}"))
     }
 }
 
-/// What a device adds to the control socket.
+/// What a device adds to the control socket. The layer answers `query-status` and
+/// `query-stats` itself ([`LayerControl`]); a device contributes its own fields and
+/// counters through the provided methods, and may add commands.
 pub trait ControlHandler: Send + Sync {
-    /// The device's commands.
-    fn commands(&self) -> Vec<&'static str>;
+    /// The device's own commands (none by default).
+    fn commands(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
 
     /// Runs `command` (one of [`ControlHandler::commands`]) with `args`.
-    fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError>;
+    fn execute(&self, command: &str, _args: &Map<String, Value>) -> Result<Value, QmpError> {
+        Err(QmpError::not_found(command))
+    }
+
+    /// Fields the device adds to `query-status` (the layer's own win on a clash).
+    fn status(&self) -> Map<String, Value> {
+        Map::new()
+    }
+
+    /// Whether the device holds guest requests (`query-status` says "held", not "running").
+    fn held(&self) -> bool {
+        false
+    }
+
+    /// The device's own counters: the top-level fields of `query-stats` (next to
+    /// `queues`).
+    fn device_stats(&self) -> Map<String, Value> {
+        Map::new()
+    }
+
+    /// The device's counters of virtqueue `index`, merged into its entry of `queues` in
+    /// `query-stats`.
+    fn queue_stats(&self, _index: usize) -> Map<String, Value> {
+        Map::new()
+    }
+}
+
+/// Errors of the control socket's set-up and of its clients.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket could not be created.
+    #[error("control socket {path}: {source}")]
+    Start {
+        /// The socket path.
+        path: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A client could not talk to a running backend.
+    #[error("control socket {path}: {source}")]
+    Client {
+        /// The socket path.
+        path: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The backend refused a command.
+    #[error("{command}: {desc}")]
+    Command {
+        /// The command.
+        command: String,
+        /// The backend's error.
+        desc: String,
+    },
+}
+
+/// Refuses arguments a command does not take (QEMU does the same).
+pub fn only_args(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), QmpError> {
+    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+        None => Ok(()),
+    }
+}
+
+/// The layer's commands every backend answers, around the device's handler:
+/// `query-status` (running or held, the VMM connected or not, connections so far, uptime,
+/// program and version, plus the device's fields) and `query-stats` (the device's
+/// counters, and per queue the layer's [`crate::QueueStats`] merged with the device's
+/// counters of that queue). Every other command goes to the device.
+pub struct LayerControl {
+    program: &'static str,
+    version: &'static str,
+    state: Arc<ServerState>,
+    device: Arc<dyn ControlHandler>,
+}
+
+/// The layer's own commands.
+const LAYER_COMMANDS: [&str; 2] = ["query-status", "query-stats"];
+
+impl LayerControl {
+    /// The layer's commands for the server whose state is `state`, then `device`'s.
+    pub fn new(
+        program: &'static str,
+        version: &'static str,
+        state: Arc<ServerState>,
+        device: Arc<dyn ControlHandler>,
+    ) -> Self {
+        Self {
+            program,
+            version,
+            state,
+            device,
+        }
+    }
+
+    fn query_status(&self) -> Value {
+        let mut m = self.device.status();
+        let up = self.state.uptime();
+        for (k, v) in [
+            (
+                "status",
+                json!(if self.device.held() {
+                    "held"
+                } else {
+                    "running"
+                }),
+            ),
+            ("program", json!(self.program)),
+            ("version", json!(self.version)),
+            ("pid", json!(std::process::id())),
+            ("vmm-connected", json!(self.state.connected())),
+            ("connections", json!(self.state.connections())),
+            ("uptime-ms", json!(up.as_millis() as u64)),
+        ] {
+            m.insert(k.into(), v);
+        }
+        Value::Object(m)
+    }
+
+    fn query_stats(&self) -> Value {
+        let mut m = self.device.device_stats();
+        let queues = self
+            .state
+            .stats()
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                let (chains, completed) = (g(&q.chains), g(&q.completed));
+                let mut e = Map::new();
+                for (k, v) in [
+                    ("queue", json!(i)),
+                    ("chains", json!(chains)),
+                    ("completed", json!(completed)),
+                    ("in-flight", json!(chains.saturating_sub(completed))),
+                    ("notifications", json!(g(&q.notifications))),
+                    ("bad-chains", json!(g(&q.bad_chains))),
+                    ("resubmitted", json!(g(&q.resubmitted))),
+                    ("broken", json!(g(&q.broken))),
+                ] {
+                    e.insert(k.into(), v);
+                }
+                for (k, v) in self.device.queue_stats(i) {
+                    e.entry(k).or_insert(v);
+                }
+                Value::Object(e)
+            })
+            .collect();
+        m.insert("queues".into(), Value::Array(queues));
+        Value::Object(m)
+    }
+}
+
+impl ControlHandler for LayerControl {
+    fn commands(&self) -> Vec<&'static str> {
+        let mut c = LAYER_COMMANDS.to_vec();
+        c.extend(
+            self.device
+                .commands()
+                .into_iter()
+                .filter(|d| !LAYER_COMMANDS.contains(d)),
+        );
+        c
+    }
+
+    fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        match command {
+            "query-status" => {
+                only_args(args, &[])?;
+                Ok(self.query_status())
+            }
+            "query-stats" => {
+                only_args(args, &[])?;
+                Ok(self.query_stats())
+            }
+            c => self.device.execute(c, args),
+        }
+    }
 }
 
 /// Sends events to every negotiated client.
@@ -154,6 +345,27 @@ impl ControlServer {
             thread: Some(thread),
             events,
         })
+    }
+
+    /// Starts the control socket of a backend: the layer's commands ([`LayerControl`]) for
+    /// the server whose state is `state` around the device's `handler`, and the
+    /// server's connect and disconnect events.
+    pub fn start_for(
+        path: &Path,
+        program: &'static str,
+        version: &'static str,
+        state: Arc<ServerState>,
+        handler: Arc<dyn ControlHandler>,
+    ) -> Result<Self, ControlError> {
+        let layer = LayerControl::new(program, version, state.clone(), handler);
+        let s = Self::start(path, program, version, Arc::new(layer)).map_err(|source| {
+            ControlError::Start {
+                path: path.display().to_string(),
+                source,
+            }
+        })?;
+        state.set_events(s.events());
+        Ok(s)
     }
 
     /// Where events go.
@@ -821,6 +1033,125 @@ mod tests {
         assert_eq!(ev["event"], "JOB_STATUS_CHANGE");
         assert_eq!(ev["data"]["status"], "running");
         assert!(ev["timestamp"]["seconds"].as_u64().unwrap() > 0);
+    }
+
+    /// A device with its own fields, counters and a command; it also claims
+    /// `query-stats`, which the layer keeps for itself.
+    struct Dev {
+        held: AtomicBool,
+    }
+
+    impl ControlHandler for Dev {
+        fn commands(&self) -> Vec<&'static str> {
+            vec!["query-stats", "poke"]
+        }
+
+        fn execute(&self, command: &str, _args: &Map<String, Value>) -> Result<Value, QmpError> {
+            match command {
+                "poke" => Ok(json!("poked")),
+                c => Err(QmpError::generic(format!("the device ran {c}"))),
+            }
+        }
+
+        fn status(&self) -> Map<String, Value> {
+            let mut m = Map::new();
+            m.insert("image".into(), json!("disk.img"));
+            m.insert("status".into(), json!("the device may not set this"));
+            m
+        }
+
+        fn held(&self) -> bool {
+            self.held.load(Ordering::Relaxed)
+        }
+
+        fn device_stats(&self) -> Map<String, Value> {
+            let mut m = Map::new();
+            m.insert("writes".into(), json!(10));
+            m
+        }
+
+        fn queue_stats(&self, index: usize) -> Map<String, Value> {
+            let mut m = Map::new();
+            m.insert("role".into(), json!(format!("q{index}")));
+            // The layer's own counter wins.
+            m.insert("chains".into(), json!(999));
+            m
+        }
+    }
+
+    #[test]
+    fn the_layer_answers_status_and_stats_around_the_device() {
+        let state = Arc::new(ServerState::new(2));
+        state.stats()[0].chains.store(12, Ordering::Relaxed);
+        state.stats()[0].completed.store(10, Ordering::Relaxed);
+        state.stats()[1].bad_chains.store(3, Ordering::Relaxed);
+        let dev = Arc::new(Dev {
+            held: AtomicBool::new(false),
+        });
+        let layer = LayerControl::new("prog", "1.2.3", state.clone(), dev.clone());
+        assert_eq!(layer.commands(), ["query-status", "query-stats", "poke"]);
+        let none = Map::new();
+        assert_eq!(layer.execute("poke", &none).unwrap(), json!("poked"));
+        let mut extra = Map::new();
+        extra.insert("x".into(), json!(1));
+        assert!(layer.execute("query-stats", &extra).is_err());
+
+        let st = layer.execute("query-status", &none).unwrap();
+        assert_eq!(st["status"], "running");
+        assert_eq!(st["program"], "prog");
+        assert_eq!(st["version"], "1.2.3");
+        assert_eq!(st["image"], "disk.img");
+        assert_eq!(st["vmm-connected"], false);
+        assert_eq!(st["connections"], 0);
+        assert!(st["uptime-ms"].is_u64());
+        dev.held.store(true, Ordering::Relaxed);
+        let n = state.connect();
+        let st = layer.execute("query-status", &none).unwrap();
+        assert_eq!(st["status"], "held");
+        assert_eq!((st["vmm-connected"].clone(), n), (json!(true), 1));
+        state.disconnect(n, "bye");
+        assert_eq!(
+            layer.execute("query-status", &none).unwrap()["vmm-connected"],
+            false
+        );
+
+        let stats = layer.execute("query-stats", &none).unwrap();
+        assert_eq!(stats["writes"], 10);
+        let q = stats["queues"].as_array().unwrap();
+        assert_eq!(q.len(), 2);
+        assert_eq!(q[0]["queue"], 0);
+        assert_eq!(q[0]["chains"], 12);
+        assert_eq!(q[0]["completed"], 10);
+        assert_eq!(q[0]["in-flight"], 2);
+        assert_eq!(q[0]["role"], "q0");
+        assert_eq!(q[1]["bad-chains"], 3);
+        assert_eq!(q[1]["in-flight"], 0);
+    }
+
+    #[test]
+    fn a_server_control_socket_sends_connect_and_disconnect_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ctl.sock");
+        let state = Arc::new(ServerState::new(1));
+        let dev = Arc::new(Dev {
+            held: AtomicBool::new(false),
+        });
+        let _s = ControlServer::start_for(&p, "prog", "0.1.0", state.clone(), dev).unwrap();
+        let mut c = QmpClient::connect(&p).unwrap();
+        c.execute("query-version", json!({})).unwrap().unwrap();
+        let n = state.connect();
+        state.disconnect(n, "the frontend closed the connection");
+        let ev = c.next_event().unwrap();
+        assert_eq!(ev["event"], "VHOST_USER_CONNECTED");
+        assert_eq!(ev["data"], json!({"connection": 1}));
+        let ev = c.next_event().unwrap();
+        assert_eq!(ev["event"], "VHOST_USER_DISCONNECTED");
+        assert_eq!(
+            ev["data"],
+            json!({"connection": 1, "reason": "the frontend closed the connection"})
+        );
+        let st = c.execute("query-status", json!({})).unwrap().unwrap();
+        assert_eq!(st["connections"], 1);
     }
 
     /// Connects as uid 65534 from a forked child (only async-signal-safe calls there)

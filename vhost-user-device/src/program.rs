@@ -3,8 +3,14 @@
 use std::error::Error;
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::control::{ControlError, ControlHandler, ControlServer, QmpClient};
+use crate::server::ServerState;
 
 use crate::sandbox::{self, Profile, SandboxError, SandboxMode};
 use crate::server::{listen_fd, listen_path, ServerError};
@@ -36,6 +42,14 @@ pub struct ListenArgs {
     /// sandbox.
     #[arg(long, hide = true)]
     pub sandbox_selftest: bool,
+
+    /// Serve QMP (QEMU's machine protocol; qmp-shell works) on this Unix socket:
+    /// query-status, query-stats (per-queue and device counters; the `stats` subcommand
+    /// prints them), query-version, the VHOST_USER_CONNECTED / VHOST_USER_DISCONNECTED
+    /// events, and the program's own commands (vhost-blk-backend: migrate, query-migrate,
+    /// migrate-set-speed, migrate-cancel, migrate-complete). Mode 0600; other users are refused.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
 }
 
 impl ListenArgs {
@@ -54,6 +68,181 @@ impl ListenArgs {
     pub fn sandbox(&self, profile: Profile) -> Result<(), SandboxError> {
         sandbox::configure(self.sandbox, profile, self.sandbox_selftest)
     }
+
+    /// Starts the control socket (`--control-socket`, if given) for the server whose state
+    /// is `state`, with the device's `handler`; see [`ControlServer::start_for`]. Call it
+    /// before [`crate::Server::serve`]: its threads enter the sandbox as they start.
+    pub fn start_control(
+        &self,
+        program: &'static str,
+        version: &'static str,
+        state: &Arc<ServerState>,
+        handler: Arc<dyn ControlHandler>,
+    ) -> Result<Option<ControlServer>, ControlError> {
+        self.control_socket
+            .as_deref()
+            .map(|p| ControlServer::start_for(p, program, version, state.clone(), handler))
+            .transpose()
+    }
+}
+
+/// The subcommands every backend program has: clients of a running backend's
+/// `--control-socket`. Flatten into the program's subcommands, or use as they are.
+#[derive(clap::Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Print a running backend's counters (query-stats on its control socket): the
+    /// device's, then one row per queue.
+    Stats(StatsArgs),
+}
+
+/// Arguments of the `stats` subcommand.
+#[derive(clap::Args, Debug)]
+pub struct StatsArgs {
+    /// The running backend's --control-socket.
+    #[arg(long, value_name = "SOCK")]
+    pub control_socket: PathBuf,
+    /// Print query-stats' JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ClientCommand {
+    /// Runs the subcommand; errors go to stderr, the exit status says whether it worked.
+    pub fn run(&self) -> ExitCode {
+        let r = match self {
+            ClientCommand::Stats(a) => print_stats(&a.control_socket, a.json),
+        };
+        match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Runs `query-stats` on the control socket at `path` and prints it.
+pub fn print_stats(path: &Path, json: bool) -> Result<(), ControlError> {
+    let client_err = |source| ControlError::Client {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut c = QmpClient::connect(path).map_err(client_err)?;
+    let v = c
+        .execute("query-stats", serde_json::json!({}))
+        .map_err(client_err)?
+        .map_err(|e| ControlError::Command {
+            command: "query-stats".into(),
+            desc: e.desc,
+        })?;
+    if json {
+        println!("{v}");
+    } else {
+        print!("{}", stats_table(&v));
+    }
+    Ok(())
+}
+
+/// Flattens nested objects and arrays into `prefix.key` / `prefix.index` pairs.
+fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                flatten(&format!("{prefix}.{i}"), v, out);
+            }
+        }
+        Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        v => out.push((prefix.to_string(), v.to_string())),
+    }
+}
+
+/// `query-stats` as text: the device's counters one per line, then a table with one row
+/// per queue and one column per counter any queue has.
+pub fn stats_table(stats: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mut device = Vec::new();
+    if let Some(m) = stats.as_object() {
+        for (k, v) in m.iter().filter(|(k, _)| k.as_str() != "queues") {
+            flatten(k, v, &mut device);
+        }
+    }
+    let width = device.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in &device {
+        let _ = writeln!(out, "{k:<width$}  {v:>12}");
+    }
+    let rows: Vec<Vec<(String, String)>> = stats
+        .get("queues")
+        .and_then(Value::as_array)
+        .map(|qs| {
+            qs.iter()
+                .map(|q| {
+                    let mut r = Vec::new();
+                    flatten("", q, &mut r);
+                    r
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    // The queue's number and role first, then every counter by name.
+    let mut columns: Vec<String> = vec!["queue".into(), "role".into()];
+    columns.retain(|c| rows.iter().any(|r| r.iter().any(|(k, _)| k == c)));
+    for r in &rows {
+        for (k, _) in r {
+            if !columns.contains(k) {
+                columns.push(k.clone());
+            }
+        }
+    }
+    if columns.is_empty() {
+        return out;
+    }
+    let cell = |r: &[(String, String)], c: &str| {
+        r.iter()
+            .find(|(k, _)| k == c)
+            .map_or_else(|| "-".to_string(), |(_, v)| v.clone())
+    };
+    let widths: Vec<usize> = columns
+        .iter()
+        .map(|c| {
+            rows.iter()
+                .map(|r| cell(r, c).len())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    if !device.is_empty() {
+        out.push('\n');
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:>w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let _ = writeln!(out, "{}", line(columns.clone()));
+    for r in &rows {
+        let _ = writeln!(
+            out,
+            "{}",
+            line(columns.iter().map(|c| cell(r, c)).collect())
+        );
+    }
+    out
 }
 
 /// Logs to stderr (level from RUST_LOG, default info); with `--print-capabilities` prints
@@ -109,7 +298,48 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, stats_table};
+
+    #[test]
+    fn the_stats_table_has_device_lines_and_a_row_per_queue() {
+        let v = serde_json::json!({
+            "writes": 10,
+            "drops": {"short": 1},
+            "pairs": [{"rx": 3}],
+            "queues": [
+                {"queue": 0, "chains": 10, "role": "rx0"},
+                {"queue": 1, "chains": 123456, "extra": 5},
+            ],
+        });
+        let t = stats_table(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("writes") && l.ends_with(" 10")),
+            "{t}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("drops.short") && l.ends_with(" 1")),
+            "{t}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("pairs.0.rx") && l.ends_with(" 3")),
+            "{t}"
+        );
+        let head = lines.iter().position(|l| l.contains("chains")).unwrap();
+        let cols: Vec<&str> = lines[head].split_whitespace().collect();
+        assert_eq!(cols, ["queue", "role", "chains", "extra"]);
+        let r0: Vec<&str> = lines[head + 1].split_whitespace().collect();
+        assert_eq!(r0, ["0", "rx0", "10", "-"]);
+        let r1: Vec<&str> = lines[head + 2].split_whitespace().collect();
+        assert_eq!(r1, ["1", "-", "123456", "5"]);
+        assert_eq!(lines.len(), head + 3);
+    }
 
     #[test]
     fn sizes_with_and_without_units() {

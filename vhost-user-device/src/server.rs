@@ -9,14 +9,16 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use std::io::Write;
 
 use vhost::vhost_user::{BackendReqHandler, Error as VuError, VhostUserBackendReqHandlerMut};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::control::Events;
 use crate::device::VhostUserDevice;
 use crate::fd_check::socket_int_option;
 use crate::handler::Handler;
@@ -250,29 +252,114 @@ fn take_early_vring_enable<D: VhostUserDevice>(
     Ok(true)
 }
 
-/// Serves a device to one frontend after another.
-pub struct Server<D: VhostUserDevice> {
-    device: Arc<D>,
+/// Event a frontend connecting emits on the control socket.
+pub const EVENT_CONNECTED: &str = "VHOST_USER_CONNECTED";
+/// Event a frontend disconnecting emits on the control socket.
+pub const EVENT_DISCONNECTED: &str = "VHOST_USER_DISCONNECTED";
+
+/// What the server knows about itself, shared with the control socket: the per-queue
+/// counters, whether a frontend is connected, how many connected so far, since when the
+/// process serves.
+pub struct ServerState {
     stats: Vec<Arc<QueueStats>>,
-    shutdown: Arc<Shutdown>,
+    started: Instant,
+    connected: AtomicBool,
+    connections: AtomicU64,
+    events: Mutex<Option<Events>>,
 }
 
-impl<D: VhostUserDevice> Server<D> {
-    /// A server for `device`, stopping when `shutdown` is triggered.
-    pub fn new(device: Arc<D>, shutdown: Arc<Shutdown>) -> Self {
-        let stats = (0..device.num_queues())
-            .map(|_| Arc::new(QueueStats::default()))
-            .collect();
+impl ServerState {
+    /// State for a device of `queues` queues, started now.
+    pub fn new(queues: usize) -> Self {
         Self {
-            device,
-            stats,
-            shutdown,
+            stats: (0..queues)
+                .map(|_| Arc::new(QueueStats::default()))
+                .collect(),
+            started: Instant::now(),
+            connected: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+            events: Mutex::new(None),
         }
     }
 
     /// Per-queue counters, kept across connections.
     pub fn stats(&self) -> &[Arc<QueueStats>] {
         &self.stats
+    }
+
+    /// Whether a frontend (the VMM) is connected now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Frontend connections accepted so far (the current one included).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Time since the server was created.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Sends the connect and disconnect events to `events` from now on.
+    pub fn set_events(&self, events: Events) {
+        *self.events.lock().unwrap_or_else(|e| e.into_inner()) = Some(events);
+    }
+
+    fn emit(&self, name: &str, data: serde_json::Value) {
+        if let Some(ev) = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            ev.emit(name, data);
+        }
+    }
+
+    pub(crate) fn connect(&self) -> u64 {
+        let n = self.connections.fetch_add(1, Ordering::AcqRel) + 1;
+        self.connected.store(true, Ordering::Release);
+        self.emit(EVENT_CONNECTED, serde_json::json!({ "connection": n }));
+        n
+    }
+
+    pub(crate) fn disconnect(&self, n: u64, reason: &str) {
+        self.connected.store(false, Ordering::Release);
+        self.emit(
+            EVENT_DISCONNECTED,
+            serde_json::json!({ "connection": n, "reason": reason }),
+        );
+    }
+}
+
+/// Serves a device to one frontend after another.
+pub struct Server<D: VhostUserDevice> {
+    device: Arc<D>,
+    state: Arc<ServerState>,
+    shutdown: Arc<Shutdown>,
+}
+
+impl<D: VhostUserDevice> Server<D> {
+    /// A server for `device`, stopping when `shutdown` is triggered.
+    pub fn new(device: Arc<D>, shutdown: Arc<Shutdown>) -> Self {
+        let state = Arc::new(ServerState::new(usize::from(device.num_queues())));
+        Self {
+            device,
+            state,
+            shutdown,
+        }
+    }
+
+    /// Per-queue counters, kept across connections.
+    pub fn stats(&self) -> &[Arc<QueueStats>] {
+        self.state.stats()
+    }
+
+    /// Counters and connection state, for the control socket.
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
     }
 
     /// Accepts and serves connections until shutdown is requested. Start-up is over: the
@@ -343,9 +430,21 @@ impl<D: VhostUserDevice> Server<D> {
     /// Serves one connection until the frontend hangs up or shutdown is requested; every
     /// in-flight request has completed when this returns.
     pub fn serve_connection(&self, stream: UnixStream) -> Result<(), ServerError> {
+        let n = self.state.connect();
+        let mut reason = "the frontend closed the connection".to_string();
+        let r = self.serve_connection_inner(stream, &mut reason);
+        self.state.disconnect(n, &reason);
+        r
+    }
+
+    fn serve_connection_inner(
+        &self,
+        stream: UnixStream,
+        reason: &mut String,
+    ) -> Result<(), ServerError> {
         let handler = Arc::new(Mutex::new(Handler::new(
             self.device.clone(),
-            self.stats.clone(),
+            self.state.stats.clone(),
         )));
         let mut req = BackendReqHandler::from_stream(stream, handler.clone());
         let conn = req.try_clone_connection().ok();
@@ -358,6 +457,7 @@ impl<D: VhostUserDevice> Server<D> {
                     Ok(false) => {}
                     Err(e) => {
                         log::warn!("frontend connection ended: {e}");
+                        *reason = format!("protocol error: {e}");
                         break;
                     }
                 }
@@ -365,8 +465,11 @@ impl<D: VhostUserDevice> Server<D> {
             match req.handle_request() {
                 Ok(()) => {}
                 Err(e) if is_fatal(&e) => {
-                    if !matches!(e, VuError::Disconnected) && !self.shutdown.is_requested() {
+                    if self.shutdown.is_requested() {
+                        *reason = "the backend is shutting down".into();
+                    } else if !matches!(e, VuError::Disconnected) {
                         log::warn!("frontend connection ended: {e}");
+                        *reason = format!("protocol error: {e}");
                     }
                     break;
                 }
@@ -380,9 +483,15 @@ impl<D: VhostUserDevice> Server<D> {
                 log::warn!(
                     "closing the frontend connection: a request failed that has no error reply"
                 );
+                *reason = "a request failed that has no error reply".into();
                 break;
             }
-            if failed || self.shutdown.is_requested() {
+            if failed {
+                *reason = "a queue worker failed".into();
+                break;
+            }
+            if self.shutdown.is_requested() {
+                *reason = "the backend is shutting down".into();
                 break;
             }
         }
