@@ -401,7 +401,8 @@ fn run_seed() -> u64 {
 fn open_port(a: &SerialLoadArgs) -> Result<Guest, SerialLoadError> {
     let tx_bytes = TX_BUFS as u64 * a.chunk.next_multiple_of(4096);
     let bufs = tx_bytes + (RX_BUFS as u64 + CTRL_BUFS as u64 + 1) * 4096;
-    // Rings sit at 0x1000 + q * 128 KiB (up to 64 queues): the buffers go above 9 MiB.
+    // Rings sit at 0x1000 + q * 128 KiB (up to 64 queues); the harness allocates the
+    // buffers above them.
     let mem_size = (10 << 20) + bufs.next_multiple_of(1 << 20);
     let max_queues = queue::count(DEFAULT_MAX_PORTS);
     let opts = FrontendOptions {
@@ -427,7 +428,6 @@ fn open_port(a: &SerialLoadArgs) -> Result<Guest, SerialLoadError> {
         fe.add_queue(q)?;
         fe.start_queue(q)?;
     }
-    fe.alloc(8 << 20);
     let ctrl_tx = fe.alloc(u64::from(CTRL_BUF));
     let mut ctrl_rx = Vec::with_capacity(CTRL_BUFS);
     for _ in 0..CTRL_BUFS {

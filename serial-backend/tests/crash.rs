@@ -162,7 +162,6 @@ impl Drv {
             ..Default::default()
         };
         let mut fe = TestFrontend::connect(sock, opts).expect("connect");
-        fe.alloc(8 << 20);
         let mut d = Drv {
             fe,
             rx_bufs: HashMap::new(),

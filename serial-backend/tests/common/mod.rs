@@ -100,8 +100,6 @@ impl Driver {
             ..Default::default()
         };
         let mut fe = TestFrontend::connect(socket, opts).expect("connect");
-        // The harness puts ring q at 0x1000 + q * 128 KiB: keep allocations above them.
-        fe.alloc(8 << 20);
         let mut d = Self {
             fe,
             rx: HashMap::new(),
