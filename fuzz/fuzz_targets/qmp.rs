@@ -21,7 +21,6 @@ use serde_json::{json, Map, Value};
 use vhost_blk_backend::control::{migrate_params, BlkControl};
 use vhost_blk_backend::migration::job::Migrations;
 use vhost_blk_backend::migration::transport::{Security, Uri};
-use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
 use vhost_user_device::control::{ControlHandler, Feed, LayerControl, QmpError, QmpSession};
 use vhost_user_device::server::ServerState;
 
@@ -68,24 +67,7 @@ fn handler() -> Arc<LayerControl> {
     static HANDLER: OnceLock<Arc<LayerControl>> = OnceLock::new();
     HANDLER
         .get_or_init(|| {
-            let path =
-                std::env::temp_dir().join(format!("vhost-fuzz-qmp-{}.img", std::process::id()));
-            let f = std::fs::File::create(&path).expect("create image");
-            f.set_len(1 << 20).expect("size image");
-            drop(f);
-            let disk = Disk::open(&path, false, CacheMode::Writeback, 512).expect("open image");
-            let _ = std::fs::remove_file(&path);
-            let device = BlkDevice::new(
-                disk,
-                &BlkOptions {
-                    num_queues: 1,
-                    queue_size: 64,
-                    block_size: 512,
-                    serial: "fuzz".into(),
-                    poll_us: 0,
-                    dirty: None,
-                },
-            );
+            let device = vhost_fuzz::blk_device("qmp", 1);
             let shared = device.shared().clone();
             let migrations = Arc::new(Migrations::new(
                 shared.clone(),

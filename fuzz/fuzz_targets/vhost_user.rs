@@ -15,7 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
+use vhost_blk_backend::BlkDevice;
 use vhost_fuzz::Reader;
 use vhost_user_device::{Server, Shutdown};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -28,24 +28,7 @@ const MAX_MESSAGES: usize = 64;
 fn server() -> &'static Server<BlkDevice> {
     static SERVER: OnceLock<Server<BlkDevice>> = OnceLock::new();
     SERVER.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("vhost-fuzz-blk-{}.img", std::process::id()));
-        let f = std::fs::File::create(&path).expect("create image");
-        f.set_len(1 << 20).expect("size image");
-        drop(f);
-        let disk = Disk::open(&path, false, CacheMode::Writeback, 512).expect("open image");
-        // The open file keeps the image; nothing else needs its name.
-        let _ = std::fs::remove_file(&path);
-        let device = BlkDevice::new(
-            disk,
-            &BlkOptions {
-                num_queues: 2,
-                queue_size: 64,
-                block_size: 512,
-                serial: "fuzz".into(),
-                poll_us: 0,
-                dirty: None,
-            },
-        );
+        let device = vhost_fuzz::blk_device("blk", 2);
         Server::new(Arc::new(device), Shutdown::new().expect("shutdown"))
     })
 }

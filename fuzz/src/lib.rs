@@ -181,3 +181,26 @@ pub fn check_chain(mem: &GuestMem, chain: &Chain) {
     }
     assert!(total <= u64::from(u32::MAX), "chain longer than 4 GiB");
 }
+
+/// A virtio-blk device with `num_queues` queues of 64 on a 1 MiB temp image named after
+/// `target` (unlinked at once: the open file keeps the image).
+pub fn blk_device(target: &str, num_queues: u16) -> vhost_blk_backend::BlkDevice {
+    use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
+    let path = std::env::temp_dir().join(format!("vhost-fuzz-{target}-{}.img", std::process::id()));
+    let f = std::fs::File::create(&path).expect("create image");
+    f.set_len(1 << 20).expect("size image");
+    drop(f);
+    let disk = Disk::open(&path, false, CacheMode::Writeback, 512).expect("open image");
+    let _ = std::fs::remove_file(&path);
+    BlkDevice::new(
+        disk,
+        &BlkOptions {
+            num_queues,
+            queue_size: 64,
+            block_size: 512,
+            serial: "fuzz".into(),
+            poll_us: 0,
+            dirty: None,
+        },
+    )
+}

@@ -161,7 +161,7 @@ impl Drv {
             queue_size: RING,
             ..Default::default()
         };
-        let mut fe = TestFrontend::connect(sock, opts).expect("connect");
+        let fe = TestFrontend::connect(sock, opts).expect("connect");
         let mut d = Drv {
             fe,
             rx_bufs: HashMap::new(),

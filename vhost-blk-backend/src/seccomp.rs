@@ -88,17 +88,7 @@ pub fn profile(dirty_file: bool) -> Profile {
                 ],
             )
             .ioctls(&[libc::FIONBIO])
-            .arg_in(
-                libc::SYS_fcntl,
-                1,
-                &[
-                    libc::F_GETFD as u64,
-                    libc::F_SETFD as u64,
-                    libc::F_GETFL as u64,
-                    libc::F_SETFL as u64,
-                    libc::F_DUPFD_CLOEXEC as u64,
-                ],
-            ),
+            .fcntl_basic(),
         _ => Allow::new(),
     })
 }

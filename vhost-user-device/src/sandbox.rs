@@ -139,6 +139,22 @@ impl Allow {
         self
     }
 
+    /// Allows fcntl(2) for descriptor and status flags (GETFD, SETFD, GETFL, SETFL) and
+    /// DUPFD_CLOEXEC: what std and our own code do with descriptors they own.
+    pub fn fcntl_basic(self) -> Self {
+        self.arg_in(
+            libc::SYS_fcntl,
+            1,
+            &[
+                libc::F_GETFD as u64,
+                libc::F_SETFD as u64,
+                libc::F_GETFL as u64,
+                libc::F_SETFL as u64,
+                libc::F_DUPFD_CLOEXEC as u64,
+            ],
+        )
+    }
+
     /// Allows ioctl(2) with these request numbers only.
     pub fn ioctls(self, requests: &[libc::c_ulong]) -> Self {
         // c_ulong is u32 on 32-bit targets.
@@ -274,18 +290,11 @@ fn layer(kind: ThreadKind) -> Allow {
                 libc::CLONE_THREAD as u64,
                 libc::CLONE_THREAD as u64,
             )
+            .fcntl_basic()
             .arg_in(
                 libc::SYS_fcntl,
                 1,
-                &[
-                    libc::F_GETFD as u64,
-                    libc::F_SETFD as u64,
-                    libc::F_GETFL as u64,
-                    libc::F_SETFL as u64,
-                    libc::F_DUPFD_CLOEXEC as u64,
-                    libc::F_ADD_SEALS as u64,
-                    libc::F_GET_SEALS as u64,
-                ],
+                &[libc::F_ADD_SEALS as u64, libc::F_GET_SEALS as u64],
             )
             // The threads it creates name themselves and enter the sandbox.
             .arg_in(
@@ -311,17 +320,7 @@ fn layer(kind: ThreadKind) -> Allow {
                 libc::SYS_epoll_ctl,
                 libc::SYS_read,
             ])
-            .arg_in(
-                libc::SYS_fcntl,
-                1,
-                &[
-                    libc::F_GETFD as u64,
-                    libc::F_SETFD as u64,
-                    libc::F_GETFL as u64,
-                    libc::F_SETFL as u64,
-                    libc::F_DUPFD_CLOEXEC as u64,
-                ],
-            ),
+            .fcntl_basic(),
         ThreadKind::Control => Allow::new()
             .calls(&[
                 // Accepting clients (and the stop eventfd), talking QMP.
@@ -354,17 +353,7 @@ fn layer(kind: ThreadKind) -> Allow {
             // Non-blocking sockets (FIONBIO) and the write timeout (SO_SNDTIMEO).
             .ioctls(&[libc::FIONBIO])
             .arg_in(libc::SYS_setsockopt, 2, &[libc::SO_SNDTIMEO as u64])
-            .arg_in(
-                libc::SYS_fcntl,
-                1,
-                &[
-                    libc::F_GETFD as u64,
-                    libc::F_SETFD as u64,
-                    libc::F_GETFL as u64,
-                    libc::F_SETFL as u64,
-                    libc::F_DUPFD_CLOEXEC as u64,
-                ],
-            )
+            .fcntl_basic()
             .arg_in(
                 libc::SYS_prctl,
                 0,

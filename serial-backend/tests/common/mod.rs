@@ -99,7 +99,7 @@ impl Driver {
             queue_size: 256,
             ..Default::default()
         };
-        let mut fe = TestFrontend::connect(socket, opts).expect("connect");
+        let fe = TestFrontend::connect(socket, opts).expect("connect");
         let mut d = Self {
             fe,
             rx: HashMap::new(),
