@@ -92,13 +92,7 @@ fn control_socket_counts_port_writes_and_reports_the_vmm() {
     assert_eq!(queue_cell(&table, tx, "role"), "port1-tx", "{table}");
 
     drop(d);
-    let ev = c.next_event().unwrap();
-    assert_eq!(ev["event"], "VHOST_USER_CONNECTED", "{ev}");
-    assert_eq!(ev["data"]["connection"], 1);
-    let ev = c.next_event().unwrap();
-    assert_eq!(ev["event"], "VHOST_USER_DISCONNECTED", "{ev}");
-    assert_eq!(ev["data"]["connection"], 1);
-    assert_eq!(ev["data"]["reason"], "the frontend closed the connection");
+    vhost_tests::control::expect_connect_and_close_events(&mut c, 1);
     // A second VMM connection is number 2.
     let d = Driver::connect_socket(&sock, 2);
     let ev = c.next_event().unwrap();
@@ -111,37 +105,14 @@ fn control_socket_counts_port_writes_and_reports_the_vmm() {
     );
 
     // SIGTERM with the VMM and a control client connected: exit 0, socket removed.
-    // SAFETY: plain kill(2) on our child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "backend did not exit on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(code.success(), "exit status {code:?}; stderr:\n{err}");
+    vhost_tests::control::sigterm_expect_clean_exit(&mut child);
     assert!(!ctl.exists(), "the control socket was left behind");
     drop(d);
 }
 
 #[test]
 fn help_names_the_control_socket_and_the_stats_subcommand() {
-    let out = Command::new(BIN).arg("--help").output().unwrap();
-    let s = String::from_utf8(out.stdout).unwrap();
-    assert!(s.contains("--control-socket") && s.contains("stats"), "{s}");
-    let out = Command::new(BIN)
-        .args(["stats", "--help"])
-        .output()
-        .unwrap();
-    let s = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        s.contains("--control-socket") && s.contains("--json"),
-        "{s}"
-    );
+    vhost_tests::control::help_names_the_control_socket(BIN);
 }
 
 #[test]

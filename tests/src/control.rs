@@ -1,4 +1,5 @@
-//! The programs' `stats` subcommand, for the tests of each backend's control socket.
+//! What the tests of each backend's control socket share: the `stats` subcommand, the
+//! connect and disconnect events, a clean exit on SIGTERM, the help text.
 
 use std::path::Path;
 use std::process::Command;
@@ -49,4 +50,53 @@ pub fn queue_cell<'a>(table: &'a str, queue: usize, column: &str) -> &'a str {
         .position(|h| *h == column)
         .unwrap_or_else(|| panic!("no column {column} in\n{table}"));
     row[i]
+}
+
+/// SIGTERM to `child`, then waits (10 s at most) for it to exit 0; returns its stderr
+/// (which must be piped). A non-zero exit fails the test with the stderr.
+pub fn sigterm_expect_clean_exit(child: &mut std::process::Child) -> String {
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(s) = child.try_wait().expect("wait for the backend") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "backend did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err).expect("read stderr");
+    }
+    assert!(code.success(), "exit status {code:?}; stderr:\n{err}");
+    err
+}
+
+/// The next two events on `c` are VHOST_USER_CONNECTED and VHOST_USER_DISCONNECTED of
+/// connection `n`, closed by the frontend.
+pub fn expect_connect_and_close_events(c: &mut vhost_user_device::control::QmpClient, n: u64) {
+    let ev = c.next_event().expect("an event");
+    assert_eq!(ev["event"], "VHOST_USER_CONNECTED", "{ev}");
+    assert_eq!(ev["data"]["connection"], n);
+    let ev = c.next_event().expect("an event");
+    assert_eq!(ev["event"], "VHOST_USER_DISCONNECTED", "{ev}");
+    assert_eq!(ev["data"]["connection"], n);
+    assert_eq!(ev["data"]["reason"], "the frontend closed the connection");
+}
+
+/// `bin --help` names --control-socket and the stats subcommand, and `bin stats --help`
+/// names --control-socket and --json.
+pub fn help_names_the_control_socket(bin: &str) {
+    let help = |args: &[&str]| {
+        let out = Command::new(bin).args(args).output().expect("run --help");
+        String::from_utf8(out.stdout).expect("utf-8 help")
+    };
+    let s = help(&["--help"]);
+    assert!(s.contains("--control-socket") && s.contains("stats"), "{s}");
+    let s = help(&["stats", "--help"]);
+    assert!(
+        s.contains("--control-socket") && s.contains("--json"),
+        "{s}"
+    );
 }

@@ -180,19 +180,7 @@ fn sigterm_exits_cleanly(control: bool) {
         assert_eq!(st.unwrap()["status"], "running");
         c
     });
-    // SAFETY: plain kill(2) on our child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "backend did not exit on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(code.success(), "exit status {code:?}; stderr:\n{err}");
+    vhost_tests::control::sigterm_expect_clean_exit(&mut child);
     let on_disk = std::fs::read(&img).unwrap();
     assert_eq!(&on_disk[1024..1024 + 4096], &[0x42; 4096][..]);
     if control {
@@ -455,13 +443,7 @@ fn control_socket_counts_a_known_workload_and_reports_the_vmm() {
     assert_eq!(queue_cell(&table, 0, "write-bytes"), "40960", "{table}");
 
     drop(fe);
-    let ev = c.next_event().unwrap();
-    assert_eq!(ev["event"], "VHOST_USER_CONNECTED", "{ev}");
-    assert_eq!(ev["data"]["connection"], 1);
-    let ev = c.next_event().unwrap();
-    assert_eq!(ev["event"], "VHOST_USER_DISCONNECTED", "{ev}");
-    assert_eq!(ev["data"]["connection"], 1);
-    assert_eq!(ev["data"]["reason"], "the frontend closed the connection");
+    vhost_tests::control::expect_connect_and_close_events(&mut c, 1);
     let st = c
         .execute("query-status", serde_json::json!({}))
         .unwrap()

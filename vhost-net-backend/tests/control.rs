@@ -6,7 +6,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
@@ -136,42 +136,13 @@ fn control_socket_counts_frames_and_reports_the_vmm() {
     assert_eq!(queue_cell(&table, 1, "role"), "tx0", "{table}");
 
     drop(fe);
-    let ev = c.next_event().unwrap();
-    assert_eq!(ev["event"], "VHOST_USER_CONNECTED", "{ev}");
-    assert_eq!(ev["data"]["connection"], 1);
-    let ev = c.next_event().unwrap();
-    assert_eq!(ev["event"], "VHOST_USER_DISCONNECTED", "{ev}");
-    assert_eq!(ev["data"]["connection"], 1);
-    assert_eq!(ev["data"]["reason"], "the frontend closed the connection");
+    vhost_tests::control::expect_connect_and_close_events(&mut c, 1);
 
-    // SAFETY: plain kill(2) on our child.
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "backend did not exit on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(code.success(), "exit status {code:?}; stderr:\n{err}");
+    vhost_tests::control::sigterm_expect_clean_exit(&mut child.0);
     assert!(!ctl.exists(), "the control socket was left behind");
 }
 
 #[test]
 fn help_names_the_control_socket_and_the_stats_subcommand() {
-    let out = Command::new(BIN).arg("--help").output().unwrap();
-    let s = String::from_utf8(out.stdout).unwrap();
-    assert!(s.contains("--control-socket") && s.contains("stats"), "{s}");
-    let out = Command::new(BIN)
-        .args(["stats", "--help"])
-        .output()
-        .unwrap();
-    let s = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        s.contains("--control-socket") && s.contains("--json"),
-        "{s}"
-    );
+    vhost_tests::control::help_names_the_control_socket(BIN);
 }
