@@ -107,7 +107,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "serial-backend",
         env!("CARGO_PKG_VERSION"),
         server.state(),
-        Arc::new(SerialControl::new(shared)),
+        Arc::new(SerialControl::new(shared.clone())),
+    )?;
+    let _metrics = args.listen.start_metrics(
+        "serial-backend",
+        env!("CARGO_PKG_VERSION"),
+        server.state(),
+        Arc::new(SerialControl::new(shared.clone())),
     )?;
     server.serve(&listener)?;
     log::info!("exiting");

@@ -364,6 +364,20 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let (Some(m), Some(c)) = (&migrations, &control) {
         m.set_events(c.events());
     }
+    // Metrics only read counters: a job list nobody can start jobs on will do.
+    let _metrics = args.listen.start_metrics(
+        "vhost-blk-backend",
+        env!("CARGO_PKG_VERSION"),
+        server.state(),
+        Arc::new(BlkControl::new(
+            shared.clone(),
+            Arc::new(Migrations::new(
+                shared.clone(),
+                security.clone(),
+                std::time::Duration::from_millis(args.downtime_limit),
+            )),
+        )),
+    )?;
     server.serve(&listener)?;
     // Every request has completed (serve drains before it returns): the bitmap is
     // complete, and the file may say so.

@@ -369,6 +369,11 @@ fn control_socket_counts_a_known_workload_and_reports_the_vmm() {
     let img = image(dir.path(), 1 << 20);
     let sock = dir.path().join("blk.sock");
     let ctl = dir.path().join("ctl.sock");
+    // A free port for --metrics-addr (released just before the backend binds it).
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut child = Command::new(BIN)
         .arg("--blk-file")
         .arg(&img)
@@ -376,6 +381,8 @@ fn control_socket_counts_a_known_workload_and_reports_the_vmm() {
         .arg(&sock)
         .arg("--control-socket")
         .arg(&ctl)
+        .arg("--metrics-addr")
+        .arg(metrics.to_string())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -430,6 +437,29 @@ fn control_socket_counts_a_known_workload_and_reports_the_vmm() {
     assert_eq!(q[0]["reads"], 5, "{s}");
     assert_eq!(q[0]["read-bytes"], 20480, "{s}");
     assert_eq!(q[0]["io-errors"], 0, "{s}");
+
+    // The same counters for Prometheus.
+    let scrape = {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(metrics).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    };
+    for line in [
+        "vhost_blk_backend_writes_total 10",
+        "vhost_blk_backend_write_bytes_total 40960",
+        "vhost_blk_backend_reads_total 5",
+        "vhost_blk_backend_in_flight 0",
+        "vhost_blk_backend_queue_chains_total{queue=\"0\"} 15",
+        "vhost_blk_backend_queue_write_bytes_total{queue=\"0\"} 40960",
+    ] {
+        assert!(
+            scrape.lines().any(|l| l == line),
+            "no {line:?} in\n{scrape}"
+        );
+    }
 
     let json: serde_json::Value =
         serde_json::from_str(stats_command(BIN, &ctl, true).trim()).unwrap();

@@ -174,6 +174,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         server.state(),
         Arc::new(NetControl::new(shared.clone())),
     )?;
+    let _metrics = args.listen.start_metrics(
+        "vhost-net-backend",
+        env!("CARGO_PKG_VERSION"),
+        server.state(),
+        Arc::new(NetControl::new(shared.clone())),
+    )?;
     server.serve(&listener)?;
     log::info!("exiting; counters:\n{}", shared.stats.report());
     Ok(())

@@ -105,6 +105,14 @@ pub trait ControlHandler: Send + Sync {
 /// Errors of the control socket's set-up and of its clients.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    /// The metrics address could not be bound.
+    #[error("metrics address {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
     /// The socket could not be created.
     #[error("control socket {path}: {source}")]
     Start {
@@ -192,6 +200,11 @@ impl LayerControl {
             m.insert(k.into(), v);
         }
         Value::Object(m)
+    }
+
+    /// What `query-stats` answers: the device's counters, then one object per queue.
+    pub fn stats(&self) -> Value {
+        self.query_stats()
     }
 
     fn query_stats(&self) -> Value {

@@ -36,6 +36,7 @@ pub mod fd_check;
 pub mod handler;
 pub mod inflight;
 pub mod memory;
+pub mod metrics;
 pub mod program;
 pub mod rate_limit;
 pub mod ring;

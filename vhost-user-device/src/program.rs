@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::control::{ControlError, ControlHandler, ControlServer, QmpClient};
+use crate::control::{ControlError, ControlHandler, ControlServer, LayerControl, QmpClient};
+use crate::metrics::MetricsServer;
 use crate::server::ServerState;
 
 use crate::sandbox::{self, Profile, SandboxError, SandboxMode};
@@ -50,6 +51,13 @@ pub struct ListenArgs {
     /// migrate-set-speed, migrate-cancel, migrate-complete). Mode 0600; other users are refused.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+
+    /// Serve the counters of query-stats for Prometheus at http://ADDR:PORT/metrics
+    /// (OpenMetrics text: `<program>_<counter>_total`, per-queue samples labelled
+    /// `queue`). Anyone who can reach the address can read the counters: bind it to
+    /// loopback or a management network. Port 0 picks a free port (logged).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl ListenArgs {
@@ -82,6 +90,26 @@ impl ListenArgs {
         self.control_socket
             .as_deref()
             .map(|p| ControlServer::start_for(p, program, version, state.clone(), handler))
+            .transpose()
+    }
+}
+
+impl ListenArgs {
+    /// Starts `--metrics-addr`, if given: the same counters as the control socket's
+    /// query-stats, for `handler`'s device on the server whose state is `state`.
+    pub fn start_metrics(
+        &self,
+        program: &'static str,
+        version: &'static str,
+        state: &Arc<ServerState>,
+        handler: Arc<dyn ControlHandler>,
+    ) -> Result<Option<MetricsServer>, ControlError> {
+        self.metrics_addr
+            .map(|addr| {
+                let layer = LayerControl::new(program, version, state.clone(), handler);
+                MetricsServer::start(addr, program, layer)
+                    .map_err(|source| ControlError::Metrics { addr, source })
+            })
             .transpose()
     }
 }

@@ -56,7 +56,8 @@ pub enum ThreadKind {
     /// A queue worker.
     Worker,
     /// The control socket (`--control-socket`): its accept thread and the one thread per
-    /// client it creates, which run the backend's commands. The threads those commands
+    /// client it creates, which run the backend's commands; also the `--metrics-addr`
+    /// thread. The threads those commands
     /// start ([`ThreadKind::Job`]) begin under this filter, so its list includes theirs.
     Control,
     /// A backend's long-running job (blk: a block migration, either end). The layer adds
@@ -350,9 +351,14 @@ fn layer(kind: ThreadKind) -> Allow {
                 libc::CLONE_THREAD as u64,
                 libc::CLONE_THREAD as u64,
             )
-            // Non-blocking sockets (FIONBIO) and the write timeout (SO_SNDTIMEO).
+            // Non-blocking sockets (FIONBIO) and timeouts (SO_SNDTIMEO, SO_RCVTIMEO: the
+            // metrics endpoint, which runs under this list too).
             .ioctls(&[libc::FIONBIO])
-            .arg_in(libc::SYS_setsockopt, 2, &[libc::SO_SNDTIMEO as u64])
+            .arg_in(
+                libc::SYS_setsockopt,
+                2,
+                &[libc::SO_SNDTIMEO as u64, libc::SO_RCVTIMEO as u64],
+            )
             .fcntl_basic()
             .arg_in(
                 libc::SYS_prctl,
