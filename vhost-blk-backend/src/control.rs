@@ -9,6 +9,7 @@ use vhost_user_device::control::{ControlHandler, QmpError};
 
 use crate::device::BlkShared;
 use crate::migration::job::{CopyMode, JobError, JobParams, Migrations};
+use crate::throttle::{Limits, NAMES};
 
 /// The blk commands.
 pub struct BlkControl {
@@ -43,6 +44,38 @@ fn u64_arg(args: &Map<String, Value>, name: &str) -> Result<Option<u64>, QmpErro
             .map(Some)
             .ok_or_else(|| QmpError::bad_argument(name, "a non-negative integer")),
     }
+}
+
+/// The arguments of `set-io-throttle`, checked, applied over `current`: the names of
+/// QEMU's block_set_io_throttle (iops, iops_rd, iops_wr, bps, bps_rd, bps_wr and their
+/// `*_max` bursts; 0 = unlimited). Those not given keep their value. QEMU's `device`,
+/// `id` and `group` name the disk, which is implied here: accepted as strings, ignored.
+pub fn throttle_params(args: &Map<String, Value>, current: Limits) -> Result<Limits, QmpError> {
+    let mut allowed: Vec<&str> = NAMES.to_vec();
+    allowed.extend(["device", "id", "group"]);
+    only(args, &allowed)?;
+    for k in ["device", "id", "group"] {
+        if args.get(k).is_some_and(|v| !v.is_string()) {
+            return Err(QmpError::bad_argument(k, "a string"));
+        }
+    }
+    let mut limits = current;
+    for name in NAMES {
+        if let Some(v) = u64_arg(args, name)? {
+            limits.set(name, v);
+        }
+    }
+    limits.check().map_err(QmpError::generic)?;
+    Ok(limits)
+}
+
+/// The limits as JSON (query-status' `io-throttle`).
+pub fn limits_json(limits: &Limits) -> Value {
+    let m: Map<String, Value> = NAMES
+        .iter()
+        .map(|n| ((*n).to_string(), json!(limits.get(n).unwrap_or(0))))
+        .collect();
+    Value::Object(m)
 }
 
 /// The arguments of `migrate`, checked: `uri` (a string: `tcp:HOST:PORT`, `unix:PATH`
@@ -86,6 +119,7 @@ impl ControlHandler for BlkControl {
             "migrate-set-speed",
             "migrate-cancel",
             "migrate-complete",
+            "set-io-throttle",
         ]
     }
 
@@ -103,6 +137,7 @@ impl ControlHandler for BlkControl {
             "incomplete": st.incomplete,
             "dirty-bytes": self.shared.dirty.dirty_bytes(),
             "dirty-granularity": self.shared.dirty.granularity(),
+            "io-throttle": limits_json(&self.shared.io_limits()),
         });
         match v {
             Value::Object(m) => m,
@@ -128,6 +163,8 @@ impl ControlHandler for BlkControl {
             "in-flight-peak": g(&s.in_flight_peak),
             "teardown-waited": g(&s.teardown_waited),
             "teardown-leaked": g(&s.teardown_leaked),
+            "throttled": g(&s.throttled),
+            "throttle-wait-ms": g(&s.throttle_wait_us) / 1000,
         });
         match v {
             Value::Object(m) => m,
@@ -186,6 +223,11 @@ impl ControlHandler for BlkControl {
             "migrate-complete" => {
                 only(args, &[])?;
                 self.migrations.complete().map_err(job_error)?;
+                Ok(json!({}))
+            }
+            "set-io-throttle" => {
+                let limits = throttle_params(args, self.shared.io_limits())?;
+                self.shared.set_io_limits(limits);
                 Ok(json!({}))
             }
             c => Err(QmpError::not_found(c)),

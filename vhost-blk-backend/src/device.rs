@@ -15,6 +15,7 @@ use crate::dirty_file::{Checkpoint, DirtyFile};
 use crate::disk::Disk;
 use crate::request::DiskGeometry;
 use crate::spec::{features, Config, CONFIG_WRITEBACK_OFFSET, ID_BYTES, SECTOR_SIZE};
+use crate::throttle::{Limits, Throttle};
 use crate::worker::BlkWorker;
 
 /// Largest discard / write-zeroes segment we advertise, in sectors (2 GiB).
@@ -88,6 +89,10 @@ pub struct BlkStats {
     /// Of those, requests that did not complete within the teardown bound: their memory
     /// (guest memory mapping, bounce buffer) was leaked rather than freed under the kernel.
     pub teardown_leaked: AtomicU64,
+    /// Requests that had to wait for the I/O throttle (`--iops-limit` & co.).
+    pub throttled: AtomicU64,
+    /// Their total wait, in microseconds.
+    pub throttle_wait_us: AtomicU64,
 }
 
 /// Counters of one request queue (the device-wide [`BlkStats`] count the same requests
@@ -162,6 +167,28 @@ pub struct BlkShared {
     /// The disk was handed over to a destination: requests are held until the VM runs
     /// here again (rings restarted: the VMM's migration failed).
     pub handed_over: AtomicBool,
+    /// The I/O limits of the disk, shared by every queue (`set-io-throttle` changes them).
+    pub throttle: Mutex<Throttle>,
+    /// Some limit is set (else the workers do not look at `throttle`).
+    pub throttle_on: AtomicBool,
+}
+
+impl BlkShared {
+    /// Sets the I/O limits (checked by the caller with `Limits::check`).
+    pub fn set_io_limits(&self, limits: Limits) {
+        let mut t = self.throttle.lock().unwrap_or_else(|e| e.into_inner());
+        t.set_limits(limits, std::time::Instant::now());
+        self.throttle_on
+            .store(!limits.unlimited(), Ordering::Relaxed);
+    }
+
+    /// The I/O limits in force.
+    pub fn io_limits(&self) -> Limits {
+        self.throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .limits()
+    }
 }
 
 /// Holds the guest's requests while the image is not ready to be served (a destination
@@ -308,6 +335,8 @@ impl BlkDevice {
                 }),
                 vmm: Mutex::new(VmmState::default()),
                 handed_over: AtomicBool::new(false),
+                throttle: Mutex::new(Throttle::new(Limits::default(), std::time::Instant::now())),
+                throttle_on: AtomicBool::new(false),
             }),
         }
     }

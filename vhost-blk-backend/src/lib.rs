@@ -16,6 +16,7 @@ pub mod migration;
 pub mod request;
 pub mod seccomp;
 pub mod spec;
+pub mod throttle;
 pub mod uring;
 pub mod worker;
 

@@ -14,6 +14,7 @@ use vhost_blk_backend::migration::dest::serve_incoming;
 use vhost_blk_backend::migration::job::Migrations;
 use vhost_blk_backend::migration::tls::TlsCreds;
 use vhost_blk_backend::migration::transport::{self, Security, Uri};
+use vhost_blk_backend::throttle::Limits;
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
 use vhost_user_device::program::{backend_main, parse_size, ClientCommand, ListenArgs};
 use vhost_user_device::sandbox::{self, ThreadKind};
@@ -121,6 +122,63 @@ struct Args {
     /// copy takes at most this long at the measured rate.
     #[arg(long, value_name = "MS", default_value_t = 100)]
     downtime_limit: u64,
+
+    /// Requests per second the disk serves at most, reads and writes together (0: unlimited).
+    /// Requests over the limit wait in the backend; they never fail. Token buckets as in
+    /// QEMU's throttle groups (its iops). Changeable at run time with set-io-throttle on
+    /// the control socket. Flush, discard and get-id requests are not counted;
+    /// write-zeroes counts as a write of no bytes.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    iops_limit: u64,
+
+    /// Read requests per second at most (QEMU's iops_rd); not with --iops-limit.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    iops_read_limit: u64,
+
+    /// Write requests per second at most (QEMU's iops_wr); not with --iops-limit.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    iops_write_limit: u64,
+
+    /// Bytes per second at most, read and written together (QEMU's bps); suffixes k, M,
+    /// G (e.g. 20M). A request larger than the burst still goes, and puts the bucket in
+    /// debt for those after it.
+    #[arg(long, value_name = "RATE", default_value_t = 0, value_parser = parse_size)]
+    bandwidth_limit: u64,
+
+    /// Bytes read per second at most (QEMU's bps_rd); not with --bandwidth-limit.
+    #[arg(long, value_name = "RATE", default_value_t = 0, value_parser = parse_size)]
+    bandwidth_read_limit: u64,
+
+    /// Bytes written per second at most (QEMU's bps_wr); not with --bandwidth-limit.
+    #[arg(long, value_name = "RATE", default_value_t = 0, value_parser = parse_size)]
+    bandwidth_write_limit: u64,
+
+    /// Burst of --iops-limit: requests that may go at once after a quiet time, the
+    /// capacity of the bucket (QEMU's iops_max; at least the limit). Default: a tenth of
+    /// a second's worth.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    iops_burst: u64,
+
+    /// Burst of --iops-read-limit (QEMU's iops_rd_max).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    iops_read_burst: u64,
+
+    /// Burst of --iops-write-limit (QEMU's iops_wr_max).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    iops_write_burst: u64,
+
+    /// Burst of --bandwidth-limit in bytes, suffixes k, M, G (QEMU's bps_max; at least
+    /// the limit). Default: a tenth of a second's worth.
+    #[arg(long, value_name = "BYTES", default_value_t = 0, value_parser = parse_size)]
+    bandwidth_burst: u64,
+
+    /// Burst of --bandwidth-read-limit (QEMU's bps_rd_max).
+    #[arg(long, value_name = "BYTES", default_value_t = 0, value_parser = parse_size)]
+    bandwidth_read_burst: u64,
+
+    /// Burst of --bandwidth-write-limit (QEMU's bps_wr_max).
+    #[arg(long, value_name = "BYTES", default_value_t = 0, value_parser = parse_size)]
+    bandwidth_write_burst: u64,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -209,6 +267,26 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
     }
 }
 
+/// The I/O limits of the command line, checked.
+fn io_limits(args: &Args) -> Result<Limits, String> {
+    let limits = Limits {
+        iops: args.iops_limit,
+        iops_rd: args.iops_read_limit,
+        iops_wr: args.iops_write_limit,
+        bps: args.bandwidth_limit,
+        bps_rd: args.bandwidth_read_limit,
+        bps_wr: args.bandwidth_write_limit,
+        iops_max: args.iops_burst,
+        iops_rd_max: args.iops_read_burst,
+        iops_wr_max: args.iops_write_burst,
+        bps_max: args.bandwidth_burst,
+        bps_rd_max: args.bandwidth_read_burst,
+        bps_wr_max: args.bandwidth_write_burst,
+    };
+    limits.check().map_err(|e| format!("I/O limits: {e}"))?;
+    Ok(limits)
+}
+
 fn main() -> ExitCode {
     let mut args = Args::parse();
     if let Some(cmd) = args.command.take() {
@@ -225,6 +303,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     args.listen.sandbox(vhost_blk_backend::seccomp::profile(
         args.dirty_bitmap.is_some(),
     ))?;
+    // Checked before anything is opened (the names in the message are set-io-throttle's).
+    let limits = io_limits(&args)?;
     let path = args.blk_file.ok_or("--blk-file is required")?;
     let disk = Disk::open(&path, args.read_only, args.cache, args.block_size)?;
     let serial = args.serial.unwrap_or_else(|| {
@@ -302,6 +382,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
     );
     let shared = device.shared().clone();
+    shared.set_io_limits(limits);
+    if !limits.unlimited() {
+        log::info!("I/O limits: {limits:?}");
+    }
     if let Some((f, checkpoint, incomplete)) = dirty_file {
         *shared.sync.lock().unwrap_or_else(|e| e.into_inner()) = SyncState {
             checkpoint,

@@ -7,8 +7,8 @@ use vhost_user_device::sandbox::{Allow, Profile, ThreadKind};
 /// so the main thread writes the bitmap file at exit (a new file renamed over the old).
 pub fn profile(dirty_file: bool) -> Profile {
     Box::new(move |kind| match kind {
-        // Each worker's io_uring is created by the main thread (setup, registering the
-        // disk and the eventfd); the worker enables it and runs it. Memory-backed disks
+        // Each worker's io_uring and throttle timer are created by the main thread (setup,
+        // registering the disk and the eventfd); the worker enables it and runs it. Memory-backed disks
         // (tmpfs) are read and written inline with preadv2/pwritev2; flush, discard and
         // write-zeroes fall back to fdatasync and fallocate.
         ThreadKind::Worker => Allow::new().calls(&[
@@ -21,9 +21,11 @@ pub fn profile(dirty_file: bool) -> Profile {
             libc::SYS_fallocate,
             libc::SYS_fdatasync,
             libc::SYS_fsync,
+            // The I/O throttle's timer (created with the worker, by the main thread).
+            libc::SYS_timerfd_settime,
         ]),
         ThreadKind::Main => {
-            let a = Allow::new().calls(&[libc::SYS_io_uring_setup]);
+            let a = Allow::new().calls(&[libc::SYS_io_uring_setup, libc::SYS_timerfd_create]);
             if dirty_file {
                 a.calls(&[
                     libc::SYS_openat,

@@ -4,7 +4,7 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::io;
 use std::mem::ManuallyDrop;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,8 +16,9 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{max_request_bytes, BlkQueueStats, BlkShared};
-use crate::request::{parse, ByteRange, Request};
+use crate::request::{parse, ByteRange, Parsed, Request};
 use crate::spec::{features, status, ID_BYTES};
+use crate::throttle::Dir;
 use crate::uring::{Op, Uring};
 
 /// An aligned buffer for the rare O_DIRECT request whose guest buffers are not aligned.
@@ -124,6 +125,15 @@ struct InFlight {
 // threads only as part of the worker.
 unsafe impl Send for InFlight {}
 
+/// A request parsed and held back by the I/O throttle: taken from its ring, not started.
+/// At most one per queue (its ring is not read further until it starts).
+struct Parked {
+    queue: u16,
+    head: u16,
+    parsed: Parsed,
+    since: Instant,
+}
+
 /// The virtio-blk queue worker.
 pub struct BlkWorker {
     shared: Arc<BlkShared>,
@@ -151,6 +161,13 @@ pub struct BlkWorker {
     max_request: u64,
     /// The driver acked SIZE_MAX: it promised to stay within `max_request`.
     size_max_acked: bool,
+    /// Requests waiting for the I/O throttle.
+    parked: Vec<Parked>,
+    /// A non-blocking CLOCK_MONOTONIC timerfd, armed while requests are parked: when it
+    /// fires the worker asks the throttle again.
+    timer: OwnedFd,
+    /// When `timer` fires (None: disarmed).
+    timer_deadline: Option<Instant>,
 }
 
 /// Chains one call of `process_queue` takes at most, so that a guest that keeps its ring
@@ -162,6 +179,37 @@ const BUDGET: usize = 256;
 const TEARDOWN_BOUND: Duration = Duration::from_secs(30);
 /// Index of `more` in [`QueueWorker::event_fds`].
 const MORE_FD: usize = 1;
+/// Index of the throttle's timer in [`QueueWorker::event_fds`].
+const TIMER_FD: usize = 2;
+
+/// A non-blocking CLOCK_MONOTONIC timerfd (created at worker setup, in the main thread).
+fn new_timer() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What a request draws from the throttle's buckets. Reads and writes: one request and
+/// their data bytes; write-zeroes: one write request and no bytes (no data crosses).
+/// Flush, discard, get-id and refused requests are not throttled (as in QEMU, whose
+/// throttling sees only reads and writes).
+fn throttle_cost(request: &Result<Request, crate::request::RequestError>) -> Option<(Dir, u64)> {
+    match request {
+        Ok(Request::Read { data, .. }) => Some((Dir::Read, data_bytes(data))),
+        Ok(Request::Write { data, .. }) => Some((Dir::Write, data_bytes(data))),
+        Ok(Request::WriteZeroes { .. }) => Some((Dir::Write, 0)),
+        _ => None,
+    }
+}
 
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
@@ -195,6 +243,9 @@ impl BlkWorker {
             held: Vec::new(),
             more,
             teardown_bound: TEARDOWN_BOUND,
+            parked: Vec::new(),
+            timer: new_timer()?,
+            timer_deadline: None,
         })
     }
 
@@ -243,8 +294,57 @@ impl BlkWorker {
         ring.add_used(mem, head, used_len);
     }
 
-    /// Starts the request in `self.chain`. Returns true if it completed immediately.
-    fn start(&mut self, ring: &mut Ring, mem: &Arc<GuestMem>) -> bool {
+    /// Asks the throttle whether `parsed` may start now (charging it if so); else how
+    /// long until it may ask again.
+    fn may_start(&self, parsed: &Parsed) -> Result<(), Duration> {
+        if !self.shared.throttle_on.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let Some((dir, bytes)) = throttle_cost(&parsed.request) else {
+            return Ok(());
+        };
+        self.shared
+            .throttle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .request(dir, bytes, Instant::now())
+    }
+
+    /// Arms the timer to fire in `wait`, unless it fires earlier already.
+    fn arm_timer(&mut self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        if self.timer_deadline.is_some_and(|d| d <= deadline) {
+            return;
+        }
+        // Never all zero: that would disarm it.
+        let wait = wait.max(Duration::from_micros(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: wait.as_secs().min(i64::MAX as u64) as libc::time_t,
+                tv_nsec: libc::c_long::from(wait.subsec_nanos() as i32),
+            },
+        };
+        // SAFETY: a valid timerfd and itimerspec; the old value is not asked for.
+        let r = unsafe {
+            libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut())
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            self.log
+                .warn(|| format!("cannot arm the I/O throttle's timer: {e}"));
+            return;
+        }
+        self.timer_deadline = Some(deadline);
+    }
+
+    /// Starts the request in `self.chain`. Returns Some(true) if it completed
+    /// immediately, Some(false) if it went to the kernel, None if the throttle holds it
+    /// (parked; the timer is armed).
+    fn start(&mut self, ring: &mut Ring, mem: &Arc<GuestMem>) -> Option<bool> {
         let head = self.chain.head;
         let queue = ring.index();
         let Some(parsed) = parse(mem, &self.chain, &self.shared.geometry) else {
@@ -254,8 +354,41 @@ impl BlkWorker {
                 format!("queue {queue}: request without a status byte (head {head}) dropped")
             });
             ring.add_used(mem, head, 0);
-            return true;
+            return Some(true);
         };
+        if let Err(wait) = self.may_start(&parsed) {
+            self.shared.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            self.parked.push(Parked {
+                queue,
+                head,
+                parsed,
+                since: Instant::now(),
+            });
+            self.arm_timer(wait);
+            return None;
+        }
+        Some(self.start_parsed(ring, mem, head, parsed))
+    }
+
+    /// Starts the parked request of `p`'s queue, counting its wait.
+    fn start_parked(&mut self, ring: &mut Ring, mem: &Arc<GuestMem>, p: Parked) -> bool {
+        let waited = p.since.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+        self.shared
+            .stats
+            .throttle_wait_us
+            .fetch_add(waited, Ordering::Relaxed);
+        self.start_parsed(ring, mem, p.head, p.parsed)
+    }
+
+    /// Starts a parsed request. Returns true if it completed immediately.
+    fn start_parsed(
+        &mut self,
+        ring: &mut Ring,
+        mem: &Arc<GuestMem>,
+        head: u16,
+        parsed: Parsed,
+    ) -> bool {
+        let queue = ring.index();
         let status_addr = parsed.status_addr;
         let request = match parsed.request {
             Ok(r) => r,
@@ -1041,7 +1174,11 @@ fn advance_iovecs(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
 impl QueueWorker for BlkWorker {
     fn event_fds(&self) -> Vec<RawFd> {
         // Order matters: MORE_FD is the index of `more`.
-        vec![self.uring.eventfd(), self.more.as_raw_fd()]
+        vec![
+            self.uring.eventfd(),
+            self.more.as_raw_fd(),
+            self.timer.as_raw_fd(),
+        ]
     }
 
     fn poll_duration(&self) -> Option<std::time::Duration> {
@@ -1064,6 +1201,16 @@ impl QueueWorker for BlkWorker {
         let limit = usize::from(self.shared.queue_size);
         let mut completed_now = false;
         let mut taken = 0usize;
+        // A request the throttle held goes first (the ring keeps its order behind it).
+        if let Some(i) = self.parked.iter().position(|p| p.queue == queue) {
+            if let Err(wait) = self.may_start(&self.parked[i].parsed) {
+                self.arm_timer(wait);
+                return;
+            }
+            let p = self.parked.swap_remove(i);
+            taken += 1;
+            completed_now |= self.start_parked(ring, &mem, p);
+        }
         'ring: loop {
             ring.disable_notification(&mem);
             loop {
@@ -1082,7 +1229,12 @@ impl QueueWorker for BlkWorker {
                     break;
                 }
                 taken += 1;
-                completed_now |= self.start(ring, &mem);
+                match self.start(ring, &mem) {
+                    Some(done) => completed_now |= done,
+                    // Held by the throttle: notifications stay off, the timer brings us
+                    // back.
+                    None => break 'ring,
+                }
             }
             if !ring.enable_notification(&mem) {
                 break;
@@ -1097,6 +1249,27 @@ impl QueueWorker for BlkWorker {
     }
 
     fn handle_event(&mut self, fd_index: usize, rings: &mut Rings) {
+        if fd_index == TIMER_FD {
+            let mut expirations = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into the buffer; non-blocking.
+            let _ = unsafe {
+                libc::read(
+                    self.timer.as_raw_fd(),
+                    expirations.as_mut_ptr().cast(),
+                    expirations.len(),
+                )
+            };
+            self.timer_deadline = None;
+            let queues: Vec<u16> = self.parked.iter().map(|p| p.queue).collect();
+            for queue in queues {
+                if let Some(ring) = rings.get_mut(queue) {
+                    if ring.is_enabled() && !ring.is_broken() {
+                        self.process_queue(ring);
+                    }
+                }
+            }
+            return;
+        }
         if fd_index == MORE_FD {
             let _ = self.more.read();
             for queue in std::mem::take(&mut self.held) {
@@ -1122,9 +1295,27 @@ impl QueueWorker for BlkWorker {
             .iter()
             .find(|(q, _)| *q == queue)
             .map_or(0, |(_, n)| *n)
+            + self.parked.iter().filter(|p| p.queue == queue).count()
     }
 
     fn wait_completions(&mut self, rings: &mut Rings) -> io::Result<()> {
+        // A ring stops (drain): requests the throttle holds start now, whatever the
+        // limits (as QEMU's drain restarts its throttled requests).
+        if !self.parked.is_empty() {
+            for p in std::mem::take(&mut self.parked) {
+                let Some(ring) = rings.get_mut(p.queue) else {
+                    self.parked.push(p);
+                    continue;
+                };
+                let mem = ring.memory();
+                if self.start_parked(ring, &mem, p) {
+                    ring.notify(&mem);
+                }
+            }
+            if !self.slots.iter().any(Option::is_some) {
+                return Ok(());
+            }
+        }
         self.uring.submit_and_wait()?;
         self.uring.clear_event();
         self.reap_all(rings);

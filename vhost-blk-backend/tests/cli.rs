@@ -67,6 +67,18 @@ fn help_explains_every_flag() {
         "--dirty-bitmap",
         "--control-socket",
         "--sandbox",
+        "--iops-limit",
+        "--iops-read-limit",
+        "--iops-write-limit",
+        "--bandwidth-limit",
+        "--bandwidth-read-limit",
+        "--bandwidth-write-limit",
+        "--iops-burst",
+        "--iops-read-burst",
+        "--iops-write-burst",
+        "--bandwidth-burst",
+        "--bandwidth-read-burst",
+        "--bandwidth-write-burst",
     ] {
         assert!(s.contains(flag), "--help lacks {flag}");
     }
