@@ -283,7 +283,12 @@ fn io_limits(args: &Args) -> Result<Limits, String> {
         bps_rd_max: args.bandwidth_read_burst,
         bps_wr_max: args.bandwidth_write_burst,
     };
-    limits.check().map_err(|e| format!("I/O limits: {e}"))?;
+    limits.check().map_err(|e| {
+        format!(
+            "I/O limits: {e} (iops is --iops-limit, iops_rd/iops_wr --iops-read/write-limit, \
+             bps* the --bandwidth-*-limit flags, *_max the --*-burst flags)"
+        )
+    })?;
     Ok(limits)
 }
 

@@ -146,6 +146,40 @@ fn bad_command_lines_fail_with_a_clear_message() {
             &["--blk-file", "x", "--num-queues", "0", "--socket-path"],
             "0 is not in 1..=64",
         ),
+        (
+            &[
+                "--blk-file",
+                "/dev/null",
+                "--iops-limit",
+                "100",
+                "--iops-read-limit",
+                "10",
+                "--socket-path",
+            ],
+            "iops cannot be combined with iops_rd",
+        ),
+        (
+            &[
+                "--blk-file",
+                "/dev/null",
+                "--bandwidth-limit",
+                "1M",
+                "--bandwidth-burst",
+                "1k",
+                "--socket-path",
+            ],
+            "bps_max (1024) must not be smaller than bps (1048576)",
+        ),
+        (
+            &[
+                "--blk-file",
+                "/dev/null",
+                "--bandwidth-write-limit",
+                "2Q",
+                "--socket-path",
+            ],
+            "unknown unit",
+        ),
     ];
     for (args, want) in cases {
         let out = Command::new(BIN)
