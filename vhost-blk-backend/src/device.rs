@@ -180,6 +180,9 @@ impl BlkShared {
         t.set_limits(limits, std::time::Instant::now());
         self.throttle_on
             .store(!limits.unlimited(), Ordering::Relaxed);
+        drop(t);
+        // Requests parked under the old limits may go now (their timer may be far off).
+        self.gate.wake();
     }
 
     /// The I/O limits in force.
@@ -223,6 +226,11 @@ impl Gate {
     /// Serves requests from now on, and wakes the workers holding some.
     pub fn open(&self) {
         self.open.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    /// Wakes every worker: they look at their held and throttled requests again.
+    pub fn wake(&self) {
         let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
         wakers.retain(|w| match w.upgrade() {
             Some(efd) => {
@@ -233,7 +241,8 @@ impl Gate {
         });
     }
 
-    /// Registers a worker's eventfd to be written when the gate opens.
+    /// Registers a worker's eventfd to be written when the gate opens (or the I/O limits
+    /// change).
     pub fn register(&self, waker: &Arc<EventFd>) {
         let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
         wakers.retain(|w| w.strong_count() > 0);

@@ -153,7 +153,7 @@ pub struct BlkWorker {
     /// at the per-call budget. They are taken up again through `more`.
     held: Vec<u16>,
     /// Written to come back to the held queues after the other events are served (and
-    /// by the gate when it opens).
+    /// by the gate when it opens or the I/O limits change).
     more: Arc<EventFd>,
     /// How long a teardown waits for requests still in the kernel (see `Drop`).
     teardown_bound: Duration,
@@ -1272,7 +1272,14 @@ impl QueueWorker for BlkWorker {
         }
         if fd_index == MORE_FD {
             let _ = self.more.read();
-            for queue in std::mem::take(&mut self.held) {
+            // The held queues, and those with a parked request (the limits changed).
+            let mut queues = std::mem::take(&mut self.held);
+            for p in &self.parked {
+                if !queues.contains(&p.queue) {
+                    queues.push(p.queue);
+                }
+            }
+            for queue in queues {
                 if let Some(ring) = rings.get_mut(queue) {
                     if ring.is_enabled() && !ring.is_broken() {
                         self.process_queue(ring);

@@ -234,10 +234,28 @@ fn set_io_throttle_changes_the_limit_at_run_time() {
     assert_eq!(st["io-throttle"]["iops_max"], 600, "{st}");
     let after = l.rate(&mut fe, Duration::from_secs(4));
     within_5_percent("after set-io-throttle iops=600", after, 600.0);
-    // 0: unlimited.
-    c.execute("set-io-throttle", json!({"iops": 0, "iops_max": 0}))
+    // 1 byte/s: the first request puts the bucket in debt for more than an hour, and
+    // the next one is parked with its timer that far off.
+    c.execute(
+        "set-io-throttle",
+        json!({"iops": 0, "iops_max": 0, "bps": 1}),
+    )
+    .unwrap()
+    .unwrap();
+    l.run_for(&mut fe, Duration::from_millis(300));
+    // 0: unlimited, at once: the parked request does not wait for its timer.
+    c.execute("set-io-throttle", json!({"bps": 0}))
         .unwrap()
         .unwrap();
+    let st = c.execute("query-status", json!({})).unwrap().unwrap();
+    assert!(
+        st["io-throttle"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|v| v == 0),
+        "{st}"
+    );
     let free = l.rate(&mut fe, Duration::from_secs(1));
     assert!(free > 660.0, "{free}/s without a limit");
     drop(fe);
