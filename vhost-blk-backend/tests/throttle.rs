@@ -81,17 +81,22 @@ impl Drop for Backend {
 }
 
 /// DEPTH requests of `len` bytes (reads, or writes when `write`) kept in flight on
-/// queue 0: each completion is checked and the request posted again. Runs the warm-up,
+/// queue `q`: each completion is checked and the request posted again. Runs the warm-up,
 /// then counts the completions of `window`; returns completions per second.
 struct Loop {
     reqs: Vec<BlkReq>,
     /// Head -> request.
     heads: Vec<Option<usize>>,
     write: bool,
+    q: u16,
 }
 
 impl Loop {
     fn start(fe: &mut TestFrontend, len: u32, write: bool) -> Self {
+        Self::start_on(fe, 0, len, write)
+    }
+
+    fn start_on(fe: &mut TestFrontend, q: u16, len: u32, write: bool) -> Self {
         let type_ = if write { req_type::OUT } else { req_type::IN };
         let reqs: Vec<BlkReq> = (0..DEPTH as u64)
             .map(|i| {
@@ -104,8 +109,9 @@ impl Loop {
             .collect();
         let mut l = Self {
             reqs,
-            heads: vec![None; usize::from(fe.queues[0].size)],
+            heads: vec![None; usize::from(fe.queues[usize::from(q)].size)],
             write,
+            q,
         };
         for i in 0..DEPTH {
             l.post(fe, i);
@@ -115,7 +121,7 @@ impl Loop {
 
     fn post(&mut self, fe: &mut TestFrontend, i: usize) {
         fe.write(self.reqs[i].status, &[0xff]);
-        let head = fe.submit(0, &self.reqs[i].chain(!self.write));
+        let head = fe.submit(self.q, &self.reqs[i].chain(!self.write));
         self.heads[usize::from(head)] = Some(i);
     }
 
@@ -124,7 +130,7 @@ impl Loop {
         let end = Instant::now() + d;
         let mut n = 0;
         while Instant::now() < end {
-            let used = fe.queues[0]
+            let used = fe.queues[usize::from(self.q)]
                 .wait_used(
                     &fe.mem,
                     1,
@@ -260,4 +266,46 @@ fn set_io_throttle_changes_the_limit_at_run_time() {
     assert!(free > 660.0, "{free}/s without a limit");
     drop(fe);
     sigterm_expect_clean_exit(&mut b.child);
+}
+
+/// One limit for the disk: two queues (two workers), each with its closed loop, share it.
+#[test]
+fn the_limit_is_shared_by_the_queues() {
+    let b = Backend::start(&[
+        "--num-queues",
+        "2",
+        "--iops-limit",
+        "400",
+        "--iops-burst",
+        "400",
+    ]);
+    let mut fe = TestFrontend::connect(
+        b.socket(),
+        FrontendOptions {
+            num_queues: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut loops = [
+        Loop::start_on(&mut fe, 0, 4096, false),
+        Loop::start_on(&mut fe, 1, 4096, false),
+    ];
+    // Both loops in turns of 5 ms (their requests keep going in between).
+    let mut run = |fe: &mut TestFrontend, d: Duration| {
+        let end = Instant::now() + d;
+        let mut n = [0u64; 2];
+        while Instant::now() < end {
+            for (i, l) in loops.iter_mut().enumerate() {
+                n[i] += l.run_for(fe, Duration::from_millis(5));
+            }
+        }
+        n
+    };
+    run(&mut fe, WARM_UP);
+    let window = Duration::from_secs(5);
+    let n = run(&mut fe, window);
+    let total = (n[0] + n[1]) as f64 / window.as_secs_f64();
+    within_5_percent("two queues, --iops-limit 400", total, 400.0);
+    assert!(n[0] > 0 && n[1] > 0, "a queue was starved: {n:?}");
 }
