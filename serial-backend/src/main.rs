@@ -103,13 +103,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     let shared = device.shared().clone();
     let server = Server::new(Arc::new(device), shutdown);
-    let _control = args.listen.start_control(
-        "serial-backend",
-        env!("CARGO_PKG_VERSION"),
-        server.state(),
-        Arc::new(SerialControl::new(shared.clone())),
-    )?;
-    let _metrics = args.listen.start_metrics(
+    let _services = args.listen.start_services(
         "serial-backend",
         env!("CARGO_PKG_VERSION"),
         server.state(),

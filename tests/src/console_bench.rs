@@ -109,6 +109,22 @@ pub fn console_guest(name: &str) -> Result<GuestTest, ConsoleBenchError> {
     Ok(t)
 }
 
+/// [`console_guest`], or `None` after a loud skip when the machine cannot run it (not
+/// root, no QEMU >= 10.2); any other failure fails the test.
+pub fn console_guest_or_skip(name: &str) -> Option<GuestTest> {
+    match console_guest(name) {
+        Ok(t) => Some(t),
+        Err(
+            e @ (ConsoleBenchError::NoQemu(_)
+            | ConsoleBenchError::Start(crate::guest::GuestStartError::Unavailable(_))),
+        ) => {
+            crate::guest::report_skip(name, &e.to_string());
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// What the host side of the port measured.
 struct HostSide {
     received: u64,

@@ -11,34 +11,17 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
-use vhost_tests::console_bench::{
-    console_guest, console_throughput, ConsoleBenchError, ConsoleImpl,
-};
-use vhost_tests::guest::{GuestBoot, GuestStartError, GuestTest};
+use vhost_tests::console_bench::{console_guest_or_skip, console_throughput, ConsoleImpl};
+use vhost_tests::guest::GuestBoot;
 use vhost_tests::guest_console::{
     connect_retry, locate_serial_backend, pattern, sha_to_eof, vhost_user_console_args,
 };
 
 const PORT_BYTES: usize = 4 << 20;
 
-/// A guest session on QEMU 11, or `None` after a loud skip (no root, no QEMU 11).
-fn start(name: &str) -> Option<GuestTest> {
-    match console_guest(name) {
-        Ok(t) => Some(t),
-        Err(
-            e @ (ConsoleBenchError::NoQemu(_)
-            | ConsoleBenchError::Start(GuestStartError::Unavailable(_))),
-        ) => {
-            vhost_tests::guest::report_skip(name, &e.to_string());
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
-}
-
 #[test]
 fn guest_console_ports() {
-    let Some(mut t) = start("guest_console_ports") else {
+    let Some(mut t) = console_guest_or_skip("guest_console_ports") else {
         return;
     };
     let bin = locate_serial_backend().unwrap_or_else(|e| panic!("{e}"));
@@ -140,7 +123,7 @@ fn guest_console_ports() {
 #[test]
 #[ignore]
 fn guest_console_bench() {
-    let Some(mut t) = start("guest_console_bench") else {
+    let Some(mut t) = console_guest_or_skip("guest_console_bench") else {
         return;
     };
     let bin = locate_serial_backend().unwrap_or_else(|e| panic!("{e}"));

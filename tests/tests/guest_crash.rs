@@ -59,11 +59,11 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vhost_tests::console_bench::{console_guest, ConsoleBenchError};
+use vhost_tests::console_bench::console_guest_or_skip;
 use vhost_tests::guest::{
     proc_fd_count, proc_fd_targets, proc_rss_kib, report_skip, spawn_backend_in, tail_file,
     vhost_user_blk_args, vhost_user_blk_reconnect_args, Backend, BlkBackend, BlkOpts, GuestBoot,
-    GuestStartError, GuestTest, VHOST_FALLBACK,
+    GuestTest, VHOST_FALLBACK,
 };
 use vhost_tests::guest_console::locate_serial_backend;
 use vhost_tests::guest_net::{
@@ -752,21 +752,6 @@ fn guest_net_backend_sigkill_traffic_resumes() {
     be.stop_expect_clean();
 }
 
-/// A guest session on QEMU >= 10.2 (the console device), or `None` after a loud skip.
-fn console_start(name: &str) -> Option<GuestTest> {
-    match console_guest(name) {
-        Ok(t) => Some(t),
-        Err(
-            e @ (ConsoleBenchError::NoQemu(_)
-            | ConsoleBenchError::Start(GuestStartError::Unavailable(_))),
-        ) => {
-            report_skip(name, &e.to_string());
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
-}
-
 /// Plugs the console device into QEMU started with `-S` once its chardev `vc` is
 /// connected, then lets the guest run. `vhost-user-test-device-pci` does not wait for a
 /// chardev that connects in the background (`reconnect-ms`): given on the command line, its
@@ -826,7 +811,7 @@ fn plug_console(qmp: &Path, device: &str) -> Result<(), String> {
 fn guest_serial_backend_sigkill_records_once() {
     const NAME: &str = "guest_serial_backend_sigkill_records_once";
     const PORT_NAME: &str = "org.test.crash";
-    let Some(mut t) = console_start(NAME) else {
+    let Some(mut t) = console_guest_or_skip(NAME) else {
         return;
     };
     let bin = locate_serial_backend().unwrap_or_else(|e| panic!("{e}"));

@@ -168,13 +168,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let listener = args.listen.listener()?;
     let shared = device.shared().clone();
     let server = Server::new(Arc::new(device), shutdown);
-    let _control = args.listen.start_control(
-        "vhost-net-backend",
-        env!("CARGO_PKG_VERSION"),
-        server.state(),
-        Arc::new(NetControl::new(shared.clone())),
-    )?;
-    let _metrics = args.listen.start_metrics(
+    let _services = args.listen.start_services(
         "vhost-net-backend",
         env!("CARGO_PKG_VERSION"),
         server.state(),

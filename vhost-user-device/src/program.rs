@@ -95,6 +95,20 @@ impl ListenArgs {
 }
 
 impl ListenArgs {
+    /// Starts `--control-socket` and `--metrics-addr`, whichever were given, both for
+    /// `handler`'s device on the server whose state is `state`. Keep both until exit.
+    pub fn start_services(
+        &self,
+        program: &'static str,
+        version: &'static str,
+        state: &Arc<ServerState>,
+        handler: Arc<dyn ControlHandler>,
+    ) -> Result<(Option<ControlServer>, Option<MetricsServer>), ControlError> {
+        let control = self.start_control(program, version, state, handler.clone())?;
+        let metrics = self.start_metrics(program, version, state, handler)?;
+        Ok((control, metrics))
+    }
+
     /// Starts `--metrics-addr`, if given: the same counters as the control socket's
     /// query-stats, for `handler`'s device on the server whose state is `state`.
     pub fn start_metrics(
