@@ -131,3 +131,14 @@ fn stats_without_a_backend_fails_with_a_message() {
         "{err}"
     );
 }
+
+/// The capability file QEMU and libvirt read (vhost-user/50-serial-backendRAM.json) follows QEMU's
+/// schema and agrees with --print-capabilities.
+#[test]
+fn the_capability_file_matches_the_schema_and_print_capabilities() {
+    vhost_tests::capabilities::check(
+        BIN,
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("vhost-user/50-serial-backend.json"),
+        "serial-backend",
+    );
+}

@@ -10,6 +10,7 @@
 //! - [`sandbox`]: the `--sandbox` checks every backend program shares;
 //! - [`control`]: the `stats` subcommand and its table, for the control socket tests.
 
+pub mod capabilities;
 pub mod console_bench;
 pub mod control;
 pub mod freeze;

@@ -534,3 +534,15 @@ fn control_socket_counts_a_known_workload_and_reports_the_vmm() {
     assert!(code.success(), "exit status {code:?}; stderr:\n{err}");
     assert!(!ctl.exists());
 }
+
+/// The capability file QEMU and libvirt read (vhost-user/50-vhost-blk-backendRAM.json) follows QEMU's
+/// schema and agrees with --print-capabilities.
+#[test]
+fn the_capability_file_matches_the_schema_and_print_capabilities() {
+    vhost_tests::capabilities::check(
+        BIN,
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("vhost-user/50-vhost-blk-backend.json"),
+        "vhost-blk-backend",
+    );
+}

@@ -146,3 +146,15 @@ fn control_socket_counts_frames_and_reports_the_vmm() {
 fn help_names_the_control_socket_and_the_stats_subcommand() {
     vhost_tests::control::help_names_the_control_socket(BIN);
 }
+
+/// The capability file QEMU and libvirt read (vhost-user/50-vhost-net-backendRAM.json) follows QEMU's
+/// schema and agrees with --print-capabilities.
+#[test]
+fn the_capability_file_matches_the_schema_and_print_capabilities() {
+    vhost_tests::capabilities::check(
+        BIN,
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("vhost-user/50-vhost-net-backend.json"),
+        "vhost-net-backend",
+    );
+}
