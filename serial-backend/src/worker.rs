@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,6 +117,35 @@ fn fill_iov(
         }
     }
     Ok(())
+}
+
+/// One writev(2) of the unsent rest of `p` (at most `MAX_IOV` pieces) from guest memory to
+/// `fd`; what was written advances `p.done` and `tx_bytes`. Returns writev's result, or
+/// the error if the chain is no longer inside guest memory (nothing written then).
+fn writev_pending(
+    iov: &mut Vec<libc::iovec>,
+    fd: RawFd,
+    p: &mut Pending,
+    mem: &GuestMem,
+    tx_bytes: &AtomicU64,
+) -> Result<isize, vhost_user_device::memory::MemoryError> {
+    iov.clear();
+    let filled = fill_iov(iov, p, mem);
+    let n = match filled {
+        // SAFETY: the iovecs point into guest memory kept mapped by `mem`, and are only
+        // read by the kernel.
+        Ok(()) => unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as i32) },
+        Err(e) => {
+            iov.clear();
+            return Err(e);
+        }
+    };
+    iov.clear();
+    if n > 0 {
+        p.done += n as u64;
+        tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    Ok(n)
 }
 
 /// One fd's registration in our epoll.
@@ -994,31 +1023,17 @@ impl Engine {
         let Some(p) = &mut port.pending else { return };
         let mut failed = None;
         while p.done < p.total {
-            self.iov.clear();
-            if fill_iov(&mut self.iov, p, mem).is_err() {
-                self.iov.clear();
+            let tx_bytes = &self.shared.stats.tx_bytes;
+            let Ok(n) = writev_pending(&mut self.iov, fd, p, mem, tx_bytes) else {
                 self.complete_pending(idx, ring, mem);
                 self.bad(|| format!("port {id}: tx buffer outside guest memory"));
                 return;
-            }
-            // SAFETY: the iovecs point into guest memory kept mapped by `mem`, and are
-            // only read by the kernel.
-            let n = unsafe { libc::writev(fd, self.iov.as_ptr(), self.iov.len() as i32) };
-            self.iov.clear();
+            };
             if n > 0 {
-                p.done += n as u64;
-                self.shared
-                    .stats
-                    .tx_bytes
-                    .fetch_add(n as u64, Ordering::Relaxed);
                 continue;
             }
-            let err = if n == 0 {
-                // A regular file taking nothing: do not retry for ever.
-                io::Error::from(io::ErrorKind::WriteZero)
-            } else {
-                io::Error::last_os_error()
-            };
+            // A regular file taking nothing is an error too: do not retry for ever.
+            let err = write_error(n);
             if err.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
@@ -1132,25 +1147,15 @@ impl Engine {
             let Some(p) = &mut port.pending else {
                 return Flush::Idle;
             };
-            self.iov.clear();
-            if fill_iov(&mut self.iov, p, mem).is_err() {
-                self.iov.clear();
+            let tx_bytes = &self.shared.stats.tx_bytes;
+            let Ok(n) = writev_pending(&mut self.iov, fd, p, mem, tx_bytes) else {
                 // The layer checked the chain; memory changed under us (unplug).
                 self.complete_pending(idx, ring, mem);
                 *completed = true;
                 self.bad(|| format!("port {id}: tx buffer outside guest memory"));
                 continue;
-            }
-            // SAFETY: the iovecs point into guest memory kept mapped by `mem`, and are
-            // only read by the kernel.
-            let n = unsafe { libc::writev(fd, self.iov.as_ptr(), self.iov.len() as i32) };
-            self.iov.clear();
+            };
             if n > 0 {
-                p.done += n as u64;
-                self.shared
-                    .stats
-                    .tx_bytes
-                    .fetch_add(n as u64, Ordering::Relaxed);
                 if p.done >= p.total {
                     self.complete_pending(idx, ring, mem);
                     *completed = true;
