@@ -613,7 +613,7 @@ impl Ring {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::fs::File;
     use std::os::fd::FromRawFd;
@@ -643,6 +643,12 @@ mod tests {
 
     /// A started ring of SIZE entries in 64 KiB of guest memory.
     fn ring() -> Ring {
+        ring_of(SIZE)
+    }
+
+    /// A started ring of `size` entries (at most SIZE) in 64 KiB of guest memory: the
+    /// descriptor table at DESC, avail at AVAIL, used at USED. Also the worker tests' ring.
+    pub(crate) fn ring_of(size: u16) -> Ring {
         let mut table = MemoryTable::new(DirtyLog::new());
         table
             .add_region(
@@ -652,8 +658,8 @@ mod tests {
             .unwrap();
         Ring::start(RingSetup {
             index: 0,
-            size: SIZE,
-            max_size: SIZE,
+            size,
+            max_size: size,
             desc: DESC,
             avail: AVAIL,
             used: USED,

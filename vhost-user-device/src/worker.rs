@@ -424,55 +424,11 @@ impl WorkerState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::File;
-    use std::os::fd::FromRawFd;
     use std::sync::atomic::AtomicUsize;
-
-    use vhost::vhost_user::message::VhostUserMemoryRegion;
-
-    use crate::dirty_log::DirtyLog;
-    use crate::memory::MemoryTable;
-    use crate::ring::{QueueStats, RingSetup};
-
-    fn memfd(len: u64) -> File {
-        // SAFETY: valid C string; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"worker-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fd is a fresh descriptor we own.
-        let f = unsafe { File::from_raw_fd(fd) };
-        f.set_len(len).unwrap();
-        f
-    }
 
     /// A started 16-entry ring in 64 KiB of guest memory.
     fn ring() -> Ring {
-        let mut table = MemoryTable::new(DirtyLog::new());
-        table
-            .add_region(
-                &VhostUserMemoryRegion::new(0, 0x10000, 0x7000_0000_0000, 0),
-                memfd(0x10000),
-            )
-            .unwrap();
-        Ring::start(RingSetup {
-            index: 0,
-            size: 16,
-            max_size: 16,
-            desc: 0,
-            avail: 0x1000,
-            used: 0x2000,
-            base: 0,
-            event_idx: false,
-            acked_features: 0,
-            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
-            call: None,
-            err: None,
-            enabled: true,
-            inflight: None,
-            mem: table.atomic(),
-            log: DirtyLog::new(),
-            stats: Arc::new(QueueStats::default()),
-        })
-        .unwrap()
+        crate::ring::tests::ring_of(16)
     }
 
     /// A device with one request in flight whose first wait for completions fails (as an
