@@ -735,27 +735,7 @@ impl TestFrontend {
 
     /// Sends SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE for queue `q` with base `base`.
     pub fn start_queue_at(&mut self, q: u16, base: u16) -> Result<()> {
-        let (desc, avail, used, size) = {
-            let dq = &self.queues[usize::from(q)];
-            (dq.desc, dq.avail, dq.used, dq.size)
-        };
-        let i = usize::from(q);
-        self.fe.set_vring_num(i, size)?;
-        let cfg = VringConfigData {
-            queue_max_size: size,
-            queue_size: size,
-            flags: 0,
-            desc_table_addr: self.uaddr(desc)?,
-            used_ring_addr: self.uaddr(used)?,
-            avail_ring_addr: self.uaddr(avail)?,
-            log_addr: None,
-        };
-        self.fe.set_vring_addr(i, &cfg)?;
-        self.fe.set_vring_base(i, base)?;
-        self.fe.set_vring_call(i, &self.queues[i].call)?;
-        self.fe.set_vring_kick(i, &self.queues[i].kick)?;
-        self.fe.set_vring_enable(i, true)?;
-        Ok(())
+        self.send_ring_setup(q, base, true)
     }
 
     /// Starts queue `q` at `base` in QEMU's order for vhost-user-blk-pci after a
@@ -763,6 +743,11 @@ impl TestFrontend {
     /// SET_VRING_CALL only when it unmasks the guest notifiers after the device started:
     /// [`TestFrontend::set_call`]).
     pub fn start_queue_without_call(&mut self, q: u16, base: u16) -> Result<()> {
+        self.send_ring_setup(q, base, false)
+    }
+
+    /// NUM, ADDR, BASE, then CALL if `with_call`, then KICK and ENABLE for queue `q`.
+    fn send_ring_setup(&mut self, q: u16, base: u16, with_call: bool) -> Result<()> {
         let (desc, avail, used, size) = {
             let dq = &self.queues[usize::from(q)];
             (dq.desc, dq.avail, dq.used, dq.size)
@@ -780,6 +765,9 @@ impl TestFrontend {
         };
         self.fe.set_vring_addr(i, &cfg)?;
         self.fe.set_vring_base(i, base)?;
+        if with_call {
+            self.fe.set_vring_call(i, &self.queues[i].call)?;
+        }
         self.fe.set_vring_kick(i, &self.queues[i].kick)?;
         self.fe.set_vring_enable(i, true)?;
         Ok(())
