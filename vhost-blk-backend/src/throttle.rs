@@ -261,6 +261,15 @@ mod tests {
 
     /// Requests of `dir`/`bytes` that start in `secs` seconds when the caller retries
     /// exactly when told (as the worker's timer does).
+    /// How many 0-byte writes start at `now` before one must wait.
+    fn passing_at(t: &mut Throttle, now: Instant) -> u32 {
+        let mut n = 0;
+        while t.request(Dir::Write, 0, now).is_ok() {
+            n += 1;
+        }
+        n
+    }
+
     fn run(t: &mut Throttle, t0: Instant, secs: u64, dir: Dir, bytes: u64) -> u64 {
         let end = t0 + Duration::from_secs(secs);
         let mut now = t0;
@@ -310,28 +319,10 @@ mod tests {
             ..Limits::default()
         };
         let mut t = Throttle::new(limits, t0);
-        let mut n = 0;
-        while t.request(Dir::Write, 0, t0).is_ok() {
-            n += 1;
-        }
-        assert_eq!(n, 1001);
+        assert_eq!(passing_at(&mut t, t0), 1001);
         // Idle for 5 s: refilled by 500 only, then 10 s later full again, never more.
-        let mut n = 0;
-        while t
-            .request(Dir::Write, 0, t0 + Duration::from_secs(5))
-            .is_ok()
-        {
-            n += 1;
-        }
-        assert_eq!(n, 500);
-        let mut n = 0;
-        while t
-            .request(Dir::Write, 0, t0 + Duration::from_secs(100))
-            .is_ok()
-        {
-            n += 1;
-        }
-        assert_eq!(n, 1001);
+        assert_eq!(passing_at(&mut t, t0 + Duration::from_secs(5)), 500);
+        assert_eq!(passing_at(&mut t, t0 + Duration::from_secs(100)), 1001);
     }
 
     #[test]
