@@ -10,25 +10,10 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serial_backend::ports::{HostKind, PortSpec};
+use serial_backend::ports::HostKind;
 use serial_backend::spec::{event, queue, Control};
 use vhost::VhostBackend;
 use vhost_tests::frontend::wait_eventfd;
-
-fn console(kind: HostKind) -> PortSpec {
-    PortSpec {
-        name: None,
-        console: true,
-        kind,
-    }
-}
-fn named(name: &str, kind: HostKind) -> PortSpec {
-    PortSpec {
-        name: Some(name.into()),
-        console: false,
-        kind,
-    }
-}
 
 fn connect(path: &std::path::Path) -> UnixStream {
     let s = UnixStream::connect(path).expect("connect port socket");

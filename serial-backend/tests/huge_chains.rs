@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
-use serial_backend::ports::{HostKind, PortSpec};
+use serial_backend::ports::HostKind;
 use serial_backend::spec::{event, queue};
 use vhost_tests::frontend::Buf;
 
@@ -72,22 +72,6 @@ fn post_huge(d: &mut Driver, q: u16, descs: usize) -> Vec<Vec<u8>> {
     let head = dq.add_indirect(&d.fe.mem, table, &bufs);
     dq.publish(&d.fe.mem, head);
     areas
-}
-
-fn console(kind: HostKind) -> PortSpec {
-    PortSpec {
-        name: None,
-        console: true,
-        kind,
-    }
-}
-
-fn named(name: &str, kind: HostKind) -> PortSpec {
-    PortSpec {
-        name: Some(name.into()),
-        console: false,
-        kind,
-    }
 }
 
 #[test]

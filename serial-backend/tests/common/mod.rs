@@ -8,11 +8,30 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serial_backend::device::Shared;
+use serial_backend::ports::HostKind;
 use serial_backend::spec::{event, queue, Control};
 use serial_backend::{PortSpec, SerialDevice};
 use vhost_tests::frontend::{Buf, FrontendOptions, TestFrontend};
 use vhost_user_device::server::listen_path;
 use vhost_user_device::{Server, ServerError, Shutdown};
+
+/// A console port (port 0 if it is the first) on `kind`.
+pub fn console(kind: HostKind) -> PortSpec {
+    PortSpec {
+        name: None,
+        console: true,
+        kind,
+    }
+}
+
+/// A named port on `kind`.
+pub fn named(name: &str, kind: HostKind) -> PortSpec {
+    PortSpec {
+        name: Some(name.into()),
+        console: false,
+        kind,
+    }
+}
 
 pub struct TestBackend {
     pub dir: tempfile::TempDir,
