@@ -120,6 +120,31 @@ struct InFlight {
     mem: Arc<GuestMem>,
 }
 
+impl InFlight {
+    /// A request of `kind` for chain `head` of `queue` (status byte at `status_addr`),
+    /// nothing submitted yet, status OK so far.
+    fn new(queue: u16, head: u16, status_addr: u64, kind: Kind, mem: &Arc<GuestMem>) -> Self {
+        InFlight {
+            queue,
+            head,
+            status_addr,
+            kind,
+            pending: 0,
+            status: status::OK,
+            remaining: 0,
+            offset: 0,
+            used_len: 1,
+            iovecs: Vec::new(),
+            data: Vec::new(),
+            bounce: None,
+            ranges: Vec::new(),
+            write_range: ByteRange { offset: 0, len: 0 },
+            zeroing: Zeroing::default(),
+            mem: mem.clone(),
+        }
+    }
+}
+
 // SAFETY: the raw pointers (iovecs into guest memory, bounce buffer) are owned by or kept
 // alive through this record (the `mem` Arc, the Bounce), and the record moves between
 // threads only as part of the worker.
@@ -404,24 +429,7 @@ impl BlkWorker {
                 return true;
             }
         };
-        let base = |kind| InFlight {
-            queue,
-            head,
-            status_addr,
-            kind,
-            pending: 0,
-            status: status::OK,
-            remaining: 0,
-            offset: 0,
-            used_len: 1,
-            iovecs: Vec::new(),
-            data: Vec::new(),
-            bounce: None,
-            ranges: Vec::new(),
-            write_range: ByteRange { offset: 0, len: 0 },
-            zeroing: Zeroing::default(),
-            mem: mem.clone(),
-        };
+        let base = |kind| InFlight::new(queue, head, status_addr, kind, mem);
         match request {
             Request::GetId { data } => {
                 let mut written = 0usize;
@@ -1388,24 +1396,7 @@ mod tests {
         let mem = guest_memory();
         mem.write_slice(&vec![fill; LEN as usize], GuestAddress(0x1000))
             .expect("fill guest memory");
-        let mut req = InFlight {
-            queue: 0,
-            head: 0,
-            status_addr: 0,
-            kind: Kind::Write,
-            pending: 0,
-            status: status::OK,
-            remaining: 0,
-            offset: 0,
-            used_len: 1,
-            iovecs: Vec::new(),
-            data: Vec::new(),
-            bounce: None,
-            ranges: Vec::new(),
-            write_range: ByteRange { offset: 0, len: 0 },
-            zeroing: Zeroing::default(),
-            mem: mem.clone(),
-        };
+        let mut req = InFlight::new(0, 0, 0, Kind::Write, &mem);
         let seg = Segment {
             addr: 0x1000,
             len: LEN,
