@@ -469,6 +469,43 @@ fn a_new_frontend_can_connect_after_the_first_hangs_up() {
     }
 }
 
+/// A frontend reconnecting to `b` as if the backend of an earlier session had died: that
+/// session (one write completed) left an inflight region, returned here for
+/// [`mark_in_flight`]; the new session has done its handshake and laid out queue 0.
+fn reconnect_after_a_dead_backend(
+    b: &TestBackend,
+    o: &FrontendOptions,
+) -> (
+    TestFrontend,
+    std::fs::File,
+    vhost::vhost_user::message::VhostUserInflight,
+) {
+    let (file, info) = {
+        let mut fe = TestFrontend::connect(b.socket(), o.clone()).unwrap();
+        assert_eq!(write(&mut fe, 0, &[1u8; 512]), status::OK);
+        fe.fe.get_vring_base(0).unwrap();
+        fe.inflight.take().unwrap()
+    };
+    let mut fe = TestFrontend::handshake(b.socket(), o).unwrap();
+    fe.add_queue(0).unwrap();
+    (fe, file, info)
+}
+
+/// Marks `(head, counter)` in flight on queue 0 of the region, as the dead backend would
+/// have left them.
+fn mark_in_flight(
+    file: &std::fs::File,
+    info: &vhost::vhost_user::message::VhostUserInflight,
+    heads: &[(u16, u64)],
+) {
+    let region = InflightRegion::map(file, 0, info.mmap_size, 1, 128).unwrap();
+    let mut q = region.queue(0, 128).unwrap();
+    q.recover(0);
+    for &(head, counter) in heads {
+        q.set_entry(head, counter, true);
+    }
+}
+
 #[test]
 fn inflight_requests_of_a_dead_backend_are_resubmitted() {
     let b = TestBackend::start(BackendConfig::default());
@@ -476,18 +513,10 @@ fn inflight_requests_of_a_dead_backend_are_resubmitted() {
         inflight: true,
         ..Default::default()
     };
-    // Session 1: the region is created, one request completes normally.
-    let (file, info) = {
-        let mut fe = TestFrontend::connect(b.socket(), o.clone()).unwrap();
-        assert_eq!(write(&mut fe, 0, &[1u8; 512]), status::OK);
-        fe.fe.get_vring_base(0).unwrap();
-        fe.inflight.take().unwrap()
-    };
-    // Simulate a backend that died with two requests popped but not completed: publish
-    // them on the avail ring and mark them in flight in the shared region, as the dead
-    // process would have.
-    let mut fe = TestFrontend::handshake(b.socket(), &o).unwrap();
-    fe.add_queue(0).unwrap();
+    // Session 1 created the region and completed one request; then its backend died with
+    // two requests popped but not completed: publish them on the avail ring and mark them
+    // in flight in the shared region, as the dead process would have.
+    let (mut fe, file, info) = reconnect_after_a_dead_backend(&b, &o);
     let w = blk_req(&mut fe, req_type::OUT, 20, 1024);
     fe.write(w.data, &[0x77u8; 1024]);
     let r = blk_req(&mut fe, req_type::IN, 30, 512);
@@ -496,13 +525,7 @@ fn inflight_requests_of_a_dead_backend_are_resubmitted() {
     dq.publish(&fe.mem, hw);
     let hr = dq.add_chain(&fe.mem, &r.chain(true));
     dq.publish(&fe.mem, hr);
-    {
-        let region = InflightRegion::map(&file, 0, info.mmap_size, 1, 128).unwrap();
-        let mut q = region.queue(0, 128).unwrap();
-        q.recover(0);
-        q.set_entry(hw, 7, true);
-        q.set_entry(hr, 8, true);
-    }
+    mark_in_flight(&file, &info, &[(hw, 7), (hr, 8)]);
     fe.set_inflight(file, info).unwrap();
     // The VMM restores the avail index from the used index (0): the backend must not pop
     // the two chains again as new, but resubmit them once from the region.
@@ -537,25 +560,13 @@ fn completions_before_the_call_fd_arrives_are_signalled_on_it() {
         inflight: true,
         ..Default::default()
     };
-    let (file, info) = {
-        let mut fe = TestFrontend::connect(b.socket(), o.clone()).unwrap();
-        assert_eq!(write(&mut fe, 0, &[1u8; 512]), status::OK);
-        fe.fe.get_vring_base(0).unwrap();
-        fe.inflight.take().unwrap()
-    };
-    let mut fe = TestFrontend::handshake(b.socket(), &o).unwrap();
-    fe.add_queue(0).unwrap();
+    let (mut fe, file, info) = reconnect_after_a_dead_backend(&b, &o);
     let w = blk_req(&mut fe, req_type::OUT, 20, 1024);
     fe.write(w.data, &[0x55u8; 1024]);
     let dq = &mut fe.queues[0];
     let hw = dq.add_chain(&fe.mem, &w.chain(false));
     dq.publish(&fe.mem, hw);
-    {
-        let region = InflightRegion::map(&file, 0, info.mmap_size, 1, 128).unwrap();
-        let mut q = region.queue(0, 128).unwrap();
-        q.recover(0);
-        q.set_entry(hw, 3, true);
-    }
+    mark_in_flight(&file, &info, &[(hw, 3)]);
     fe.set_inflight(file, info).unwrap();
     fe.start_queue_without_call(0, 0).unwrap();
     // The resubmitted request completes while the ring has no call fd.
