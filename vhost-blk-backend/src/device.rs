@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::dirty::DirtyBitmap;
 use crate::dirty_file::{Checkpoint, DirtyFile};
 use crate::disk::Disk;
+use crate::mirror::Mirror;
 use crate::request::DiskGeometry;
 use crate::spec::{features, Config, CONFIG_WRITEBACK_OFFSET, ID_BYTES, SECTOR_SIZE};
 use crate::throttle::{Limits, Throttle};
@@ -167,6 +168,9 @@ pub struct BlkShared {
     /// The disk was handed over to a destination: requests are held until the VM runs
     /// here again (rings restarted: the VMM's migration failed).
     pub handed_over: AtomicBool,
+    /// Active mirroring (a migration job in write-blocking mode): writes complete only
+    /// once their blocks are on the destination.
+    pub mirror: Mirror,
     /// The I/O limits of the disk, shared by every queue (`set-io-throttle` changes them).
     pub throttle: Mutex<Throttle>,
     /// Some limit is set (else the workers do not look at `throttle`).
@@ -344,6 +348,7 @@ impl BlkDevice {
                 }),
                 vmm: Mutex::new(VmmState::default()),
                 handed_over: AtomicBool::new(false),
+                mirror: Mirror::new(),
                 throttle: Mutex::new(Throttle::new(Limits::default(), std::time::Instant::now())),
                 throttle_on: AtomicBool::new(false),
             }),

@@ -13,6 +13,7 @@ pub mod dirty;
 pub mod dirty_file;
 pub mod disk;
 pub mod migration;
+pub mod mirror;
 pub mod request;
 pub mod seccomp;
 pub mod spec;

@@ -193,6 +193,9 @@ pub struct BlkWorker {
     timer: OwnedFd,
     /// When `timer` fires (None: disarmed).
     timer_deadline: Option<Instant>,
+    /// Writes done on the disk whose completion waits for the mirroring round of their
+    /// ticket (`--copy-mode write-blocking`, see [`crate::mirror`]).
+    mirror_held: Vec<(u64, InFlight)>,
 }
 
 /// Chains one call of `process_queue` takes at most, so that a guest that keeps its ring
@@ -271,6 +274,7 @@ impl BlkWorker {
             parked: Vec::new(),
             timer: new_timer()?,
             timer_deadline: None,
+            mirror_held: Vec::new(),
         })
     }
 
@@ -931,9 +935,36 @@ impl BlkWorker {
         }
     }
 
-    /// Writes back a finished request: dirty log, bounce copy, status, used ring.
+    /// A request left the kernel: retire it, then complete it to the guest, unless it
+    /// changed the disk while a migration mirrors writes: then it waits for its round.
     fn finish(&mut self, rings: &mut Rings, req: InFlight) {
         self.retire(&req);
+        if matches!(req.kind, Kind::Write | Kind::Discard | Kind::WriteZeroes) {
+            if let Some(ticket) = self.shared.mirror.ticket() {
+                self.mirror_held.push((ticket, req));
+                return;
+            }
+        }
+        self.complete_to_guest(rings, req);
+    }
+
+    /// Completes the held writes whose round is on the destination, and tells the guest.
+    fn release_mirrored(&mut self, rings: &mut Rings) {
+        if self.mirror_held.is_empty() {
+            return;
+        }
+        for (ticket, req) in std::mem::take(&mut self.mirror_held) {
+            if self.shared.mirror.is_mirrored(ticket) {
+                self.complete_to_guest(rings, req);
+            } else {
+                self.mirror_held.push((ticket, req));
+            }
+        }
+        self.notify_completed(rings);
+    }
+
+    /// Writes back a retired request: dirty log, bounce copy, status, used ring.
+    fn complete_to_guest(&mut self, rings: &mut Rings, req: InFlight) {
         let Some(ring) = rings.get_mut(req.queue) else {
             // The layer stops a ring only once its requests are done (see its drain), so
             // this is a bug; the disk change is recorded (retire) even then.
@@ -1004,12 +1035,28 @@ impl BlkWorker {
         if let Err(e) = self.uring.submit() {
             self.log.warn(|| format!("io_uring submit failed: {e}"));
         }
+        self.notify_completed(rings);
+    }
+
+    /// Signals the queues that got completions.
+    fn notify_completed(&mut self, rings: &mut Rings) {
         for q in std::mem::take(&mut self.to_notify) {
             if let Some(ring) = rings.get_mut(q) {
                 let mem = ring.memory();
                 ring.notify(&mem);
             }
         }
+    }
+
+    /// Drain with writes held for mirroring and nothing in the kernel: wait (a little,
+    /// the layer's drain calls again) for the job's next round.
+    fn wait_for_mirror(&mut self, rings: &mut Rings) {
+        if let Some(first) = self.mirror_held.iter().map(|(t, _)| *t).min() {
+            self.shared
+                .mirror
+                .wait_mirrored(first, Duration::from_millis(10));
+        }
+        self.release_mirrored(rings);
     }
 }
 
@@ -1280,6 +1327,8 @@ impl QueueWorker for BlkWorker {
         }
         if fd_index == MORE_FD {
             let _ = self.more.read();
+            // A mirroring round landed (or mirroring stopped): complete what waited.
+            self.release_mirrored(rings);
             // The held queues, and those with a parked request (the limits changed).
             let mut queues = std::mem::take(&mut self.held);
             for p in &self.parked {
@@ -1311,6 +1360,11 @@ impl QueueWorker for BlkWorker {
             .find(|(q, _)| *q == queue)
             .map_or(0, |(_, n)| *n)
             + self.parked.iter().filter(|p| p.queue == queue).count()
+            + self
+                .mirror_held
+                .iter()
+                .filter(|(_, r)| r.queue == queue)
+                .count()
     }
 
     fn wait_completions(&mut self, rings: &mut Rings) -> io::Result<()> {
@@ -1330,6 +1384,13 @@ impl QueueWorker for BlkWorker {
             if !self.slots.iter().any(Option::is_some) {
                 return Ok(());
             }
+        }
+        if !self.slots.iter().any(Option::is_some) {
+            // Nothing in the kernel: what is left waits for the mirroring job.
+            if !self.mirror_held.is_empty() {
+                self.wait_for_mirror(rings);
+            }
+            return Ok(());
         }
         self.uring.submit_and_wait()?;
         self.uring.clear_event();

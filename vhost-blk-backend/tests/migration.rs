@@ -337,12 +337,36 @@ mod vmm_driven {
     /// A source with a running guest (queue 0 started), a held destination listening,
     /// and a job that became ready.
     fn ready_job() -> (TestBackend, TestBackend, TestFrontend, Arc<Migrations>) {
+        let (src, dst, fe, m, _) = ready_job_via(CopyMode::Background, false);
+        (src, dst, fe, m)
+    }
+
+    /// `ready_job` in `copy_mode`; with `relayed`, the stream goes through a relay the
+    /// returned flag stalls (it stops forwarding to the destination, without closing).
+    pub(super) fn ready_job_via(
+        copy_mode: CopyMode,
+        relayed: bool,
+    ) -> (
+        TestBackend,
+        TestBackend,
+        TestFrontend,
+        Arc<Migrations>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
         let src = backend(true, false);
         let dst = backend(false, true);
-        let uri = Uri::Unix(dst.dir.path().join("mig.sock"));
-        let mut l = listen(&uri, &Security::default()).unwrap();
+        let dst_path = dst.dir.path().join("mig.sock");
+        let mut l = listen(&Uri::Unix(dst_path.clone()), &Security::default()).unwrap();
         let dshared = dst.shared.clone();
         job_thread(move || serve_incoming(&dshared, &mut l));
+        let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let uri = if relayed {
+            let relay = dst.dir.path().join("relay.sock");
+            stalling_relay(&relay, dst_path, stall.clone());
+            Uri::Unix(relay)
+        } else {
+            Uri::Unix(dst_path)
+        };
         let mut fe = TestFrontend::connect(src.socket(), FrontendOptions::default()).unwrap();
         assert_eq!(write(&mut fe, 0, &[0x11; 4096]), status::OK);
         let m = Arc::new(Migrations::new(
@@ -353,12 +377,51 @@ mod vmm_driven {
         m.start(JobParams {
             uri,
             incremental: false,
-            copy_mode: CopyMode::Background,
+            copy_mode,
             max_bandwidth: 0,
         })
         .unwrap();
         wait_status(&m, "ready");
-        (src, dst, fe, m)
+        (src, dst, fe, m, stall)
+    }
+
+    /// Listens at `at`; relays one connection to `to` both ways, until `stall` is set:
+    /// then what the source sends is no longer forwarded (nor is the connection closed).
+    fn stalling_relay(
+        at: &std::path::Path,
+        to: std::path::PathBuf,
+        stall: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use std::sync::atomic::Ordering;
+        let l = std::os::unix::net::UnixListener::bind(at).unwrap();
+        std::thread::spawn(move || {
+            let (mut from_src, _) = l.accept().unwrap();
+            let mut to_dst = UnixStream::connect(&to).unwrap();
+            let (mut back_in, mut back_out) =
+                (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut back_in, &mut back_out);
+            });
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = match from_src.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if stall.load(Ordering::Acquire) {
+                    // Hold the connection open, forward nothing more.
+                    continue;
+                }
+                if to_dst.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = to_dst.shutdown(std::net::Shutdown::Both);
+        });
+    }
+
+    pub(super) fn wait_status_of(m: &Migrations, want: &str) {
+        wait_status(m, want)
     }
 
     #[test]
@@ -413,6 +476,111 @@ mod vmm_driven {
         // And that write is what the next sync to the (stale) destination sends.
         assert_eq!(src.shared.dirty.count(), 1);
         assert!(src.shared.dirty.is_dirty(3));
+    }
+}
+
+mod write_blocking {
+    //! Active mirroring (`copy-mode write-blocking`): once the job mirrors, a write
+    //! completes to the guest only when its blocks are on the destination; a destination
+    //! that stops answering holds the guest's writes, and a cancel releases them with the
+    //! source serving on; the VMM's pause drains the rings with writes waiting for their
+    //! round.
+
+    use super::vmm_driven::{ready_job_via, wait_status_of};
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use vhost::VhostBackend;
+    use vhost_blk_backend::migration::job::CopyMode;
+
+    fn on_destination(dst: &TestBackend, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        std::fs::File::open(&dst.image)
+            .unwrap()
+            .read_exact_at(&mut buf, offset)
+            .unwrap();
+        buf
+    }
+
+    #[test]
+    fn every_write_is_on_the_destination_before_it_completes() {
+        let (src, dst, mut fe, m, _) = ready_job_via(CopyMode::WriteBlocking, false);
+        let q = m.query().unwrap();
+        assert_eq!(q["phase"], "mirror", "{q}");
+        assert_eq!(q["copy-mode"], "write-blocking", "{q}");
+        for i in 0..24u64 {
+            let sector = 64 + i * 24;
+            let data = vec![0x40 + i as u8; 4096];
+            assert_eq!(write(&mut fe, sector, &data), status::OK);
+            // Read at once from the destination's image, behind both backends' backs.
+            assert!(
+                on_destination(&dst, sector * 512, 4096) == data,
+                "write {i} completed before it reached the destination"
+            );
+        }
+        // Write-zeroes and discard are mirrored as well.
+        assert_eq!(
+            range_request(&mut fe, req_type::WRITE_ZEROES, &[(64, 8, 0)]),
+            status::OK
+        );
+        assert!(on_destination(&dst, 64 * 512, 4096) == vec![0u8; 4096]);
+        let rounds = m.query().unwrap()["mirror-rounds"].as_u64().unwrap();
+        assert!(rounds >= 1, "no mirroring round: {}", m.query().unwrap());
+        m.complete().unwrap();
+        wait_status_of(&m, "concluded");
+        let q = m.query().unwrap();
+        assert!(q.get("error").is_none(), "{q}");
+        assert!(image(&src) == image(&dst));
+        assert!(dst.shared.gate.is_open());
+    }
+
+    #[test]
+    fn a_stalled_destination_holds_writes_and_a_cancel_releases_them() {
+        let (src, dst, mut fe, m, stall) = ready_job_via(CopyMode::WriteBlocking, true);
+        stall.store(true, Ordering::Release);
+        let r = blk_req(&mut fe, req_type::OUT, 200, 4096);
+        fe.write(r.data, &[0x5a; 4096]);
+        fe.submit(0, &r.chain(false));
+        std::thread::sleep(Duration::from_millis(400));
+        // (ready_job_via's own write was the first.)
+        assert_eq!(
+            fe.queues[0].used_idx(&fe.mem),
+            1,
+            "the write completed without reaching the destination"
+        );
+        m.cancel().unwrap();
+        // Woken at once by the cancel (the stream's own timeout is a minute).
+        wait_status_of(&m, "concluded");
+        let q = m.query().unwrap();
+        assert_eq!(q["error"], "cancelled", "{q}");
+        fe.wait(0, 1)
+            .expect("the held write completes after the cancel");
+        assert_eq!(r.status(&fe), status::OK);
+        // The source serves on, with the write; every block waits for the next sync.
+        assert!(src.shared.gate.is_open());
+        let (data, st) = read(&mut fe, 200, 4096);
+        assert_eq!((st, data), (status::OK, vec![0x5a; 4096]));
+        assert_eq!(src.shared.dirty.count(), src.shared.dirty.blocks());
+        assert!(!dst.shared.gate.is_open(), "the destination stays held");
+    }
+
+    #[test]
+    fn the_vmm_pause_drains_writes_waiting_for_their_round_and_hands_over() {
+        let (src, dst, mut fe, m, _) = ready_job_via(CopyMode::WriteBlocking, false);
+        let _log = fe.enable_dirty_log().unwrap();
+        let r = blk_req(&mut fe, req_type::OUT, 400, 4096);
+        fe.write(r.data, &[0x6b; 4096]);
+        fe.submit(0, &r.chain(false));
+        // GET_VRING_BASE returns only once the write has completed (its round landed).
+        fe.fe.get_vring_base(0).unwrap();
+        // (ready_job_via's own write was the first.)
+        assert_eq!(fe.queues[0].used_idx(&fe.mem), 2);
+        assert_eq!(r.status(&fe), status::OK);
+        wait_status_of(&m, "concluded");
+        let q = m.query().unwrap();
+        assert!(q.get("error").is_none(), "{q}");
+        assert!(dst.shared.gate.is_open() && !src.shared.gate.is_open());
+        assert!(on_destination(&dst, 400 * 512, 4096) == vec![0x6b; 4096]);
+        assert!(image(&src) == image(&dst));
     }
 }
 

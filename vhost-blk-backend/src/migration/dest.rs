@@ -187,6 +187,11 @@ pub fn receive(shared: &BlkShared, conn: Conn) -> Result<Received, MigrationErro
             Message::PassDone { pass, bytes } => {
                 log::debug!("incoming pass {pass} done ({bytes} data bytes so far)");
             }
+            Message::Barrier => {
+                // Every extent before it is written (page cache: the Complete makes it
+                // durable); the source's mirrored writes may complete.
+                reply(&Message::Ack { seq }, &mut writer)?;
+            }
             Message::Complete { checkpoint } => {
                 if checkpoint.image_id != theirs.image_id
                     || checkpoint.generation != theirs.generation + 1

@@ -10,8 +10,13 @@
 //! destination now owns); a failed or cancelled job gives its blocks back and opens the
 //! gate again.
 //!
-//! Not yet: the VMM-driven hand-over (LOG_ALL on and every ring stopped), write-blocking
-//! (active mirror) mode, TLS.
+//! In write-blocking mode, from the end of the first dirty pass on, the job mirrors in
+//! rounds (see [`crate::mirror`]): the guest's writes complete only once their blocks
+//! are on the destination, so the job converges whatever the guest's write rate, and
+//! the last pass at the hand-over is at most one round's worth.
+//!
+//! The hand-over happens on `complete`, or when the VMM migrates the VM: LOG_ALL on and
+//! every ring stopped (the guest paused), once the job is ready.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,7 +62,7 @@ impl JobStatus {
 pub enum CopyMode {
     /// Dirty passes go on in the background.
     Background,
-    /// Every guest write is mirrored before it completes (not built yet).
+    /// Every guest write is mirrored before it completes (active mirroring).
     WriteBlocking,
 }
 
@@ -93,11 +98,16 @@ struct Info {
     data_bytes: u64,
     zero_bytes: u64,
     wire_bytes: u64,
+    copy_mode: CopyMode,
+    mirror_rounds: u64,
 }
 
 struct Job {
     info: Mutex<Info>,
     cancel: Arc<AtomicBool>,
+    /// Shuts the job's connection down on cancel (a job blocked on a destination that
+    /// stopped answering wakes at once, not at its read timeout).
+    canceller: Mutex<Option<transport::Canceller>>,
     complete: AtomicBool,
     pacer: Arc<Pacer>,
 }
@@ -144,11 +154,6 @@ impl Migrations {
 
     /// Starts a job; returns its id.
     pub fn start(self: &Arc<Self>, params: JobParams) -> Result<String, JobError> {
-        if params.copy_mode == CopyMode::WriteBlocking {
-            return Err(JobError::Refused(
-                "copy-mode write-blocking is not available yet; use background".into(),
-            ));
-        }
         transport::check_policy(&params.uri, &self.security)
             .map_err(|e| JobError::Refused(e.to_string()))?;
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
@@ -181,8 +186,11 @@ impl Migrations {
                 data_bytes: 0,
                 zero_bytes: 0,
                 wire_bytes: 0,
+                copy_mode: params.copy_mode,
+                mirror_rounds: 0,
             }),
             cancel: Arc::new(AtomicBool::new(false)),
+            canceller: Mutex::new(None),
             complete: AtomicBool::new(false),
             pacer: Arc::new(Pacer::new(params.max_bandwidth)),
         });
@@ -236,6 +244,11 @@ impl Migrations {
                 "wire": info.wire_bytes,
             },
             "passes": info.passes,
+            "copy-mode": match info.copy_mode {
+                CopyMode::Background => "background",
+                CopyMode::WriteBlocking => "write-blocking",
+            },
+            "mirror-rounds": info.mirror_rounds,
             "dirty-rate": info.dirty_rate as u64,
             "throughput": info.throughput as u64,
             "max-bandwidth": job.pacer.rate(),
@@ -261,7 +274,23 @@ impl Migrations {
 
     /// Cancels the running job (its blocks go back to the dirty bitmap).
     pub fn cancel(&self) -> Result<(), JobError> {
-        self.running()?.cancel.store(true, Ordering::Release);
+        let job = self.running()?;
+        if job.info.lock().unwrap_or_else(|e| e.into_inner()).phase == "completing" {
+            // The destination may already have the disk: cutting the stream now could
+            // leave both ends serving it.
+            return Err(JobError::Refused(
+                "the job is handing the disk over; it can no longer be cancelled".into(),
+            ));
+        }
+        job.cancel.store(true, Ordering::Release);
+        if let Some(c) = job
+            .canceller
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            c.cancel();
+        }
         Ok(())
     }
 
@@ -342,6 +371,12 @@ impl Migrations {
             Err(e) => {
                 // The source keeps the disk: serve again.
                 gate.open();
+                // A cancel shuts the connection down: whatever broke, it was the cancel.
+                let e = if job.cancel.load(Ordering::Acquire) {
+                    MigrationError::Cancelled
+                } else {
+                    e
+                };
                 log::warn!("migration to {} failed: {e}", params.uri);
                 let msg = e.to_string();
                 self.set(job, |i| {
@@ -357,6 +392,13 @@ impl Migrations {
             transport::TransportError::Io { source, .. } => MigrationError::Io(source),
             other => MigrationError::Protocol(other.to_string()),
         })?;
+        match conn.canceller() {
+            Ok(c) => *job.canceller.lock().unwrap_or_else(|e| e.into_inner()) = Some(c),
+            Err(e) => log::warn!("migration: cancel will wait for the stream's timeout: {e}"),
+        }
+        if job.cancel.load(Ordering::Acquire) {
+            return Err(MigrationError::Cancelled);
+        }
         let mode = job.info.lock().unwrap_or_else(|e| e.into_inner()).mode;
         let mut src = Source::start(&self.shared, conn, mode)?;
         src.set_pacer(job.pacer.clone(), job.cancel.clone());
@@ -378,13 +420,35 @@ impl Migrations {
             self.set(job, |i| i.total = self.shared.dirty.dirty_bytes());
         }
         self.set(job, |i| i.phase = "dirty");
+        // Releases the writes held for mirroring however this ends (after a hand-over
+        // their blocks went in the last pass; after a failure they are dirty here).
+        let mirror = MirrorGuard(&self.shared);
         let mut by_vmm = false;
         loop {
             if job.cancel.load(Ordering::Acquire) {
                 return Err(MigrationError::Cancelled);
             }
             let t = Instant::now();
-            let bytes = src.dirty_pass()?;
+            let bytes = if mirror.is_active() {
+                let round = self.shared.mirror.begin_round();
+                let bytes = src.mirror_round()?;
+                self.shared.mirror.mirrored(round);
+                // The workers complete the writes that waited for this round.
+                self.shared.gate.wake();
+                bytes
+            } else {
+                src.dirty_pass()?
+            };
+            if params.copy_mode == CopyMode::WriteBlocking && !mirror.is_active() {
+                // The first dirty pass took what the bulk pass left behind; from now on
+                // writes wait for their round.
+                log::info!(
+                    "migration to {}: mirroring every write from now on",
+                    params.uri
+                );
+                self.shared.mirror.start();
+                self.set(job, |i| i.phase = "mirror");
+            }
             let secs = t.elapsed().as_secs_f64().max(1e-6);
             let stats = src.stats;
             let left = src.dirty_bytes();
@@ -406,6 +470,7 @@ impl Migrations {
                 i.data_bytes = stats.data_bytes;
                 i.zero_bytes = stats.zero_bytes;
                 i.wire_bytes = stats.wire_bytes;
+                i.mirror_rounds = stats.mirror_rounds;
                 if (fits || left == 0) && i.status == JobStatus::Running {
                     i.status = JobStatus::Ready;
                     i.ready_at = Some(Instant::now());
@@ -429,7 +494,13 @@ impl Migrations {
                 by_vmm = true;
                 break;
             }
-            if left < (1 << 20) {
+            if mirror.is_active() {
+                // The next round as soon as a write waits for it (or to look at the
+                // VMM and the job's commands again).
+                self.shared
+                    .mirror
+                    .wait_for_writes(Duration::from_millis(50));
+            } else if left < (1 << 20) {
                 // Little to do: do not spin on an idle disk.
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -450,6 +521,7 @@ impl Migrations {
         let (_, stats) = src.complete()?;
         let downtime = t.elapsed();
         self.shared.handed_over.store(true, Ordering::Release);
+        drop(mirror);
         // A VMM that resumed the guest here while we handed over cancelled its
         // migration: the VM runs on this side, so this side serves it (a restart after
         // this point is caught by the device's RingStarted).
@@ -472,7 +544,27 @@ impl Migrations {
             i.zero_bytes = stats.zero_bytes;
             i.wire_bytes = stats.wire_bytes;
             i.passes = stats.passes;
+            i.mirror_rounds = stats.mirror_rounds;
         });
         Ok(())
+    }
+}
+
+/// Mirroring on the device while it lives: dropping it stops mirroring and wakes the
+/// workers, which complete every write they held.
+struct MirrorGuard<'a>(&'a BlkShared);
+
+impl MirrorGuard<'_> {
+    fn is_active(&self) -> bool {
+        self.0.mirror.is_active()
+    }
+}
+
+impl Drop for MirrorGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.mirror.is_active() {
+            self.0.mirror.stop();
+            self.0.gate.wake();
+        }
     }
 }

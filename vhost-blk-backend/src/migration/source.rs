@@ -37,6 +37,8 @@ pub struct SyncStats {
     pub wire_bytes: u64,
     /// Passes done (the bulk pass counts).
     pub passes: u32,
+    /// Rounds of active mirroring (write-blocking mode).
+    pub mirror_rounds: u64,
 }
 
 /// Paces a sync to a bandwidth limit (changeable while it runs) and counts its progress.
@@ -223,6 +225,23 @@ impl<'a> Source<'a> {
 
     /// One pass over the blocks dirtied since the last: returns the bytes it covered.
     pub fn dirty_pass(&mut self) -> Result<u64, MigrationError> {
+        let covered = self.send_dirty()?;
+        self.pass_done()?;
+        Ok(covered)
+    }
+
+    /// One round of active mirroring: the blocks dirtied since the last round, then a
+    /// Barrier the destination acknowledges once they are written. Returns the bytes
+    /// it covered.
+    pub fn mirror_round(&mut self) -> Result<u64, MigrationError> {
+        let covered = self.send_dirty()?;
+        self.stats.mirror_rounds += 1;
+        self.barrier()?;
+        Ok(covered)
+    }
+
+    /// Sends every dirty block (taken from the bitmap before it is read).
+    fn send_dirty(&mut self) -> Result<u64, MigrationError> {
         let dirty = self.shared.dirty.clone();
         let g = dirty.granularity();
         let per_take = (u64::from(MAX_EXTENT) / g).max(1);
@@ -237,8 +256,21 @@ impl<'a> Source<'a> {
             covered += len;
             from = first + count;
         }
-        self.pass_done()?;
         Ok(covered)
+    }
+
+    /// Waits until the destination has written every extent sent so far (active
+    /// mirroring: the writes those extents carry may then complete to the guest).
+    pub fn barrier(&mut self) -> Result<(), MigrationError> {
+        let seq = self.send(&Message::Barrier)?;
+        self.flush()?;
+        match self.recv()? {
+            Message::Ack { seq: s } if s == seq => Ok(()),
+            Message::Error { reason } => Err(MigrationError::Peer(reason)),
+            m => Err(MigrationError::Protocol(format!(
+                "expected the Ack of Barrier {seq}, got {m:?}"
+            ))),
+        }
     }
 
     /// Bytes the next dirty pass would cover now.

@@ -52,6 +52,7 @@ mod kind {
     pub const COMPLETE: u16 = 5;
     pub const ACK: u16 = 6;
     pub const ERROR: u16 = 7;
+    pub const BARRIER: u16 = 8;
 }
 
 /// What a sync sends.
@@ -174,6 +175,9 @@ pub enum Message {
         /// The checkpoint both ends record.
         checkpoint: Checkpoint,
     },
+    /// Source → destination: answer with an Ack once every extent sent before this frame
+    /// is written (active mirroring: the guest's writes waiting for it may complete).
+    Barrier,
     /// Destination → source: every frame up to `seq` is applied (and, after Complete,
     /// durable).
     Ack {
@@ -265,6 +269,7 @@ fn kind_name(k: u16) -> &'static str {
         kind::COMPLETE => "Complete",
         kind::ACK => "Ack",
         kind::ERROR => "Error",
+        kind::BARRIER => "Barrier",
         _ => "unknown",
     }
 }
@@ -347,6 +352,7 @@ impl Encoder {
                 put_checkpoint(out, checkpoint);
                 kind::COMPLETE
             }
+            Message::Barrier => kind::BARRIER,
             Message::Ack { seq } => {
                 out.extend_from_slice(&seq.to_le_bytes());
                 kind::ACK
@@ -668,6 +674,7 @@ impl Decoder {
                 checkpoint: f.checkpoint()?,
             },
             kind::ACK => Message::Ack { seq: f.u64()? },
+            kind::BARRIER => Message::Barrier,
             kind::ERROR => Message::Error { reason: f.text()? },
             _ => return Err(StreamError::UnknownKind(k)),
         };
@@ -765,6 +772,7 @@ mod tests {
                 data: Vec::new(),
             },
             Message::PassDone { pass: 2, bytes: 99 },
+            Message::Barrier,
             Message::Complete {
                 checkpoint: checkpoint(),
             },
@@ -1011,6 +1019,11 @@ mod tests {
                     f[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&0u32.to_le_bytes())
                 }),
                 "length 0",
+            ),
+            (
+                Message::Barrier,
+                Box::new(|f| f.push(1)),
+                "1 unexpected bytes at the end",
             ),
         ];
         for (msg, damage, want) in cases {

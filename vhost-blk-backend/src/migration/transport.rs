@@ -135,6 +135,26 @@ pub enum Conn {
     Tls(TlsStream),
 }
 
+/// Shuts a connection down from another thread (see [`Conn::canceller`]).
+#[derive(Debug)]
+pub enum Canceller {
+    /// The TCP socket (of a plain or TLS connection).
+    Tcp(TcpStream),
+    /// The Unix socket.
+    Unix(UnixStream),
+}
+
+impl Canceller {
+    /// Shuts both directions down: whoever is blocked on the connection wakes with an
+    /// error or an end of stream.
+    pub fn cancel(&self) {
+        let _ = match self {
+            Canceller::Tcp(s) => s.shutdown(Shutdown::Both),
+            Canceller::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
 impl Conn {
     /// Shuts both directions down (wakes a peer blocked in read).
     pub fn shutdown(&self) {
@@ -143,6 +163,16 @@ impl Conn {
             Conn::Unix(s) => s.shutdown(Shutdown::Both),
             Conn::Tls(s) => s.socket().and_then(|t| t.shutdown(Shutdown::Both)),
         };
+    }
+
+    /// A handle that can shut the socket down while another thread is blocked on it
+    /// (a TLS stream's own `shutdown` waits for the session lock a blocked read holds).
+    pub fn canceller(&self) -> io::Result<Canceller> {
+        Ok(match self {
+            Conn::Tcp(s) => Canceller::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Canceller::Unix(s.try_clone()?),
+            Conn::Tls(s) => Canceller::Tcp(s.socket()?),
+        })
     }
 
     /// A second handle on the same socket (one thread reads while another writes).
