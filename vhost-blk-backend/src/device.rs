@@ -168,6 +168,9 @@ pub struct BlkShared {
     /// The disk was handed over to a destination: requests are held until the VM runs
     /// here again (rings restarted: the VMM's migration failed).
     pub handed_over: AtomicBool,
+    /// After a hand-over: tells the destination its copy is stale (the source took the
+    /// disk back). Set by the migration job; called at most once.
+    pub revoke: Mutex<Option<Revoke>>,
     /// Active mirroring (a migration job in write-blocking mode): writes complete only
     /// once their blocks are on the destination.
     pub mirror: Mirror,
@@ -177,7 +180,31 @@ pub struct BlkShared {
     pub throttle_on: AtomicBool,
 }
 
+/// Tells a destination its copy is stale, with the reason (set by the migration job,
+/// which owns the connection; the device only calls it).
+pub struct Revoke(pub Box<dyn FnOnce(&str) + Send>);
+
+impl std::fmt::Debug for Revoke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Revoke")
+    }
+}
+
 impl BlkShared {
+    /// The VM runs here again after the disk was handed over (the VMM's migration
+    /// failed): tell the destination its copy is stale, and serve the disk. The dirty
+    /// bitmap records what changes from now on, so the next sync sends exactly that.
+    pub fn take_back(&self, why: &str) {
+        if !self.handed_over.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let revoke = self.revoke.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(Revoke(revoke)) = revoke {
+            revoke(why);
+        }
+        self.gate.open();
+    }
+
     /// Sets the I/O limits (checked by the caller with `Limits::check`).
     pub fn set_io_limits(&self, limits: Limits) {
         let mut t = self.throttle.lock().unwrap_or_else(|e| e.into_inner());
@@ -348,6 +375,7 @@ impl BlkDevice {
                 }),
                 vmm: Mutex::new(VmmState::default()),
                 handed_over: AtomicBool::new(false),
+                revoke: Mutex::new(None),
                 mirror: Mirror::new(),
                 throttle: Mutex::new(Throttle::new(Limits::default(), std::time::Instant::now())),
                 throttle_on: AtomicBool::new(false),
@@ -453,12 +481,12 @@ impl VhostUserDevice for BlkDevice {
                 // did not complete and the VM runs here again. Serve it; the dirty
                 // bitmap records what changes from now on, so the next sync to the
                 // destination sends exactly that.
-                if s.handed_over.swap(false, Ordering::AcqRel) {
+                if s.handed_over.load(Ordering::Acquire) {
                     log::warn!(
                         "queue {q} restarted after the hand-over: the VMM's migration did not \
                          complete; serving the disk again (the destination is now stale)"
                     );
-                    s.gate.open();
+                    s.take_back("the VMM's migration did not complete: the VM runs on the source");
                 }
             }
         }

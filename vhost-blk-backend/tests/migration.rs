@@ -477,6 +477,49 @@ mod vmm_driven {
         assert_eq!(src.shared.dirty.count(), 1);
         assert!(src.shared.dirty.is_dirty(3));
     }
+
+    #[test]
+    fn the_destination_is_marked_stale_when_the_vm_stays_on_the_source_and_a_retry_works() {
+        let (src, dst, mut fe, m) = ready_job();
+        let _log = fe.enable_dirty_log().unwrap();
+        fe.fe.get_vring_base(0).unwrap();
+        wait_status(&m, "concluded");
+        assert!(dst.shared.gate.is_open(), "the destination took the disk");
+        // A handed-over source owns nothing to migrate.
+        let uri = Uri::Unix(dst.dir.path().join("mig.sock"));
+        let params = JobParams {
+            uri,
+            incremental: true,
+            copy_mode: CopyMode::Background,
+            max_bandwidth: 0,
+        };
+        let e = m.start(params.clone()).unwrap_err();
+        assert!(e.to_string().contains("no longer owns"), "{e}");
+        // The VMM's migration failed: the VM runs on the source again.
+        fe.disable_dirty_log().unwrap();
+        fe.start_queue_at(0, fe.queues[0].avail_idx()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while dst.shared.gate.is_open() || !dst.shared.sync.lock().unwrap().incomplete {
+            assert!(Instant::now() < deadline, "the destination was not told");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(write(&mut fe, 32, &[0x55; 4096]), status::OK);
+        // The destination waits for a new sync; a retry makes it whole and serves.
+        m.start(params).unwrap();
+        wait_status(&m, "ready");
+        m.complete().unwrap();
+        wait_status(&m, "concluded");
+        let q = m.query().unwrap();
+        assert!(q.get("error").is_none(), "{q}");
+        assert_eq!(
+            q["mode"], "full",
+            "a stale destination takes a full sync: {q}"
+        );
+        assert!(dst.shared.gate.is_open());
+        assert!(!dst.shared.sync.lock().unwrap().incomplete);
+        assert!(image(&src) == image(&dst));
+        assert_eq!(&image(&dst)[32 * 512..32 * 512 + 4096], &[0x55; 4096][..]);
+    }
 }
 
 mod write_blocking {

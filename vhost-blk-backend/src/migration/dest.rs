@@ -6,6 +6,11 @@
 //! incomplete (in the `--dirty-bitmap` file too, so a restart does not serve it): its
 //! content is then neither the old disk nor the new one. A cut or refused stream leaves it
 //! so, and the next sync (a retry) makes it whole.
+//!
+//! After a completed sync the source keeps the connection open: if the VM stays on the
+//! source after all (the VMM's migration failed after the disk was handed over), it says
+//! so with an Error frame, and this end marks its copy stale (incomplete: held, and not
+//! served after a restart either) and waits for the next sync.
 
 use std::io::Write;
 use std::time::Duration;
@@ -36,22 +41,27 @@ pub struct Received {
 }
 
 /// Takes syncs from `listener` until one completes, then opens the gate; failed ones
-/// are logged and the next connection is a retry. Returns the completed sync.
+/// are logged and the next connection is a retry. Then watches the completed sync's
+/// connection: a source that takes the disk back makes the copy stale and this end waits
+/// for the next sync. Returns the completed sync once its source closed the connection
+/// (normally when the source's process ends).
 pub fn serve_incoming(
     shared: &BlkShared,
     listener: &mut Listener,
 ) -> Result<Received, MigrationError> {
     loop {
         let conn = listener.accept()?;
-        match receive(shared, conn) {
-            Ok(r) => {
+        match receive_watchable(shared, conn) {
+            Ok((r, reader, dec)) => {
                 shared.gate.open();
                 log::info!(
                     "incoming {:?} sync complete (generation {}): serving",
                     r.mode,
                     r.checkpoint.generation
                 );
-                return Ok(r);
+                if !stale_after(shared, reader, dec) {
+                    return Ok(r);
+                }
             }
             Err(e) => {
                 log::warn!("incoming sync failed ({e}); the image stays held, waiting for a retry")
@@ -60,8 +70,45 @@ pub fn serve_incoming(
     }
 }
 
+/// Watches a completed sync's connection; true if the source said the copy is stale
+/// (then the image is marked incomplete and held).
+fn stale_after(shared: &BlkShared, mut reader: FrameReader, mut dec: Decoder) -> bool {
+    if let Err(e) = reader.set_read_timeout(None) {
+        log::warn!("incoming: cannot watch the source after the sync: {e}");
+        return false;
+    }
+    match reader.next(&mut dec) {
+        Ok(Some((Message::Error { reason }, _))) => {
+            shared.gate.close();
+            mark_incomplete(shared);
+            log::error!(
+                "the source took the disk back ({reason}): this copy is stale; requests are \
+                 held until a new sync completes"
+            );
+            true
+        }
+        Ok(None) => false,
+        Ok(Some((m, _))) => {
+            log::warn!("incoming: unexpected {m:?} after the sync; no longer watching");
+            false
+        }
+        Err(e) => {
+            log::info!("incoming: the source's connection ended ({e})");
+            false
+        }
+    }
+}
+
 /// Takes one sync over `conn`.
 pub fn receive(shared: &BlkShared, conn: Conn) -> Result<Received, MigrationError> {
+    receive_watchable(shared, conn).map(|(r, _, _)| r)
+}
+
+/// Takes one sync over `conn`; also returns the connection's reader and decoder.
+fn receive_watchable(
+    shared: &BlkShared,
+    conn: Conn,
+) -> Result<(Received, FrameReader, Decoder), MigrationError> {
     conn.set_read_timeout(Some(FRAME_TIMEOUT))?;
     let mut writer = conn.try_clone()?;
     let mut reader = FrameReader::new(conn);
@@ -213,12 +260,13 @@ pub fn receive(shared: &BlkShared, conn: Conn) -> Result<Received, MigrationErro
                 }
                 record_complete(shared, checkpoint);
                 reply(&Message::Ack { seq }, &mut writer)?;
-                return Ok(Received {
+                let r = Received {
                     checkpoint,
                     mode,
                     data_bytes,
                     zero_bytes,
-                });
+                };
+                return Ok((r, reader, dec));
             }
             Message::Error { reason } => return Err(MigrationError::Peer(reason)),
             m => {

@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use vhost_user_device::control::Events;
 use vhost_user_device::sandbox::{self, ThreadKind};
 
-use crate::device::BlkShared;
+use crate::device::{BlkShared, Revoke};
 
 use super::source::{Pacer, Source};
 use super::stream::Mode;
@@ -156,6 +156,11 @@ impl Migrations {
     pub fn start(self: &Arc<Self>, params: JobParams) -> Result<String, JobError> {
         transport::check_policy(&params.uri, &self.security)
             .map_err(|e| JobError::Refused(e.to_string()))?;
+        if self.shared.handed_over.load(Ordering::Acquire) {
+            return Err(JobError::Refused(
+                "this backend handed the disk over to its destination and no longer owns it".into(),
+            ));
+        }
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(j) = cur.as_ref() {
             let info = j.info.lock().unwrap_or_else(|e| e.into_inner());
@@ -518,8 +523,10 @@ impl Migrations {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        let (_, stats) = src.complete()?;
+        let (_, stats, lease) = src.complete_with_lease()?;
         let downtime = t.elapsed();
+        *self.shared.revoke.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Revoke(Box::new(move |why: &str| lease.revoke(why))));
         self.shared.handed_over.store(true, Ordering::Release);
         drop(mirror);
         // A VMM that resumed the guest here while we handed over cancelled its
@@ -533,9 +540,10 @@ impl Migrations {
                 .unwrap_or_else(|e| e.into_inner())
                 .started
                 != 0;
-            if running && self.shared.handed_over.swap(false, Ordering::AcqRel) {
+            if running && self.shared.handed_over.load(Ordering::Acquire) {
                 log::warn!("the guest resumed during the hand-over: serving the disk again");
-                self.shared.gate.open();
+                self.shared
+                    .take_back("the guest resumed on the source during the hand-over");
             }
         }
         self.set(job, |i| {

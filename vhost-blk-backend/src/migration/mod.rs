@@ -74,6 +74,11 @@ impl FrameReader {
         }
     }
 
+    /// Sets the read timeout of the connection (None: block).
+    pub(crate) fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        self.conn.set_read_timeout(t)
+    }
+
     /// The next frame: Ok(None) at a clean end of the stream (between frames).
     pub(crate) fn next(
         &mut self,

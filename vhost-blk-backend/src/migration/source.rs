@@ -281,7 +281,15 @@ impl<'a> Source<'a> {
     /// The last pass (the caller has stopped the guest's I/O), then Complete; returns
     /// the new checkpoint once the destination says everything is durable, and records
     /// it on this end.
-    pub fn complete(mut self) -> Result<(Checkpoint, SyncStats), MigrationError> {
+    pub fn complete(self) -> Result<(Checkpoint, SyncStats), MigrationError> {
+        let (c, stats, _) = self.complete_with_lease()?;
+        Ok((c, stats))
+    }
+
+    /// [`Source::complete`], keeping the connection open: the returned lease can tell
+    /// the destination later that its copy is stale (the VM stayed here after all).
+    /// Dropping the lease closes the connection; the destination then keeps serving.
+    pub fn complete_with_lease(mut self) -> Result<(Checkpoint, SyncStats, Lease), MigrationError> {
         self.dirty_pass()?;
         let next = Checkpoint {
             image_id: self.checkpoint.image_id,
@@ -304,8 +312,12 @@ impl<'a> Source<'a> {
             }
         }
         drop(st);
+        let lease = Lease {
+            conn: self.conn.try_clone()?,
+            enc: self.enc.clone(),
+        };
         self.done = true;
-        Ok((next, self.stats))
+        Ok((next, self.stats, lease))
     }
 
     /// Sends `[offset, offset + len)`: read in extents of at most MAX_EXTENT, and within
@@ -444,6 +456,32 @@ impl<'a> Source<'a> {
                 "the destination closed the connection",
             ))),
         }
+    }
+}
+
+/// The connection of a completed sync, kept by the source after the hand-over.
+pub struct Lease {
+    conn: Conn,
+    enc: Encoder,
+}
+
+impl Lease {
+    /// Tells the destination that its copy is stale (an Error frame after Complete),
+    /// then closes the connection.
+    pub fn revoke(mut self, why: &str) {
+        let mut out = Vec::new();
+        self.enc.encode(
+            &Message::Error {
+                reason: why.to_string(),
+            },
+            &mut out,
+        );
+        if let Err(e) = self.conn.write_all(&out).and_then(|()| self.conn.flush()) {
+            log::warn!("could not tell the destination its copy is stale: {e}");
+        } else {
+            log::info!("told the destination its copy is stale ({why})");
+        }
+        self.conn.shutdown();
     }
 }
 

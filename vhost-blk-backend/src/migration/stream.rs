@@ -275,7 +275,7 @@ fn kind_name(k: u16) -> &'static str {
 }
 
 /// Writes frames of one direction: sequence numbers and the session id.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Encoder {
     session: u64,
     next_seq: u64,
