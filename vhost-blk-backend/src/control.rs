@@ -185,6 +185,7 @@ impl ControlHandler for BlkControl {
             "flushes": g(&q.flushes),
             "bad-requests": g(&q.bad_requests),
             "io-errors": g(&q.io_errors),
+            "latency-histogram": q.latency.to_json(),
         });
         match v {
             Value::Object(m) => m,

@@ -114,6 +114,10 @@ pub struct BlkQueueStats {
     pub bad_requests: AtomicU64,
     /// Requests that failed in the kernel.
     pub io_errors: AtomicU64,
+    /// Latency of the requests that went to the disk (reads, writes, flushes, discards,
+    /// write-zeroes): from the start of their I/O (after any throttle wait) to their
+    /// completion to the guest (after any wait for active mirroring).
+    pub latency: vhost_user_device::histogram::LatencyHistogram,
 }
 
 /// Options the device is built from (the command line).

@@ -118,6 +118,8 @@ struct InFlight {
     zeroing: Zeroing,
     /// Keeps guest memory mapped while the kernel may touch it.
     mem: Arc<GuestMem>,
+    /// When its I/O started (the queue's latency histogram).
+    started: Instant,
 }
 
 impl InFlight {
@@ -141,6 +143,7 @@ impl InFlight {
             write_range: ByteRange { offset: 0, len: 0 },
             zeroing: Zeroing::default(),
             mem: mem.clone(),
+            started: Instant::now(),
         }
     }
 }
@@ -1008,6 +1011,9 @@ impl BlkWorker {
         let _ = mem.write_obj(st, GuestAddress(req.status_addr));
         let used_len = if st == status::OK { req.used_len } else { 1 };
         ring.add_used(mem, req.head, used_len);
+        if let Some(q) = self.shared.queue_stats.get(usize::from(req.queue)) {
+            q.latency.record(req.started.elapsed());
+        }
         if !self.to_notify.contains(&req.queue) {
             self.to_notify.push(req.queue);
         }

@@ -483,6 +483,16 @@ fn control_socket_counts_a_known_workload_and_reports_the_vmm() {
     assert_eq!(q[0]["reads"], 5, "{s}");
     assert_eq!(q[0]["read-bytes"], 20480, "{s}");
     assert_eq!(q[0]["io-errors"], 0, "{s}");
+    // Every one of the 15 requests has its latency in the histogram (µs bins).
+    let h = &q[0]["latency-histogram"];
+    let bins: Vec<u64> = serde_json::from_value(h["bins"].clone()).unwrap();
+    assert_eq!(bins.iter().sum::<u64>(), 15, "{h}");
+    assert_eq!(
+        bins.len(),
+        h["boundaries-us"].as_array().unwrap().len() + 1,
+        "{h}"
+    );
+    assert!(h["sum-us"].as_u64().unwrap() > 0, "{h}");
 
     // The same counters for Prometheus.
     let scrape = {
@@ -500,6 +510,9 @@ fn control_socket_counts_a_known_workload_and_reports_the_vmm() {
         "vhost_blk_backend_in_flight 0",
         "vhost_blk_backend_queue_chains_total{queue=\"0\"} 15",
         "vhost_blk_backend_queue_write_bytes_total{queue=\"0\"} 40960",
+        "# TYPE vhost_blk_backend_queue_latency_seconds histogram",
+        "vhost_blk_backend_queue_latency_seconds_count{queue=\"0\"} 15",
+        "vhost_blk_backend_queue_latency_seconds_bucket{le=\"+Inf\",queue=\"0\"} 15",
     ] {
         assert!(
             scrape.lines().any(|l| l == line),
@@ -517,6 +530,16 @@ fn control_socket_counts_a_known_workload_and_reports_the_vmm() {
     assert_eq!(queue_cell(&table, 0, "chains"), "15", "{table}");
     assert_eq!(queue_cell(&table, 0, "completed"), "15", "{table}");
     assert_eq!(queue_cell(&table, 0, "write-bytes"), "40960", "{table}");
+    assert_eq!(
+        queue_cell(&table, 0, "latency-histogram.count"),
+        "15",
+        "{table}"
+    );
+    assert_ne!(
+        queue_cell(&table, 0, "latency-histogram.p99-us"),
+        "-",
+        "{table}"
+    );
 
     drop(fe);
     vhost_tests::control::expect_connect_and_close_events(&mut c, 1);

@@ -34,6 +34,7 @@ pub mod device;
 pub mod dirty_log;
 pub mod fd_check;
 pub mod handler;
+pub mod histogram;
 pub mod inflight;
 pub mod memory;
 pub mod metrics;

@@ -7,7 +7,10 @@
 //! device's counters; arrays of objects (`queues`, net's `queue-pairs`) give one sample per
 //! element, labelled `queue` (or `index`) and with the element's string fields (a queue's
 //! `role`, say) as labels. Counters get the usual `_total` suffix; fields that go down as
-//! well as up (`in-flight`, `*-peak`, `held`) are gauges.
+//! well as up (`in-flight`, `*-peak`, `held`) are gauges. A latency histogram
+//! ([`crate::histogram`], e.g. blk's `latency-histogram` per queue) becomes a histogram
+//! family in seconds, `<program>_queue_latency_seconds` with `_bucket{le=...}`, `_sum` and
+//! `_count`.
 //!
 //! One thread serves the address, one request at a time, `GET /metrics` only (404
 //! otherwise, 405 for other methods); a request head may be at most 8 KiB and must arrive
@@ -23,7 +26,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
@@ -40,8 +43,52 @@ const MAX_HEAD: usize = 8 << 10;
 /// Labels of one sample.
 type Labels = Vec<(String, String)>;
 
+/// One sample: a number, or a histogram (sum in seconds, count, and the non-cumulative
+/// bins with their upper bounds in seconds, the last +Inf).
+enum Sample {
+    Number(u64),
+    Histogram {
+        sum: f64,
+        count: u64,
+        buckets: Vec<(f64, u64)>,
+    },
+}
+
 /// One metric family: its type, its help text and its samples.
-type Family = (MetricType, String, Vec<(Labels, u64)>);
+type Family = (MetricType, String, Vec<(Labels, Sample)>);
+
+/// A `query-stats` histogram ([`crate::histogram::LatencyHistogram::to_json`]) as a
+/// Prometheus sample; None if `obj` is not one (or is inconsistent).
+fn histogram(obj: &serde_json::Map<String, Value>) -> Option<Sample> {
+    use crate::histogram::{BINS_KEY, BOUNDARIES_KEY, SUM_KEY};
+    let bounds: Vec<u64> = obj
+        .get(BOUNDARIES_KEY)?
+        .as_array()?
+        .iter()
+        .map(Value::as_u64)
+        .collect::<Option<_>>()?;
+    let bins: Vec<u64> = obj
+        .get(BINS_KEY)?
+        .as_array()?
+        .iter()
+        .map(Value::as_u64)
+        .collect::<Option<_>>()?;
+    if bins.len() != bounds.len() + 1 {
+        return None;
+    }
+    let sum_us = obj.get(SUM_KEY).and_then(Value::as_u64).unwrap_or(0);
+    let buckets = bounds
+        .iter()
+        .map(|&b| b as f64 / 1e6)
+        .chain([f64::INFINITY])
+        .zip(bins.iter().copied())
+        .collect();
+    Some(Sample::Histogram {
+        sum: sum_us as f64 / 1e6,
+        count: bins.iter().sum(),
+        buckets,
+    })
+}
 
 /// Whether a `query-stats` field is a gauge (it goes down as well as up).
 fn is_gauge(key: &str) -> bool {
@@ -81,7 +128,22 @@ fn collect(
                     .entry(metric_name(prefix, k))
                     .or_insert_with(|| (ty, format!("query-stats: {k}"), Vec::new()))
                     .2
-                    .push((labels.clone(), n));
+                    .push((labels.clone(), Sample::Number(n)));
+            }
+            Value::Object(o) => {
+                let Some(h) = histogram(o) else { continue };
+                let base = k.strip_suffix("-histogram").unwrap_or(k);
+                families
+                    .entry(metric_name(prefix, &format!("{base}-seconds")))
+                    .or_insert_with(|| {
+                        (
+                            MetricType::Histogram,
+                            format!("query-stats: {k}, in seconds"),
+                            Vec::new(),
+                        )
+                    })
+                    .2
+                    .push((labels.clone(), h));
             }
             Value::Array(items) => {
                 // `queues` gives `<program>_queue_*{queue="N"}`; other arrays keep their
@@ -137,11 +199,19 @@ impl Collector for StatsCollector {
         for (name, (ty, help, samples)) in &families {
             let mut family = encoder.encode_descriptor(name, help, None, *ty)?;
             for (labels, v) in samples {
-                let m = family.encode_family(labels)?;
-                if *ty == MetricType::Counter {
-                    ConstCounter::new(*v).encode(m)?;
-                } else {
-                    ConstGauge::new(i64::try_from(*v).unwrap_or(i64::MAX)).encode(m)?;
+                let mut m = family.encode_family(labels)?;
+                match v {
+                    Sample::Number(v) if *ty == MetricType::Counter => {
+                        ConstCounter::new(*v).encode(m)?
+                    }
+                    Sample::Number(v) => {
+                        ConstGauge::new(i64::try_from(*v).unwrap_or(i64::MAX)).encode(m)?
+                    }
+                    Sample::Histogram {
+                        sum,
+                        count,
+                        buckets,
+                    } => m.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?,
                 }
             }
         }
@@ -324,6 +394,11 @@ mod tests {
         fn queue_stats(&self, index: usize) -> Map<String, Value> {
             let mut m = Map::new();
             m.insert("role".into(), json!(format!("q{index}")));
+            let h = crate::histogram::LatencyHistogram::new();
+            for us in [5, 30, 30, 2_000_000] {
+                h.record(std::time::Duration::from_micros(us * (index as u64 + 1)));
+            }
+            m.insert("latency-histogram".into(), h.to_json());
             m
         }
     }
@@ -357,6 +432,14 @@ mod tests {
             "test_backend_queue_completed_total{queue=\"1\",role=\"q1\"} 4",
             "test_backend_queue_in_flight{queue=\"1\",role=\"q1\"} 1",
             "test_backend_queue_chains_total{queue=\"0\",role=\"q0\"} 0",
+            "# TYPE test_backend_queue_latency_seconds histogram",
+            "test_backend_queue_latency_seconds_count{queue=\"0\",role=\"q0\"} 4",
+            "test_backend_queue_latency_seconds_sum{queue=\"0\",role=\"q0\"} 2.000065",
+            "test_backend_queue_latency_seconds_bucket{le=\"0.00001\",queue=\"0\",role=\"q0\"} 1",
+            "test_backend_queue_latency_seconds_bucket{le=\"0.00005\",queue=\"0\",role=\"q0\"} 3",
+            "test_backend_queue_latency_seconds_bucket{le=\"1.0\",queue=\"0\",role=\"q0\"} 3",
+            "test_backend_queue_latency_seconds_bucket{le=\"+Inf\",queue=\"0\",role=\"q0\"} 4",
+            "test_backend_queue_latency_seconds_count{queue=\"1\",role=\"q1\"} 4",
             "# EOF",
         ] {
             assert!(r.lines().any(|l| l == line), "no line {line:?} in\n{r}");

@@ -195,6 +195,13 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
             }
         }
         Value::Object(m) => {
+            // A latency histogram: its summary, not its 30-odd bins and bounds.
+            if let Some(summary) = crate::histogram::summarize(v) {
+                for (k, s) in summary {
+                    out.push((format!("{prefix}.{k}"), s));
+                }
+                return;
+            }
             for (k, v) in m {
                 let key = if prefix.is_empty() {
                     k.clone()
