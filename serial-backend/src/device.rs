@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::ports::{assign_ids, open_host, window_size, PortError, PortInfo, PortSpec};
 use crate::spec::{features, queue, CONFIG_EMERG_WR_OFFSET, CONFIG_SIZE};
+use crate::state::{self, ConsoleState};
 use crate::worker::{Port, PortsState, SerialWorker};
 
 /// Ring size we accept.
@@ -61,6 +62,9 @@ pub struct Shared {
     pub slot: Mutex<Option<PortsState>>,
     /// What the ports are.
     pub ports: Vec<PortInfo>,
+    /// A console state the VMM's migration brought (DEVICE_STATE), taken up by the next
+    /// worker.
+    pub restore: Mutex<Option<ConsoleState>>,
 }
 
 /// The virtio-console device.
@@ -118,6 +122,7 @@ impl SerialDevice {
                 emerg: Mutex::new(Vec::new()),
                 emerg_efd,
                 slot: Mutex::new(Some(state)),
+                restore: Mutex::new(None),
                 ports: infos,
             }),
         })
@@ -183,6 +188,39 @@ impl VhostUserDevice for SerialDevice {
             offset,
             len: data.len(),
         })
+    }
+
+    fn migrates_state(&self) -> bool {
+        true
+    }
+
+    fn save_state(&self, mut parts: Vec<Vec<u8>>) -> Result<Vec<u8>, DeviceError> {
+        // One worker owns every queue; without one, the ports rest in `slot`.
+        if let Some(part) = parts.pop() {
+            return Ok(part);
+        }
+        let slot = self.shared.slot.lock().unwrap_or_else(|e| e.into_inner());
+        let st = slot
+            .as_ref()
+            .ok_or_else(|| DeviceError::State("the port state is in use".into()))?;
+        Ok(state::encode(&st.saved()))
+    }
+
+    fn load_state(&self, bytes: &[u8]) -> Result<(), DeviceError> {
+        let saved = state::decode(bytes).map_err(|e| DeviceError::State(e.to_string()))?;
+        {
+            let slot = self.shared.slot.lock().unwrap_or_else(|e| e.into_inner());
+            let st = slot.as_ref().ok_or_else(|| {
+                DeviceError::State("a worker is running: the rings must be stopped".into())
+            })?;
+            st.check(&saved).map_err(DeviceError::State)?;
+        }
+        *self
+            .shared
+            .restore
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        Ok(())
     }
 
     fn worker_groups(&self) -> Vec<Vec<u16>> {

@@ -13,6 +13,7 @@ pub mod hostinfo;
 pub mod ports;
 pub mod seccomp;
 pub mod spec;
+pub mod state;
 pub mod worker;
 
 pub use device::{SerialDevice, SerialStats};

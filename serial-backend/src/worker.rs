@@ -31,6 +31,7 @@ use crate::device::Shared;
 use crate::hostinfo;
 use crate::ports::{window_size, Client, HostSide};
 use crate::spec::{event, queue, Control, CONTROL_SIZE};
+use crate::state::{self, ConsoleState, PortState};
 
 /// Bytes read from a host fd at a time (and held until the guest took them).
 const RX_CHUNK: usize = 64 * 1024;
@@ -245,6 +246,34 @@ impl Port {
     }
 }
 
+impl Port {
+    /// What the DEVICE_STATE of the VMM's migration carries of this port.
+    fn saved(&self) -> PortState {
+        PortState {
+            id: self.id,
+            guest_ready: self.guest_ready,
+            guest_open: self.guest_open,
+            host_open_sent: self.host_open_sent,
+            doc_active: self.doc_active,
+            size: self.size,
+            held_output: self.out_buf.iter().copied().collect(),
+            pending_input: self.rx_buf.get(self.rx_off..).unwrap_or_default().to_vec(),
+        }
+    }
+
+    /// Takes up where the source's port stopped (the guest's view of it, and the bytes
+    /// buffered either way). The host side is this process's own.
+    fn restore(&mut self, s: &PortState) {
+        self.guest_ready = s.guest_ready;
+        self.guest_open = s.guest_open;
+        self.host_open_sent = s.host_open_sent;
+        self.doc_active = s.doc_active;
+        self.out_buf = s.held_output.iter().copied().collect();
+        self.rx_buf = s.pending_input.clone();
+        self.rx_off = 0;
+    }
+}
+
 /// Ports and our epoll: everything that outlives a VMM connection.
 pub struct PortsState {
     /// The ports.
@@ -256,6 +285,31 @@ pub struct PortsState {
 }
 
 impl PortsState {
+    /// The console's state for DEVICE_STATE when no worker runs (nothing undelivered on
+    /// the control queue then).
+    pub fn saved(&self) -> ConsoleState {
+        ConsoleState {
+            ports: self.ports.iter().map(Port::saved).collect(),
+            control: Vec::new(),
+        }
+    }
+
+    /// Whether `state` describes these ports (same ids): a destination with another
+    /// port layout refuses it.
+    pub fn check(&self, state: &ConsoleState) -> Result<(), String> {
+        let mut ours: Vec<u32> = self.ports.iter().map(|p| p.id).collect();
+        let mut theirs: Vec<u32> = state.ports.iter().map(|p| p.id).collect();
+        ours.sort_unstable();
+        theirs.sort_unstable();
+        if ours != theirs {
+            return Err(format!(
+                "the source has ports {theirs:?}, this backend {ours:?}: start it with the \
+                 same --port list"
+            ));
+        }
+        Ok(())
+    }
+
     /// Sets up the epoll fd with the wake, timer and emergency-write fds.
     pub fn new(ports: Vec<Port>, max_ports: u32, emerg_fd: RawFd) -> io::Result<Self> {
         let epoll = Epoll::new()?;
@@ -418,24 +472,72 @@ impl SerialWorker {
                 "the driver did not accept VIRTIO_CONSOLE_F_MULTIPORT: only port 0 is served"
             );
         }
-        for i in 0..st.ports.len() {
-            st.update_interest(i);
+        let restored = shared
+            .restore
+            .lock()
+            .unwrap_or_else(|x| x.into_inner())
+            .take();
+        let mut e = Engine {
+            shared,
+            st,
+            multiport,
+            chain: Chain::default(),
+            ctrl_out: VecDeque::new(),
+            dirty: false,
+            held: Vec::new(),
+            control_seen: [false; 2],
+            reattached: false,
+            log: RateLimitedLog::new(),
+            events: vec![EpollEvent::default(); 64],
+            iov: Vec::with_capacity(MAX_IOV),
+        };
+        if let Some(saved) = restored {
+            e.restore(&saved);
         }
-        Self {
-            e: Some(Engine {
-                shared,
-                st,
-                multiport,
-                chain: Chain::default(),
-                ctrl_out: VecDeque::new(),
-                dirty: false,
-                held: Vec::new(),
-                control_seen: [false; 2],
-                reattached: false,
-                log: RateLimitedLog::new(),
-                events: vec![EpollEvent::default(); 64],
-                iov: Vec::with_capacity(MAX_IOV),
-            }),
+        for i in 0..e.st.ports.len() {
+            e.st.update_interest(i);
+        }
+        Self { e: Some(e) }
+    }
+}
+
+impl Engine {
+    /// The VMM migrated the VM here with the source's console state (DEVICE_STATE): the
+    /// driver's view of every port carries over, so no re-announce (`reattach`); then the
+    /// guest hears where this host side differs from what it last heard.
+    fn restore(&mut self, saved: &ConsoleState) {
+        self.reattached = true;
+        self.ctrl_out = saved.control.iter().cloned().collect();
+        for s in &saved.ports {
+            let Some(idx) = self.port_idx(s.id) else {
+                continue;
+            };
+            let p = &mut self.st.ports[idx];
+            p.restore(s);
+            let (id, console, ready, size) = (p.id, p.console, p.guest_ready, p.size);
+            let hostinfo = matches!(p.host, HostSide::Hostinfo);
+            let open = p.host.connected();
+            if ready && !console && !hostinfo && p.host_open_sent != open {
+                p.host_open_sent = open;
+                self.send_ctrl(id, event::PORT_OPEN, u16::from(open), &[]);
+            }
+            if ready && console && size != s.size && size != (0, 0) {
+                self.send_resize(id, size);
+            }
+        }
+        log::info!(
+            "console state of the VMM's migration taken: {} port(s), {} control message(s)",
+            saved.ports.len(),
+            saved.control.len()
+        );
+        self.dirty = true;
+    }
+
+    /// The console's state for DEVICE_STATE (every ring stopped).
+    fn saved(&self) -> ConsoleState {
+        ConsoleState {
+            ports: self.st.ports.iter().map(Port::saved).collect(),
+            control: self.ctrl_out.iter().cloned().collect(),
         }
     }
 }
@@ -457,6 +559,10 @@ impl Drop for SerialWorker {
 }
 
 impl QueueWorker for SerialWorker {
+    fn save_state(&mut self) -> Option<Vec<u8>> {
+        self.e.as_ref().map(|e| state::encode(&e.saved()))
+    }
+
     fn event_fds(&self) -> Vec<RawFd> {
         self.e
             .as_ref()

@@ -371,6 +371,42 @@ fn connect_socket(path: &Path) -> Result<UnixStream> {
     }
 }
 
+/// A pipe: (read end, write end), close-on-exec.
+fn pipe() -> io::Result<(File, std::os::fd::OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds on success; checked.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: two fresh descriptors we own.
+    Ok(unsafe {
+        (
+            File::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// Loads `state` into the backend behind `fe` as a VMM's migration destination does
+/// (before the rings start): SET_DEVICE_STATE_FD(LOAD) with a pipe it then writes and
+/// closes, then CHECK_DEVICE_STATE, whose error (the backend refused the state) is
+/// returned.
+pub fn load_device_state(fe: &mut Frontend, state: &[u8]) -> Result<()> {
+    use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
+    let (read_end, write_end) = pipe()?;
+    let read_end = std::os::fd::OwnedFd::from(read_end);
+    fe.set_device_state_fd(
+        VhostTransferStateDirection::LOAD,
+        VhostTransferStatePhase::STOPPED,
+        read_end,
+    )?;
+    let mut w = File::from(write_end);
+    io::Write::write_all(&mut w, state)?;
+    drop(w);
+    fe.check_device_state()?;
+    Ok(())
+}
+
 /// Waits up to `timeout` for `efd` to be signalled; consumes the count. Returns whether it
 /// was.
 pub fn wait_eventfd(efd: &EventFd, timeout: Duration) -> bool {
@@ -589,6 +625,17 @@ impl TestFrontend {
     /// each ring at its used index (`virtio_queue_restore_last_avail_idx`): chains the dead
     /// backend took and never put on the used ring are taken again. So does this.
     pub fn reconnect(&mut self, path: &Path) -> Result<()> {
+        self.reconnect_with(path, |_| Ok(()))
+    }
+
+    /// [`TestFrontend::reconnect`], running `before_rings` once the memory table is
+    /// sent and before any ring starts (where a VMM migrating the VM here loads the
+    /// device state: [`load_device_state`]).
+    pub fn reconnect_with(
+        &mut self,
+        path: &Path,
+        before_rings: impl FnOnce(&mut Frontend) -> Result<()>,
+    ) -> Result<()> {
         // The old connection is gone (a backend that is still alive sees the hang-up).
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         let sock = connect_socket(path)?;
@@ -611,11 +658,32 @@ impl TestFrontend {
         if let Some((file, info)) = self.inflight.take() {
             self.set_inflight(file, info)?;
         }
+        before_rings(&mut self.fe)?;
         for q in 0..self.queues.len() {
             let base = self.queues[q].used_idx(&self.mem);
             self.start_queue_at(q as u16, base)?;
         }
         Ok(())
+    }
+
+    /// Stops every ring (GET_VRING_BASE) and saves the device state as a VMM's migration
+    /// source does: SET_DEVICE_STATE_FD(SAVE) with a pipe, read to its end, then
+    /// CHECK_DEVICE_STATE.
+    pub fn save_device_state(&mut self) -> Result<Vec<u8>> {
+        use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
+        for q in 0..self.queues.len() {
+            self.fe.get_vring_base(q)?;
+        }
+        let (mut read_end, write_end) = pipe()?;
+        self.fe.set_device_state_fd(
+            VhostTransferStateDirection::SAVE,
+            VhostTransferStatePhase::STOPPED,
+            write_end,
+        )?;
+        let mut state = Vec::new();
+        io::Read::read_to_end(&mut read_end, &mut state)?;
+        self.fe.check_device_state()?;
+        Ok(state)
     }
 
     /// Runs `f` (requests to the backend), failing with a timeout if it has not returned

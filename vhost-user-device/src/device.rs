@@ -29,6 +29,9 @@ pub enum DeviceError {
     /// Setting up a worker's resources failed (io_uring, fds).
     #[error("cannot set up queue worker: {0}")]
     Worker(#[source] io::Error),
+    /// The device state of the VMM's migration (DEVICE_STATE) cannot be saved or taken.
+    #[error("device state: {0}")]
+    State(String),
 }
 
 /// Answers a config-space read from the device's current config bytes: `buf` gets the bytes
@@ -108,6 +111,28 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// moving its state elsewhere needs to know when the guest is paused for the
     /// switch-over). Default: ignored.
     fn vmm_event(&self, _event: VmmEvent) {}
+
+    /// Whether the device has internal state to move inside the VMM's migration stream
+    /// (VHOST_USER_PROTOCOL_F_DEVICE_STATE). Default: no.
+    fn migrates_state(&self) -> bool {
+        false
+    }
+
+    /// The device's state, every ring stopped: `parts` holds what each running worker's
+    /// [`QueueWorker::save_state`] gave, in group order (empty when none runs).
+    fn save_state(&self, _parts: Vec<Vec<u8>>) -> Result<Vec<u8>, DeviceError> {
+        Err(DeviceError::State(
+            "this device has no state to save".into(),
+        ))
+    }
+
+    /// Takes a state a peer saved, before the rings start (the VMM's migration
+    /// destination). The bytes come from the VMM: check everything.
+    fn load_state(&self, _state: &[u8]) -> Result<(), DeviceError> {
+        Err(DeviceError::State(
+            "this device has no state to load".into(),
+        ))
+    }
 }
 
 /// The VMM's migration-related actions, as the layer sees them.
@@ -154,6 +179,12 @@ pub trait QueueWorker: Send {
     /// saves a sleep and a wake-up per batch at high load, and costs up to this much CPU
     /// per idle gap, so it is for hosts with cores to spare. Asked once at start.
     fn poll_duration(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// This worker's part of the device state for the VMM's migration (DEVICE_STATE),
+    /// asked on the worker's thread once every ring is stopped. Default: none.
+    fn save_state(&mut self) -> Option<Vec<u8>> {
         None
     }
 }

@@ -87,13 +87,74 @@ pub struct Handler<D: VhostUserDevice> {
     /// A request failed in a way the protocol has no error reply for; the connection
     /// must be closed (see [`Handler::must_hang_up`]).
     hang_up: bool,
+    /// The device state moving through SET_DEVICE_STATE_FD's pipe, until
+    /// CHECK_DEVICE_STATE.
+    state_transfer: Option<StateTransfer>,
+}
+
+/// A DEVICE_STATE transfer in progress: a thread writes the saved state to the
+/// frontend's pipe, or reads the state to load from it.
+enum StateTransfer {
+    Save(std::thread::JoinHandle<std::io::Result<()>>),
+    Load(std::thread::JoinHandle<std::io::Result<Vec<u8>>>),
+}
+
+/// The most device state taken from a frontend (the console's: its ports' flags and
+/// buffered bytes, well under this).
+pub const MAX_DEVICE_STATE: usize = 16 << 20;
+
+/// Reads `file` to its end, refusing more than [`MAX_DEVICE_STATE`] bytes.
+fn read_state(mut file: File) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut state = Vec::new();
+    (&mut file)
+        .take(MAX_DEVICE_STATE as u64 + 1)
+        .read_to_end(&mut state)?;
+    if state.len() > MAX_DEVICE_STATE {
+        return Err(std::io::Error::other(format!(
+            "more than {MAX_DEVICE_STATE} bytes of device state"
+        )));
+    }
+    Ok(state)
 }
 
 fn handler_err(e: impl std::fmt::Display) -> VuError {
     VuError::ReqHandlerError(std::io::Error::other(e.to_string()))
 }
 
+/// The result of a state transfer's thread.
+fn joined<T>(r: std::thread::Result<std::io::Result<T>>) -> VuResult<T> {
+    match r {
+        Ok(r) => r.map_err(|e| handler_err(format!("device state: {e}"))),
+        Err(_) => Err(handler_err("device state: the transfer thread panicked")),
+    }
+}
+
+/// Runs a device state transfer on its own thread (SET_DEVICE_STATE_FD must not block:
+/// the frontend reads or writes the other end of the pipe after the reply).
+fn state_thread<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> VuResult<std::thread::JoinHandle<std::io::Result<T>>> {
+    std::thread::Builder::new()
+        .name("device-state".into())
+        .spawn(move || {
+            crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::StateTransfer);
+            f()
+        })
+        .map_err(|e| handler_err(format!("device state: cannot start its thread: {e}")))
+}
+
 impl<D: VhostUserDevice> Handler<D> {
+    /// The protocol features offered: the layer's, the device's, and DEVICE_STATE for a
+    /// device with state to move.
+    fn offered_protocol(&self) -> VhostUserProtocolFeatures {
+        let mut f = layer_protocol_features() | self.device.protocol_features();
+        if self.device.migrates_state() {
+            f |= VhostUserProtocolFeatures::DEVICE_STATE;
+        }
+        f
+    }
+
     /// A fresh handler for a new connection.
     pub fn new(device: Arc<D>, stats: Vec<Arc<QueueStats>>) -> Self {
         let n = usize::from(device.num_queues());
@@ -122,6 +183,7 @@ impl<D: VhostUserDevice> Handler<D> {
             stats,
             worker_failed: false,
             hang_up: false,
+            state_transfer: None,
             device,
         }
     }
@@ -495,11 +557,11 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(layer_protocol_features() | self.device.protocol_features())
+        Ok(self.offered_protocol())
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
-        let offered = (layer_protocol_features() | self.device.protocol_features()).bits();
+        let offered = self.offered_protocol().bits();
         if features & !offered != 0 {
             log::error!("frontend acked protocol features we did not offer: {features:#x}");
             return Err(VuError::InvalidParam);
@@ -627,19 +689,67 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
 
     fn set_device_state_fd(
         &mut self,
-        _direction: VhostTransferStateDirection,
-        _phase: VhostTransferStatePhase,
-        _fd: File,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        fd: File,
     ) -> VuResult<Option<File>> {
-        Err(VuError::InvalidOperation(
-            "device state transfer is not offered",
-        ))
+        // vhost dispatches these whether or not DEVICE_STATE was negotiated.
+        if self.acked_protocol & VhostUserProtocolFeatures::DEVICE_STATE.bits() == 0 {
+            return Err(VuError::InvalidOperation(
+                "device state transfer was not negotiated",
+            ));
+        }
+        if !matches!(phase, VhostTransferStatePhase::STOPPED) {
+            return Err(handler_err("device state: only the stopped phase exists"));
+        }
+        if self.vrings.iter().any(|v| v.started) {
+            return Err(handler_err(
+                "device state: every ring must be stopped (GET_VRING_BASE) first",
+            ));
+        }
+        // A transfer the frontend never checked is abandoned (its thread ends with its
+        // pipe).
+        self.state_transfer = None;
+        let transfer = match direction {
+            VhostTransferStateDirection::SAVE => {
+                let parts: Vec<Vec<u8>> = self
+                    .workers
+                    .iter()
+                    .flatten()
+                    .filter_map(WorkerHandle::save_state)
+                    .collect();
+                let state = self.device.save_state(parts).map_err(|e| {
+                    log::error!("SET_DEVICE_STATE_FD: {e}");
+                    handler_err(e)
+                })?;
+                let thread = state_thread(move || {
+                    use std::io::Write;
+                    let mut file = fd;
+                    file.write_all(&state)
+                })?;
+                StateTransfer::Save(thread)
+            }
+            VhostTransferStateDirection::LOAD => {
+                StateTransfer::Load(state_thread(move || read_state(fd))?)
+            }
+        };
+        self.state_transfer = Some(transfer);
+        Ok(None)
     }
 
     fn check_device_state(&mut self) -> VuResult<()> {
-        Err(VuError::InvalidOperation(
-            "device state transfer is not offered",
-        ))
+        let Some(transfer) = self.state_transfer.take() else {
+            return Err(handler_err("device state: no transfer to check"));
+        };
+        let r = match transfer {
+            StateTransfer::Save(t) => joined(t.join()),
+            StateTransfer::Load(t) => joined(t.join())
+                .and_then(|state: Vec<u8>| self.device.load_state(&state).map_err(handler_err)),
+        };
+        if let Err(e) = &r {
+            log::error!("CHECK_DEVICE_STATE: {e}");
+        }
+        r
     }
 
     fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {

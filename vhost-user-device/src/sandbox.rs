@@ -63,6 +63,9 @@ pub enum ThreadKind {
     /// A backend's long-running job (blk: a block migration, either end). The layer adds
     /// nothing of its own; the backend's profile says what a job does.
     Job,
+    /// Moves the device's state through the pipe of SET_DEVICE_STATE_FD (the VMM's
+    /// migration): reads or writes one descriptor, then ends.
+    StateTransfer,
 }
 
 impl ThreadKind {
@@ -74,6 +77,7 @@ impl ThreadKind {
             ThreadKind::Worker => "queue worker",
             ThreadKind::Control => "control socket",
             ThreadKind::Job => "job",
+            ThreadKind::StateTransfer => "device state transfer",
         }
     }
 }
@@ -371,6 +375,8 @@ fn layer(kind: ThreadKind) -> Allow {
                 &[libc::SECCOMP_SET_MODE_FILTER as u64],
             ),
         ThreadKind::Job => Allow::new(),
+        // write and close are in the base list.
+        ThreadKind::StateTransfer => Allow::new().calls(&[libc::SYS_read]).fcntl_basic(),
     }
 }
 
@@ -386,8 +392,11 @@ static CONFIG: OnceLock<Config> = OnceLock::new();
 pub fn allowed(kind: ThreadKind, profile: &dyn Fn(ThreadKind) -> Allow) -> Allow {
     let own = base().union(&layer(kind)).union(&profile(kind));
     match kind {
-        // The main thread creates the workers, which start under its filter.
-        ThreadKind::Main => own.union(&allowed(ThreadKind::Worker, profile)),
+        // The main thread creates the workers and the state transfers, which start under
+        // its filter.
+        ThreadKind::Main => own
+            .union(&allowed(ThreadKind::Worker, profile))
+            .union(&allowed(ThreadKind::StateTransfer, profile)),
         // Control clients start the jobs.
         ThreadKind::Control => own.union(&allowed(ThreadKind::Job, profile)),
         _ => own,
@@ -656,6 +665,7 @@ mod tests {
             ThreadKind::Worker,
             ThreadKind::Control,
             ThreadKind::Job,
+            ThreadKind::StateTransfer,
         ] {
             let a = allowed(kind, &no_profile);
             assert!(a.compile(SandboxMode::Seccomp).is_ok(), "{kind:?}");

@@ -58,6 +58,7 @@ pub(crate) enum Command {
     SetCall(u16, Option<EventFd>),
     SetErr(u16, Option<EventFd>),
     Stop(u16, Sender<Option<Box<Ring>>>),
+    SaveState(Sender<Option<Vec<u8>>>),
 }
 
 /// The protocol thread's handle on a worker thread.
@@ -166,6 +167,15 @@ impl WorkerHandle {
     pub(crate) fn stop(&self, queue: u16) -> Option<Box<Ring>> {
         let (tx, rx) = bounded(1);
         if !self.send(Command::Stop(queue, tx)) {
+            return None;
+        }
+        rx.recv().ok().flatten()
+    }
+
+    /// The worker's part of the device state (see [`QueueWorker::save_state`]).
+    pub(crate) fn save_state(&self) -> Option<Vec<u8>> {
+        let (tx, rx) = bounded(1);
+        if !self.send(Command::SaveState(tx)) {
             return None;
         }
         rx.recv().ok().flatten()
@@ -342,6 +352,9 @@ impl WorkerState {
             Command::Stop(queue, reply) => {
                 let ring = self.stop_ring(queue);
                 let _ = reply.send(ring);
+            }
+            Command::SaveState(reply) => {
+                let _ = reply.send(self.worker.save_state());
             }
         }
         Ok(())
