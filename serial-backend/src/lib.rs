@@ -15,5 +15,5 @@ pub mod seccomp;
 pub mod spec;
 pub mod worker;
 
-pub use device::{SerialDevice, SerialStats};
+pub use device::{Counter, PortStats, SerialDevice, SerialStats};
 pub use ports::{parse_spec, HostKind, PortSpec};
