@@ -1,6 +1,7 @@
 //! What serial-backend adds on its control socket (`--control-socket`) to the layer's
-//! commands: its ports in query-status, the device counters in query-stats (the device
-//! counts per device, not per port), and which port each queue belongs to.
+//! commands: its ports in query-status; in query-stats the device's counters, the same
+//! counters per port (`ports`, whose sums are the device's), and which port each queue
+//! belongs to.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,7 +9,8 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use vhost_user_device::control::ControlHandler;
 
-use crate::device::Shared;
+use crate::device::{Counter, Shared};
+use crate::ports::PortInfo;
 
 /// The console device's part of query-status and query-stats.
 pub struct SerialControl {
@@ -45,6 +47,41 @@ pub fn queue_role(index: usize) -> String {
     }
 }
 
+/// One port's entry of query-stats' `ports`: its id as `port` (the metrics exporter
+/// labels its samples `port="N"`, as a queue's are `queue="N"`), its name if it has one
+/// (a label too), and the counters that apply to it: `console-dropped` for consoles,
+/// `connects` and `disconnects` for socket ports. `guest-open` is 1 while the guest has
+/// the port open.
+fn port_stats(info: &PortInfo) -> Value {
+    let s = &info.stats;
+    let mut m = Map::new();
+    m.insert("port".into(), json!(info.id));
+    if let Some(n) = &info.name {
+        m.insert("name".into(), json!(n));
+    }
+    let mut counters = vec![
+        ("tx-bytes", Counter::TxBytes),
+        ("rx-bytes", Counter::RxBytes),
+        ("tx-dropped", Counter::TxDropped),
+        ("host-write-errors", Counter::HostWriteErrors),
+    ];
+    if info.console {
+        counters.push(("console-dropped", Counter::ConsoleDropped));
+    }
+    if info.socket {
+        counters.push(("connects", Counter::Connects));
+        counters.push(("disconnects", Counter::Disconnects));
+    }
+    for (k, c) in counters {
+        m.insert(k.into(), json!(s.get(c)));
+    }
+    m.insert(
+        "guest-open".into(),
+        json!(u8::from(s.guest_open.load(Ordering::Relaxed))),
+    );
+    Value::Object(m)
+}
+
 impl ControlHandler for SerialControl {
     fn status(&self) -> Map<String, Value> {
         let ports: Vec<Value> = self
@@ -77,6 +114,8 @@ impl ControlHandler for SerialControl {
             "host-write-errors": g(&s.host_write_errors),
             "emerg-chars": g(&s.emerg_chars),
             "connects": g(&s.connects),
+            "disconnects": g(&s.disconnects),
+            "ports": self.shared.ports.iter().map(port_stats).collect::<Vec<_>>(),
         }))
     }
 

@@ -2,7 +2,7 @@
 //! connections (listening sockets, ptys and unsent data stay when the VMM reconnects).
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
@@ -18,7 +18,9 @@ use crate::worker::{Port, PortsState, SerialWorker};
 /// Ring size we accept.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 
-/// Device counters.
+/// Device counters. Those a port causes are also kept per port ([`PortStats`]): the
+/// worker counts both in one call ([`SerialStats::count`]), so a device counter is the sum
+/// of its ports' counters.
 #[derive(Debug, Default)]
 pub struct SerialStats {
     /// Bytes guest → host.
@@ -44,6 +46,93 @@ pub struct SerialStats {
     pub emerg_chars: AtomicU64,
     /// Host clients accepted.
     pub connects: AtomicU64,
+    /// Host clients gone (hung up, or dropped after a failed read or write).
+    pub disconnects: AtomicU64,
+}
+
+/// The counters of one port, each also a device counter (see [`SerialStats::count`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Bytes guest → host.
+    TxBytes,
+    /// Bytes host → guest.
+    RxBytes,
+    /// Guest output dropped.
+    TxDropped,
+    /// Console output dropped while no one was connected.
+    ConsoleDropped,
+    /// Failed writes to the host side.
+    HostWriteErrors,
+    /// Host clients accepted.
+    Connects,
+    /// Host clients gone.
+    Disconnects,
+}
+
+/// One port's counters (query-stats' `ports`), made once at start for each port of the
+/// command line and shared by the worker (which counts) and the control socket (which
+/// reads). The meaning of each is that of the device counter of the same name.
+#[derive(Debug, Default)]
+pub struct PortStats {
+    /// Bytes guest → host.
+    pub tx_bytes: AtomicU64,
+    /// Bytes host → guest.
+    pub rx_bytes: AtomicU64,
+    /// Guest output dropped.
+    pub tx_dropped: AtomicU64,
+    /// Console output dropped while no one was connected (consoles only).
+    pub console_dropped: AtomicU64,
+    /// Failed writes to the host side.
+    pub host_write_errors: AtomicU64,
+    /// Host clients accepted (socket ports only).
+    pub connects: AtomicU64,
+    /// Host clients gone (socket ports only).
+    pub disconnects: AtomicU64,
+    /// The guest has the port open, as its driver last said (a console is open once the
+    /// driver set it up; without MULTIPORT port 0 is open from the start).
+    pub guest_open: AtomicBool,
+}
+
+impl PortStats {
+    fn counter(&self, which: Counter) -> &AtomicU64 {
+        match which {
+            Counter::TxBytes => &self.tx_bytes,
+            Counter::RxBytes => &self.rx_bytes,
+            Counter::TxDropped => &self.tx_dropped,
+            Counter::ConsoleDropped => &self.console_dropped,
+            Counter::HostWriteErrors => &self.host_write_errors,
+            Counter::Connects => &self.connects,
+            Counter::Disconnects => &self.disconnects,
+        }
+    }
+
+    /// The value of `which` now.
+    pub fn get(&self, which: Counter) -> u64 {
+        self.counter(which).load(Ordering::Relaxed)
+    }
+}
+
+impl SerialStats {
+    fn counter(&self, which: Counter) -> &AtomicU64 {
+        match which {
+            Counter::TxBytes => &self.tx_bytes,
+            Counter::RxBytes => &self.rx_bytes,
+            Counter::TxDropped => &self.tx_dropped,
+            Counter::ConsoleDropped => &self.console_dropped,
+            Counter::HostWriteErrors => &self.host_write_errors,
+            Counter::Connects => &self.connects,
+            Counter::Disconnects => &self.disconnects,
+        }
+    }
+
+    /// Adds `n` to `port`'s counter `which` and to the device's.
+    pub fn count(&self, port: &PortStats, which: Counter, n: u64) {
+        if n == 0 {
+            return;
+        }
+        port.counter(which).fetch_add(n, Ordering::Relaxed);
+        self.counter(which).fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// State shared by the device, its workers and the protocol thread.
@@ -60,7 +149,8 @@ pub struct Shared {
     pub emerg_efd: EventFd,
     /// Port state while no worker runs.
     pub slot: Mutex<Option<PortsState>>,
-    /// What the ports are.
+    /// What the ports are, with their counters, in command-line order (the order of
+    /// query-status' and query-stats' `ports`).
     pub ports: Vec<PortInfo>,
     /// A console state the VMM's migration brought (DEVICE_STATE), taken up by the next
     /// worker.
@@ -84,12 +174,15 @@ impl SerialDevice {
                 crate::ports::HostSide::Pty(p) => Some(p.path.clone()),
                 _ => None,
             };
+            let stats = Arc::new(PortStats::default());
             let info = PortInfo {
                 id,
                 name: spec.name.clone(),
                 console: spec.console,
                 host: host.describe(),
+                socket: matches!(host, crate::ports::HostSide::Socket { .. }),
                 pty,
+                stats: stats.clone(),
             };
             log::info!(
                 "port {id}: {}{} on {}",
@@ -101,7 +194,7 @@ impl SerialDevice {
                 info.host
             );
             infos.push(info);
-            ports.push(Port::new(id, spec.name.clone(), spec.console, host));
+            ports.push(Port::new(id, spec.name.clone(), spec.console, host, stats));
         }
         let emerg_efd = EventFd::new(EFD_NONBLOCK).map_err(PortError::Events)?;
         let state =

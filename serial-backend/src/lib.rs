@@ -16,5 +16,5 @@ pub mod spec;
 pub mod state;
 pub mod worker;
 
-pub use device::{SerialDevice, SerialStats};
+pub use device::{Counter, PortStats, SerialDevice, SerialStats};
 pub use ports::{parse_spec, HostKind, PortSpec};

@@ -410,8 +410,12 @@ pub struct PortInfo {
     pub console: bool,
     /// Host side, e.g. "pty /dev/pts/3".
     pub host: String,
+    /// The host side is a listening socket (clients connect and go).
+    pub socket: bool,
     /// The pty path for pty ports.
     pub pty: Option<PathBuf>,
+    /// Its counters, which the worker's port shares.
+    pub stats: std::sync::Arc<crate::device::PortStats>,
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::device::Shared;
+use crate::device::{Counter, PortStats, SerialStats, Shared};
 use crate::hostinfo;
 use crate::ports::{window_size, Client, HostSide};
 use crate::spec::{event, queue, Control, CONTROL_SIZE};
@@ -121,14 +121,15 @@ fn fill_iov(
 }
 
 /// One writev(2) of the unsent rest of `p` (at most `MAX_IOV` pieces) from guest memory to
-/// `fd`; what was written advances `p.done` and `tx_bytes`. Returns writev's result, or
-/// the error if the chain is no longer inside guest memory (nothing written then).
+/// `fd`; what was written advances `p.done` and is counted (`tx-bytes`) for `port` and
+/// the device. Returns writev's result, or the error if the chain is no longer inside
+/// guest memory (nothing written then).
 fn writev_pending(
     iov: &mut Vec<libc::iovec>,
     fd: RawFd,
     p: &mut Pending,
     mem: &GuestMem,
-    tx_bytes: &AtomicU64,
+    (stats, port): (&SerialStats, &PortStats),
 ) -> Result<isize, vhost_user_device::memory::MemoryError> {
     iov.clear();
     let filled = fill_iov(iov, p, mem);
@@ -144,7 +145,7 @@ fn writev_pending(
     iov.clear();
     if n > 0 {
         p.done += n as u64;
-        tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        stats.count(port, Counter::TxBytes, n as u64);
     }
     Ok(n)
 }
@@ -172,7 +173,10 @@ pub struct Port {
     pub console: bool,
     /// Host side.
     pub host: HostSide,
+    /// Its counters (query-stats' `ports`), shared with the control socket.
+    pub stats: Arc<PortStats>,
     guest_ready: bool,
+    /// Changed only through `set_guest_open`, which also publishes it in `stats`.
     guest_open: bool,
     /// What we last told the guest about the host side (PORT_OPEN).
     host_open_sent: bool,
@@ -198,8 +202,14 @@ pub struct Port {
 }
 
 impl Port {
-    /// A port with nothing negotiated yet.
-    pub fn new(id: u32, name: Option<String>, console: bool, host: HostSide) -> Self {
+    /// A port with nothing negotiated yet, counting into `stats`.
+    pub fn new(
+        id: u32,
+        name: Option<String>,
+        console: bool,
+        host: HostSide,
+        stats: Arc<PortStats>,
+    ) -> Self {
         let size = if console {
             host.tty_fd().and_then(window_size).unwrap_or((0, 0))
         } else {
@@ -210,6 +220,7 @@ impl Port {
             name,
             console,
             host,
+            stats,
             guest_ready: false,
             guest_open: false,
             host_open_sent: false,
@@ -231,9 +242,14 @@ impl Port {
         self.rx_off >= self.rx_buf.len()
     }
 
+    fn set_guest_open(&mut self, open: bool) {
+        self.guest_open = open;
+        self.stats.guest_open.store(open, Ordering::Relaxed);
+    }
+
     fn reset_guest(&mut self) {
         self.guest_ready = false;
-        self.guest_open = false;
+        self.set_guest_open(false);
         self.host_open_sent = false;
         self.close_after_flush = false;
         self.reattaching = false;
@@ -463,7 +479,7 @@ impl SerialWorker {
             if !multiport && p.id == 0 {
                 // Without MULTIPORT port 0 exists and is open from the start.
                 p.guest_ready = true;
-                p.guest_open = true;
+                p.set_guest_open(true);
                 p.host_open_sent = true;
             }
         }
@@ -665,6 +681,11 @@ impl Engine {
         }
     }
 
+    /// Counts `n` of `which` for port `idx` and the device.
+    fn count(&self, idx: usize, which: Counter, n: u64) {
+        self.shared.stats.count(&self.st.ports[idx].stats, which, n);
+    }
+
     fn bad(&mut self, msg: impl FnOnce() -> String) {
         self.shared.stats.bad_input.fetch_add(1, Ordering::Relaxed);
         self.log.warn(msg);
@@ -818,8 +839,8 @@ impl Engine {
                     hung_up: false,
                     wr_shut: false,
                 });
-                self.shared.stats.connects.fetch_add(1, Ordering::Relaxed);
                 let p = &mut self.st.ports[idx];
+                self.shared.stats.count(&p.stats, Counter::Connects, 1);
                 log::info!("port {}: host client connected", p.id);
                 let (id, tell) = (p.id, p.guest_ready && !p.console && !p.host_open_sent);
                 if tell {
@@ -874,8 +895,13 @@ impl Engine {
         self.host_gone(idx);
         // Deregister before closing, so a reused fd number cannot be confused.
         self.st.set_reg(idx, KIND_DATA as usize, None, 0, false);
-        if let HostSide::Socket { client, .. } = &mut self.st.ports[idx].host {
-            *client = None;
+        let port = &mut self.st.ports[idx];
+        if let HostSide::Socket { client, .. } = &mut port.host {
+            if client.take().is_some() {
+                self.shared
+                    .stats
+                    .count(&port.stats, Counter::Disconnects, 1);
+            }
         }
         self.st.update_interest(idx);
     }
@@ -1129,8 +1155,8 @@ impl Engine {
         let Some(p) = &mut port.pending else { return };
         let mut failed = None;
         while p.done < p.total {
-            let tx_bytes = &self.shared.stats.tx_bytes;
-            let Ok(n) = writev_pending(&mut self.iov, fd, p, mem, tx_bytes) else {
+            let counters = (&self.shared.stats, &*port.stats);
+            let Ok(n) = writev_pending(&mut self.iov, fd, p, mem, counters) else {
                 self.complete_pending(idx, ring, mem);
                 self.bad(|| format!("port {id}: tx buffer outside guest memory"));
                 return;
@@ -1147,10 +1173,7 @@ impl Engine {
             break;
         }
         if let Some(e) = failed {
-            self.shared
-                .stats
-                .host_write_errors
-                .fetch_add(1, Ordering::Relaxed);
+            self.count(idx, Counter::HostWriteErrors, 1);
             self.log
                 .warn(|| format!("port {id}: writing the file: {e}"));
         }
@@ -1172,8 +1195,7 @@ impl Engine {
                     if let Some(p) = &port.pending {
                         self.shared
                             .stats
-                            .tx_bytes
-                            .fetch_add(p.total, Ordering::Relaxed);
+                            .count(&port.stats, Counter::TxBytes, p.total);
                         self.complete_pending(idx, ring, mem);
                         *completed = true;
                     }
@@ -1186,12 +1208,9 @@ impl Engine {
                     let n = (a.len() + b.len()) as u64;
                     let r = f.write_all(a).and_then(|_| f.write_all(b));
                     port.out_buf.clear();
-                    self.shared.stats.tx_bytes.fetch_add(n, Ordering::Relaxed);
+                    self.shared.stats.count(&port.stats, Counter::TxBytes, n);
                     if let Err(e) = r {
-                        self.shared
-                            .stats
-                            .host_write_errors
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.count(idx, Counter::HostWriteErrors, 1);
                         self.log
                             .warn(|| format!("port {id}: writing the file: {e}"));
                     }
@@ -1209,10 +1228,7 @@ impl Engine {
                     // guest (hvc busy-waits for its buffers).
                     if port.pending.is_some() {
                         let dropped = self.copy_pending(idx, mem, Keep::Newest(CONSOLE_BACKLOG));
-                        self.shared
-                            .stats
-                            .console_dropped
-                            .fetch_add(dropped, Ordering::Relaxed);
+                        self.count(idx, Counter::ConsoleDropped, dropped);
                         self.complete_pending(idx, ring, mem);
                         *completed = true;
                     }
@@ -1233,8 +1249,7 @@ impl Engine {
                     port.out_buf.drain(..n as usize);
                     self.shared
                         .stats
-                        .tx_bytes
-                        .fetch_add(n as u64, Ordering::Relaxed);
+                        .count(&port.stats, Counter::TxBytes, n as u64);
                     continue;
                 }
                 let err = write_error(n);
@@ -1253,8 +1268,8 @@ impl Engine {
             let Some(p) = &mut port.pending else {
                 return Flush::Idle;
             };
-            let tx_bytes = &self.shared.stats.tx_bytes;
-            let Ok(n) = writev_pending(&mut self.iov, fd, p, mem, tx_bytes) else {
+            let counters = (&self.shared.stats, &*port.stats);
+            let Ok(n) = writev_pending(&mut self.iov, fd, p, mem, counters) else {
                 // The layer checked the chain; memory changed under us (unplug).
                 self.complete_pending(idx, ring, mem);
                 *completed = true;
@@ -1294,14 +1309,8 @@ impl Engine {
         let held = p.out_buf.len() as u64;
         p.out_buf.clear();
         let chain = p.pending.as_ref().map_or(0, |c| c.total - c.done);
-        self.shared
-            .stats
-            .host_write_errors
-            .fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .stats
-            .tx_dropped
-            .fetch_add(held + chain, Ordering::Relaxed);
+        self.count(idx, Counter::HostWriteErrors, 1);
+        self.count(idx, Counter::TxDropped, held + chain);
         self.log.warn(|| format!("port {id}: host write failed"));
         if self.st.ports[idx].pending.is_some() {
             self.complete_pending(idx, ring, mem);
@@ -1326,10 +1335,7 @@ impl Engine {
                 // the next client, and count the rest.
                 let dropped = self.copy_pending(i, &mem, Keep::Oldest(HELD_LIMIT));
                 if dropped > 0 {
-                    self.shared
-                        .stats
-                        .tx_dropped
-                        .fetch_add(dropped, Ordering::Relaxed);
+                    self.count(i, Counter::TxDropped, dropped);
                     self.log.warn(|| {
                         format!(
                             "port {id}: ring stopped with guest output unsent; {dropped} \
@@ -1377,12 +1383,13 @@ impl Engine {
                 written += n;
             }
             p.rx_off += written;
-            ring.add_used(&mem, self.chain.head, written as u32);
-            used = true;
+            // Counted before the guest can see the buffer (a reader of the counters after
+            // the data must find it there).
             self.shared
                 .stats
-                .rx_bytes
-                .fetch_add(written as u64, Ordering::Relaxed);
+                .count(&p.stats, Counter::RxBytes, written as u64);
+            ring.add_used(&mem, self.chain.head, written as u32);
+            used = true;
             if bad {
                 let id = p.id;
                 self.bad(|| format!("port {id}: rx buffer not writable"));
@@ -1561,7 +1568,7 @@ impl Engine {
             // across our restart is the case that must keep working (its next PORT_OPEN
             // corrects us). The hostinfo port starts a document only on an open it sees.
             let told = p.told_open.take();
-            p.guest_open = !matches!(p.host, HostSide::Hostinfo) && told.unwrap_or(true);
+            p.set_guest_open(!matches!(p.host, HostSide::Hostinfo) && told.unwrap_or(true));
             if !open && !console {
                 // It may still believe the earlier backend's client is connected.
                 self.send_ctrl(id, event::PORT_OPEN, 0, &[]);
@@ -1587,7 +1594,7 @@ impl Engine {
         if p.guest_open == open {
             return;
         }
-        p.guest_open = open;
+        p.set_guest_open(open);
         log::info!(
             "port {id}: guest {}",
             if open { "opened" } else { "closed" }

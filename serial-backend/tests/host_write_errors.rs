@@ -1,7 +1,8 @@
 //! A host side that fails every write (not "would block": an error) must not hold the
 //! guest's buffer forever, nor spin: the bytes are dropped, counted and logged, and the
 //! buffer goes back to the guest. The real program, with its stdout a pipe nobody reads
-//! any more (EPIPE on every write: Rust ignores SIGPIPE).
+//! any more (EPIPE on every write: Rust ignores SIGPIPE); its control socket counts every
+//! failed write and dropped byte, for the port and the device.
 
 mod common;
 
@@ -11,7 +12,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use serde_json::json;
 use serial_backend::spec::event;
+use vhost_user_device::control::QmpClient;
 
 const BIN: &str = env!("CARGO_BIN_EXE_serial-backend");
 
@@ -28,6 +31,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn a_console_whose_stdout_is_gone_returns_the_buffers_and_does_not_spin() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("serial.sock");
+    let ctl = dir.path().join("ctl.sock");
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the two fds, which are owned right below.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
@@ -36,6 +40,8 @@ fn a_console_whose_stdout_is_gone_returns_the_buffers_and_does_not_spin() {
     let mut child = Command::new(BIN)
         .args(["--console", "stdio", "--max-ports", "1", "--socket-path"])
         .arg(&sock)
+        .arg("--control-socket")
+        .arg(&ctl)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::from(wr))
@@ -45,7 +51,7 @@ fn a_console_whose_stdout_is_gone_returns_the_buffers_and_does_not_spin() {
     // Nobody will read what the backend writes to stdout.
     drop(rd);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
+    while !sock.exists() || !ctl.exists() {
         assert!(Instant::now() < deadline, "no socket");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -61,6 +67,10 @@ fn a_console_whose_stdout_is_gone_returns_the_buffers_and_does_not_spin() {
     // And the next writes too.
     let m = d.write_port(0, b"and again\n", 3);
     let returned_later = d.wait_tx(0, m, Duration::from_secs(5));
+    // Each of the 8 chains (14 and 10 bytes in 4- and 3-byte pieces) failed once.
+    let stats = QmpClient::connect(&ctl)
+        .and_then(|mut c| c.execute("query-stats", json!({})))
+        .map(|r| r.unwrap_or_default());
 
     child.kill().unwrap();
     let _ = child.wait();
@@ -79,4 +89,11 @@ fn a_console_whose_stdout_is_gone_returns_the_buffers_and_does_not_spin() {
         err.contains("host write failed"),
         "no warning logged:\n{err}"
     );
+    let s = stats.unwrap_or_else(|e| panic!("query-stats: {e}\n{err}"));
+    for k in ["host-write-errors", "tx-dropped", "tx-bytes"] {
+        assert_eq!(s[k], s["ports"][0][k], "{k}: {s}");
+    }
+    assert_eq!(s["host-write-errors"], 8, "{s}");
+    assert_eq!(s["tx-dropped"], 24, "{s}");
+    assert_eq!(s["tx-bytes"], 0, "{s}");
 }

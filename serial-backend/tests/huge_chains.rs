@@ -17,6 +17,7 @@ use std::time::Duration;
 use common::*;
 use serial_backend::ports::HostKind;
 use serial_backend::spec::{event, queue};
+use serial_backend::Counter;
 use vhost_tests::frontend::Buf;
 
 /// One test at a time: they measure the whole process's peak memory.
@@ -102,6 +103,10 @@ fn a_huge_chain_on_a_console_without_client_keeps_only_the_backlog() {
         (total - BACKLOG) as u64,
         "dropped bytes miscounted"
     );
+    assert_eq!(
+        b.port_stat(0, Counter::ConsoleDropped),
+        (total - BACKLOG) as u64
+    );
     // The newest 64 KiB are delivered when a client connects, then later output.
     let mut s = UnixStream::connect(b.path("con.sock")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -185,6 +190,7 @@ fn a_huge_chain_held_at_disconnect_is_kept_up_to_the_limit() {
     };
     let total = DESCS * AREA;
     assert_eq!(b.stat(|s| &s.tx_dropped), (total - HELD) as u64);
+    assert_eq!(b.port_stat(0, Counter::TxDropped), (total - HELD) as u64);
     // The next connection delivers what was kept: the start of the chain, in order.
     let mut d = Driver::connect(&b);
     d.handshake(1);

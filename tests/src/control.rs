@@ -42,13 +42,36 @@ pub fn table_line<'a>(table: &'a str, first: &str) -> Vec<&'a str> {
 
 /// The cell of the queue table in column `column` on the row of queue `queue`.
 pub fn queue_cell<'a>(table: &'a str, queue: usize, column: &str) -> &'a str {
-    let head = table_line(table, "queue");
-    let row = table_line(table, &queue.to_string());
+    table_cell(table, "queue", &queue.to_string(), column)
+}
+
+/// The cell of the port table (serial) in column `column` on the row of port `port`.
+pub fn port_cell<'a>(table: &'a str, port: u32, column: &str) -> &'a str {
+    table_cell(table, "port", &port.to_string(), column)
+}
+
+/// The cell in column `column` of the table whose header starts with `key_column`, on
+/// its row whose first cell is `key` (a table ends at a blank line).
+pub fn table_cell<'a>(table: &'a str, key_column: &str, key: &str, column: &str) -> &'a str {
+    let mut lines = table
+        .lines()
+        .skip_while(|l| l.split_whitespace().next() != Some(key_column));
+    let head: Vec<&str> = lines
+        .next()
+        .unwrap_or_else(|| panic!("no {key_column} table in\n{table}"))
+        .split_whitespace()
+        .collect();
+    let row: Vec<&str> = lines
+        .take_while(|l| !l.trim().is_empty())
+        .find(|l| l.split_whitespace().next() == Some(key))
+        .unwrap_or_else(|| panic!("no {key_column} {key} row in\n{table}"))
+        .split_whitespace()
+        .collect();
     assert_eq!(head.len(), row.len(), "{table}");
     let i = head
         .iter()
         .position(|h| *h == column)
-        .unwrap_or_else(|| panic!("no column {column} in\n{table}"));
+        .unwrap_or_else(|| panic!("no column {column} in the {key_column} table\n{table}"));
     row[i]
 }
 

@@ -5,7 +5,9 @@
 //! - [`request`]: parsing and checking a descriptor chain into a [`request::Request`];
 //! - [`uring`]: the io_uring engine;
 //! - [`worker`]: the queue worker (zero-copy submission, completion, dirty logging);
-//! - [`device`]: features, config space, worker creation.
+//! - [`device`]: features, config space, worker creation;
+//! - [`throttle`]: the I/O limits' token buckets; [`throttle_client`]: the
+//!   `set-io-throttle` subcommand.
 
 pub mod control;
 pub mod device;
@@ -18,6 +20,7 @@ pub mod request;
 pub mod seccomp;
 pub mod spec;
 pub mod throttle;
+pub mod throttle_client;
 pub mod uring;
 pub mod worker;
 

@@ -15,6 +15,7 @@ use vhost_blk_backend::migration::job::Migrations;
 use vhost_blk_backend::migration::tls::TlsCreds;
 use vhost_blk_backend::migration::transport::{self, Security, Uri};
 use vhost_blk_backend::throttle::Limits;
+use vhost_blk_backend::throttle_client::{self, SetIoThrottleArgs};
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
 use vhost_user_device::program::{backend_main, parse_size, ClientCommand, ListenArgs};
 use vhost_user_device::sandbox::{self, ThreadKind};
@@ -233,6 +234,12 @@ enum Cmd {
         #[arg(long, value_name = "SOCK")]
         control_socket: PathBuf,
     },
+    /// Change a running backend's I/O limits (set-io-throttle on its control socket) with
+    /// the flags that set them at start, then print the limits in force. Limits not given
+    /// keep their value; 0 lifts a limit (a burst: back to the default). Exits non-zero,
+    /// changing nothing, if the backend refuses the combination. With no limit given,
+    /// only prints them.
+    SetIoThrottle(SetIoThrottleArgs),
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -511,6 +518,7 @@ fn client(cmd: Cmd) -> ExitCode {
         Cmd::MigrateComplete { control_socket } => {
             client::simple(&control_socket, "migrate-complete")
         }
+        Cmd::SetIoThrottle(a) => throttle_client::run(&a).map(|()| true).map_err(Into::into),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,

@@ -309,3 +309,130 @@ fn the_limit_is_shared_by_the_queues() {
     within_5_percent("two queues, --iops-limit 400", total, 400.0);
     assert!(n[0] > 0 && n[1] > 0, "a queue was starved: {n:?}");
 }
+
+/// Runs `BIN set-io-throttle --control-socket CTL args...`.
+fn set_io_throttle(ctl: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("set-io-throttle")
+        .arg("--control-socket")
+        .arg(ctl)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The `set-io-throttle` subcommand: the flags of the command line, applied over the
+/// limits in force (which it prints); a refused combination or a bad value fails with a
+/// message in the flags' words and changes nothing.
+#[test]
+fn the_set_io_throttle_subcommand_changes_and_prints_the_limits() {
+    let mut b = Backend::start(&["--iops-limit", "300"]);
+    let io_throttle = |b: &Backend| {
+        let st = b.qmp().execute("query-status", json!({})).unwrap().unwrap();
+        st["io-throttle"].clone()
+    };
+    let out = set_io_throttle(
+        &b.ctl,
+        &[
+            "--iops-limit",
+            "0",
+            "--iops-read-limit",
+            "800",
+            "--iops-read-burst",
+            "1000",
+            "--bandwidth-write-limit",
+            "20M",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = json!({
+        "iops": 0, "iops_rd": 800, "iops_wr": 0, "bps": 0, "bps_rd": 0, "bps_wr": 20 << 20,
+        "iops_max": 0, "iops_rd_max": 1000, "iops_wr_max": 0, "bps_max": 0,
+        "bps_rd_max": 0, "bps_wr_max": 0,
+    });
+    assert_eq!(io_throttle(&b), want);
+    // The printed table: every limit, with its flag and value.
+    let line = |name: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{stdout}"))
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(line("iops_rd"), ["iops_rd", "--iops-read-limit", "800"]);
+    assert_eq!(
+        line("bps_wr"),
+        ["bps_wr", "--bandwidth-write-limit", "20971520"]
+    );
+    assert_eq!(line("iops"), ["iops", "--iops-limit", "0", "(unlimited)"]);
+    assert_eq!(stdout.lines().count(), 12, "{stdout}");
+
+    // Only what is given changes; --json prints query-status' io-throttle.
+    let out = set_io_throttle(&b.ctl, &["--bandwidth-write-burst", "32M", "--json"]);
+    assert!(out.status.success());
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut want = want;
+    want["bps_wr_max"] = json!(32 << 20);
+    assert_eq!(printed, want);
+    assert_eq!(io_throttle(&b), want);
+
+    // Refused by the backend: exit 1, the reason in the flags' words, nothing changed.
+    for (args, reason) in [
+        (
+            &["--iops-limit", "100"][..],
+            "--iops-limit cannot be combined with --iops-read-limit or --iops-write-limit",
+        ),
+        (
+            &["--iops-read-burst", "10"][..],
+            "--iops-read-burst (10) must not be smaller than --iops-read-limit (800)",
+        ),
+        (
+            &["--iops-burst", "50"][..],
+            "--iops-burst needs --iops-limit",
+        ),
+    ] {
+        let out = set_io_throttle(&b.ctl, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!(
+                "error: the backend refused the limits: {reason} ("
+            )),
+            "{args:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert_eq!(io_throttle(&b), want, "{args:?} changed the limits");
+    }
+    // A value that is not one: the command line's error (exit 2), nothing sent.
+    for (args, reason) in [
+        (&["--bandwidth-limit", "12x"][..], "unknown unit"),
+        (
+            &["--iops-limit=-1"][..],
+            "invalid value '-1' for '--iops-limit",
+        ),
+        (&["--iops-limit", "many"][..], "invalid digit"),
+    ] {
+        let out = set_io_throttle(&b.ctl, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(reason), "{args:?}: {err}");
+    }
+    assert_eq!(io_throttle(&b), want);
+
+    // No backend: a message naming the socket.
+    let out = set_io_throttle(&b.ctl.with_extension("gone"), &["--iops-limit", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot use the control socket") && err.contains("ctl.gone"),
+        "{err}"
+    );
+    sigterm_expect_clean_exit(&mut b.child);
+}

@@ -4,13 +4,13 @@
 //! Every scrape reads the same counters as the control socket's `query-stats`
 //! ([`LayerControl::stats`]) and turns them into metric families named
 //! `<program>_<field>` (dashes become underscores): numbers in the top level are the
-//! device's counters; arrays of objects (`queues`, net's `queue-pairs`) give one sample per
-//! element, labelled `queue` (or `index`) and with the element's string fields (a queue's
-//! `role`, say) as labels. Counters get the usual `_total` suffix; fields that go down as
-//! well as up (`in-flight`, `*-peak`, `held`) are gauges. A latency histogram
-//! ([`crate::histogram`], e.g. blk's `latency-histogram` per queue) becomes a histogram
-//! family in seconds, `<program>_queue_latency_seconds` with `_bucket{le=...}`, `_sum` and
-//! `_count`.
+//! device's counters; arrays of objects (`queues`, serial's `ports`, net's `queue-pairs`)
+//! give one sample per element, labelled `queue` (`port`, or `index`) and with the
+//! element's string fields (a queue's `role`, a port's `name`) as labels. Counters get the
+//! usual `_total` suffix; fields that go down as well as up (`in-flight`, `*-peak`, `held`,
+//! states such as `guest-open`) are gauges. A latency histogram ([`crate::histogram`], e.g.
+//! blk's `latency-histogram` per queue) becomes a histogram family in seconds,
+//! `<program>_queue_latency_seconds` with `_bucket{le=...}`, `_sum` and `_count`.
 //!
 //! One thread serves the address, one request at a time, `GET /metrics` only (404
 //! otherwise, 405 for other methods); a request head may be at most 8 KiB and must arrive
@@ -92,7 +92,7 @@ fn histogram(obj: &serde_json::Map<String, Value>) -> Option<Sample> {
 
 /// Whether a `query-stats` field is a gauge (it goes down as well as up).
 fn is_gauge(key: &str) -> bool {
-    key.contains("in-flight") || key.ends_with("-peak") || key == "held"
+    key.contains("in-flight") || key.ends_with("-peak") || key == "held" || key.ends_with("-open")
 }
 
 fn metric_name(prefix: &str, key: &str) -> String {
@@ -146,17 +146,20 @@ fn collect(
                     .push((labels.clone(), h));
             }
             Value::Array(items) => {
-                // `queues` gives `<program>_queue_*{queue="N"}`; other arrays keep their
+                // `queues` gives `<program>_queue_*{queue="N"}` and `ports`
+                // `<program>_port_*{port="N"}`, N from the element's own `queue` or `port`
+                // (a port's id, which need not be its position); other arrays keep their
                 // name and an `index` label.
-                let (sub, label) = if k == "queues" {
-                    (metric_name(prefix, "queue"), "queue")
-                } else {
-                    (metric_name(prefix, k), "index")
+                let (sub, label) = match k.as_str() {
+                    "queues" => (metric_name(prefix, "queue"), "queue"),
+                    "ports" => (metric_name(prefix, "port"), "port"),
+                    _ => (metric_name(prefix, k), "index"),
                 };
                 for (i, item) in items.iter().enumerate() {
                     let Value::Object(o) = item else { continue };
+                    let id = o.get(label).and_then(Value::as_u64).unwrap_or(i as u64);
                     let mut l = labels.clone();
-                    l.push((label.to_string(), i.to_string()));
+                    l.push((label.to_string(), id.to_string()));
                     for (sk, sv) in o {
                         if let Value::String(s) = sv {
                             l.push((metric_name("", sk), s.clone()));
@@ -389,6 +392,10 @@ mod tests {
             m.insert("writes".into(), json!(3));
             m.insert("in-flight".into(), json!(1));
             m.insert("pairs".into(), json!([{"tx-packets": 7}]));
+            m.insert(
+                "ports".into(),
+                json!([{"port": 2, "name": "org.x", "tx-bytes": 9, "guest-open": 1}]),
+            );
             m
         }
         fn queue_stats(&self, index: usize) -> Map<String, Value> {
@@ -428,6 +435,9 @@ mod tests {
             "# TYPE test_backend_in_flight gauge",
             "test_backend_in_flight 1",
             "test_backend_pairs_tx_packets_total{index=\"0\"} 7",
+            "test_backend_port_tx_bytes_total{port=\"2\",name=\"org.x\"} 9",
+            "# TYPE test_backend_port_guest_open gauge",
+            "test_backend_port_guest_open{port=\"2\",name=\"org.x\"} 1",
             "test_backend_queue_chains_total{queue=\"1\",role=\"q1\"} 5",
             "test_backend_queue_completed_total{queue=\"1\",role=\"q1\"} 4",
             "test_backend_queue_in_flight{queue=\"1\",role=\"q1\"} 1",

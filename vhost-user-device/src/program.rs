@@ -54,7 +54,7 @@ pub struct ListenArgs {
 
     /// Serve the counters of query-stats for Prometheus at http://ADDR:PORT/metrics
     /// (OpenMetrics text: `<program>_<counter>_total`, per-queue samples labelled
-    /// `queue`). Anyone who can reach the address can read the counters: bind it to
+    /// `queue`, serial-backend's per-port samples `port` and `name`). Anyone who can reach the address can read the counters: bind it to
     /// loopback or a management network. Port 0 picks a free port (logged).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -133,7 +133,7 @@ impl ListenArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum ClientCommand {
     /// Print a running backend's counters (query-stats on its control socket): the
-    /// device's, then one row per queue.
+    /// device's, then one row per port (serial-backend) and one row per queue.
     Stats(StatsArgs),
 }
 
@@ -216,14 +216,26 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
     }
 }
 
+/// The arrays of `query-stats` printed as tables, in this order, each with its first
+/// columns (those that name a row, then the main counters): serial's ports, then the
+/// virtqueues.
+const TABLES: [(&str, &[&str]); 2] = [
+    (
+        "ports",
+        &["port", "name", "guest-open", "tx-bytes", "rx-bytes"],
+    ),
+    ("queues", &["queue", "role"]),
+];
+
 /// `query-stats` as text: the device's counters one per line, then a table with one row
-/// per queue and one column per counter any queue has.
+/// per port (serial) and one with a row per queue, each with one column per counter any
+/// row has.
 pub fn stats_table(stats: &Value) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let mut device = Vec::new();
     if let Some(m) = stats.as_object() {
-        for (k, v) in m.iter().filter(|(k, _)| k.as_str() != "queues") {
+        for (k, v) in m.iter().filter(|(k, _)| TABLES.iter().all(|(t, _)| t != k)) {
             flatten(k, v, &mut device);
         }
     }
@@ -231,21 +243,36 @@ pub fn stats_table(stats: &Value) -> String {
     for (k, v) in &device {
         let _ = writeln!(out, "{k:<width$}  {v:>12}");
     }
-    let rows: Vec<Vec<(String, String)>> = stats
-        .get("queues")
-        .and_then(Value::as_array)
-        .map(|qs| {
-            qs.iter()
-                .map(|q| {
-                    let mut r = Vec::new();
-                    flatten("", q, &mut r);
-                    r
-                })
-                .collect()
+    for (name, first) in TABLES {
+        let Some(items) = stats.get(name).and_then(Value::as_array) else {
+            continue;
+        };
+        let t = table(items, first);
+        if t.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(&t);
+    }
+    out
+}
+
+/// `items` (objects) as a table: a header line, then one row per item; the columns
+/// `first` (those any item has) come first, then every other field by name; "-" where
+/// an item lacks one.
+fn table(items: &[Value], first: &[&str]) -> String {
+    use std::fmt::Write as _;
+    let rows: Vec<Vec<(String, String)>> = items
+        .iter()
+        .map(|q| {
+            let mut r = Vec::new();
+            flatten("", q, &mut r);
+            r
         })
-        .unwrap_or_default();
-    // The queue's number and role first, then every counter by name.
-    let mut columns: Vec<String> = vec!["queue".into(), "role".into()];
+        .collect();
+    let mut columns: Vec<String> = first.iter().map(|c| c.to_string()).collect();
     columns.retain(|c| rows.iter().any(|r| r.iter().any(|(k, _)| k == c)));
     for r in &rows {
         for (k, _) in r {
@@ -255,7 +282,7 @@ pub fn stats_table(stats: &Value) -> String {
         }
     }
     if columns.is_empty() {
-        return out;
+        return String::new();
     }
     let cell = |r: &[(String, String)], c: &str| {
         r.iter()
@@ -272,9 +299,6 @@ pub fn stats_table(stats: &Value) -> String {
                 .unwrap_or(0)
         })
         .collect();
-    if !device.is_empty() {
-        out.push('\n');
-    }
     let line = |cells: Vec<String>| {
         cells
             .iter()
@@ -283,6 +307,7 @@ pub fn stats_table(stats: &Value) -> String {
             .collect::<Vec<_>>()
             .join("  ")
     };
+    let mut out = String::new();
     let _ = writeln!(out, "{}", line(columns.clone()));
     for r in &rows {
         let _ = writeln!(
@@ -388,6 +413,33 @@ mod tests {
         let r1: Vec<&str> = lines[head + 2].split_whitespace().collect();
         assert_eq!(r1, ["1", "-", "123456", "5"]);
         assert_eq!(lines.len(), head + 3);
+    }
+
+    #[test]
+    fn ports_get_a_table_of_their_own_before_the_queues() {
+        let v = serde_json::json!({
+            "tx-bytes": 12,
+            "ports": [
+                {"port": 0, "tx-bytes": 5, "console-dropped": 0},
+                {"port": 2, "name": "org.example.log", "tx-bytes": 7},
+            ],
+            "queues": [{"queue": 0, "chains": 1, "role": "port0-rx"}],
+        });
+        let t = stats_table(&v);
+        let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(lines[0], ["tx-bytes", "12"], "{t}");
+        assert!(lines[1].is_empty(), "{t}");
+        assert_eq!(
+            lines[2],
+            ["port", "name", "tx-bytes", "console-dropped"],
+            "{t}"
+        );
+        assert_eq!(lines[3], ["0", "-", "5", "0"], "{t}");
+        assert_eq!(lines[4], ["2", "org.example.log", "7", "-"], "{t}");
+        assert!(lines[5].is_empty(), "{t}");
+        assert_eq!(lines[6], ["queue", "role", "chains"], "{t}");
+        assert_eq!(lines[7], ["0", "port0-rx", "1"], "{t}");
+        assert_eq!(lines.len(), 8, "{t}");
     }
 
     #[test]

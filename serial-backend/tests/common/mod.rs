@@ -76,6 +76,11 @@ impl TestBackend {
     ) -> u64 {
         f(&self.shared.stats).load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// Counter `which` of the `i`th port of the spec list.
+    pub fn port_stat(&self, i: usize, which: serial_backend::Counter) -> u64 {
+        self.shared.ports[i].stats.get(which)
+    }
 }
 
 impl Drop for TestBackend {
