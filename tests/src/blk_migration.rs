@@ -165,6 +165,14 @@ impl CopyMode {
             CopyMode::WriteBlocking => "write-blocking",
         }
     }
+
+    /// A short name, for test directories.
+    pub fn short(self) -> &'static str {
+        match self {
+            CopyMode::Background => "bg",
+            CopyMode::WriteBlocking => "wb",
+        }
+    }
 }
 
 /// Runs `bin migrate --control-socket ctl --to to --copy-mode M [extra...]` (JSON lines

@@ -355,7 +355,8 @@ fn binaries() -> Option<PathBuf> {
 }
 
 fn there_and_back(mode: CopyMode) {
-    let name = format!("guest_block_migration_there_and_back_{}", mode.as_arg());
+    // Short: the run directory holds unix sockets (108 bytes at most).
+    let name = format!("blkmig_there_and_back_{}", mode.short());
     let Some(mut t) = GuestTest::start(&name) else {
         return;
     };
@@ -452,6 +453,8 @@ fn there_and_back(mode: CopyMode) {
     let job1 = job_concluded(&blk_bin, &blk_a.ctl);
     assert!(job1.get("error").is_none(), "the first sync failed: {job1}");
     assert_eq!(job1["mode"], "full", "{job1}");
+    assert_eq!(job1["copy-mode"], mode.as_arg(), "{job1}");
+    eprintln!("first sync: {job1}");
     vm_a.quit().unwrap_or_else(|e| panic!("{e}"));
     // The guest goes on on B: the pass the switch-over interrupted is checked there.
     keeps_verifying(&mut vm_b, "pass", 2);
@@ -516,6 +519,8 @@ fn there_and_back(mode: CopyMode) {
         "the incremental sync failed: {job2}"
     );
     assert_eq!(job2["mode"], "incremental", "{job2}");
+    assert_eq!(job2["copy-mode"], mode.as_arg(), "{job2}");
+    eprintln!("incremental sync: {job2}");
     // Exactly what the guest wrote on B: the whole region (the final pass) and the K
     // blocks, nothing twice (the disk did not change during this sync).
     let want = (W_BLOCKS + K_COUNT) * BLOCK;
@@ -606,7 +611,7 @@ fn trace_announce() -> Vec<String> {
 }
 
 fn cut_and_failed(mode: CopyMode) {
-    let name = format!("guest_block_migration_cut_and_failed_{}", mode.as_arg());
+    let name = format!("blkmig_cut_and_failed_{}", mode.short());
     let Some(mut t) = GuestTest::start(&name) else {
         return;
     };
@@ -729,6 +734,8 @@ fn cut_and_failed(mode: CopyMode) {
         .unwrap_or_else(|e| panic!("{e}\n{}", vm_a.tails()));
     let job = job_concluded(&blk_bin, &blk_a.ctl);
     assert!(job.get("error").is_none(), "{job}");
+    assert_eq!(job["copy-mode"], mode.as_arg(), "{job}");
+    eprintln!("the retried sync: {job}");
     vm_a.quit().unwrap_or_else(|e| panic!("{e}"));
     keeps_verifying(&mut vm_b2, "pass", 2);
     vm_b2.send_line("final").unwrap();
@@ -777,4 +784,14 @@ fn guest_block_migration_there_and_back_background() {
 #[test]
 fn guest_block_migration_survives_a_cut_stream_and_a_failed_vm_migration_background() {
     cut_and_failed(CopyMode::Background);
+}
+
+#[test]
+fn guest_block_migration_there_and_back_write_blocking() {
+    there_and_back(CopyMode::WriteBlocking);
+}
+
+#[test]
+fn guest_block_migration_survives_a_cut_stream_and_a_failed_vm_migration_write_blocking() {
+    cut_and_failed(CopyMode::WriteBlocking);
 }
