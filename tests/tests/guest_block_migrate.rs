@@ -13,18 +13,19 @@
 //!   the blocks the guest wrote on B travel.
 //! - `..._survives_a_cut_stream_and_a_failed_vm_migration_*`: the block stream is cut
 //!   mid-copy (the guest on the source notices nothing) and retried; then QEMU's migration
-//!   fails before its switch-over (the destination QEMU is killed): the source keeps
-//!   serving, nothing is lost, and a new destination QEMU takes the VM.
+//!   fails before its switch-over (the destination QEMU is killed: the source keeps
+//!   serving, nothing is lost) and after the hand-over (paused before its switch-over,
+//!   then cancelled: the source takes the disk back, the destination knows its copy is
+//!   stale); a third destination QEMU takes the VM.
 //!
 //! Each runs once per copy mode ([`CopyMode`]): a mode is one line at the bottom.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -38,6 +39,7 @@ use vhost_tests::guest::{
 use vhost_tests::guest_net::{
     locate_vhost_net_backend, vhost_user_net_args, wait_socket_file, NetNs,
 };
+use vhost_tests::net_peer::{peer_stream, unix_now, Pinger, StreamProgress};
 use vhost_tests::vm::{qemu_migrate, qemu_migrate_start, qemu_migrate_wait, Vm};
 
 const MIB: u64 = 1 << 20;
@@ -170,146 +172,6 @@ fn finish(vm: &mut Vm) {
     assert!(!vm.stderr().contains(VHOST_FALLBACK), "{}", vm.tails());
 }
 
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// What the test, as the guest's network peer, saw of the TCP stream.
-#[derive(Debug, Default)]
-struct StreamLog {
-    /// Every `seq N` line from the guest, with when it arrived (unix seconds).
-    lines: Vec<(f64, u64)>,
-    /// Bytes the peer sent and their sha256.
-    sent: u64,
-    sent_sha: String,
-}
-
-/// The peer's side of the stream (runs in the namespace): connects to the guest (it is
-/// still booting: retries), reads its numbered lines (they must come in order, none
-/// missing) and sends a line every 100 ms, until `stop`; then closes its side and reads
-/// to the end.
-fn peer_stream(
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    seen: Arc<AtomicU64>,
-) -> Result<StreamLog, String> {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let mut s = loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() < deadline && !stop.load(Ordering::Acquire) => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Err(e) => return Err(format!("cannot connect to the guest at {addr}: {e}")),
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .map_err(|e| e.to_string())?;
-    let mut log = StreamLog::default();
-    let mut sha = Sha256::new();
-    let mut partial = Vec::new();
-    let mut buf = [0u8; 4096];
-    let mut next_send = Instant::now();
-    let mut n_sent = 0u64;
-    let mut closing: Option<Instant> = None;
-    loop {
-        if closing.is_none() && stop.load(Ordering::Acquire) {
-            s.shutdown(std::net::Shutdown::Write)
-                .map_err(|e| e.to_string())?;
-            closing = Some(Instant::now());
-        }
-        if closing.is_none() && Instant::now() >= next_send {
-            let line = format!("peer {n_sent}\n");
-            s.write_all(line.as_bytes())
-                .map_err(|e| format!("sending to the guest: {e}"))?;
-            sha.update(line.as_bytes());
-            log.sent += line.len() as u64;
-            n_sent += 1;
-            next_send += Duration::from_millis(100);
-        }
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                partial.extend_from_slice(&buf[..n]);
-                while let Some(i) = partial.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = partial.drain(..=i).collect();
-                    let text = String::from_utf8_lossy(&line);
-                    let n: u64 = text
-                        .trim()
-                        .strip_prefix("seq ")
-                        .and_then(|v| v.parse().ok())
-                        .ok_or_else(|| format!("unexpected line from the guest: {text:?}"))?;
-                    let want = log.lines.len() as u64;
-                    if n != want {
-                        return Err(format!("line {n} from the guest, expected {want}"));
-                    }
-                    log.lines.push((unix_now(), n));
-                    seen.store(n + 1, Ordering::Release);
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(format!("the stream broke: {e}")),
-        }
-        if closing.is_some_and(|c| c.elapsed() > Duration::from_secs(60)) {
-            return Err("the guest did not close the stream after ours".into());
-        }
-    }
-    log.sent_sha = sha.finalize().iter().map(|x| format!("{x:02x}")).collect();
-    Ok(log)
-}
-
-/// `busybox ping -i 0.2` from the namespace (busybox: the harness needs it anyway, and
-/// it flushes every line), each reply line stamped with its arrival (unix seconds).
-struct Pinger {
-    child: Child,
-    lines: std::thread::JoinHandle<Vec<(f64, String)>>,
-}
-
-impl Pinger {
-    fn start(ns: &NetNs, ip: &str) -> Pinger {
-        let mut child = ns
-            .command("busybox")
-            .args(["ping", "-i", "0.2", ip])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start busybox ping: {e}"));
-        let out = child.stdout.take().unwrap();
-        let lines = std::thread::spawn(move || {
-            BufReader::new(out)
-                .lines()
-                .map_while(Result::ok)
-                .map(|l| (unix_now(), l))
-                .collect()
-        });
-        Pinger { child, lines }
-    }
-
-    /// SIGINT (ping prints its summary and exits); the arrival times of the replies and
-    /// the whole output.
-    fn stop(mut self) -> (Vec<f64>, String) {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let _ = self.child.wait();
-        let lines = self.lines.join().unwrap_or_default();
-        let replies = lines
-            .iter()
-            .filter(|(_, l)| l.contains("bytes from"))
-            .map(|&(t, _)| t)
-            .collect();
-        let text = lines.into_iter().map(|(_, l)| l + "\n").collect();
-        (replies, text)
-    }
-}
-
 /// A vhost-net-backend in `ns` on tap `tap`, enslaved to `br`.
 fn start_net(
     t: &GuestTest,
@@ -370,7 +232,7 @@ fn there_and_back(mode: CopyMode) {
     let started = Instant::now();
 
     let img_a = t.create_image("a.img", DISK).unwrap();
-    write_random(&img_a, 0, HOST_DATA, 0x5eed_a11).unwrap();
+    write_random(&img_a, 0, HOST_DATA, 0x5eed_0a11).unwrap();
     let static_sha = sha256_file_range(&img_a, STATIC_OFF, STATIC_LEN).unwrap();
     let size = std::fs::metadata(&img_a).unwrap().len();
     let img_b = t.create_image("b.img", size).unwrap();
@@ -408,14 +270,14 @@ fn there_and_back(mode: CopyMode) {
     let booted = started.elapsed();
 
     // The peer: a ping and the TCP stream, from the namespace.
-    let ping = Pinger::start(&ns, GUEST_IP);
+    let ping = Pinger::start(&ns, GUEST_IP).unwrap_or_else(|e| panic!("{e}"));
     let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(AtomicU64::new(0));
+    let seen = Arc::new(StreamProgress::default());
     let addr: SocketAddr = format!("{GUEST_IP}:{STREAM_PORT}").parse().unwrap();
     let (s2, n2) = (stop.clone(), seen.clone());
     let peer = ns.spawn_in(move || peer_stream(addr, s2, n2));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while seen.load(Ordering::Acquire) < 10 {
+    while seen.lines.load(Ordering::Acquire) < 10 {
         assert!(
             Instant::now() < deadline && !peer.is_finished(),
             "no stream from the guest"
@@ -447,9 +309,13 @@ fn there_and_back(mode: CopyMode) {
     migrate_cli(&blk_bin, &blk_a.ctl, &to_b, mode, &["--wait", "ready"])
         .unwrap_or_else(|e| panic!("{e}"));
     let disk_ready_1 = t0.elapsed();
+    // Two more passes while the job is ready: what the guest writes now reaches B only
+    // through the job's dirty passes (or mirroring), and B's guest checks it first thing.
+    keeps_verifying(&mut vm_a, "pass", 2);
     let m1 = qemu_migrate(&mut vm_a, &mig_b, Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}\n{}", vm_a.tails()));
     let switched_1 = unix_now();
+    network_follows(&seen, &ping, switched_1, "B");
     let job1 = job_concluded(&blk_bin, &blk_a.ctl);
     assert!(job1.get("error").is_none(), "the first sync failed: {job1}");
     assert_eq!(job1["mode"], "full", "{job1}");
@@ -513,6 +379,7 @@ fn there_and_back(mode: CopyMode) {
     let m2 = qemu_migrate(&mut vm_b, &mig_a2, Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}\n{}", vm_b.tails()));
     let switched_2 = unix_now();
+    network_follows(&seen, &ping, switched_2, "A again");
     let job2 = job_concluded(&blk_bin, &blk_b.ctl);
     assert!(
         job2.get("error").is_none(),
@@ -558,11 +425,7 @@ fn there_and_back(mode: CopyMode) {
             "no ping reply while the guest was on {what}:\n{pings}"
         );
     }
-    let longest_gap = stream
-        .lines
-        .windows(2)
-        .map(|w| w[1].0 - w[0].0)
-        .fold(0.0, f64::max);
+    let longest_gap = stream.longest_gap();
     // The destination's guest announced itself (gratuitous ARP, acked to QEMU).
     for vm in [&vm_b, &vm_a2] {
         assert!(
@@ -605,6 +468,31 @@ fn there_and_back(mode: CopyMode) {
     );
 }
 
+/// Waits (30 s at most) for a stream line and a ping reply that arrived after `since`:
+/// the guest's network follows it to `side` (its announce moved the bridge's entry).
+fn network_follows(stream: &StreamProgress, ping: &Pinger, since: f64, side: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stream.last_at() <= since || !ping.replies().iter().any(|&t| t > since) {
+        assert!(
+            Instant::now() < deadline,
+            "no stream line (last at {:.1}, switch-over at {since:.1}) or no ping reply from \
+             the guest on {side}",
+            stream.last_at()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sets QEMU's pause-before-switchover: its migration stops the VM, then waits in
+/// `pre-switchover` for `migrate-continue` (or `migrate_cancel`).
+fn pause_before_switchover(vm: &mut Vm, on: bool) {
+    vm.qmp(
+        "migrate-set-capabilities",
+        serde_json::json!({"capabilities": [{"capability": "pause-before-switchover", "state": on}]}),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// QEMU traces the guest's announce acknowledgements (the guest sent its gratuitous ARP).
 fn trace_announce() -> Vec<String> {
     vec!["-trace".into(), "virtio_net_handle_announce".into()]
@@ -618,7 +506,7 @@ fn cut_and_failed(mode: CopyMode) {
     let Some(blk_bin) = binaries() else { return };
     let started = Instant::now();
     let img_a = t.create_image("a.img", DISK).unwrap();
-    write_random(&img_a, 0, HOST_DATA, 0x5eed_c07).unwrap();
+    write_random(&img_a, 0, HOST_DATA, 0x5eed_0c07).unwrap();
     let static_sha = sha256_file_range(&img_a, STATIC_OFF, STATIC_LEN).unwrap();
     let img_b = t.create_image("b.img", DISK).unwrap();
 
@@ -720,11 +608,65 @@ fn cut_and_failed(mode: CopyMode) {
     let q = migrate_status(&blk_bin, &blk_a.ctl).unwrap();
     assert_eq!(q["status"], "ready", "{q}");
 
-    // A new destination QEMU on the same destination backend takes the VM.
+    // QEMU's migration fails after the hand-over: paused before its switch-over (the
+    // guest stopped, the rings too: the disk is handed over), then cancelled. The VM runs
+    // on the source again, which takes the disk back and tells the destination its copy
+    // is stale.
     std::fs::remove_file(t.path("vm-b.mig")).ok();
     let mut vm_b2 = Vm::start(
         &t,
         "vm-b2",
+        &boot,
+        &initrd,
+        &[vm_args(&blk_b.sock, None), inc_b.clone()].concat(),
+    )
+    .unwrap();
+    pause_before_switchover(&mut vm_a, true);
+    qemu_migrate_start(&mut vm_a, &mig_b, 4 << 30).unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let q = vm_a.qmp("query-migrate", serde_json::json!({})).unwrap();
+        if q["status"] == "pre-switchover" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "QEMU did not pause before its switch-over: {q}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let handed = job_concluded(&blk_bin, &blk_a.ctl);
+    assert!(handed.get("error").is_none(), "{handed}");
+    vm_a.qmp("migrate_cancel", serde_json::json!({})).unwrap();
+    assert!(qemu_migrate_wait(&mut vm_a, Duration::from_secs(60)).is_err());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm_a.qmp("query-status", serde_json::json!({})).unwrap()["status"] != "running" {
+        assert!(Instant::now() < deadline, "the source VM did not resume");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    keeps_verifying(&mut vm_a, "pass", 2);
+    vm_b2.kill();
+
+    // The retry asks for an incremental sync; the destination knows its copy is stale, so
+    // it is a full one. A third destination QEMU takes the VM.
+    pause_before_switchover(&mut vm_a, false);
+    migrate_cli(
+        &blk_bin,
+        &blk_a.ctl,
+        &relay.uri(),
+        mode,
+        &["--incremental", "--wait", "ready"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let q = migrate_status(&blk_bin, &blk_a.ctl).unwrap();
+    assert_eq!(
+        q["mode"], "full",
+        "a stale destination took an incremental sync: {q}"
+    );
+    std::fs::remove_file(t.path("vm-b.mig")).ok();
+    let mut vm_b3 = Vm::start(
+        &t,
+        "vm-b3",
         &boot,
         &initrd,
         &[vm_args(&blk_b.sock, None), inc_b].concat(),
@@ -737,16 +679,16 @@ fn cut_and_failed(mode: CopyMode) {
     assert_eq!(job["copy-mode"], mode.as_arg(), "{job}");
     eprintln!("the retried sync: {job}");
     vm_a.quit().unwrap_or_else(|e| panic!("{e}"));
-    keeps_verifying(&mut vm_b2, "pass", 2);
-    vm_b2.send_line("final").unwrap();
-    vm_b2
+    keeps_verifying(&mut vm_b3, "pass", 2);
+    vm_b3.send_line("final").unwrap();
+    vm_b3
         .wait_for("final", Duration::from_secs(120), |r| {
             r.contains_key("k_sha")
         })
         .unwrap_or_else(|e| panic!("{e}"));
-    let w_sha = vm_b2.result("w_sha").unwrap().to_string();
-    let k_sha = vm_b2.result("k_sha").unwrap().to_string();
-    finish(&mut vm_b2);
+    let w_sha = vm_b3.result("w_sha").unwrap().to_string();
+    let k_sha = vm_b3.result("k_sha").unwrap().to_string();
+    finish(&mut vm_b3);
     blk_a.be.stop_expect_clean();
     blk_b.be.stop_expect_clean();
     assert_eq!(
@@ -770,7 +712,7 @@ fn cut_and_failed(mode: CopyMode) {
         m.took.as_secs_f64(),
         m.downtime_ms,
         relay.bytes(),
-        vm_b2.result_u64("passes"),
+        vm_b3.result_u64("passes"),
         started.elapsed().as_secs_f64()
     );
 }

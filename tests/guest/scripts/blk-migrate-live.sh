@@ -3,12 +3,15 @@
 # back) while we keep writing and verifying the disk, and, with a NIC, keep a TCP stream
 # open to a peer.
 #
-# A worker loops over passes; each pass first checks that the writer's region still holds
-# what the previous pass wrote (maybe on the other side of a switch-over) and that the
-# host's data is intact, then writes the region anew and reads it back.
+# A worker loops over passes; each pass first checks that the host's data is intact and
+# that the writer's region holds what the passes before wrote (maybe on the other side of
+# a switch-over), then writes one half of the region anew (the halves take turns) and
+# reads the whole region back. A pass overwrites only half, so a write lost in a
+# switch-over (one the migration did not carry) is still there to see in the next check,
+# wherever the switch-over fell.
 #
 # The host steers us with lines on the console (our stdin):
-#   final   one more full pass, then K_COUNT distinct 4 KiB blocks written once; from then
+#   final   one more pass over the whole region, then K_COUNT distinct 4 KiB blocks written once; from then
 #           on only reads (the disk no longer changes): the blocks changed since the last
 #           migration are exactly the region and those blocks
 #   finish  stop after the current pass, report, exit
@@ -59,19 +62,23 @@ write_k() {
 worker() {
     pass=0
     rounds=0
-    want_w=$(zeros_sha $W_LEN)
+    half=$((W_LEN / 2))
+    head -c $W_LEN /dev/zero > /tmp/w.cur   # what the region must hold
+    want_w=$(file_sha /tmp/w.cur)
     want_k=
     while :; do
         mode=$(cat /tmp/mode)
         [ "$mode" = stop ] && break
-        check "$W_OFF" $W_LEN "$want_w" "region after pass $pass"
         check "$STATIC_OFF" "$STATIC_LEN" "$STATIC_SHA" "host data"
+        check "$W_OFF" $W_LEN "$want_w" "region after pass $pass"
         case $mode in
         write | final)
             pass=$((pass + 1))
-            head -c $W_LEN /dev/urandom > /tmp/w.bin
-            want_w=$(file_sha /tmp/w.bin)
-            dev_write /tmp/w.bin "$W_OFF" || err "pass $pass: write failed"
+            if [ "$mode" = final ]; then off=0 len=$W_LEN; else off=$(((pass % 2) * half)) len=$half; fi
+            head -c $len /dev/urandom > /tmp/w.new
+            dd if=/tmp/w.new of=/tmp/w.cur bs=$BS seek=$((off / BS)) conv=notrunc 2>/dev/null
+            want_w=$(file_sha /tmp/w.cur)
+            dev_write /tmp/w.new $((W_OFF + off)) || err "pass $pass: write failed"
             check "$W_OFF" $W_LEN "$want_w" "pass $pass read back"
             if [ "$mode" = final ]; then
                 want_k=$(write_k)
