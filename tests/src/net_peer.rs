@@ -69,8 +69,7 @@ pub fn peer_stream(
     let mut s = loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
             Ok(s) => break s,
-            Err(e) if Instant::now() < deadline && !stop.load(Ordering::Acquire) => {
-                let _ = e;
+            Err(_) if Instant::now() < deadline && !stop.load(Ordering::Acquire) => {
                 std::thread::sleep(Duration::from_millis(500));
             }
             Err(e) => return Err(format!("cannot connect to the guest at {addr}: {e}")),

@@ -82,11 +82,6 @@ impl Vm {
         })
     }
 
-    /// QEMU's pid while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// Runs a QMP command (connecting first if need be): its return value, or the error
     /// as text.
     pub fn qmp(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
@@ -95,8 +90,7 @@ impl Vm {
             let c = loop {
                 match QmpClient::connect(&self.qmp_path) {
                     Ok(c) => break c,
-                    Err(e) if Instant::now() < deadline && self.running() => {
-                        let _ = e;
+                    Err(_) if Instant::now() < deadline && self.running() => {
                         std::thread::sleep(Duration::from_millis(50));
                     }
                     Err(e) => {
