@@ -880,14 +880,14 @@ pub fn parse_console(console: &str) -> (BTreeMap<String, String>, Option<i32>) {
 }
 
 /// Follows a growing console log and hands out complete lines.
-struct LineReader {
+pub(crate) struct LineReader {
     path: PathBuf,
     pos: u64,
     partial: Vec<u8>,
 }
 
 impl LineReader {
-    fn new(path: &Path) -> Self {
+    pub(crate) fn new(path: &Path) -> Self {
         LineReader {
             path: path.to_path_buf(),
             pos: 0,
@@ -895,7 +895,7 @@ impl LineReader {
         }
     }
 
-    fn poll(&mut self, on_line: &mut impl FnMut(&str)) {
+    pub(crate) fn poll(&mut self, on_line: &mut impl FnMut(&str)) {
         let Ok(mut f) = File::open(&self.path) else {
             return;
         };

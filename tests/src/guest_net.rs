@@ -91,6 +91,29 @@ impl NetNs {
         self.run(&["ip", "link", "set", dev, "up"])
     }
 
+    /// Runs `f` on a new thread that lives in the namespace (setns on that thread only):
+    /// the sockets it opens are the namespace's, so the test itself can be a peer there.
+    /// The thread's result is `f`'s, or why it could not enter the namespace (then `f`
+    /// does not run).
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T, String>> {
+        use std::os::fd::AsRawFd;
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+            // SAFETY: setns on an fd we own; it moves only this thread.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "setns into {path}: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(f())
+        })
+    }
+
     /// Starts an iperf3 server bound to `ip` inside the namespace (killed on drop).
     /// Starts an iperf3 server in the namespace, listening on every address of it (only the
     /// namespace's own tap is there), so it may start before the tap has its address.

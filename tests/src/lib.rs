@@ -8,8 +8,13 @@
 //! - [`records`]: sequence-numbered records through a console port whose backend is
 //!   killed and restarted, checked on the host side (the serial crash tests);
 //! - [`sandbox`]: the `--sandbox` checks every backend program shares;
-//! - [`control`]: the `stats` subcommand and its table, for the control socket tests.
+//! - [`control`]: the `stats` subcommand and its table, for the control socket tests;
+//! - [`net_peer`]: the test as a guest's network peer (a line stream and a ping, stamped);
+//! - [`vm`]: a QEMU steered through its console and QMP (live migration runs several);
+//! - [`blk_migration`]: TLS credentials, a cuttable relay and the `migrate` subcommands
+//!   for the block migration tests.
 
+pub mod blk_migration;
 pub mod capabilities;
 pub mod console_bench;
 pub mod control;
@@ -19,5 +24,7 @@ pub mod guest;
 pub mod guest_console;
 pub mod guest_net;
 pub mod kill_plan;
+pub mod net_peer;
 pub mod records;
 pub mod sandbox;
+pub mod vm;

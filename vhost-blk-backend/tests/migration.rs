@@ -633,30 +633,12 @@ mod tls {
     //! refused with nothing written.
 
     use super::*;
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     use vhost_blk_backend::migration::tls::TlsCreds;
     use vhost_blk_backend::migration::transport::{connect, listen, Security, Uri};
 
     /// A CA and its server and client certificates in `dir`, QEMU's file names.
     fn make_creds(dir: &std::path::Path, ca_name: &str) {
-        std::fs::create_dir_all(dir).unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(DnType::CommonName, ca_name);
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca, ca_key);
-        std::fs::write(dir.join("ca-cert.pem"), ca_cert.pem()).unwrap();
-        for side in ["server", "client"] {
-            let key = KeyPair::generate().unwrap();
-            let mut p =
-                CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                    .unwrap();
-            p.distinguished_name.push(DnType::CommonName, side);
-            let cert = p.signed_by(&key, &issuer).unwrap();
-            std::fs::write(dir.join(format!("{side}-cert.pem")), cert.pem()).unwrap();
-            std::fs::write(dir.join(format!("{side}-key.pem")), key.serialize_pem()).unwrap();
-        }
+        vhost_tests::blk_migration::make_tls_creds(dir, ca_name).unwrap();
     }
 
     fn secure(dir: &std::path::Path) -> Security {
