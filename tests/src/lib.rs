@@ -8,7 +8,9 @@
 //! - [`records`]: sequence-numbered records through a console port whose backend is
 //!   killed and restarted, checked on the host side (the serial crash tests);
 //! - [`sandbox`]: the `--sandbox` checks every backend program shares;
-//! - [`control`]: the `stats` subcommand and its table, for the control socket tests.
+//! - [`control`]: the `stats` subcommand and its table, for the control socket tests;
+//! - [`libvirt`]: a `virsh` session on libvirt's embedded QEMU driver, and the example
+//!   domain XMLs of `deploy/libvirt/` filled in with a test's paths.
 
 pub mod capabilities;
 pub mod console_bench;
@@ -19,5 +21,6 @@ pub mod guest;
 pub mod guest_console;
 pub mod guest_net;
 pub mod kill_plan;
+pub mod libvirt;
 pub mod records;
 pub mod sandbox;
