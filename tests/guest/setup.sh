@@ -5,6 +5,8 @@
 #  * bookworm hosts: adds the bookworm-backports apt source if no source
 #    mentions it, and installs QEMU 10.x (qemu-system-x86, qemu-utils with
 #    qemu-storage-daemon) from it; other hosts: QEMU from the default suite
+#  * installs libvirt's virsh and QEMU driver (libvirt-clients,
+#    libvirt-daemon-driver-qemu; from bookworm-backports on bookworm hosts)
 #  * installs busybox-static, fio, iperf3, cpio, kmod, util-linux, zstd, xz-utils,
 #    fonts-dejavu-core (the font of the bench charts, read at run time), and gcc,
 #    libc6-dev, ca-certificates, iproute2, procps (building and running the tests)
@@ -67,6 +69,25 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-cache show "${missing[@]}" >/dev/null 2>&1 || apt_update
     log "installing ${missing[*]}"
     "${APT[@]}" install -y --no-install-recommends "${missing[@]}"
+fi
+
+# libvirt for tests/tests/guest_libvirt.rs: virsh and the QEMU driver module, which the
+# test loads into virsh itself (qemu:///embed) -- no daemon, no systemd units needed.
+# bookworm: 11.x from backports; `pkg/suite` takes only these two (and the libvirt
+# libraries their versioned dependencies name) from there, not systemd & co.
+libvirt_pkgs=()
+for p in libvirt-clients libvirt-daemon-driver-qemu; do
+    [ -n "$(installed_version $p)" ] && continue
+    if [ "$HOST_CODENAME" = bookworm ]; then libvirt_pkgs+=("$p/bookworm-backports"); else libvirt_pkgs+=("$p"); fi
+done
+if [ ${#libvirt_pkgs[@]} -gt 0 ]; then
+    if [ "$HOST_CODENAME" = bookworm ]; then
+        apt-cache madison libvirt-clients 2>/dev/null | grep bookworm-backports >/dev/null || apt_update
+    else
+        apt-cache show libvirt-clients >/dev/null 2>&1 || apt_update
+    fi
+    log "installing ${libvirt_pkgs[*]}"
+    "${APT[@]}" install -y --no-install-recommends "${libvirt_pkgs[@]}"
 fi
 
 # 3. guest kernel (downloaded + unpacked, not installed) -------------------------

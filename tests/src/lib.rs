@@ -13,6 +13,8 @@
 //! - [`vm`]: a QEMU steered through its console and QMP (live migration runs several);
 //! - [`blk_migration`]: TLS credentials, a cuttable relay and the `migrate` subcommands
 //!   for the block migration tests.
+//! - [`libvirt`]: a `virsh` session on libvirt's embedded QEMU driver, and the example
+//!   domain XMLs of `deploy/libvirt/` filled in with a test's paths.
 
 pub mod blk_migration;
 pub mod capabilities;
@@ -24,6 +26,7 @@ pub mod guest;
 pub mod guest_console;
 pub mod guest_net;
 pub mod kill_plan;
+pub mod libvirt;
 pub mod net_peer;
 pub mod records;
 pub mod sandbox;
