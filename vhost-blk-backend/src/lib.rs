@@ -5,8 +5,10 @@
 //! - [`request`]: parsing and checking a descriptor chain into a [`request::Request`];
 //! - [`uring`]: the io_uring engine;
 //! - [`worker`]: the queue worker (zero-copy submission, completion, dirty logging);
-//! - [`device`]: features, config space, worker creation.
+//! - [`device`]: features, config space, worker creation;
+//! - [`cli`]: the command line (clap), shared by `main` and the man page generator.
 
+pub mod cli;
 pub mod control;
 pub mod device;
 pub mod dirty;
