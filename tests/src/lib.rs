@@ -8,6 +8,8 @@
 //! - [`records`]: sequence-numbered records through a console port whose backend is
 //!   killed and restarted, checked on the host side (the serial crash tests);
 //! - [`sandbox`]: the `--sandbox` checks every backend program shares;
+//! - [`packages`]: the Debian packages built, installed in a clean root and booted under
+//!   systemd-nspawn;
 //! - [`control`]: the `stats` subcommand and its table, for the control socket tests.
 
 pub mod capabilities;
@@ -19,5 +21,6 @@ pub mod guest;
 pub mod guest_console;
 pub mod guest_net;
 pub mod kill_plan;
+pub mod packages;
 pub mod records;
 pub mod sandbox;
