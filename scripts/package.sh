@@ -13,8 +13,9 @@
 # symbols go to the -dbgsym.ddeb next to each package (install it too to debug a crash).
 # See "Deployment" in README.md.
 #
-# Installs cargo-deb (cargo install cargo-deb --locked) if it is missing; needs objcopy
-# (binutils, there with gcc) for the debug symbols.
+# Installs cargo-deb (cargo install cargo-deb --locked) if it is missing, into cargo's bin
+# directory (or TARGET/tools/bin where that is read-only); needs objcopy (binutils, there
+# with gcc) for the debug symbols.
 #
 # Usage: scripts/package.sh [--out DIR] [--fast]
 #   --out DIR   where the packages go (default target/debian); their paths are printed
@@ -36,19 +37,28 @@ done
 programs=(vhost-blk-backend vhost-net-backend serial-backend)
 log() { echo "package.sh: $*" >&2; }
 
-# The version cargo-deb's manifest keys ([package.metadata.deb]) were written for.
-CARGO_DEB_VERSION=3.8.0
-if ! cargo deb --version >/dev/null 2>&1; then
-    log "installing cargo-deb $CARGO_DEB_VERSION (cargo install, once)"
-    cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"
-fi
-command -v objcopy >/dev/null || { log "objcopy not found: apt-get install binutils"; exit 1; }
-
 # cargo-deb reads release products from the real target directory (it may be elsewhere
 # than ./target: CARGO_TARGET_DIR, .cargo/config.toml); so do the man pages.
 target_dir=$(cargo metadata --format-version 1 --no-deps \
     | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 [ -n "$target_dir" ] || { log "cannot tell cargo's target directory"; exit 1; }
+
+# The version cargo-deb's manifest keys ([package.metadata.deb]) were written for. Into
+# cargo's bin directory, or the target directory where that is read-only (a shared
+# toolchain, as scripts/fresh-check.sh binds it).
+CARGO_DEB_VERSION=3.8.0
+tools=$target_dir/tools
+# Only cargo-deb's runs see it (a changed PATH would rebuild crates whose build scripts
+# watch it).
+cargo_deb() { PATH=$PATH:$tools/bin cargo deb "$@"; }
+if ! cargo_deb --version >/dev/null 2>&1; then
+    cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
+    root=()
+    [ -w "$cargo_bin" ] || root=(--root "$tools")
+    log "installing cargo-deb $CARGO_DEB_VERSION (cargo install ${root[*]}, once)"
+    cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION" "${root[@]}"
+fi
+command -v objcopy >/dev/null || { log "objcopy not found: apt-get install binutils"; exit 1; }
 
 log "building ${programs[*]} and xtask (release)"
 cargo build --release --locked "${programs[@]/#/-p=}" -p xtask
@@ -61,7 +71,7 @@ gzip -9nf "$man_dir"/*.1
 mkdir -p "$out"
 for p in "${programs[@]}"; do
     log "packaging $p"
-    cargo deb --no-build --locked --dbgsym "${fast[@]}" -p "$p" -o "$out" >/dev/null
+    cargo_deb --no-build --locked --dbgsym "${fast[@]}" -p "$p" -o "$out" >/dev/null
 done
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 arch=$(dpkg --print-architecture)

@@ -342,18 +342,15 @@ impl Container {
         )
     }
 
-    /// Runs `script` with bash as root in the container (all its namespaces, its root).
+    /// Runs `script` with bash as root in the container (its namespaces, its root).
     pub fn run(&self, script: &str) -> Ran {
+        // --root and --wd explicitly: entering the mount namespace alone leaves a caller
+        // that is itself in a chroot (scripts/fresh-check.sh) in its own root.
         let out = Command::new("nsenter")
             .arg(format!("--target={}", self.leader))
-            .args([
-                "--all",
-                "/usr/bin/env",
-                "-i",
-                ROOT_PATH,
-                "LANG=C",
-                "HOME=/root",
-            ])
+            .args(["--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup"])
+            .args(["--root", "--wd", "/usr/bin/env", "-i", ROOT_PATH])
+            .args(["LANG=C", "HOME=/root"])
             .args(["DEBIAN_FRONTEND=noninteractive", "bash", "-c", script])
             .stdin(Stdio::null())
             .output();
