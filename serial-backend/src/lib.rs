@@ -5,8 +5,10 @@
 //!   socket, file, stdio, hostinfo);
 //! - [`hostinfo`]: the JSON document of the `org.hostinfo.0` port;
 //! - [`worker`]: the single queue worker (control handshake, data both ways, host fds);
-//! - [`device`]: features, config space, worker creation.
+//! - [`device`]: features, config space, worker creation;
+//! - [`cli`]: the command line (clap), shared by `main` and the man page generator.
 
+pub mod cli;
 pub mod control;
 pub mod device;
 pub mod hostinfo;

@@ -9,7 +9,10 @@
 #    libvirt-daemon-driver-qemu; from bookworm-backports on bookworm hosts)
 #  * installs busybox-static, fio, iperf3, cpio, kmod, util-linux, zstd, xz-utils,
 #    fonts-dejavu-core (the font of the bench charts, read at run time), and gcc,
-#    libc6-dev, ca-certificates, iproute2, procps (building and running the tests)
+#    libc6-dev, ca-certificates, iproute2, procps (building and running the tests), and
+#    for the package tests (tests/tests/packages.rs) binutils (objcopy: cargo-deb's
+#    debug symbols), debootstrap (a clean bookworm root) and systemd-container
+#    (systemd-nspawn boots it); scripts/package.sh installs cargo-deb itself
 #  * downloads the guest kernel package (the current dependency of
 #    linux-image-amd64 in $GUEST_KERNEL_SUITE) and unpacks it into
 #    $GUEST_WORK/kernel-<suite> (it is NOT installed on the host)
@@ -59,10 +62,11 @@ fi
 
 # Besides the guest's tools: what building and running the tests needs on a bare Debian
 # (the linker and C library for cargo, CA certificates for crates.io, ip/ss for the network
-# tests, ps/pgrep), present on most machines and missing from a minimal one.
+# tests, ps/pgrep), present on most machines and missing from a minimal one; and what the
+# package tests need on the host (objcopy, debootstrap, systemd-nspawn).
 missing=()
 for p in busybox-static fio iperf3 cpio kmod util-linux zstd xz-utils fonts-dejavu-core \
-    gcc libc6-dev ca-certificates iproute2 procps; do
+    gcc libc6-dev ca-certificates iproute2 procps binutils debootstrap systemd-container; do
     [ -n "$(installed_version $p)" ] || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -12,9 +12,11 @@
 //! - [`net_peer`]: the test as a guest's network peer (a line stream and a ping, stamped);
 //! - [`vm`]: a QEMU steered through its console and QMP (live migration runs several);
 //! - [`blk_migration`]: TLS credentials, a cuttable relay and the `migrate` subcommands
-//!   for the block migration tests.
+//!   for the block migration tests;
 //! - [`libvirt`]: a `virsh` session on libvirt's embedded QEMU driver, and the example
-//!   domain XMLs of `deploy/libvirt/` filled in with a test's paths.
+//!   domain XMLs of `deploy/libvirt/` filled in with a test's paths;
+//! - [`packages`]: the Debian packages built, installed in a clean root and booted under
+//!   systemd-nspawn.
 
 pub mod blk_migration;
 pub mod capabilities;
@@ -28,6 +30,7 @@ pub mod guest_net;
 pub mod kill_plan;
 pub mod libvirt;
 pub mod net_peer;
+pub mod packages;
 pub mod records;
 pub mod sandbox;
 pub mod vm;

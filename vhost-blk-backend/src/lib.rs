@@ -7,8 +7,11 @@
 //! - [`worker`]: the queue worker (zero-copy submission, completion, dirty logging);
 //! - [`device`]: features, config space, worker creation;
 //! - [`throttle`]: the I/O limits' token buckets; [`throttle_client`]: the
-//!   `set-io-throttle` subcommand.
+//!   `set-io-throttle` subcommand;
+//! - [`mirror`]: active mirroring for a migration in write-blocking mode;
+//! - [`cli`]: the command line (clap), shared by `main` and the man page generator.
 
+pub mod cli;
 pub mod control;
 pub mod device;
 pub mod dirty;

@@ -6,8 +6,10 @@
 //! - [`worker`]: one worker per queue pair (TX, RX, backpressure, dirty logging);
 //! - [`ctrl`]: the control queue (RX mode, MAC filter, queue pairs);
 //! - [`stats`]: per-queue counters;
-//! - [`device`]: features, config space, queue layout, worker creation.
+//! - [`device`]: features, config space, queue layout, worker creation;
+//! - [`cli`]: the command line (clap), shared by `main` and the man page generator.
 
+pub mod cli;
 pub mod control;
 pub mod ctrl;
 pub mod device;
