@@ -304,6 +304,45 @@ fn a_cut_stream_leaves_the_destination_held_and_incomplete_and_a_retry_works() {
     assert!(image(&src) == image(&dst));
 }
 
+/// Cut anywhere: inside the Hello, right after it, in the bulk pass, in the last pass,
+/// inside the Complete frame. Every time both ends fail, the destination stays held,
+/// the source loses no change, and the retry after all of them makes the images equal.
+#[test]
+fn a_cut_at_every_phase_of_the_stream_then_a_retry_works() {
+    let src = backend(true, false);
+    shape_source(&src);
+    // The whole stream once, to know where its phases lie.
+    let probe = backend(false, true);
+    let (stats, _, _) = sync(&src, &probe, Mode::Full).unwrap();
+    let n = stats.wire_bytes as usize;
+    let dst = backend(false, true);
+    for limit in [1, 40, 400, n / 3, n - 4096, n - 10] {
+        let (a, b) = cutting_relay(limit);
+        if sync_over(&src, &dst, Mode::Full, a, b).is_ok() {
+            panic!("a stream cut at byte {limit} of {n} completed");
+        }
+        assert!(
+            !dst.shared.gate.is_open(),
+            "cut at {limit}: the destination serves"
+        );
+        assert_eq!(
+            src.shared.dirty.count(),
+            src.shared.dirty.blocks(),
+            "cut at {limit}: a failed full sync gives every block back"
+        );
+        if limit > 400 {
+            assert!(
+                dst.shared.sync.lock().unwrap().incomplete,
+                "cut at {limit}: the destination's image is not marked incomplete"
+            );
+        }
+    }
+    let (_, got, _) = sync(&src, &dst, Mode::Incremental).unwrap();
+    assert_eq!(got.mode, Mode::Full);
+    assert!(!dst.shared.sync.lock().unwrap().incomplete);
+    assert!(image(&src) == image(&dst));
+}
+
 mod vmm_driven {
     //! The hand-over the VMM's own migration triggers: a ready job hands the disk over
     //! when LOG_ALL is on and every ring has been stopped (QEMU pauses the guest for its
