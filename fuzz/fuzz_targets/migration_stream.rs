@@ -74,7 +74,7 @@ fn decode(mode: u8, session: u64, cut: usize, buf: &[u8]) {
 
 /// A message from the input and whether it is valid on the wire.
 fn message(r: &mut Reader) -> (Message, bool) {
-    match r.u8() % 8 {
+    match r.u8() % 9 {
         0 => {
             let mode = if r.u8() & 1 == 0 {
                 Mode::Full
@@ -158,6 +158,7 @@ fn message(r: &mut Reader) -> (Message, bool) {
         ),
         5 => (Message::Ack { seq: r.u64() }, true),
         6 => (Message::Barrier, true),
+        7 => (Message::Commit, true),
         _ => {
             let n = usize::from(r.u16());
             let reason = String::from_utf8_lossy(r.bytes(n)).into_owned();

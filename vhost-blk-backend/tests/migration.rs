@@ -75,6 +75,26 @@ fn sync_over(
     src_conn: Conn,
     dst_conn: Conn,
 ) -> Result<(SyncStats, Received, bool), (MigrationError, MigrationError)> {
+    match sync_ends(src, dst, mode, src_conn, dst_conn) {
+        (Ok((stats, full)), Ok(r)) => Ok((stats, r, full)),
+        (Err(e), Err(f)) => Err((e, f)),
+        (Ok(_), Err(f)) => panic!("source completed, destination failed: {f}"),
+        (Err(e), Ok(_)) => panic!("destination completed, source failed: {e}"),
+    }
+}
+
+/// One sync; what each end made of it.
+#[allow(clippy::type_complexity)]
+fn sync_ends(
+    src: &TestBackend,
+    dst: &TestBackend,
+    mode: Mode,
+    src_conn: Conn,
+    dst_conn: Conn,
+) -> (
+    Result<(SyncStats, bool), MigrationError>,
+    Result<Received, MigrationError>,
+) {
     let dshared = dst.shared.clone();
     let d = job_thread(move || receive(&dshared, dst_conn));
     let sshared = src.shared.clone();
@@ -90,13 +110,7 @@ fn sync_over(
     })
     .join()
     .unwrap();
-    let d = d.join().unwrap();
-    match (s, d) {
-        (Ok((stats, full)), Ok(r)) => Ok((stats, r, full)),
-        (Err(e), Err(f)) => Err((e, f)),
-        (Ok(_), Err(f)) => panic!("source completed, destination failed: {f}"),
-        (Err(e), Ok(_)) => panic!("destination completed, source failed: {e}"),
-    }
+    (s, d.join().unwrap())
 }
 
 fn image(b: &TestBackend) -> Vec<u8> {
@@ -305,8 +319,10 @@ fn a_cut_stream_leaves_the_destination_held_and_incomplete_and_a_retry_works() {
 }
 
 /// Cut anywhere: inside the Hello, right after it, in the bulk pass, in the last pass,
-/// inside the Complete frame. Every time both ends fail, the destination stays held,
-/// the source loses no change, and the retry after all of them makes the images equal.
+/// inside the Complete frame: both ends fail, the destination stays held, the source
+/// loses no change. Inside the Commit (the source has the Ack): the source is done, the
+/// destination, which cannot know that, holds and marks its copy incomplete. The retry
+/// after all of them makes the images equal.
 #[test]
 fn a_cut_at_every_phase_of_the_stream_then_a_retry_works() {
     let src = backend(true, false);
@@ -316,7 +332,9 @@ fn a_cut_at_every_phase_of_the_stream_then_a_retry_works() {
     let (stats, _, _) = sync(&src, &probe, Mode::Full).unwrap();
     let n = stats.wire_bytes as usize;
     let dst = backend(false, true);
-    for limit in [1, 40, 400, n / 3, n - 4096, n - 10] {
+    // The Commit frame (a header, no payload) ends the stream.
+    let commit = vhost_blk_backend::migration::stream::HEADER_LEN;
+    for limit in [1, 40, 400, n / 3, n - commit - 4096, n - commit - 10] {
         let (a, b) = cutting_relay(limit);
         if sync_over(&src, &dst, Mode::Full, a, b).is_ok() {
             panic!("a stream cut at byte {limit} of {n} completed");
@@ -337,6 +355,16 @@ fn a_cut_at_every_phase_of_the_stream_then_a_retry_works() {
             );
         }
     }
+    let (a, b) = cutting_relay(n - 10);
+    let (s, d) = sync_ends(&src, &dst, Mode::Full, a, b);
+    assert!(s.is_ok(), "the source had its Ack: {s:?}");
+    let e = d.expect_err("the destination never heard the Commit");
+    assert!(
+        e.to_string().contains("did not confirm the hand-over"),
+        "{e}"
+    );
+    assert!(!dst.shared.gate.is_open());
+    assert!(dst.shared.sync.lock().unwrap().incomplete);
     let (_, got, _) = sync(&src, &dst, Mode::Incremental).unwrap();
     assert_eq!(got.mode, Mode::Full);
     assert!(!dst.shared.sync.lock().unwrap().incomplete);
@@ -457,6 +485,103 @@ mod vmm_driven {
             }
             let _ = to_dst.shutdown(std::net::Shutdown::Both);
         });
+    }
+
+    /// Listens at `at`; relays one connection to `to`, frame by frame, and cuts the
+    /// source's side right after its Complete frame went through: the destination's Ack
+    /// is written into a live connection (for 2 s) and never reaches the source.
+    fn relay_cut_after_complete(at: &std::path::Path, to: std::path::PathBuf) {
+        const HEADER: usize = 32;
+        const COMPLETE: u16 = 5; // the stream's kind number of Complete
+        let l = std::os::unix::net::UnixListener::bind(at).unwrap();
+        std::thread::spawn(move || {
+            let (mut from_src, _) = l.accept().unwrap();
+            let mut to_dst = UnixStream::connect(&to).unwrap();
+            let (mut back_in, mut back_out) =
+                (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut back_in, &mut back_out);
+            });
+            let mut head = [0u8; HEADER];
+            while from_src.read_exact(&mut head).is_ok() {
+                let kind = u16::from_le_bytes([head[6], head[7]]);
+                let len = u32::from_le_bytes([head[24], head[25], head[26], head[27]]);
+                let mut payload = vec![0u8; len as usize];
+                if from_src.read_exact(&mut payload).is_err()
+                    || to_dst.write_all(&head).is_err()
+                    || to_dst.write_all(&payload).is_err()
+                {
+                    break;
+                }
+                if kind == COMPLETE {
+                    // The source's side goes; the destination's Ack lands in a live
+                    // connection and goes nowhere.
+                    let _ = from_src.shutdown(std::net::Shutdown::Both);
+                    std::thread::sleep(Duration::from_secs(2));
+                    break;
+                }
+            }
+            let _ = to_dst.shutdown(std::net::Shutdown::Both);
+            let _ = from_src.shutdown(std::net::Shutdown::Both);
+        });
+    }
+
+    /// The destination got the whole sync and acked it, but the Ack was lost: the source
+    /// cannot know the destination has the disk, so it keeps serving; the destination
+    /// must then not serve too (two writers on two copies). It holds until a sync it
+    /// knows the source saw completes: the retry.
+    #[test]
+    fn a_lost_ack_never_leaves_both_ends_serving_and_a_retry_hands_over() {
+        let src = backend(true, false);
+        let dst = backend(false, true);
+        let dst_path = dst.dir.path().join("mig.sock");
+        let mut l = listen(&Uri::Unix(dst_path.clone()), &Security::default()).unwrap();
+        let dshared = dst.shared.clone();
+        job_thread(move || serve_incoming(&dshared, &mut l));
+        let relay = dst.dir.path().join("relay.sock");
+        relay_cut_after_complete(&relay, dst_path.clone());
+        let mut fe = TestFrontend::connect(src.socket(), FrontendOptions::default()).unwrap();
+        let m = Arc::new(Migrations::new(
+            src.shared.clone(),
+            Security::default(),
+            Duration::from_millis(100),
+        ));
+        let params = |uri| JobParams {
+            uri,
+            incremental: false,
+            copy_mode: CopyMode::Background,
+            max_bandwidth: 0,
+        };
+        m.start(params(Uri::Unix(relay))).unwrap();
+        wait_status(&m, "ready");
+        m.complete().unwrap();
+        wait_status(&m, "concluded");
+        assert!(
+            m.query().unwrap().get("error").is_some(),
+            "the Ack was lost"
+        );
+        assert!(src.shared.gate.is_open(), "the source keeps the disk");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !dst.shared.gate.is_open(),
+            "the destination serves while the source does: two copies written"
+        );
+        // The source goes on; then a retry hands over.
+        assert_eq!(write(&mut fe, 40, &[0x66; 4096]), status::OK);
+        m.start(params(Uri::Unix(dst_path))).unwrap();
+        wait_status(&m, "ready");
+        m.complete().unwrap();
+        wait_status(&m, "concluded");
+        let q = m.query().unwrap();
+        assert!(q.get("error").is_none(), "{q}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !dst.shared.gate.is_open() {
+            assert!(Instant::now() < deadline, "the destination does not serve");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!src.shared.gate.is_open());
+        assert!(image(&src) == image(&dst));
+        assert_eq!(&image(&dst)[40 * 512..40 * 512 + 4096], &[0x66; 4096][..]);
     }
 
     pub(super) fn wait_status_of(m: &Migrations, want: &str) {

@@ -7,7 +7,9 @@
 //! content is then neither the old disk nor the new one. A cut or refused stream leaves it
 //! so, and the next sync (a retry) makes it whole.
 //!
-//! After a completed sync the source keeps the connection open: if the VM stays on the
+//! A completed sync is served only once the source confirms it got the Ack (Commit):
+//! otherwise the source, which cannot tell, keeps serving, and two copies would be
+//! written. After that the source keeps the connection open: if the VM stays on the
 //! source after all (the VMM's migration failed after the disk was handed over), it says
 //! so with an Error frame, and this end marks its copy stale (incomplete: held, and not
 //! served after a restart either) and waits for the next sync.
@@ -99,7 +101,7 @@ fn stale_after(shared: &BlkShared, mut reader: FrameReader, mut dec: Decoder) ->
     }
 }
 
-/// Takes one sync over `conn`.
+/// Takes one sync over `conn`, up to the source's Commit.
 pub fn receive(shared: &BlkShared, conn: Conn) -> Result<Received, MigrationError> {
     receive_watchable(shared, conn).map(|(r, _, _)| r)
 }
@@ -260,6 +262,23 @@ fn receive_watchable(
                 }
                 record_complete(shared, checkpoint);
                 reply(&Message::Ack { seq }, &mut writer)?;
+                // Serve only once the source confirms it has our Ack: if it did not get
+                // it, it keeps serving, and so must we not.
+                match reader.next(&mut dec) {
+                    Ok(Some((Message::Commit, _))) => {}
+                    other => {
+                        let why = match other {
+                            Ok(Some((m, _))) => format!("it sent {m:?}"),
+                            Ok(None) => "it closed the connection".into(),
+                            Err(e) => e.to_string(),
+                        };
+                        mark_incomplete(shared);
+                        return Err(MigrationError::Protocol(format!(
+                            "the source did not confirm the hand-over ({why}): it may still \
+                             serve the disk, so this end holds it until a new sync completes"
+                        )));
+                    }
+                }
                 let r = Received {
                     checkpoint,
                     mode,

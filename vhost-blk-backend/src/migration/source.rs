@@ -312,6 +312,9 @@ impl<'a> Source<'a> {
             }
         }
         drop(st);
+        // The destination holds until it hears that we have its Ack.
+        self.send(&Message::Commit)?;
+        self.flush()?;
         let lease = Lease {
             conn: self.conn.try_clone()?,
             enc: self.enc.clone(),

@@ -53,6 +53,7 @@ mod kind {
     pub const ACK: u16 = 6;
     pub const ERROR: u16 = 7;
     pub const BARRIER: u16 = 8;
+    pub const COMMIT: u16 = 9;
 }
 
 /// What a sync sends.
@@ -178,6 +179,11 @@ pub enum Message {
     /// Source → destination: answer with an Ack once every extent sent before this frame
     /// is written (active mirroring: the guest's writes waiting for it may complete).
     Barrier,
+    /// Source → destination, after the Ack of Complete: the source knows the
+    /// destination has the disk and no longer serves it; the destination may serve.
+    /// (Without it the destination cannot tell a lost Ack from a delivered one, and
+    /// must not serve while the source might.)
+    Commit,
     /// Destination → source: every frame up to `seq` is applied (and, after Complete,
     /// durable).
     Ack {
@@ -270,6 +276,7 @@ fn kind_name(k: u16) -> &'static str {
         kind::ACK => "Ack",
         kind::ERROR => "Error",
         kind::BARRIER => "Barrier",
+        kind::COMMIT => "Commit",
         _ => "unknown",
     }
 }
@@ -353,6 +360,7 @@ impl Encoder {
                 kind::COMPLETE
             }
             Message::Barrier => kind::BARRIER,
+            Message::Commit => kind::COMMIT,
             Message::Ack { seq } => {
                 out.extend_from_slice(&seq.to_le_bytes());
                 kind::ACK
@@ -675,6 +683,7 @@ impl Decoder {
             },
             kind::ACK => Message::Ack { seq: f.u64()? },
             kind::BARRIER => Message::Barrier,
+            kind::COMMIT => Message::Commit,
             kind::ERROR => Message::Error { reason: f.text()? },
             _ => return Err(StreamError::UnknownKind(k)),
         };
@@ -773,6 +782,7 @@ mod tests {
             },
             Message::PassDone { pass: 2, bytes: 99 },
             Message::Barrier,
+            Message::Commit,
             Message::Complete {
                 checkpoint: checkpoint(),
             },
