@@ -64,9 +64,13 @@ pub enum LibvirtError {
 /// * so libvirt chowns nothing for it (`dynamic_ownership = 0`) and notes no owners in
 ///   extended attributes (`remember_owner = 0`): the shared guest kernel is left alone;
 /// * QEMU's stdout/stderr go straight to `<root>/log/qemu/<name>.log`, not through
-///   virtlogd (a service of its own, which nothing starts here).
+///   virtlogd (a service of its own, which nothing starts here);
+/// * QEMU runs in the test's own mount namespace (`namespaces = []`): libvirt's private
+///   /dev for it could not make a pty in the chroot `scripts/fresh-check.sh` runs the
+///   tests in ("Failed to create PTY"), and the tests need no device isolation.
 pub const EMBED_QEMU_CONF: &str = "user = \"root\"\ngroup = \"root\"\n\
-    dynamic_ownership = 0\nremember_owner = 0\nstdio_handler = \"file\"\n";
+    dynamic_ownership = 0\nremember_owner = 0\nstdio_handler = \"file\"\n\
+    namespaces = []\n";
 
 /// One `virsh` process on `qemu:///embed?root=<root>`, fed commands on its stdin.
 /// stdout and stderr arrive merged, line by line, and are copied to a log file.
