@@ -1,22 +1,28 @@
-//! `bench compare migrate`: moving a disk image to another host, ours against QEMU's.
+//! `bench compare migrate`: moving a disk image to another host, ours against QEMU's and
+//! against a plain TCP copy of the same image.
 //!
-//! Two cases on the same image, each over a loopback TCP connection:
+//! Every case runs over a loopback TCP connection, on the same image, in one run:
 //!
-//! - **Full copy**: the whole image to a fresh destination, throughput in MB/s.
-//! - **Incremental return**: after a known amount of writes at random places in the
-//!   source, only what changed, measured as the bytes that went over the connection (and
-//!   its time). Less is better: ideally it is the data written, not the image.
-//!
-//! Our block migration is not built yet (a later issue), so its column is empty and the
-//! peer's numbers are the baseline it must beat when it lands. The peer is two
-//! qemu-storage-daemon processes, driven over QMP (a unix socket, JSON lines) by this
-//! module: the source one holds the image and runs the block jobs, the destination one
-//! serves a fresh image as a writable NBD export on 127.0.0.1. See [`run_rep`] for the
-//! exact sequence and why it is the one a user would run.
+//! - **Full copy**: the whole image to a fresh destination, throughput in MB/s. Ours
+//!   over plain TCP and over TLS ([`ours`]), qemu-storage-daemon's `blockdev-mirror` to
+//!   an NBD export ([`run_rep`]), and a plain TCP copy with nothing but a socket and
+//!   pread/pwrite ([`plain`]): the limit a migration over loopback is measured against.
+//! - **Incremental return**: after a full copy, a known set of scattered writes (64 MiB
+//!   of 4–64 KiB writes by default) and an incremental sync that should send only what
+//!   changed: bytes sent, against the dirty blocks at the tracking granularity and
+//!   against the distinct bytes written.
+//! - **I/O stall at switch-over** (ours; [`switchover`]): under a steady 4 KiB random
+//!   write load, the time from the source's last completion to the destination's first,
+//!   in background mode and, where the backend offers it, write-blocking mode.
 //!
 //! Every repetition checks that the destination is byte-for-byte the source after each
-//! phase, and that the writes really landed in the source: a migration benchmark that
-//! moves the wrong data measures nothing.
+//! phase, and that the writes really landed: a migration benchmark that moves the wrong
+//! data measures nothing.
+
+mod creds;
+mod ours;
+mod plain;
+mod switchover;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -30,9 +36,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::blk::parse_size;
+use crate::blk::{parse_duration, parse_size};
 use crate::compare::{fill_random, CompareError};
-use crate::report::{self, machine, Row, Section};
+use crate::report::{self, machine, Metric, Row, Section};
 
 /// Options of `bench compare migrate`.
 #[derive(Args, Debug)]
@@ -55,24 +61,50 @@ pub struct CompareMigrateArgs {
     /// (a multiple of 4 KiB): writes of 4 KiB to 64 KiB at random 4 KiB-aligned offsets.
     #[arg(long, default_value = "64m", value_parser = parse_size)]
     incremental_writes: u64,
+    /// 4 KiB random writes the load generator keeps in flight on the source (and submits
+    /// to the destination) during the switch-over cases.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    stall_iodepth: u16,
+    /// How long the switch-over cases let the job run under the load once it is ready,
+    /// before `migrate-complete` (e.g. 500ms, 2s).
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    stall_hold: Duration,
 }
 
 /// Contender names, ours first.
-const CONTENDERS: [&str; 2] = [
+const CONTENDERS: [&str; 3] = [
     "vhost-blk-backend block migration",
     "qemu-storage-daemon blockdev-mirror → NBD",
+    "plain TCP copy",
 ];
-
-/// Why our column is empty.
-const OURS_MISSING: &str =
-    "our block migration is not built yet (planned issue); this row is the baseline it must beat";
 
 /// Block size of the incremental writes' offsets and of their checks.
 const BLOCK: u64 = 4096;
 /// Largest incremental write.
 const MAX_WRITE: u64 = 64 << 10;
 
-/// One repetition's results.
+/// Bytes sent by an incremental sync over the dirty blocks' bytes at the tracking
+/// granularity (1.00: nothing but the blocks; the excess is protocol).
+const SENT_PER_DIRTY: Metric = Metric {
+    name: "sent / (dirty blocks × granularity)",
+    unit: "×",
+    higher_is_better: false,
+};
+/// Bytes sent by an incremental sync over the distinct bytes written (a coarse tracking
+/// granularity sends the untouched rest of every cluster written to).
+const SENT_PER_WRITTEN: Metric = Metric {
+    name: "sent / distinct bytes written",
+    unit: "×",
+    higher_is_better: false,
+};
+/// Requests that completed with an error status.
+const IO_ERRORS: Metric = Metric {
+    name: "I/O errors",
+    unit: "",
+    higher_is_better: false,
+};
+
+/// One repetition of the peer's cases.
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
     /// Full copy, MB/s (10^6 bytes).
@@ -84,10 +116,36 @@ struct Sample {
     inc_ms: f64,
     /// Incremental return: bytes the backup job copied (its `len`).
     inc_job_len: u64,
+    /// Incremental return: distinct bytes the writes touched (4 KiB blocks).
+    inc_written: u64,
     /// Number of incremental writes.
     writes: usize,
     /// Granularity of the dirty bitmap, bytes.
     granularity: u64,
+}
+
+/// One repetition of ours and of the plain copy.
+#[derive(Clone, Copy, Debug, Default)]
+struct OursSample {
+    /// Full copy over plain TCP, MB/s.
+    tcp_mbs: f64,
+    /// Of which: from `migrate-complete` to concluded, ms.
+    tcp_handover_ms: f64,
+    /// Full copy over TLS, MB/s.
+    tls_mbs: f64,
+    /// The plain TCP copy, MB/s.
+    plain_mbs: f64,
+    /// The incremental return.
+    ret: ours::Return,
+    /// The switch-over in background mode.
+    stall_bg: switchover::Stall,
+    /// The switch-over in write-blocking mode (None: not available).
+    stall_wb: Option<switchover::Stall>,
+}
+
+/// The seed of repetition `rep`'s incremental writes (the same for every contender).
+fn rep_seed(rep: u64) -> u64 {
+    0x9e37_79b9_7f4a_7c15 ^ rep.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
 /// Runs the comparison on every directory and returns the section (also written to
@@ -107,8 +165,14 @@ pub fn compare_migrate(a: &CompareMigrateArgs) -> Result<Section, CompareError> 
         return Err(CompareError::Run("--reps must be at least 1".into()));
     }
     let qsd_version = qsd_version()?;
+    let bin = vhost_tests::guest::locate_sibling_binary("vhost-blk-backend", "VHOST_BLK_BACKEND")
+        .map_err(CompareError::Run)?;
+    let ours_version = report::program_version(&bin).unwrap_or_else(|| "vhost-blk-backend".into());
+    let job_timeout = Duration::from_secs(60 + a.size / 5_000_000);
     let mut rows = Vec::new();
     let mut facts = Vec::new();
+    // Why write-blocking is not measured (the backend refused it), once known.
+    let mut wb_missing: Option<String> = None;
     for dir in &a.dirs {
         let work = WorkDir::create(dir)?;
         let image = work.0.join("src.img");
@@ -118,17 +182,48 @@ pub fn compare_migrate(a: &CompareMigrateArgs) -> Result<Section, CompareError> 
             work.0.display()
         );
         fill_random(&image, a.size)?;
+        let creds = work.0.join("tls");
+        creds::make(&creds)?;
+        let ctx = ours::Ctx {
+            bin: &bin,
+            work: &work.0,
+            image: &image,
+            size: a.size,
+            job_timeout,
+        };
         let mut samples = Vec::new();
+        let mut mine = Vec::new();
         for rep in 0..a.reps {
             eprintln!("migrate: {} rep {}/{}", dir.display(), rep + 1, a.reps);
             samples.push(run_rep(a, &work.0, &image, rep as u64)?);
+            mine.push(run_ours_rep(a, &ctx, &creds, rep as u64, &mut wb_missing)?);
         }
         let place = dir.display().to_string();
-        let col = |f: fn(&Sample) -> f64| vec![Vec::new(), samples.iter().map(f).collect()];
+        let per = |o: &dyn Fn(&OursSample) -> f64, q: &dyn Fn(&Sample) -> f64| {
+            vec![
+                mine.iter().map(o).collect(),
+                samples.iter().map(q).collect(),
+                Vec::new(),
+            ]
+        };
+        let full = format!("{place}: full copy {}", human(a.size));
         rows.push(Row {
-            case: format!("{place}: full copy {}", human(a.size)),
+            case: format!("{full}, TCP"),
             metric: report::MB_S,
-            samples: col(|s| s.full_mbs),
+            samples: vec![
+                mine.iter().map(|s| s.tcp_mbs).collect(),
+                samples.iter().map(|s| s.full_mbs).collect(),
+                mine.iter().map(|s| s.plain_mbs).collect(),
+            ],
+        });
+        rows.push(Row {
+            case: format!("{full}, ours over TLS"),
+            metric: report::MB_S,
+            samples: vec![
+                mine.iter().map(|s| s.tls_mbs).collect(),
+                Vec::new(),
+                mine.iter().map(|s| s.plain_mbs).collect(),
+            ],
         });
         let inc = format!(
             "{place}: incremental return after {} of writes",
@@ -137,44 +232,106 @@ pub fn compare_migrate(a: &CompareMigrateArgs) -> Result<Section, CompareError> 
         rows.push(Row {
             case: inc.clone(),
             metric: report::SENT_MIB,
-            samples: col(|s| s.inc_sent as f64 / f64::from(1 << 20)),
+            samples: per(&|s| s.ret.wire as f64 / f64::from(1 << 20), &|s| {
+                s.inc_sent as f64 / f64::from(1 << 20)
+            }),
+        });
+        rows.push(Row {
+            case: inc.clone(),
+            metric: report::TIME_MS,
+            samples: per(&|s| s.ret.ms, &|s| s.inc_ms),
+        });
+        rows.push(Row {
+            case: inc.clone(),
+            metric: SENT_PER_DIRTY,
+            samples: per(&|s| s.ret.wire as f64 / s.ret.dirty as f64, &|s| {
+                s.inc_sent as f64 / s.inc_job_len as f64
+            }),
         });
         rows.push(Row {
             case: inc,
-            metric: report::TIME_MS,
-            samples: col(|s| s.inc_ms),
+            metric: SENT_PER_WRITTEN,
+            samples: per(&|s| s.ret.wire as f64 / s.ret.written as f64, &|s| {
+                s.inc_sent as f64 / s.inc_written as f64
+            }),
         });
-        let job = report::median(
-            &samples
-                .iter()
-                .map(|s| s.inc_job_len as f64)
-                .collect::<Vec<_>>(),
+        let stall = format!(
+            "{place}: switch-over under 4k random writes QD{}",
+            a.stall_iodepth
         );
+        let ours_only = |v: Vec<f64>| vec![v, Vec::new(), Vec::new()];
+        rows.push(Row {
+            case: format!("{stall}, background"),
+            metric: STALL_MS,
+            samples: ours_only(mine.iter().map(|s| s.stall_bg.stall_ms).collect()),
+        });
+        rows.push(Row {
+            case: format!("{stall}, background"),
+            metric: IO_ERRORS,
+            samples: ours_only(mine.iter().map(|s| s.stall_bg.errors as f64).collect()),
+        });
+        let wb: Vec<switchover::Stall> = mine.iter().filter_map(|s| s.stall_wb).collect();
+        rows.push(Row {
+            case: format!("{stall}, write-blocking"),
+            metric: STALL_MS,
+            samples: ours_only(wb.iter().map(|s| s.stall_ms).collect()),
+        });
+        rows.push(Row {
+            case: format!("{stall}, write-blocking"),
+            metric: IO_ERRORS,
+            samples: ours_only(wb.iter().map(|s| s.errors as f64).collect()),
+        });
+
+        let med = |v: Vec<f64>| report::median(&v);
+        let job = med(samples.iter().map(|s| s.inc_job_len as f64).collect());
         let s0 = samples.first().copied().unwrap_or_default();
         facts.push(format!(
-            "{place}: the {} of writes ({} writes in the first repetition) dirtied a median {:.1} MiB at the bitmap's {} KiB granularity, exactly the clusters they touch; that is what the backup job copied, and the rest of the data sent is NBD request headers.",
+            "{place}: the {} of writes ({} writes in the first repetition, {:.1} MiB of distinct 4 KiB blocks) dirtied a median {:.1} MiB at qemu-storage-daemon's {} KiB bitmap granularity, exactly the clusters they touch, which is what its backup job copied (the rest of what it sent is NBD request headers); ours tracks 4 KiB blocks and sent exactly those blocks' data.",
             human(a.incremental_writes),
             s0.writes,
+            s0.inc_written as f64 / f64::from(1 << 20),
             job / f64::from(1 << 20),
             s0.granularity >> 10,
         ));
+        facts.push(format!(
+            "{place}: of our TCP full copy's time, a median {:.0} ms is the hand-over (from `migrate-complete` to concluded: the job looks for the request between idle passes, and the destination makes the image durable and acknowledges).",
+            med(mine.iter().map(|s| s.tcp_handover_ms).collect()),
+        ));
+        facts.push(format!(
+            "{place}: switch-over load: a median {:.0} writes/s on the source before the hand-over; the job's own downtime (holding new requests → the destination's acknowledgement) a median {:.1} ms in background mode{}, after a median {:.0} passes.",
+            med(mine.iter().map(|s| s.stall_bg.src_iops).collect()),
+            med(mine.iter().map(|s| s.stall_bg.downtime_ms).collect()),
+            if wb.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {:.1} ms in write-blocking mode",
+                    med(wb.iter().map(|s| s.downtime_ms).collect())
+                )
+            },
+            med(mine.iter().map(|s| s.stall_bg.passes as f64).collect()),
+        ));
     }
-    // Ratio columns and ratio bars need our numbers; until our migration exists the
-    // section shows the peer's absolute values (and switches by itself once ours fills
-    // column 0).
-    let ratios = rows.iter().any(|r| r.median(0).is_some());
     let mut notes = vec![
-        format!("{}: {OURS_MISSING}.", CONTENDERS[0]),
-        "Full copy: source qemu-storage-daemon (file driver, aio=io_uring, cache.direct=on) runs `blockdev-mirror sync=full` to an `nbd` client node whose server is a second qemu-storage-daemon exporting a fresh sparse image of the same size (same options) on 127.0.0.1 over TCP; timed from the command to BLOCK_JOB_COMPLETED after `block-job-cancel` at BLOCK_JOB_READY (libvirt's way of ending a storage migration: the destination keeps a point-in-time copy, the source keeps running). MB = 10^6 bytes.".into(),
-        "Incremental return: a dirty bitmap is added to the source node at BLOCK_JOB_READY; the writes go through a second (unix-socket NBD) export of that node so the bitmap records them; then `blockdev-backup sync=incremental` with that bitmap copies the dirty clusters to the destination. It runs on the full copy's NBD connection. Data sent: the kernel's count of bytes the source sent on that connection during the job (`tcpi_bytes_sent` via `ss -ti`: NBD requests and data); time: from the command to BLOCK_JOB_COMPLETED.".into(),
-        "Checked every repetition: the destination equals the source byte for byte after the full copy and after the incremental return, and every incremental write is in the source.".into(),
+        format!("Ours: {ours_version}, two processes: the destination `vhost-blk-backend --blk-file DST --incoming tcp:127.0.0.1:PORT --migration-insecure` (or `--tls-creds DIR`, a throwaway CA's certificates in QEMU's tls-creds-x509 layout, on both ends), the source with `--control-socket`, both with `--dirty-bitmap FILE --dirty-granularity 4k`; the job driven over the control socket as `vhost-blk-backend migrate --to URI` and `migrate-complete` do (QMP `migrate`, JOB_STATUS_CHANGE ready, `migrate-complete`, concluded). Full copy timed from `migrate` to concluded (the destination has made the image durable and acknowledged)."),
+        "qemu-storage-daemon, full copy: the source daemon (file driver, aio=io_uring, cache.direct=on) runs `blockdev-mirror sync=full` to an `nbd` client node whose server is a second daemon exporting a fresh sparse image of the same size (same options) on 127.0.0.1 over TCP; timed from the command to BLOCK_JOB_COMPLETED after `block-job-cancel` at BLOCK_JOB_READY (libvirt's way of ending a storage migration). MB = 10^6 bytes.".into(),
+        "Plain TCP copy: this process reads the image with pread in 1 MiB pieces and writes the socket 2 MiB at a time (our source's sizes); a receiver thread reads into a buffer of two of our frames and writes with pwrite, then fdatasync (as our destination does before it acknowledges); timed from connect to that fdatasync. Both buffered, over 127.0.0.1: what moving these bytes costs with no protocol at all. Ratios against it: ours / plain.".into(),
+        "Incremental return, qemu-storage-daemon: a dirty bitmap is added to the source node at BLOCK_JOB_READY; the writes go through a second (unix-socket NBD) export of that node so the bitmap records them; then `blockdev-backup sync=incremental` with that bitmap copies the dirty clusters to the destination on the full copy's NBD connection. Bytes sent: the kernel's count of bytes the destination's end of that connection received during the job (`tcpi_bytes_received` via `ss -ti`; not the sender's `bytes_sent`, which counts loopback retransmissions on a busy machine twice); time: command to BLOCK_JOB_COMPLETED.".into(),
+        "Incremental return, ours: after the full copy the destination owns the disk; the same writes go to it through a vhost-user frontend (so its dirty bitmap records them as a guest's); the old source exits (SIGTERM: its bitmap file keeps the checkpoint), comes back with `--incoming` and that file, and the destination migrates back with `migrate --incremental`. Bytes sent: the job's count of everything it wrote to the connection (`query-migrate` bytes.wire: frames, headers, handshake), checked against the kernel's `tcpi_bytes_received` on the connection's other end at ready (within 1 KiB); time: `migrate` to concluded. The job must report mode incremental and cover exactly the blocks written.".into(),
+        format!("Switch-over: the load generator drives both ends in one process (one clock): {} 4 KiB random writes in flight on the source, as many submitted to the destination, which holds them until the sync has landed; the job runs (`migrate`, ready, {:?} more under the load, `migrate-complete`: the load generator is not a VMM doing LOG_ALL). Stall: the source's last completion to the destination's first. Then the destination must equal the source except the blocks its own session wrote after the hand-over. No peer row: qemu-storage-daemon's switch-over is its VMM's.", a.stall_iodepth, a.stall_hold),
+        "Checked every repetition: the destination equals the source byte for byte after every full copy and incremental return, every incremental write is in both images, every request's status is counted.".into(),
     ];
+    if let Some(why) = &wb_missing {
+        notes.push(format!(
+            "Write-blocking switch-over: not available in this build (`migrate` answered: {why})."
+        ));
+    }
     notes.extend(facts);
     let section = Section {
         name: "migrate".into(),
-        title: "Block migration: full copy and incremental return over loopback".into(),
+        title: "Block migration: full copy, incremental return and switch-over over loopback".into(),
         description: format!(
-            "Machine: {}. Image: {} of random data in {}. {qsd_version}. {} repetitions, each with fresh daemons and a fresh destination image; median (±spread = (max-min)/median). Command: `bench compare migrate --dir {} --size {} --reps {} --incremental-writes {}`.",
+            "Machine: {}. Image: {} of random data in {}. {ours_version}; {qsd_version}. {} repetitions, each with fresh backends and a fresh destination image, the contenders one after the other; median (±spread = (max-min)/median). Command: `bench compare migrate --dir {} --size {} --reps {} --incremental-writes {} --stall-iodepth {} --stall-hold {}ms`.",
             machine(),
             human(a.size),
             a.dirs
@@ -191,9 +348,11 @@ pub fn compare_migrate(a: &CompareMigrateArgs) -> Result<Section, CompareError> 
             size_arg(a.size),
             a.reps,
             size_arg(a.incremental_writes),
+            a.stall_iodepth,
+            a.stall_hold.as_millis(),
         ),
         contenders: CONTENDERS.iter().map(|c| c.to_string()).collect(),
-        ratios,
+        ratios: true,
         rows,
         notes,
     };
@@ -201,8 +360,70 @@ pub fn compare_migrate(a: &CompareMigrateArgs) -> Result<Section, CompareError> 
     Ok(section)
 }
 
-/// First line of `qemu-storage-daemon --version`; also fails early, with a clear message,
-/// when the daemon is not installed.
+/// The switch-over stall (its own metric name, so the table says what the time is).
+const STALL_MS: Metric = Metric {
+    name: "I/O stall",
+    unit: "ms",
+    higher_is_better: false,
+};
+
+/// One repetition of ours (TCP full copy and incremental return, TLS full copy, the
+/// switch-overs) and of the plain TCP copy, one after the other.
+fn run_ours_rep(
+    a: &CompareMigrateArgs,
+    ctx: &ours::Ctx,
+    creds: &Path,
+    rep: u64,
+    wb_missing: &mut Option<String>,
+) -> Result<OursSample, CompareError> {
+    let mbs = |d: Duration| ctx.size as f64 / 1e6 / d.as_secs_f64();
+    let mut s = OursSample::default();
+
+    let full = ours::full_copy(ctx, &ours::Link::Insecure)?;
+    s.tcp_mbs = mbs(full.job.total);
+    s.tcp_handover_ms = full.job.handover.as_secs_f64() * 1e3;
+    let seed = rep_seed(rep);
+    let plan = plan_writes(ctx.size, a.incremental_writes, seed);
+    s.ret = ours::incremental_return(ctx, full, &plan, seed)?;
+
+    let tls = ours::full_copy(ctx, &ours::Link::Tls(creds.to_path_buf()))?;
+    s.tls_mbs = mbs(tls.job.total);
+    drop(tls);
+
+    let plain_dst = ctx.work.join("plain-dst.img");
+    let secs = plain::copy(ctx.image, &plain_dst, ctx.size)?;
+    files_equal(ctx.image, &plain_dst)
+        .map_err(|e| CompareError::Run(format!("after the plain TCP copy: {e}")))?;
+    let _ = std::fs::remove_file(&plain_dst);
+    s.plain_mbs = ctx.size as f64 / 1e6 / secs;
+
+    s.stall_bg = switchover::run(ctx, "background", a.stall_iodepth, a.stall_hold, seed)?
+        .map_err(|why| CompareError::Run(format!("background migration refused: {why}")))?;
+    if wb_missing.is_none() {
+        match switchover::run(ctx, "write-blocking", a.stall_iodepth, a.stall_hold, seed)? {
+            Ok(st) => s.stall_wb = Some(st),
+            Err(why) => *wb_missing = Some(why),
+        }
+    }
+    let _ = std::fs::remove_file(ctx.work.join("ours-dst.img"));
+    eprintln!(
+        "migrate: ours full copy {:.0} MB/s over TCP ({:.0} ms hand-over), {:.0} MB/s over TLS; plain TCP {:.0} MB/s; incremental {:.2} MiB sent ({:.2} MiB dirty) in {:.1} ms; stall {:.1} ms background{}",
+        s.tcp_mbs,
+        s.tcp_handover_ms,
+        s.tls_mbs,
+        s.plain_mbs,
+        s.ret.wire as f64 / f64::from(1 << 20),
+        s.ret.dirty as f64 / f64::from(1 << 20),
+        s.ret.ms,
+        s.stall_bg.stall_ms,
+        match &s.stall_wb {
+            Some(w) => format!(", {:.1} ms write-blocking", w.stall_ms),
+            None => ", write-blocking not available".into(),
+        }
+    );
+    Ok(s)
+}
+
 fn qsd_version() -> Result<String, CompareError> {
     let out = Command::new("qemu-storage-daemon")
         .arg("--version")
@@ -306,7 +527,7 @@ fn run_rep_on(
     }
     // The connection must have carried at least the image (zero detection would show
     // here as less, and make the MB/s a measure of something else).
-    let full_sent = tcp_bytes_sent(nbd_port)?;
+    let full_sent = tcp_bytes_received(nbd_port)?;
     if full_sent < a.size {
         return Err(CompareError::Run(format!(
             "the full copy sent {full_sent} bytes for a {}-byte image",
@@ -317,7 +538,7 @@ fn run_rep_on(
         .map_err(|e| CompareError::Run(format!("after the full copy: {e}")))?;
 
     // 2. Writes through the source node, so that its bitmap sees them.
-    let seed = 0x9e37_79b9_7f4a_7c15 ^ rep.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let seed = rep_seed(rep);
     let plan = plan_writes(a.size, a.incremental_writes, seed);
     let mut nbd = NbdClient::connect(&writer_sock, "src", a.size)?;
     let mut buf = vec![0u8; MAX_WRITE as usize];
@@ -345,7 +566,7 @@ fn run_rep_on(
     }
 
     // 3. Incremental return, on the same connection as the full copy.
-    let sent0 = tcp_bytes_sent(nbd_port)?;
+    let sent0 = tcp_bytes_received(nbd_port)?;
     let t1 = Instant::now();
     src.qmp.execute(
         "blockdev-backup",
@@ -353,7 +574,7 @@ fn run_rep_on(
     )?;
     let inc = src.qmp.wait_job("ret", false, job_timeout)?;
     let inc_secs = t1.elapsed().as_secs_f64();
-    let sent = tcp_bytes_sent(nbd_port)? - sent0;
+    let sent = tcp_bytes_received(nbd_port)? - sent0;
     let JobEvent::Completed { len: job_len, .. } = inc else {
         return Err(CompareError::Run(format!("backup job ended with {inc:?}")));
     };
@@ -378,6 +599,7 @@ fn run_rep_on(
         inc_sent: sent,
         inc_ms: inc_secs * 1e3,
         inc_job_len: job_len,
+        inc_written: dirty_bytes(&plan, BLOCK, a.size),
         writes: plan.len(),
         granularity,
     };
@@ -422,16 +644,18 @@ fn free_port() -> Result<u16, CompareError> {
         .port())
 }
 
-/// Bytes the one established TCP connection to 127.0.0.1:`port` (the source daemon's
-/// NBD client) has sent so far, from the kernel's `tcpi_bytes_sent` as `ss -ti` shows it.
+/// Bytes the destination's end of the one established TCP connection to
+/// 127.0.0.1:`port` has received so far, from the kernel's `tcpi_bytes_received` as
+/// `ss -ti` shows it.
 ///
 /// Counted by the kernel rather than by a relay in this process: a relay's extra copies
 /// cost about half again the incremental return's time on two CPUs. The count is every
-/// byte the migration put on the wire (requests and data), whatever the protocol, so our
-/// migration will be counted the same way.
-fn tcp_bytes_sent(port: u16) -> Result<u64, CompareError> {
+/// byte the migration put on the connection (requests and data), whatever the protocol.
+/// The receiving end's count, not the sender's `bytes_sent`: on a busy machine loopback
+/// TCP retransmits now and then, and `bytes_sent` counts those bytes twice.
+fn tcp_bytes_received(port: u16) -> Result<u64, CompareError> {
     let out = Command::new("ss")
-        .args(["-t", "-i", "-n", "-H", "state", "established", "dport", "="])
+        .args(["-t", "-i", "-n", "-H", "state", "established", "sport", "="])
         .arg(format!(":{port}"))
         .output()
         .map_err(|e| CompareError::Run(format!("cannot run ss (Debian package iproute2): {e}")))?;
@@ -441,18 +665,18 @@ fn tcp_bytes_sent(port: u16) -> Result<u64, CompareError> {
             String::from_utf8_lossy(&out.stderr)
         )));
     }
-    parse_ss_bytes_sent(&String::from_utf8_lossy(&out.stdout))
+    parse_ss_bytes_received(&String::from_utf8_lossy(&out.stdout))
         .map_err(|e| CompareError::Run(format!("connection to port {port}: {e}")))
 }
 
-/// The `bytes_sent` of the only socket in `ss -ti` output.
-fn parse_ss_bytes_sent(out: &str) -> Result<u64, String> {
+/// The `bytes_received` of the only socket in `ss -ti` output.
+fn parse_ss_bytes_received(out: &str) -> Result<u64, String> {
     let counts: Vec<&str> = out
         .split_whitespace()
-        .filter_map(|t| t.strip_prefix("bytes_sent:"))
+        .filter_map(|t| t.strip_prefix("bytes_received:"))
         .collect();
     match counts.as_slice() {
-        [n] => n.parse().map_err(|e| format!("bytes_sent {n:?}: {e}")),
+        [n] => n.parse().map_err(|e| format!("bytes_received {n:?}: {e}")),
         [] => Err(format!("no connection with a byte count in {out:?}")),
         _ => Err(format!("{} connections, expected one", counts.len())),
     }
@@ -743,18 +967,39 @@ impl Qmp {
 
     /// Runs a command and returns its value; events that arrive meanwhile are kept.
     fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, CompareError> {
+        self.try_execute(cmd, args)?
+            .map_err(|e| CompareError::Run(format!("{}: {cmd}: {e}", self.name)))
+    }
+
+    /// Runs a command: Ok(Err(why)) when the server refuses it ("class: description"),
+    /// for callers to whom a refusal is an answer (a mode not available yet).
+    fn try_execute(
+        &mut self,
+        cmd: &str,
+        args: Value,
+    ) -> Result<Result<Value, String>, CompareError> {
         let mut line = json!({"execute": cmd, "arguments": args}).to_string();
         line.push('\n');
         self.writer.write_all(line.as_bytes())?;
         let deadline = Instant::now() + QMP_TIMEOUT;
         loop {
             match self.read_msg(deadline)? {
-                QmpMsg::Return(v) => return Ok(v),
-                QmpMsg::Error(e) => {
-                    return Err(CompareError::Run(format!("{}: {cmd}: {e}", self.name)))
-                }
+                QmpMsg::Return(v) => return Ok(Ok(v)),
+                QmpMsg::Error(e) => return Ok(Err(e)),
                 QmpMsg::Event(ev) => self.events.push_back(ev),
                 QmpMsg::Greeting => {}
+            }
+        }
+    }
+
+    /// The next event (kept ones first), waiting until `deadline`.
+    fn next_event(&mut self, deadline: Instant) -> Result<Event, CompareError> {
+        loop {
+            if let Some(ev) = self.events.pop_front() {
+                return Ok(ev);
+            }
+            if let QmpMsg::Event(ev) = self.read_msg(deadline)? {
+                return Ok(ev);
             }
         }
     }
@@ -769,13 +1014,7 @@ impl Qmp {
     ) -> Result<JobEvent, CompareError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let ev = match self.events.pop_front() {
-                Some(ev) => ev,
-                None => match self.read_msg(deadline)? {
-                    QmpMsg::Event(ev) => ev,
-                    _ => continue,
-                },
-            };
+            let ev = self.next_event(deadline)?;
             match job_event(&ev, job) {
                 JobEvent::Other => {}
                 JobEvent::Ready if !until_ready => {}
@@ -1265,10 +1504,10 @@ mod tests {
         // `ss -tinH state established`, one loopback connection seen from both ends.
         let client = "0      0      127.0.0.1:41228 127.0.0.1:38017\n\t bbr wscale:10,10 rto:204 rtt:0.24/0.169 ato:40 mss:65483 cwnd:36 ssthresh:8 bytes_sent:11534781 bytes_acked:11534782 bytes_received:343 segs_out:212 segs_in:68 data_segs_out:206 bbr:(bw:74837709824bps,mrtt:0.006,pacing_gain:1,cwnd_gain:2) send 78579600000bps lastrcv:4 delivered:207 busy:4ms snd_wnd:6014976\n";
         let server = "0      0      127.0.0.1:38017 127.0.0.1:41228\n\t bbr wscale:10,10 rto:204 rtt:0.25/0.407 ato:40 mss:32768 cwnd:14 bytes_sent:343 bytes_acked:343 bytes_received:11534781 segs_out:67 app_limited snd_wnd:65536\n";
-        assert_eq!(parse_ss_bytes_sent(client), Ok(11_534_781));
-        assert!(parse_ss_bytes_sent(&format!("{client}{server}")).is_err());
-        assert!(parse_ss_bytes_sent("").is_err());
-        assert!(parse_ss_bytes_sent("x bytes_sent:12a").is_err());
+        assert_eq!(parse_ss_bytes_received(server), Ok(11_534_781));
+        assert!(parse_ss_bytes_received(&format!("{client}{server}")).is_err());
+        assert!(parse_ss_bytes_received("").is_err());
+        assert!(parse_ss_bytes_received("x bytes_received:12a").is_err());
     }
 
     #[test]
