@@ -113,6 +113,20 @@ fn sync_ends(
     (s, d.join().unwrap())
 }
 
+/// Whether `b`'s gate is open within 5 s. A destination opens it right after it
+/// acknowledges the source's Complete, so a moment after the source's job concluded:
+/// asserting it at once races with that moment.
+fn serves_soon(b: &TestBackend) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !b.shared.gate.is_open() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
 fn image(b: &TestBackend) -> Vec<u8> {
     std::fs::read(&b.image).unwrap()
 }
@@ -599,7 +613,7 @@ mod vmm_driven {
         let q = m.query().unwrap();
         assert!(q.get("error").is_none(), "{q}");
         assert!(q["downtime-ms"].as_f64().is_some());
-        assert!(dst.shared.gate.is_open(), "the destination serves");
+        assert!(serves_soon(&dst), "the destination serves");
         assert!(!src.shared.gate.is_open(), "the source holds");
         assert!(image(&src) == image(&dst));
         assert_eq!(&image(&dst)[4096..8192], &[0x22; 4096][..]);
@@ -648,7 +662,7 @@ mod vmm_driven {
         let _log = fe.enable_dirty_log().unwrap();
         fe.fe.get_vring_base(0).unwrap();
         wait_status(&m, "concluded");
-        assert!(dst.shared.gate.is_open(), "the destination took the disk");
+        assert!(serves_soon(&dst), "the destination took the disk");
         // A handed-over source owns nothing to migrate.
         let uri = Uri::Unix(dst.dir.path().join("mig.sock"));
         let params = JobParams {
@@ -679,7 +693,7 @@ mod vmm_driven {
             q["mode"], "full",
             "a stale destination takes a full sync: {q}"
         );
-        assert!(dst.shared.gate.is_open());
+        assert!(serves_soon(&dst));
         assert!(!dst.shared.sync.lock().unwrap().incomplete);
         assert!(image(&src) == image(&dst));
         assert_eq!(&image(&dst)[32 * 512..32 * 512 + 4096], &[0x55; 4096][..]);
@@ -737,7 +751,7 @@ mod write_blocking {
         let q = m.query().unwrap();
         assert!(q.get("error").is_none(), "{q}");
         assert!(image(&src) == image(&dst));
-        assert!(dst.shared.gate.is_open());
+        assert!(serves_soon(&dst));
     }
 
     #[test]
@@ -785,7 +799,7 @@ mod write_blocking {
         wait_status_of(&m, "concluded");
         let q = m.query().unwrap();
         assert!(q.get("error").is_none(), "{q}");
-        assert!(dst.shared.gate.is_open() && !src.shared.gate.is_open());
+        assert!(serves_soon(&dst) && !src.shared.gate.is_open());
         assert!(on_destination(&dst, 400 * 512, 4096) == vec![0x6b; 4096]);
         assert!(image(&src) == image(&dst));
     }
