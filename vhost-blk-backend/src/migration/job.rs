@@ -19,7 +19,7 @@
 //! every ring stopped (the guest paused), once the job is ready.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -109,7 +109,28 @@ struct Job {
     /// stopped answering wakes at once, not at its read timeout).
     canceller: Mutex<Option<transport::Canceller>>,
     complete: AtomicBool,
+    /// Set and signalled by `complete` and `cancel`: the job's idle wait between passes
+    /// ends at once (a hand-over is not delayed by up to an idle pause).
+    nudge: (Mutex<bool>, Condvar),
     pacer: Arc<Pacer>,
+}
+
+impl Job {
+    /// Waits `timeout`, or less if `complete` or `cancel` is asked for meanwhile.
+    fn idle(&self, timeout: Duration) {
+        let woken = self.nudge.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut woken, _) = self
+            .nudge
+            .1
+            .wait_timeout_while(woken, timeout, |w| !*w)
+            .unwrap_or_else(|e| e.into_inner());
+        *woken = false;
+    }
+
+    fn nudge(&self) {
+        *self.nudge.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.nudge.1.notify_all();
+    }
 }
 
 /// The migrations of one device: at most one running at a time.
@@ -197,6 +218,7 @@ impl Migrations {
             cancel: Arc::new(AtomicBool::new(false)),
             canceller: Mutex::new(None),
             complete: AtomicBool::new(false),
+            nudge: (Mutex::new(false), Condvar::new()),
             pacer: Arc::new(Pacer::new(params.max_bandwidth)),
         });
         *cur = Some(job.clone());
@@ -288,6 +310,7 @@ impl Migrations {
             ));
         }
         job.cancel.store(true, Ordering::Release);
+        job.nudge();
         if let Some(c) = job
             .canceller
             .lock()
@@ -311,6 +334,7 @@ impl Migrations {
             )));
         }
         job.complete.store(true, Ordering::Release);
+        job.nudge();
         Ok(())
     }
 
@@ -507,7 +531,7 @@ impl Migrations {
                     .wait_for_writes(Duration::from_millis(50));
             } else if left < (1 << 20) {
                 // Little to do: do not spin on an idle disk.
-                std::thread::sleep(Duration::from_millis(50));
+                job.idle(Duration::from_millis(50));
             }
         }
         // Hand-over: hold new requests, let those in flight finish, last pass, Complete.
