@@ -22,7 +22,7 @@ use crate::dirty_file::Checkpoint;
 
 use super::image::SyncImage;
 use super::source::device_config;
-use super::stream::{check_extent, Decoder, Encoder, Message, Mode, EXTENT_ZERO};
+use super::stream::{check_extent, Decoder, Encoder, Frame, Message, Mode, EXTENT_ZERO};
 use super::transport::{Conn, Listener};
 use super::{FrameReader, MigrationError};
 
@@ -202,11 +202,30 @@ fn receive_watchable(
     let size = shared.disk.size;
     let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
     loop {
-        let Some((msg, seq)) = reader.next(&mut dec)? else {
-            return Err(MigrationError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the stream was cut before the sync completed",
-            )));
+        // A data extent is checked and written straight from the reader's buffer (a copy
+        // less per byte); every other frame comes back as a message.
+        let next = reader.next_with(&mut dec, |frame, seq| match frame {
+            Frame::Data { offset, data } => Next::Wrote(
+                check_extent(offset, data.len() as u32, size)
+                    .map_err(MigrationError::Protocol)
+                    .and_then(|()| image.write(offset, data).map_err(MigrationError::Image))
+                    .map(|()| data.len() as u64),
+            ),
+            Frame::Message(m) => Next::Message(m, seq),
+        })?;
+        let (msg, seq) = match next {
+            None => {
+                return Err(MigrationError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the stream was cut before the sync completed",
+                )))
+            }
+            Some(Next::Wrote(Ok(n))) => {
+                data_bytes += n;
+                continue;
+            }
+            Some(Next::Wrote(Err(e))) => return Err(refuse(e, &mut writer, &mut reply)),
+            Some(Next::Message(m, seq)) => (m, seq),
         };
         match msg {
             Message::Extent {
@@ -297,6 +316,14 @@ fn receive_watchable(
             }
         }
     }
+}
+
+/// What the receive loop got from the stream: a data extent it wrote, or a message.
+enum Next {
+    /// A data extent of this many bytes is written (or why not).
+    Wrote(Result<u64, MigrationError>),
+    /// Another frame, and its sequence number.
+    Message(Message, u64),
 }
 
 /// The image is about to change: neither old nor new until the sync completes.

@@ -84,11 +84,25 @@ impl FrameReader {
         &mut self,
         dec: &mut stream::Decoder,
     ) -> Result<Option<(stream::Message, u64)>, MigrationError> {
+        self.next_with(dec, |frame, seq| (frame.into_message(), seq))
+    }
+
+    /// The next frame, handed with its sequence number to `take` while it is still in
+    /// this reader's buffer (a data extent's bytes are not copied out): `take`'s result,
+    /// or Ok(None) at a clean end of the stream (between frames).
+    pub(crate) fn next_with<R>(
+        &mut self,
+        dec: &mut stream::Decoder,
+        take: impl FnOnce(stream::Frame<'_>, u64) -> R,
+    ) -> Result<Option<R>, MigrationError> {
         use std::io::Read;
         loop {
-            if let Some((msg, seq, n)) = dec.decode(&self.buf[self.start..self.end], self.eof)? {
+            if let Some((frame, seq, n)) =
+                dec.decode_frame(&self.buf[self.start..self.end], self.eof)?
+            {
+                let r = take(frame, seq);
                 self.start += n;
-                return Ok(Some((msg, seq)));
+                return Ok(Some(r));
             }
             if self.eof {
                 return Ok(None);

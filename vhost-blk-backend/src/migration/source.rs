@@ -20,7 +20,9 @@ use crate::dirty::DirtyBitmap;
 use crate::dirty_file::Checkpoint;
 
 use super::image::{is_zero, Content, SyncImage};
-use super::stream::{Decoder, DeviceConfig, Encoder, Message, Mode, EXTENT_ZERO, MAX_EXTENT};
+use super::stream::{
+    Decoder, DeviceConfig, Encoder, Message, Mode, DATA_EXTENT_PREFIX, EXTENT_ZERO, MAX_EXTENT,
+};
 use super::transport::Conn;
 use super::{FrameReader, MigrationError};
 
@@ -104,6 +106,19 @@ pub fn device_config(shared: &BlkShared) -> DeviceConfig {
     }
 }
 
+/// The unit of zero detection: runs of all-zero blocks of this size travel as flags.
+const UNIT: usize = 4096;
+
+/// Pieces at least this large that are data throughout are sent from where they were
+/// read ([`Source::send_piece`]); smaller ones are copied into the output buffer, where
+/// many of them share one write to the connection.
+const IN_PLACE_MIN: usize = 128 << 10;
+
+/// Whether any [`UNIT`] of `data` is all zeros (the last one may be short).
+fn has_zero_block(data: &[u8]) -> bool {
+    data.chunks(UNIT).any(is_zero)
+}
+
 /// A sync in progress, source side.
 pub struct Source<'a> {
     shared: &'a BlkShared,
@@ -118,7 +133,9 @@ pub struct Source<'a> {
     done: bool,
     checkpoint: Checkpoint,
     out: Vec<u8>,
-    buf: Vec<u8>,
+    /// A data extent frame: the image is read into it after its header's room, and it
+    /// goes to the connection as it is (see [`Source::send_piece`]).
+    frame: Vec<u8>,
     pacer: Option<Arc<Pacer>>,
     cancel: Option<Arc<AtomicBool>>,
     /// What was sent so far.
@@ -155,7 +172,7 @@ impl<'a> Source<'a> {
             done: false,
             checkpoint,
             out: Vec::with_capacity(4 << 20),
-            buf: vec![0u8; MAX_EXTENT as usize],
+            frame: vec![0u8; DATA_EXTENT_PREFIX + MAX_EXTENT as usize],
             pacer: None,
             cancel: None,
             stats: SyncStats::default(),
@@ -329,23 +346,44 @@ impl<'a> Source<'a> {
         let mut at = 0;
         while at < len {
             let n = (len - at).min(u64::from(MAX_EXTENT)) as usize;
-            let off = offset + at;
-            let mut buf = std::mem::take(&mut self.buf);
-            let r = match self.image.read(off, &mut buf[..n]) {
-                Ok(Content::Zero) => self.send_zeros(off, n as u64),
-                Ok(Content::Data) => self.send_runs(off, &buf[..n]),
-                Err(e) => Err(MigrationError::Image(e)),
-            };
-            self.buf = buf;
+            let mut frame = std::mem::take(&mut self.frame);
+            let r = self.send_piece(offset + at, &mut frame[..DATA_EXTENT_PREFIX + n]);
+            self.frame = frame;
             r?;
             at += n as u64;
         }
         Ok(())
     }
 
+    /// Reads the image at `offset` into `frame` after its [`DATA_EXTENT_PREFIX`] and
+    /// sends it. A large piece of data without a zero block, the bulk pass's usual case,
+    /// is sealed as one extent frame where it was read and written to the connection as
+    /// it is: the data is copied once (page cache to `frame`) before the socket's own
+    /// copy, not a second time into the output buffer. Anything else goes through
+    /// [`Source::send_runs`].
+    fn send_piece(&mut self, offset: u64, frame: &mut [u8]) -> Result<(), MigrationError> {
+        let data = &mut frame[DATA_EXTENT_PREFIX..];
+        let n = data.len();
+        match self.image.read(offset, data) {
+            Err(e) => Err(MigrationError::Image(e)),
+            Ok(Content::Zero) => self.send_zeros(offset, n as u64),
+            Ok(Content::Data) if n >= IN_PLACE_MIN && !has_zero_block(data) => {
+                self.stats.data_bytes += n as u64;
+                self.stats.extents += 1;
+                if let Some(p) = &self.pacer {
+                    p.covered(n as u64);
+                }
+                self.enc.seal_data_extent(offset, frame);
+                // The frames queued before it go first: sequence numbers are in order.
+                self.flush()?;
+                self.write_wire(frame)
+            }
+            Ok(Content::Data) => self.send_runs(offset, &frame[DATA_EXTENT_PREFIX..]),
+        }
+    }
+
     /// Sends `data` (read at `offset`) as alternating runs of data and zero blocks.
     fn send_runs(&mut self, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
-        const UNIT: usize = 4096;
         let mut start = 0;
         while start < data.len() {
             let zero = is_zero(&data[start..(start + UNIT).min(data.len())]);
@@ -415,13 +453,18 @@ impl<'a> Source<'a> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let r = self
-            .conn
-            .write_all(&self.out)
-            .and_then(|()| self.conn.flush());
-        let n = self.out.len() as u64;
-        self.stats.wire_bytes += n;
+        let out = std::mem::take(&mut self.out);
+        let r = self.write_wire(&out);
+        self.out = out;
         self.out.clear();
+        r
+    }
+
+    /// Writes whole frames to the connection: counted, paced, and cancellable.
+    fn write_wire(&mut self, bytes: &[u8]) -> Result<(), MigrationError> {
+        let r = self.conn.write_all(bytes).and_then(|()| self.conn.flush());
+        let n = bytes.len() as u64;
+        self.stats.wire_bytes += n;
         let cancelled = || {
             self.cancel
                 .as_ref()

@@ -37,6 +37,9 @@ pub const HEADER_LEN: usize = 32;
 pub const MAX_EXTENT: u32 = 1 << 20;
 /// Largest payload (an extent's data plus its fields).
 pub const MAX_PAYLOAD: u32 = MAX_EXTENT + 64;
+/// Bytes of a data extent frame before its data: the header, then the extent's offset,
+/// length and flags (see [`Encoder::seal_data_extent`]).
+pub const DATA_EXTENT_PREFIX: usize = HEADER_LEN + 16;
 /// Largest text (reasons) in a message.
 const MAX_TEXT: usize = 4096;
 
@@ -197,6 +200,38 @@ pub enum Message {
     },
 }
 
+/// A decoded frame as [`Decoder::decode_frame`] gives it: a data extent's bytes stay in
+/// the caller's buffer (the destination writes them to the image from where they were
+/// read, without copying them out first); every other frame is a [`Message`].
+#[derive(Debug)]
+pub enum Frame<'a> {
+    /// A data extent: `data` at `offset` (`data` is never empty: at most
+    /// [`MAX_EXTENT`] bytes).
+    Data {
+        /// Byte offset in the image.
+        offset: u64,
+        /// The bytes, in the decoded buffer.
+        data: &'a [u8],
+    },
+    /// Any other frame, zero extents included.
+    Message(Message),
+}
+
+impl Frame<'_> {
+    /// The frame as an owned message (a data extent's bytes copied).
+    pub fn into_message(self) -> Message {
+        match self {
+            Frame::Data { offset, data } => Message::Extent {
+                offset,
+                len: data.len() as u32,
+                flags: 0,
+                data: data.to_vec(),
+            },
+            Frame::Message(m) => m,
+        }
+    }
+}
+
 /// Why bytes on the stream are not an acceptable frame.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StreamError {
@@ -312,6 +347,19 @@ impl Encoder {
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(data);
         self.seal(kind::EXTENT, start, out)
+    }
+
+    /// Makes `frame` a data extent frame in place: its first [`DATA_EXTENT_PREFIX`]
+    /// bytes are room for the header and the extent's fields, the rest is the data (at
+    /// most [`MAX_EXTENT`] bytes, at `offset`), which the caller put there, e.g. read
+    /// straight from the image; the data is not copied. The same bytes as
+    /// `encode_data_extent`; returns the sequence number.
+    pub fn seal_data_extent(&mut self, offset: u64, frame: &mut [u8]) -> u64 {
+        let len = (frame.len() - DATA_EXTENT_PREFIX) as u32;
+        frame[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&offset.to_le_bytes());
+        frame[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&len.to_le_bytes());
+        frame[HEADER_LEN + 12..DATA_EXTENT_PREFIX].copy_from_slice(&0u32.to_le_bytes());
+        self.seal(kind::EXTENT, 0, frame)
     }
 
     /// Appends `msg` as one frame to `out`; returns its sequence number.
@@ -528,6 +576,17 @@ impl Decoder {
         buf: &[u8],
         at_eof: bool,
     ) -> Result<Option<(Message, u64, usize)>, StreamError> {
+        Ok(self
+            .decode_frame(buf, at_eof)?
+            .map(|(f, seq, n)| (f.into_message(), seq, n)))
+    }
+
+    /// [`Decoder::decode`], with a data extent's bytes left in `buf` ([`Frame::Data`]).
+    pub fn decode_frame<'a>(
+        &mut self,
+        buf: &'a [u8],
+        at_eof: bool,
+    ) -> Result<Option<(Frame<'a>, u64, usize)>, StreamError> {
         let need_more = |need: usize| {
             if at_eof && (!buf.is_empty() || need > HEADER_LEN) {
                 Err(StreamError::Truncated {
@@ -598,8 +657,8 @@ impl Decoder {
                 want: self.next_seq,
             });
         }
-        let msg = Self::parse(k, payload)?;
-        if self.session.is_none() && !matches!(msg, Message::Hello { .. }) {
+        let msg = Self::parse_frame(k, payload)?;
+        if self.session.is_none() && !matches!(msg, Frame::Message(Message::Hello { .. })) {
             return Err(StreamError::Malformed {
                 kind: kind_name(k),
                 why: "the stream must start with Hello".into(),
@@ -610,6 +669,46 @@ impl Decoder {
         Ok(Some((msg, seq, total)))
     }
 
+    /// An extent frame (its data borrowed from `payload`), or [`Decoder::parse`]'s
+    /// message.
+    fn parse_frame(k: u16, payload: &[u8]) -> Result<Frame<'_>, StreamError> {
+        if k != kind::EXTENT {
+            return Self::parse(k, payload).map(Frame::Message);
+        }
+        let mut f = Fields {
+            b: payload,
+            kind: kind_name(k),
+        };
+        let offset = f.u64()?;
+        let len = f.u32()?;
+        let flags = f.u32()?;
+        if len == 0 || len > MAX_EXTENT {
+            return Err(f.bad(format!("length {len}")));
+        }
+        if flags & !EXTENT_ZERO != 0 {
+            return Err(f.bad(format!("unknown flags {flags:#x}")));
+        }
+        if offset.checked_add(u64::from(len)).is_none() {
+            return Err(f.bad(format!("range {offset}+{len} overflows")));
+        }
+        let frame = if flags & EXTENT_ZERO != 0 {
+            Frame::Message(Message::Extent {
+                offset,
+                len,
+                flags,
+                data: Vec::new(),
+            })
+        } else {
+            Frame::Data {
+                offset,
+                data: f.take(len as usize)?,
+            }
+        };
+        f.end()?;
+        Ok(frame)
+    }
+
+    /// Every message but an extent (see [`Decoder::parse_frame`]).
     fn parse(k: u16, payload: &[u8]) -> Result<Message, StreamError> {
         let mut f = Fields {
             b: payload,
@@ -649,31 +748,6 @@ impl Decoder {
                 mode: f.mode()?,
                 reason: f.text()?,
             },
-            kind::EXTENT => {
-                let offset = f.u64()?;
-                let len = f.u32()?;
-                let flags = f.u32()?;
-                if len == 0 || len > MAX_EXTENT {
-                    return Err(f.bad(format!("length {len}")));
-                }
-                if flags & !EXTENT_ZERO != 0 {
-                    return Err(f.bad(format!("unknown flags {flags:#x}")));
-                }
-                if offset.checked_add(u64::from(len)).is_none() {
-                    return Err(f.bad(format!("range {offset}+{len} overflows")));
-                }
-                let data = if flags & EXTENT_ZERO != 0 {
-                    Vec::new()
-                } else {
-                    f.take(len as usize)?.to_vec()
-                };
-                Message::Extent {
-                    offset,
-                    len,
-                    flags,
-                    data,
-                }
-            }
             kind::PASS_DONE => Message::PassDone {
                 pass: f.u32()?,
                 bytes: f.u64()?,
@@ -837,6 +911,39 @@ mod tests {
             &mut y,
         );
         assert_eq!(x, y);
+        // Sealed in place, after a first frame: the same bytes, the next sequence number.
+        let mut frame = vec![0xeeu8; DATA_EXTENT_PREFIX];
+        frame.extend_from_slice(&data);
+        a.encode(&Message::Barrier, &mut x);
+        b.encode(&Message::Barrier, &mut y);
+        assert_eq!(a.seal_data_extent(8192, &mut frame), 2);
+        b.encode_data_extent(8192, &data, &mut y);
+        assert_eq!(&y[x.len()..], &frame[..]);
+    }
+
+    #[test]
+    fn a_data_extent_decodes_in_place_and_everything_else_as_messages() {
+        let msgs = all_messages();
+        let buf = stream(&msgs);
+        let mut d = Decoder::new();
+        let (mut at, mut data_frames) = (0, 0);
+        while let Some((f, _, n)) = d.decode_frame(&buf[at..], true).unwrap() {
+            match f {
+                Frame::Data { offset, data } => {
+                    data_frames += 1;
+                    assert_eq!((offset, data), (4096, &(1..=8).collect::<Vec<u8>>()[..]));
+                    // The bytes are the frame's own, in the decoded buffer.
+                    let frame = buf[at..at + n].as_ptr_range();
+                    assert!(frame.contains(&data.as_ptr()));
+                }
+                Frame::Message(Message::Extent { flags, data, .. }) => {
+                    assert_eq!((flags, data.len()), (EXTENT_ZERO, 0));
+                }
+                Frame::Message(_) => {}
+            }
+            at += n;
+        }
+        assert_eq!((at, data_frames), (buf.len(), 1));
     }
 
     #[test]
