@@ -12,8 +12,9 @@
 //!   changed: bytes sent, against the dirty blocks at the tracking granularity and
 //!   against the distinct bytes written.
 //! - **I/O stall at switch-over** (ours; [`switchover`]): under a steady 4 KiB random
-//!   write load, the time from the source's last completion to the destination's first,
-//!   in background mode and, where the backend offers it, write-blocking mode.
+//!   write load (paced, and as fast as it goes), the longest time without a completion
+//!   across the hand-over (the source's last completion to the destination's first), in
+//!   background mode and, where the backend offers it, write-blocking mode.
 //!
 //! Every repetition checks that the destination is byte-for-byte the source after each
 //! phase, and that the writes really landed: a migration benchmark that moves the wrong
@@ -65,11 +66,18 @@ pub struct CompareMigrateArgs {
     /// to the destination) during the switch-over cases.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     stall_iodepth: u16,
+    /// The paced switch-over load: writes per second, both ends together (0: leave the
+    /// paced rows out). The unpaced load (as fast as the writes complete) always runs.
+    #[arg(long, default_value_t = 20_000)]
+    stall_iops: u64,
     /// How long the switch-over cases let the job run under the load once it is ready,
     /// before `migrate-complete` (e.g. 500ms, 2s).
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     stall_hold: Duration,
 }
+
+/// The switch-over's copy modes, in row order.
+const COPY_MODES: [&str; 2] = ["background", "write-blocking"];
 
 /// Contender names, ours first.
 const CONTENDERS: [&str; 3] = [
@@ -137,10 +145,9 @@ struct OursSample {
     plain_mbs: f64,
     /// The incremental return.
     ret: ours::Return,
-    /// The switch-over in background mode.
-    stall_bg: switchover::Stall,
-    /// The switch-over in write-blocking mode (None: not available).
-    stall_wb: Option<switchover::Stall>,
+    /// The switch-overs: per load (paced, unpaced), per copy mode ([`COPY_MODES`]);
+    /// None: not run (no paced load, or the mode is not available).
+    stalls: [[Option<switchover::Stall>; 2]; 2],
 }
 
 /// The seed of repetition `rep`'s incremental writes (the same for every contender).
@@ -255,31 +262,31 @@ pub fn compare_migrate(a: &CompareMigrateArgs) -> Result<Section, CompareError> 
                 s.inc_sent as f64 / s.inc_written as f64
             }),
         });
-        let stall = format!(
-            "{place}: switch-over under 4k random writes QD{}",
-            a.stall_iodepth
-        );
         let ours_only = |v: Vec<f64>| vec![v, Vec::new(), Vec::new()];
+        let mut errors = vec![0.0; mine.len()];
+        for (l, load) in loads(a).iter().enumerate() {
+            let Some(load) = load else { continue };
+            for (m, mode) in COPY_MODES.iter().enumerate() {
+                let runs: Vec<switchover::Stall> =
+                    mine.iter().filter_map(|s| s.stalls[l][m]).collect();
+                rows.push(Row {
+                    case: format!(
+                        "{place}: switch-over under 4k random writes QD{}, {}, {mode}",
+                        load.iodepth,
+                        load_name(load)
+                    ),
+                    metric: STALL_MS,
+                    samples: ours_only(runs.iter().map(|s| s.stall_ms).collect()),
+                });
+                for (e, s) in errors.iter_mut().zip(&mine) {
+                    *e += s.stalls[l][m].map_or(0.0, |s| s.errors as f64);
+                }
+            }
+        }
         rows.push(Row {
-            case: format!("{stall}, background"),
-            metric: STALL_MS,
-            samples: ours_only(mine.iter().map(|s| s.stall_bg.stall_ms).collect()),
-        });
-        rows.push(Row {
-            case: format!("{stall}, background"),
+            case: format!("{place}: switch-over, every run above"),
             metric: IO_ERRORS,
-            samples: ours_only(mine.iter().map(|s| s.stall_bg.errors as f64).collect()),
-        });
-        let wb: Vec<switchover::Stall> = mine.iter().filter_map(|s| s.stall_wb).collect();
-        rows.push(Row {
-            case: format!("{stall}, write-blocking"),
-            metric: STALL_MS,
-            samples: ours_only(wb.iter().map(|s| s.stall_ms).collect()),
-        });
-        rows.push(Row {
-            case: format!("{stall}, write-blocking"),
-            metric: IO_ERRORS,
-            samples: ours_only(wb.iter().map(|s| s.errors as f64).collect()),
+            samples: ours_only(errors),
         });
 
         let med = |v: Vec<f64>| report::median(&v);
@@ -297,20 +304,30 @@ pub fn compare_migrate(a: &CompareMigrateArgs) -> Result<Section, CompareError> 
             "{place}: of our TCP full copy's time, a median {:.0} ms is the hand-over (from `migrate-complete` to concluded: the job looks for the request between idle passes, and the destination makes the image durable and acknowledges).",
             med(mine.iter().map(|s| s.tcp_handover_ms).collect()),
         ));
-        facts.push(format!(
-            "{place}: switch-over load: a median {:.0} writes/s on the source before the hand-over; the job's own downtime (holding new requests → the destination's acknowledgement) a median {:.1} ms in background mode{}, after a median {:.0} passes.",
-            med(mine.iter().map(|s| s.stall_bg.src_iops).collect()),
-            med(mine.iter().map(|s| s.stall_bg.downtime_ms).collect()),
-            if wb.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    ", {:.1} ms in write-blocking mode",
-                    med(wb.iter().map(|s| s.downtime_ms).collect())
-                )
-            },
-            med(mine.iter().map(|s| s.stall_bg.passes as f64).collect()),
-        ));
+        for (l, load) in loads(a).iter().enumerate() {
+            let Some(load) = load else { continue };
+            let per_mode: Vec<String> = COPY_MODES
+                .iter()
+                .enumerate()
+                .filter_map(|(m, mode)| {
+                    let runs: Vec<switchover::Stall> =
+                        mine.iter().filter_map(|s| s.stalls[l][m]).collect();
+                    (!runs.is_empty()).then(|| {
+                        format!(
+                            "{mode}: {:.0} writes/s on the source between ready and `migrate-complete`, the job's own downtime (holding new requests → the destination's acknowledgement) {:.1} ms, {:.0} passes",
+                            med(runs.iter().map(|s| s.src_iops).collect()),
+                            med(runs.iter().map(|s| s.downtime_ms).collect()),
+                            med(runs.iter().map(|s| s.passes as f64).collect()),
+                        )
+                    })
+                })
+                .collect();
+            facts.push(format!(
+                "{place}: switch-over, {} (medians): {}.",
+                load_name(load),
+                per_mode.join("; ")
+            ));
+        }
     }
     let mut notes = vec![
         format!("Ours: {ours_version}, two processes: the destination `vhost-blk-backend --blk-file DST --incoming tcp:127.0.0.1:PORT --migration-insecure` (or `--tls-creds DIR`, a throwaway CA's certificates in QEMU's tls-creds-x509 layout, on both ends), the source with `--control-socket`, both with `--dirty-bitmap FILE --dirty-granularity 4k`; the job driven over the control socket as `vhost-blk-backend migrate --to URI` and `migrate-complete` do (QMP `migrate`, JOB_STATUS_CHANGE ready, `migrate-complete`, concluded). Full copy timed from `migrate` to concluded (the destination has made the image durable and acknowledged)."),
@@ -318,7 +335,7 @@ pub fn compare_migrate(a: &CompareMigrateArgs) -> Result<Section, CompareError> 
         "Plain TCP copy: this process reads the image with pread in 1 MiB pieces and writes the socket 2 MiB at a time (our source's sizes); a receiver thread reads into a buffer of two of our frames and writes with pwrite, then fdatasync (as our destination does before it acknowledges); timed from connect to that fdatasync. Both buffered, over 127.0.0.1: what moving these bytes costs with no protocol at all. Ratios against it: ours / plain.".into(),
         "Incremental return, qemu-storage-daemon: a dirty bitmap is added to the source node at BLOCK_JOB_READY; the writes go through a second (unix-socket NBD) export of that node so the bitmap records them; then `blockdev-backup sync=incremental` with that bitmap copies the dirty clusters to the destination on the full copy's NBD connection. Bytes sent: the kernel's count of bytes the destination's end of that connection received during the job (`tcpi_bytes_received` via `ss -ti`; not the sender's `bytes_sent`, which counts loopback retransmissions on a busy machine twice); time: command to BLOCK_JOB_COMPLETED.".into(),
         "Incremental return, ours: after the full copy the destination owns the disk; the same writes go to it through a vhost-user frontend (so its dirty bitmap records them as a guest's); the old source exits (SIGTERM: its bitmap file keeps the checkpoint), comes back with `--incoming` and that file, and the destination migrates back with `migrate --incremental`. Bytes sent: the job's count of everything it wrote to the connection (`query-migrate` bytes.wire: frames, headers, handshake), checked against the kernel's `tcpi_bytes_received` on the connection's other end at ready (within 1 KiB); time: `migrate` to concluded. The job must report mode incremental and cover exactly the blocks written.".into(),
-        format!("Switch-over: the load generator drives both ends in one process (one clock): {} 4 KiB random writes in flight on the source, as many submitted to the destination, which holds them until the sync has landed; the job runs (`migrate`, ready, {:?} more under the load, `migrate-complete`: the load generator is not a VMM doing LOG_ALL). Stall: the source's last completion to the destination's first. Then the destination must equal the source except the blocks its own session wrote after the hand-over. No peer row: qemu-storage-daemon's switch-over is its VMM's.", a.stall_iodepth, a.stall_hold),
+        format!("Switch-over: the load generator drives both ends in one process (one clock): {} 4 KiB random writes in flight on the source over the whole disk ({}, and as fast as they complete), as many submitted to the destination, which holds them until the sync has landed; the job runs (`migrate` with `copy-mode`, ready, {:?} more under the load, `migrate-complete`: the load generator is not a VMM doing LOG_ALL). I/O stall: the longest time without a completion on either end, from the last one before `migrate-complete` to the destination's first; in background mode that is the source's last completion to the destination's first (in write-blocking mode the writes waiting for the last round complete on the source after the hand-over). Then the destination must equal the source except the blocks its own session wrote after the hand-over. No peer row: qemu-storage-daemon's switch-over is its VMM's.", a.stall_iodepth, if a.stall_iops > 0 { format!("paced at {} writes/s", a.stall_iops) } else { "not paced".into() }, a.stall_hold),
         "Checked every repetition: the destination equals the source byte for byte after every full copy and incremental return, every incremental write is in both images, every request's status is counted.".into(),
     ];
     if let Some(why) = &wb_missing {
@@ -331,7 +348,7 @@ pub fn compare_migrate(a: &CompareMigrateArgs) -> Result<Section, CompareError> 
         name: "migrate".into(),
         title: "Block migration: full copy, incremental return and switch-over over loopback".into(),
         description: format!(
-            "Machine: {}. Image: {} of random data in {}. {ours_version}; {qsd_version}. {} repetitions, each with fresh backends and a fresh destination image, the contenders one after the other; median (±spread = (max-min)/median). Command: `bench compare migrate --dir {} --size {} --reps {} --incremental-writes {} --stall-iodepth {} --stall-hold {}ms`.",
+            "Machine: {}. Image: {} of random data in {}. {ours_version}; {qsd_version}. {} repetitions, each with fresh backends and a fresh destination image, the contenders one after the other; median (±spread = (max-min)/median). Command: `bench compare migrate --dir {} --size {} --reps {} --incremental-writes {} --stall-iodepth {} --stall-iops {} --stall-hold {}ms`.",
             machine(),
             human(a.size),
             a.dirs
@@ -349,6 +366,7 @@ pub fn compare_migrate(a: &CompareMigrateArgs) -> Result<Section, CompareError> 
             a.reps,
             size_arg(a.incremental_writes),
             a.stall_iodepth,
+            a.stall_iops,
             a.stall_hold.as_millis(),
         ),
         contenders: CONTENDERS.iter().map(|c| c.to_string()).collect(),
@@ -358,6 +376,28 @@ pub fn compare_migrate(a: &CompareMigrateArgs) -> Result<Section, CompareError> 
     };
     section.write(&a.out)?;
     Ok(section)
+}
+
+/// The switch-over loads, paced and unpaced ([`OursSample::stalls`]'s order); the paced
+/// one is None with `--stall-iops 0`.
+fn loads(a: &CompareMigrateArgs) -> [Option<switchover::Load>; 2] {
+    let load = |iops| switchover::Load {
+        iodepth: a.stall_iodepth,
+        iops,
+        hold: a.stall_hold,
+    };
+    [
+        (a.stall_iops > 0).then(|| load(a.stall_iops)),
+        Some(load(0)),
+    ]
+}
+
+/// "20000 writes/s" or "unpaced", for case names.
+fn load_name(l: &switchover::Load) -> String {
+    match l.iops {
+        0 => "unpaced".into(),
+        n => format!("{n} writes/s"),
+    }
 }
 
 /// The switch-over stall (its own metric name, so the table says what the time is).
@@ -397,17 +437,26 @@ fn run_ours_rep(
     let _ = std::fs::remove_file(&plain_dst);
     s.plain_mbs = ctx.size as f64 / 1e6 / secs;
 
-    s.stall_bg = switchover::run(ctx, "background", a.stall_iodepth, a.stall_hold, seed)?
-        .map_err(|why| CompareError::Run(format!("background migration refused: {why}")))?;
-    if wb_missing.is_none() {
-        match switchover::run(ctx, "write-blocking", a.stall_iodepth, a.stall_hold, seed)? {
-            Ok(st) => s.stall_wb = Some(st),
-            Err(why) => *wb_missing = Some(why),
+    for (l, load) in loads(a).iter().enumerate() {
+        let Some(load) = load else { continue };
+        for (m, mode) in COPY_MODES.iter().enumerate() {
+            if m == 1 && wb_missing.is_some() {
+                continue;
+            }
+            match switchover::run(ctx, mode, *load, seed)? {
+                Ok(st) => s.stalls[l][m] = Some(st),
+                Err(why) if m == 1 => *wb_missing = Some(why),
+                Err(why) => {
+                    return Err(CompareError::Run(format!(
+                        "{mode} migration refused: {why}"
+                    )))
+                }
+            }
         }
     }
     let _ = std::fs::remove_file(ctx.work.join("ours-dst.img"));
     eprintln!(
-        "migrate: ours full copy {:.0} MB/s over TCP ({:.0} ms hand-over), {:.0} MB/s over TLS; plain TCP {:.0} MB/s; incremental {:.2} MiB sent ({:.2} MiB dirty) in {:.1} ms; stall {:.1} ms background{}",
+        "migrate: ours full copy {:.0} MB/s over TCP ({:.0} ms hand-over), {:.0} MB/s over TLS; plain TCP {:.0} MB/s; incremental {:.2} MiB sent ({:.2} MiB dirty) in {:.1} ms; switch-over stalls (ms; paced, unpaced × background, write-blocking) {:?}",
         s.tcp_mbs,
         s.tcp_handover_ms,
         s.tls_mbs,
@@ -415,11 +464,8 @@ fn run_ours_rep(
         s.ret.wire as f64 / f64::from(1 << 20),
         s.ret.dirty as f64 / f64::from(1 << 20),
         s.ret.ms,
-        s.stall_bg.stall_ms,
-        match &s.stall_wb {
-            Some(w) => format!(", {:.1} ms write-blocking", w.stall_ms),
-            None => ", write-blocking not available".into(),
-        }
+        s.stalls
+            .map(|l| l.map(|m| m.map(|st| (st.stall_ms * 10.0).round() / 10.0)))
     );
     Ok(s)
 }

@@ -209,6 +209,8 @@ pub(super) struct JobRun {
     pub total: Duration,
     /// From `migrate-complete` to `concluded`.
     pub handover: Duration,
+    /// When `migrate-complete` was sent.
+    pub completing: Instant,
     /// `query-migrate` when the job became ready.
     pub at_ready: Value,
     /// `query-migrate` after it concluded.
@@ -271,6 +273,7 @@ pub(super) fn run_job(
     Ok(Ok(JobRun {
         total,
         handover,
+        completing: tc,
         at_ready,
         end,
     }))

@@ -3,23 +3,31 @@
 //!
 //! One process plays the guest on both hosts, so both ends are timed by one clock: a
 //! vhost-user frontend on the source keeps `iodepth` 4 KiB random writes in flight over
-//! the whole disk, and one on the destination (started with `--incoming`) submits as
-//! many at once, which the destination holds until the sync has landed. Meanwhile the
-//! source's job runs (`migrate`, ready, `hold` more of dirty passes under the load, then
-//! `migrate-complete`: this load generator is not a VMM doing LOG_ALL, so the hand-over
-//! is asked for over the control socket). At the hand-over the source holds new requests
-//! and lets those in flight finish; the destination's held requests complete as soon as
-//! it serves, and its session goes on writing.
+//! the whole disk (at most `iops` a second when paced), and one on the destination
+//! (started with `--incoming`) submits as many at once, which the destination holds
+//! until the sync has landed. Meanwhile the source's job runs (`migrate`, ready, `hold`
+//! more under the load, then `migrate-complete`: this load generator is not a VMM doing
+//! LOG_ALL, so the hand-over is asked for over the control socket). At the hand-over the
+//! source holds new requests and finishes those in flight; the destination's held
+//! requests complete as soon as it serves, and its session goes on writing.
 //!
-//! The stall is from the source's last completion to the destination's first. Every
-//! completion's status is checked (an error counts, it does not end the run), and at the
-//! end the destination must equal the source everywhere but the blocks the destination's
-//! own session wrote after the hand-over: the last pass carried every completed write.
+//! The stall is the longest time without any completion, on either end, from the last
+//! completion before `migrate-complete` to the destination's first. In background mode
+//! that is the source's last completion to the destination's first. In write-blocking
+//! mode the writes waiting for the last round complete on the source only after the
+//! hand-over (their blocks went in the last pass), so the source's "last completion" may
+//! come after the destination's first; the longest gap still is what the guest sees.
+//!
+//! Every completion's status is checked (an error counts, it does not end the run), and
+//! at the end the destination must equal the source everywhere but the blocks the
+//! destination's own session wrote after the hand-over: the last pass carried every
+//! completed write.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -34,18 +42,29 @@ const BS: u64 = 4096;
 /// How long the destination's session keeps writing after its first completion.
 const AFTER: Duration = Duration::from_millis(300);
 
+/// The guest's load.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Load {
+    /// 4 KiB random writes in flight per end.
+    pub iodepth: u16,
+    /// Writes per second at most, both ends together (0: as fast as they complete).
+    pub iops: u64,
+    /// How long the job runs under the load once ready, before `migrate-complete`.
+    pub hold: Duration,
+}
+
 /// What one switch-over measured.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Stall {
-    /// Source's last completion → destination's first, ms.
+    /// Longest time without a completion across the hand-over, ms.
     pub stall_ms: f64,
     /// Requests that completed with an error status, both ends.
     pub errors: u64,
-    /// Source's write rate before the hand-over, requests per second.
+    /// The source's write rate from ready to `migrate-complete`, per second.
     pub src_iops: f64,
     /// The job's own `downtime-ms` (from holding new requests to the destination's Ack).
     pub downtime_ms: f64,
-    /// Dirty passes the job made.
+    /// Passes the job made.
     pub passes: u64,
 }
 
@@ -53,13 +72,14 @@ pub(super) struct Stall {
 struct Session {
     fe: TestFrontend,
     slots: Vec<[u64; 3]>,
+    /// Slots without a request.
+    free: Vec<usize>,
     /// Head index → slot.
     pending: HashMap<u16, usize>,
     rng: u64,
     blocks: u64,
     /// Every block offset this session submitted a write to.
     written: HashSet<u64>,
-    completed: u64,
     errors: u64,
 }
 
@@ -80,7 +100,7 @@ impl Session {
                 .map_err(|_| CompareError::Run("short config space".into()))?,
         );
         let mut rng = seed | 1;
-        let slots = (0..iodepth)
+        let slots: Vec<[u64; 3]> = (0..iodepth)
             .map(|_| {
                 let s = [fe.alloc(16), fe.alloc(BS), fe.alloc(1)];
                 // Data that is not zeros (zero blocks travel as flags, not data).
@@ -93,71 +113,65 @@ impl Session {
             .collect();
         Ok(Self {
             fe,
+            free: (0..slots.len()).rev().collect(),
             slots,
             pending: HashMap::new(),
             rng,
             blocks: sectors * 512 / BS,
             written: HashSet::new(),
-            completed: 0,
             errors: 0,
         })
     }
 
-    /// A 4 KiB write at a random block from `slot` (not kicked).
-    fn submit(&mut self, slot: usize) {
-        let off = (xorshift(&mut self.rng) % self.blocks) * BS;
-        let [hdr, data, status] = self.slots[slot];
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
-        h[8..16].copy_from_slice(&(off / 512).to_le_bytes());
-        self.fe.write(hdr, &h);
-        self.fe.write(status, &[0xff]);
-        let q = &mut self.fe.queues[0];
-        let head = q.add_chain(
-            &self.fe.mem,
-            &[
-                Buf::ro(hdr, 16),
-                Buf::ro(data, BS as u32),
-                Buf::wo(status, 1),
-            ],
-        );
-        q.publish(&self.fe.mem, head);
-        self.pending.insert(head, slot);
-        self.written.insert(off);
-    }
-
-    fn submit_all(&mut self) {
-        for slot in 0..self.slots.len() {
-            self.submit(slot);
+    /// Up to `n` 4 KiB writes at random blocks from the free slots, kicked; returns how
+    /// many.
+    fn submit(&mut self, n: u64) -> u64 {
+        let mut done = 0;
+        while done < n {
+            let Some(slot) = self.free.pop() else { break };
+            let off = (xorshift(&mut self.rng) % self.blocks) * BS;
+            let [hdr, data, status] = self.slots[slot];
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
+            h[8..16].copy_from_slice(&(off / 512).to_le_bytes());
+            self.fe.write(hdr, &h);
+            self.fe.write(status, &[0xff]);
+            let q = &mut self.fe.queues[0];
+            let head = q.add_chain(
+                &self.fe.mem,
+                &[
+                    Buf::ro(hdr, 16),
+                    Buf::ro(data, BS as u32),
+                    Buf::wo(status, 1),
+                ],
+            );
+            q.publish(&self.fe.mem, head);
+            self.pending.insert(head, slot);
+            self.written.insert(off);
+            done += 1;
         }
-        self.fe.queues[0].notify();
+        if done > 0 {
+            self.fe.queues[0].notify();
+        }
+        done
     }
 
-    /// Takes the completions there are, checks their status, resubmits from the freed
-    /// slots when `more`; returns how many completed.
-    fn reap(&mut self, more: bool) -> usize {
+    /// Takes the completions there are, checks their status and frees their slots;
+    /// returns how many.
+    fn reap(&mut self) -> u64 {
         let _ = self.fe.queues[0].call.read();
-        let done = self.fe.queues[0].take_used(&self.fe.mem);
-        // Every finished slot first: a resubmission may reuse the head of a completion
-        // not yet looked at.
-        let mut free = Vec::with_capacity(done.len());
-        for u in &done {
+        let mut n = 0;
+        for u in self.fe.queues[0].take_used(&self.fe.mem) {
             let Some(slot) = self.pending.remove(&(u.id as u16)) else {
                 continue;
             };
             if self.fe.read(self.slots[slot][2], 1)[0] != 0 {
                 self.errors += 1;
             }
-            free.push(slot);
+            self.free.push(slot);
+            n += 1;
         }
-        self.completed += free.len() as u64;
-        if more && !free.is_empty() {
-            for &slot in &free {
-                self.submit(slot);
-            }
-            self.fe.queues[0].notify();
-        }
-        free.len()
+        n
     }
 }
 
@@ -172,14 +186,20 @@ fn xorshift(x: &mut u64) -> u64 {
     *x
 }
 
-/// Migrates the image from a source under a steady `iodepth` 4 KiB random write load to
-/// a fresh destination in `copy_mode` ("background", "write-blocking"). Ok(Err(why))
-/// when the source refuses the mode.
+/// What the job's driver thread reports.
+enum Report {
+    /// The job is ready.
+    Ready,
+    /// The job is over (or `migrate` was refused: the inner Err).
+    Done(Result<Result<JobRun, String>, CompareError>),
+}
+
+/// Migrates the image from a source under `load` to a fresh destination in `copy_mode`
+/// ("background", "write-blocking"). Ok(Err(why)) when the source refuses the mode.
 pub(super) fn run(
     ctx: &Ctx,
     copy_mode: &str,
-    iodepth: u16,
-    hold: Duration,
+    load: Load,
     seed: u64,
 ) -> Result<Result<Stall, String>, CompareError> {
     let dst_image = ctx.fresh_destination()?;
@@ -202,51 +222,68 @@ pub(super) fn run(
         &["--migration-insecure".into()],
         true,
     )?;
-    let mut s = Session::connect(&src.vhost, iodepth, seed).map_err(|e| src.failed(e))?;
-    let mut d = Session::connect(&dst.vhost, iodepth, seed ^ 0x5555).map_err(|e| dst.failed(e))?;
-    d.submit_all();
-    s.submit_all();
+    let mut s = Session::connect(&src.vhost, load.iodepth, seed).map_err(|e| src.failed(e))?;
+    let mut d =
+        Session::connect(&dst.vhost, load.iodepth, seed ^ 0x5555).map_err(|e| dst.failed(e))?;
     let mut qmp = src.control()?;
     let args = json!({"uri": uri, "copy-mode": copy_mode});
     let timeout = ctx.job_timeout;
+    let (tx, rx) = mpsc::channel();
     let t_load = Instant::now();
-    let (tx, rx) = std::sync::mpsc::channel();
+    // The destination's requests wait there from the start; the source's run.
+    let mut submitted = d.submit(u64::MAX) + s.submit(u64::MAX);
     std::thread::spawn(move || {
-        let _ = tx.send(run_job(&mut qmp, args, hold, timeout, |_| Ok(())));
+        let ready = tx.clone();
+        let r = run_job(&mut qmp, args, load.hold, timeout, |_| {
+            let _ = ready.send(Report::Ready);
+            Ok(())
+        });
+        let _ = tx.send(Report::Done(r));
     });
 
-    let mut pfds = [
+    let fds = [
         s.fe.queues[0].call.as_raw_fd(),
         d.fe.queues[0].call.as_raw_fd(),
-    ]
-    .map(|fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    });
-    let deadline = Instant::now() + ctx.job_timeout + Duration::from_secs(30);
-    let (mut last_src, mut first_dst) = (None::<Instant>, None::<Instant>);
-    // The job's result once it is over: the destination may open a moment after the
-    // source concluded (it acknowledges, then serves).
+    ];
+    let deadline = t_load + ctx.job_timeout + Duration::from_secs(30);
+    // From ready on: every instant completions were taken, with how many on the source.
+    let mut times: Vec<(Instant, u64)> = Vec::new();
+    let mut ready = false;
+    let mut first_dst = None::<Instant>;
     let mut done: Option<JobRun> = None;
     let (job, first_dst) = loop {
-        // SAFETY: pfds is a valid array of pollfd.
-        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 5) };
+        let wait = match load.iops {
+            0 => Duration::from_millis(5),
+            // The next write is due then.
+            iops => (t_load + Duration::from_secs_f64((submitted + 1) as f64 / iops as f64))
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(5)),
+        };
+        wait_readable(&fds, wait);
         let now = Instant::now();
-        if s.reap(true) > 0 {
-            last_src = Some(now);
-        }
-        if d.reap(true) > 0 {
+        let (ns, nd) = (s.reap(), d.reap());
+        if nd > 0 {
             first_dst.get_or_insert(now);
         }
-        if done.is_none() {
+        if ready && ns + nd > 0 {
+            times.push((now, ns));
+        }
+        let budget = match load.iops {
+            0 => u64::MAX,
+            iops => (((now - t_load).as_secs_f64() * iops as f64) as u64).saturating_sub(submitted),
+        };
+        let sent = s.submit(budget);
+        submitted += sent + d.submit(budget.saturating_sub(sent));
+        loop {
             match rx.try_recv() {
-                Ok(r) => match r? {
+                Ok(Report::Ready) => ready = true,
+                Ok(Report::Done(r)) => match r? {
                     Ok(j) => done = Some(j),
                     Err(why) => return Ok(Err(why)),
                 },
-                Err(std::sync::mpsc::TryRecvError::Empty) => {}
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) if done.is_some() => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
                     return Err(CompareError::Run(
                         "the migration job's driver panicked".into(),
                     ))
@@ -270,11 +307,6 @@ pub(super) fn run(
             ))));
         }
     };
-    let last_src = last_src.ok_or_else(|| {
-        src.failed(CompareError::Run(format!(
-            "switch-over ({copy_mode}): no request completed on the source"
-        )))
-    })?;
     // The destination's last requests complete; the source's stay held (it no longer
     // serves the disk) and go with the connection.
     let until = Instant::now() + Duration::from_secs(5);
@@ -285,15 +317,14 @@ pub(super) fn run(
                 d.pending.len()
             ))));
         }
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut pfds[1], 1, 5) };
-        d.reap(false);
+        wait_readable(&fds[1..], Duration::from_millis(5));
+        d.reap();
     }
-    let src_secs = last_src.duration_since(t_load).as_secs_f64().max(1e-6);
+    let (stall, src_iops) = measure(&times, job.completing, first_dst);
     let stall = Stall {
-        stall_ms: first_dst.saturating_duration_since(last_src).as_secs_f64() * 1e3,
+        stall_ms: stall.as_secs_f64() * 1e3,
         errors: s.errors + d.errors,
-        src_iops: s.completed as f64 / src_secs,
+        src_iops,
         downtime_ms: job.end["downtime-ms"].as_f64().unwrap_or(0.0),
         passes: job.end["passes"].as_u64().unwrap_or(0),
     };
@@ -308,6 +339,52 @@ pub(super) fn run(
     src.stop()?;
     dst.stop()?;
     Ok(Ok(stall))
+}
+
+/// Waits up to `timeout` (microseconds count) for one of `fds` to be readable.
+fn wait_readable(fds: &[i32], timeout: Duration) {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: pfds is a valid array of pollfd, ts a valid timespec, no signal mask.
+    unsafe {
+        libc::ppoll(
+            pfds.as_mut_ptr(),
+            pfds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        )
+    };
+}
+
+/// From the instants completions were taken from ready on (with the source's count at
+/// each): the longest gap between two of them from the last one before `completing` to
+/// `first_dst`, and the source's completions per second before `completing`.
+fn measure(times: &[(Instant, u64)], completing: Instant, first_dst: Instant) -> (Duration, f64) {
+    let before: Vec<&(Instant, u64)> = times.iter().filter(|(t, _)| *t < completing).collect();
+    let src_iops = match (before.first(), before.last()) {
+        (Some(a), Some(b)) if b.0 > a.0 => {
+            before[1..].iter().map(|(_, n)| *n).sum::<u64>() as f64 / (b.0 - a.0).as_secs_f64()
+        }
+        _ => 0.0,
+    };
+    let from = before.last().map_or(completing, |(t, _)| *t);
+    let mut last = from;
+    let mut longest = Duration::ZERO;
+    for (t, _) in times.iter().filter(|(t, _)| *t > from && *t <= first_dst) {
+        longest = longest.max(t.duration_since(last));
+        last = *t;
+    }
+    (longest, src_iops)
 }
 
 /// Compares two images block by block, skipping the 4 KiB blocks at `skip` (offsets).
@@ -365,5 +442,28 @@ mod tests {
         data[2 << 20] = 1;
         std::fs::write(&b, &data).unwrap();
         assert!(equal_except(&a, &b, &skip).is_err());
+    }
+
+    #[test]
+    fn the_stall_is_the_longest_gap_across_the_hand_over() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Source completions every 10 ms (2 each) until 100 (those in flight when the
+        // hand-over began), `migrate-complete` at 95; background: nothing until the
+        // destination's first at 130.
+        let mut times: Vec<(Instant, u64)> = (0..=10).map(|i| (at(i * 10), 2)).collect();
+        times.push((at(130), 0));
+        times.push((at(135), 0));
+        let (stall, iops) = measure(&times, at(95), at(130));
+        assert_eq!(stall, Duration::from_millis(30));
+        // 9 intervals of 10 ms before 95 (0..=90), 2 completions after each.
+        assert!((iops - 200.0).abs() < 1e-6, "{iops}");
+        // Write-blocking: the source's held writes complete at 104, after the hand-over
+        // started; the destination's first at 101. The longest gap before it is 90 → 101.
+        let mut times: Vec<(Instant, u64)> = (0..=9).map(|i| (at(i * 10), 2)).collect();
+        times.push((at(101), 0));
+        times.push((at(104), 3));
+        let (stall, _) = measure(&times, at(95), at(101));
+        assert_eq!(stall, Duration::from_millis(11));
     }
 }
