@@ -378,6 +378,16 @@ pub fn compare_migrate(a: &CompareMigrateArgs) -> Result<Section, CompareError> 
     Ok(section)
 }
 
+/// The plain TCP copy of the image, checked; MB/s.
+fn plain_copy(ctx: &ours::Ctx) -> Result<f64, CompareError> {
+    let dst = ctx.work.join("plain-dst.img");
+    let secs = plain::copy(ctx.image, &dst, ctx.size)?;
+    files_equal(ctx.image, &dst)
+        .map_err(|e| CompareError::Run(format!("after the plain TCP copy: {e}")))?;
+    let _ = std::fs::remove_file(&dst);
+    Ok(ctx.size as f64 / 1e6 / secs)
+}
+
 /// The switch-over loads, paced and unpaced ([`OursSample::stalls`]'s order); the paced
 /// one is None with `--stall-iops 0`.
 fn loads(a: &CompareMigrateArgs) -> [Option<switchover::Load>; 2] {
@@ -419,9 +429,19 @@ fn run_ours_rep(
     let mbs = |d: Duration| ctx.size as f64 / 1e6 / d.as_secs_f64();
     let mut s = OursSample::default();
 
+    // The plain copy right before or right after ours (by turns), so that the ratio of
+    // the two compares runs under the same conditions on a shared machine.
+    let plain_first = rep % 2 == 0;
+    if plain_first {
+        s.plain_mbs = plain_copy(ctx)?;
+    }
     let full = ours::full_copy(ctx, &ours::Link::Insecure)?;
     s.tcp_mbs = mbs(full.job.total);
     s.tcp_handover_ms = full.job.handover.as_secs_f64() * 1e3;
+    if !plain_first {
+        // The full copy's backends go on to the incremental return; they are idle.
+        s.plain_mbs = plain_copy(ctx)?;
+    }
     let seed = rep_seed(rep);
     let plan = plan_writes(ctx.size, a.incremental_writes, seed);
     s.ret = ours::incremental_return(ctx, full, &plan, seed)?;
@@ -429,13 +449,6 @@ fn run_ours_rep(
     let tls = ours::full_copy(ctx, &ours::Link::Tls(creds.to_path_buf()))?;
     s.tls_mbs = mbs(tls.job.total);
     drop(tls);
-
-    let plain_dst = ctx.work.join("plain-dst.img");
-    let secs = plain::copy(ctx.image, &plain_dst, ctx.size)?;
-    files_equal(ctx.image, &plain_dst)
-        .map_err(|e| CompareError::Run(format!("after the plain TCP copy: {e}")))?;
-    let _ = std::fs::remove_file(&plain_dst);
-    s.plain_mbs = ctx.size as f64 / 1e6 / secs;
 
     for (l, load) in loads(a).iter().enumerate() {
         let Some(load) = load else { continue };

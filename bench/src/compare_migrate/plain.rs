@@ -1,12 +1,13 @@
 //! The plain TCP copy: what moving the image costs with nothing but a socket, the limit
 //! any block migration over loopback is measured against.
 //!
-//! The same work as our migration's, without its protocol: the sender reads the image
-//! with pread in 1 MiB pieces (our stream's largest extent) and writes the socket 2 MiB
-//! at a time (our source flushes its frames at 2 MiB); the receiver reads into a buffer
-//! of two largest frames (our destination's) and writes what arrived with pwrite, then
-//! fdatasync, as our destination does before it acknowledges. Both ends buffered (the
-//! page cache), in two threads of this process, over 127.0.0.1.
+//! The same data flow as our migration's, without its protocol (no headers, no
+//! checksums): the sender reads the image with pread in 1 MiB pieces (our stream's
+//! largest extent) and writes each to the socket as it is, as our source writes a full
+//! extent frame; the receiver reads into a buffer of two largest frames (our
+//! destination's) and writes whole 1 MiB pieces from it with pwrite, as our destination
+//! writes whole extents, then fdatasync, as our destination does before it acknowledges.
+//! Both ends buffered (the page cache), in two threads of this process, over 127.0.0.1.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -16,10 +17,8 @@ use std::time::Instant;
 
 use crate::compare::CompareError;
 
-/// The sender's pread size: our stream's largest extent (stream::MAX_EXTENT).
-const READ_CHUNK: usize = 1 << 20;
-/// The sender's write size: our source flushes its output at 2 MiB.
-const SEND_BATCH: usize = 2 << 20;
+/// The piece size on both ends: our stream's largest extent (stream::MAX_EXTENT).
+const PIECE: usize = 1 << 20;
 /// The receiver's buffer: our destination's, two frames of a header and the largest
 /// payload (2 × (32 + 1 MiB + 64)).
 const RECV_BUF: usize = 2 * (32 + (1 << 20) + 64);
@@ -41,16 +40,30 @@ pub(super) fn copy(src: &Path, dst: &Path, size: u64) -> Result<f64, CompareErro
         .spawn(move || -> std::io::Result<u64> {
             let (mut conn, _) = listener.accept()?;
             let mut buf = vec![0u8; RECV_BUF];
-            let mut at = 0u64;
+            let (mut start, mut end, mut at) = (0, 0, 0u64);
             loop {
-                let n = match conn.read(&mut buf) {
-                    Ok(0) => break,
+                let n = match conn.read(&mut buf[end..]) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
                 };
-                out.write_all_at(&buf[..n], at)?;
-                at += n as u64;
+                end += n;
+                // Whole pieces as they are there; the rest at the end of the stream.
+                while end - start >= PIECE || (n == 0 && end > start) {
+                    let len = (end - start).min(PIECE);
+                    out.write_all_at(&buf[start..start + len], at)?;
+                    at += len as u64;
+                    start += len;
+                }
+                if n == 0 {
+                    break;
+                }
+                // Less than a piece's room left: move the unread bytes forward.
+                if buf.len() - end < PIECE {
+                    buf.copy_within(start..end, 0);
+                    end -= start;
+                    start = 0;
+                }
             }
             out.sync_data()?;
             Ok(at)
@@ -59,18 +72,13 @@ pub(super) fn copy(src: &Path, dst: &Path, size: u64) -> Result<f64, CompareErro
     let t0 = Instant::now();
     let sent = (|| -> std::io::Result<()> {
         let mut conn = TcpStream::connect(addr)?;
-        let mut batch = vec![0u8; SEND_BATCH];
+        let mut piece = vec![0u8; PIECE];
         let mut at = 0u64;
         while at < size {
-            let mut fill = 0;
-            while fill < SEND_BATCH && at < size {
-                let n = (size - at).min(READ_CHUNK as u64) as usize;
-                let n = n.min(SEND_BATCH - fill);
-                input.read_exact_at(&mut batch[fill..fill + n], at)?;
-                fill += n;
-                at += n as u64;
-            }
-            conn.write_all(&batch[..fill])?;
+            let n = (size - at).min(PIECE as u64) as usize;
+            input.read_exact_at(&mut piece[..n], at)?;
+            conn.write_all(&piece[..n])?;
+            at += n as u64;
         }
         conn.shutdown(std::net::Shutdown::Write)
     })();
