@@ -262,6 +262,9 @@ struct BarRow {
     label: String,
     /// (colour index, value; None: not measured).
     bars: Vec<(usize, Option<f64>)>,
+    /// What a row without bars says: "not measured", or ours' own value when no peer
+    /// has one (a measurement of ours alone, such as migrate's switch-over stall).
+    empty: String,
 }
 
 impl BarRow {
@@ -355,6 +358,10 @@ impl Layout {
                                 r.advantage(i).filter(|a| *a > 0.0).map(|a| (c, Some(a)))
                             })
                             .collect(),
+                        empty: match r.median(0) {
+                            Some(v) => format!("ours only: {}", value_text(v, r.metric.unit)),
+                            None => "not measured".into(),
+                        },
                     })
                     .collect::<Vec<_>>();
                 for v in rows.iter().flat_map(|r| r.bars.iter().filter_map(|b| b.1)) {
@@ -660,7 +667,7 @@ impl Layout {
                 if r.bars.is_empty() {
                     label(
                         root,
-                        "not measured",
+                        &r.empty,
                         (x1 + 6, ry + r.height() / 2),
                         &font(VALUE_PX, FontStyle::Normal).color(&MUTED),
                         HPos::Left,
@@ -845,6 +852,7 @@ fn value_panels_of(s: &Section) -> Result<Vec<ValuePanel>, ChartError> {
                     .map(|r| BarRow {
                         label: format!("{}: {} {}", s.name, r.case, r.metric.name),
                         bars: (0..s.contenders.len()).map(|i| (i, r.median(i))).collect(),
+                        empty: "not measured".into(),
                     })
                     .collect(),
             }
@@ -990,6 +998,28 @@ mod tests {
         assert_eq!(ratio_tick(4.0), "4×");
         assert_eq!(ratio_tick(0.125), "1/8×");
         assert_eq!(ratio_tick(1.0 / 64.0), "1/64×");
+    }
+
+    #[test]
+    fn a_row_without_peers_shows_ours_or_not_measured() {
+        load_font().unwrap();
+        let mut s = ratio_section("migrate", 1);
+        s.rows.push(Row {
+            case: "stall".into(),
+            metric: P50_US,
+            samples: vec![vec![1.5, 1.7, 9.0], vec![], vec![]],
+        });
+        s.rows.push(Row {
+            case: "not run".into(),
+            metric: P50_US,
+            samples: vec![vec![], vec![], vec![]],
+        });
+        let l = Layout::new(&[s], &[]).unwrap();
+        let rows = &l.ratio_sections[0].1;
+        assert_eq!(rows[0].bars.len(), 2);
+        assert!(rows[1].bars.is_empty() && rows[2].bars.is_empty());
+        assert_eq!(rows[1].empty, "ours only: 1.70 µs");
+        assert_eq!(rows[2].empty, "not measured");
     }
 
     #[test]

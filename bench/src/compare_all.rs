@@ -176,8 +176,6 @@ pub fn compare_all(a: &CompareAllArgs) -> Result<String, CompareError> {
                     run::<CompareGuestBlkArgs, _>(name, a, compare_guest_blk::compare_guest_blk)
                 }
                 "idle" => run::<CompareIdleArgs, _>(name, a, idle::compare_idle),
-                // Only the peer's baseline: our block migration is not built yet, which the
-                // section's notes and the "ours not measured" count in all.md say.
                 "migrate" => {
                     run::<CompareMigrateArgs, _>(name, a, compare_migrate::compare_migrate)
                 }
@@ -254,8 +252,9 @@ fn markdown(command: &str, done: &[(&str, Outcome)]) -> String {
     for (name, o) in done {
         let r = match o {
             Outcome::Done(s) => {
-                // Rows without the first contender's value (ours, in migrate until our
-                // block migration is built) are a peer baseline only: say so up front.
+                // Rows without the first contender's value (ours, e.g. migrate's
+                // write-blocking switch-over on a build without it) are a peer baseline
+                // or nothing: say so up front.
                 let missing = s.rows.iter().filter(|r| r.median(0).is_none()).count();
                 match s.contenders.first() {
                     Some(first) if missing > 0 => format!(
