@@ -1,7 +1,7 @@
 //! The virtio-blk device: what it offers the driver and how it builds queue workers.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
@@ -230,13 +230,38 @@ impl BlkShared {
 }
 
 /// Holds the guest's requests while the image is not ready to be served (a destination
-/// before its incoming sync has landed): they wait in the ring, they do not fail.
+/// before its incoming sync has landed, a source handing the disk over): they wait in the
+/// ring, they do not fail.
+///
+/// A worker takes requests only inside a [`GatePass`] ([`Gate::enter`]), and a source
+/// handing over waits, after [`Gate::close`], until no pass is left ([`Gate::is_quiet`])
+/// and nothing is in flight. The pass is counted before the gate is looked at, and the
+/// gate closed before the passes are counted (all SeqCst), so either the worker sees the
+/// gate closed or the job sees its pass: no request starts unseen after the job looked.
+/// (Looking at the gate alone, a worker that found it open an instant before it closed
+/// could start a write after the job's last pass: a completed write the destination
+/// would not have.)
 #[derive(Debug)]
 pub struct Gate {
     open: AtomicBool,
+    /// Passes held: workers taking requests from their rings.
+    passes: AtomicUsize,
     /// The workers' own eventfds, written when the gate opens so they take up the rings
     /// they held.
     wakers: Mutex<Vec<Weak<EventFd>>>,
+}
+
+/// A worker's leave to take requests, while it lives (see [`Gate`]).
+#[must_use]
+#[derive(Debug)]
+pub struct GatePass(Arc<BlkShared>);
+
+impl Drop for GatePass {
+    fn drop(&mut self) {
+        // Release: what the worker did under the pass (requests counted in flight, blocks
+        // marked dirty) is seen by whoever sees the pass gone.
+        self.0.gate.passes.fetch_sub(1, Ordering::Release);
+    }
 }
 
 impl Gate {
@@ -244,8 +269,28 @@ impl Gate {
     pub fn new_open() -> Self {
         Self {
             open: AtomicBool::new(true),
+            passes: AtomicUsize::new(0),
             wakers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A worker is about to take requests from `shared`'s rings: a pass while the gate is
+    /// open, None when it is closed (the requests wait).
+    pub fn enter(shared: &Arc<BlkShared>) -> Option<GatePass> {
+        let gate = &shared.gate;
+        gate.passes.fetch_add(1, Ordering::SeqCst);
+        if gate.open.load(Ordering::SeqCst) {
+            Some(GatePass(shared.clone()))
+        } else {
+            gate.passes.fetch_sub(1, Ordering::Release);
+            None
+        }
+    }
+
+    /// No worker holds a pass. After [`Gate::close`], once quiet, no request starts
+    /// until the gate opens again: with nothing in flight, the image no longer changes.
+    pub fn is_quiet(&self) -> bool {
+        self.passes.load(Ordering::SeqCst) == 0
     }
 
     /// Whether requests may be served.
@@ -253,9 +298,9 @@ impl Gate {
         self.open.load(Ordering::Acquire)
     }
 
-    /// Holds requests from now on.
+    /// Holds requests from now on (those a worker is taking under a pass still start).
     pub fn close(&self) {
-        self.open.store(false, Ordering::Release);
+        self.open.store(false, Ordering::SeqCst);
     }
 
     /// Serves requests from now on, and wakes the workers holding some.
@@ -513,5 +558,49 @@ impl VmmState {
     /// to hand the disk over.
     pub fn switching_over(&self) -> bool {
         self.log_all && self.ever_started && self.started == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BlkDevice, BlkOptions, CacheMode, Disk};
+
+    fn shared(dir: &std::path::Path) -> Arc<BlkShared> {
+        let image = dir.join("disk.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("image");
+        let disk = Disk::open(&image, false, CacheMode::None, 512).expect("disk");
+        let device = BlkDevice::new(
+            disk,
+            &BlkOptions {
+                num_queues: 1,
+                queue_size: 16,
+                block_size: 512,
+                serial: String::new(),
+                poll_us: 0,
+                dirty: None,
+            },
+        );
+        device.shared().clone()
+    }
+
+    #[test]
+    fn a_pass_is_had_only_while_open_and_a_closed_gate_is_quiet_once_passes_are_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = shared(dir.path());
+        assert!(s.gate.is_quiet());
+        let pass = Gate::enter(&s).expect("a pass at an open gate");
+        s.gate.close();
+        // A worker that got its pass before the close may still be starting requests.
+        assert!(!s.gate.is_quiet(), "a pass taken before the close counts");
+        assert!(Gate::enter(&s).is_none(), "no pass once closed");
+        assert!(!s.gate.is_quiet(), "a refused pass leaves no count behind");
+        drop(pass);
+        assert!(s.gate.is_quiet());
+        s.gate.open();
+        let _pass = Gate::enter(&s).expect("a pass once open again");
+        assert!(!s.gate.is_quiet());
     }
 }

@@ -15,7 +15,7 @@ use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings, Segment};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{max_request_bytes, BlkQueueStats, BlkShared};
+use crate::device::{max_request_bytes, BlkQueueStats, BlkShared, Gate};
 use crate::request::{parse, ByteRange, Parsed, Request};
 use crate::spec::{features, status, ID_BYTES};
 use crate::throttle::Dir;
@@ -289,7 +289,9 @@ impl BlkWorker {
                 stats.in_flight.fetch_add(1, Ordering::Relaxed);
                 stats.in_flight_peak.fetch_max(*n as u64, Ordering::Relaxed);
             } else {
-                stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                // Release: a hand-over that sees the request gone sees its dirty marks
+                // (retire marks first).
+                stats.in_flight.fetch_sub(1, Ordering::Release);
             }
         }
     }
@@ -925,7 +927,9 @@ impl BlkWorker {
     /// changed is dirty from now on (before the guest sees the completion; a failed write
     /// may have changed some of its blocks too).
     fn retire(&mut self, req: &InFlight) {
-        self.count(req.queue, -1);
+        // Marked before the request stops counting as in flight: a hand-over waits for
+        // nothing in flight, then takes the dirty blocks for its last pass, which must
+        // see these.
         let dirty = &self.shared.dirty;
         match req.kind {
             Kind::Write => dirty.mark(req.write_range.offset, req.write_range.len),
@@ -936,6 +940,7 @@ impl BlkWorker {
             }
             Kind::Read | Kind::Flush => {}
         }
+        self.count(req.queue, -1);
     }
 
     /// A request left the kernel: retire it, then complete it to the guest, unless it
@@ -1251,14 +1256,15 @@ impl QueueWorker for BlkWorker {
         let queue = ring.index();
         // A driver cannot have more chains outstanding than its ring holds; one that
         // re-posts heads still in flight gets no more than that.
-        if !self.shared.gate.is_open() {
-            // The image is not ready (an incoming sync): the requests wait in the ring
-            // until the gate opens and writes `more`.
+        // Every request this call starts, it starts under the pass (see Gate).
+        let Some(_pass) = Gate::enter(&self.shared) else {
+            // The image is not ready (an incoming sync, a hand-over): the requests wait
+            // in the ring until the gate opens and writes `more`.
             if !self.held.contains(&queue) {
                 self.held.push(queue);
             }
             return;
-        }
+        };
         let limit = usize::from(self.shared.queue_size);
         let mut completed_now = false;
         let mut taken = 0usize;
