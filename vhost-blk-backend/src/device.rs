@@ -94,6 +94,9 @@ pub struct BlkStats {
     pub throttled: AtomicU64,
     /// Their total wait, in microseconds.
     pub throttle_wait_us: AtomicU64,
+    /// Requests the I/O throttle holds now: taken from their rings, not started (a
+    /// hand-over has them start before it closes the gate).
+    pub parked: AtomicU64,
 }
 
 /// Counters of one request queue (the device-wide [`BlkStats`] count the same requests

@@ -392,6 +392,7 @@ impl BlkWorker {
         };
         if let Err(wait) = self.may_start(&parsed) {
             self.shared.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.parked.fetch_add(1, Ordering::AcqRel);
             self.parked.push(Parked {
                 queue,
                 head,
@@ -411,7 +412,11 @@ impl BlkWorker {
             .stats
             .throttle_wait_us
             .fetch_add(waited, Ordering::Relaxed);
-        self.start_parsed(ring, mem, p.head, p.parsed)
+        let started = self.start_parsed(ring, mem, p.head, p.parsed);
+        // After the start: a hand-over that sees no request parked sees this one in
+        // flight (or done).
+        self.shared.stats.parked.fetch_sub(1, Ordering::AcqRel);
+        started
     }
 
     /// Starts a parsed request. Returns true if it completed immediately.
@@ -1086,6 +1091,10 @@ impl BlkWorker {
 /// logged, rather than freed.
 impl Drop for BlkWorker {
     fn drop(&mut self) {
+        self.shared
+            .stats
+            .parked
+            .fetch_sub(self.parked.len() as u64, Ordering::AcqRel);
         let pending = self.slots.iter().flatten().count();
         if pending > 0 {
             self.shared

@@ -598,6 +598,71 @@ mod vmm_driven {
         assert_eq!(&image(&dst)[40 * 512..40 * 512 + 4096], &[0x66; 4096][..]);
     }
 
+    /// A write the I/O throttle holds (taken from its ring, not started) when the hand-over
+    /// begins starts before the gate closes: the destination gets it, the guest sees it
+    /// complete; it is not left to start on the source after the disk went.
+    #[test]
+    fn a_throttled_write_is_in_the_hand_over() {
+        let src = backend(true, false);
+        let dst = backend(false, true);
+        let dst_path = dst.dir.path().join("mig.sock");
+        let mut l = listen(&Uri::Unix(dst_path.clone()), &Security::default()).unwrap();
+        let dshared = dst.shared.clone();
+        job_thread(move || serve_incoming(&dshared, &mut l));
+        let mut fe = TestFrontend::connect(src.socket(), FrontendOptions::default()).unwrap();
+        src.shared
+            .set_io_limits(vhost_blk_backend::throttle::Limits {
+                iops: 1,
+                ..Default::default()
+            });
+        let reqs: Vec<_> = (0..2u64)
+            .map(|i| {
+                let r = blk_req(&mut fe, req_type::OUT, 80 + i * 8, 4096);
+                fe.write(r.data, &[0x70 + i as u8; 4096]);
+                fe.submit(0, &r.chain(false));
+                r
+            })
+            .collect();
+        fe.wait(0, 1).expect("the first write goes");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            src.shared
+                .stats
+                .parked
+                .load(std::sync::atomic::Ordering::Acquire),
+            1,
+            "the second write waits for the throttle"
+        );
+        let m = Arc::new(Migrations::new(
+            src.shared.clone(),
+            Security::default(),
+            Duration::from_millis(100),
+        ));
+        m.start(JobParams {
+            uri: Uri::Unix(dst_path),
+            incremental: false,
+            copy_mode: CopyMode::Background,
+            max_bandwidth: 0,
+        })
+        .unwrap();
+        wait_status(&m, "ready");
+        m.complete().unwrap();
+        wait_status(&m, "concluded");
+        let q = m.query().unwrap();
+        assert!(q.get("error").is_none(), "{q}");
+        fe.wait(0, 1).expect("the throttled write completed");
+        for r in &reqs {
+            assert_eq!(r.status(&fe), status::OK);
+        }
+        assert!(image(&src) == image(&dst));
+        assert_eq!(&image(&dst)[88 * 512..88 * 512 + 4096], &[0x71; 4096][..]);
+        assert_eq!(src.shared.io_limits().iops, 1, "the limits are back");
+        assert!(src
+            .shared
+            .throttle_on
+            .load(std::sync::atomic::Ordering::Acquire));
+    }
+
     pub(super) fn wait_status_of(m: &Migrations, want: &str) {
         wait_status(m, want)
     }

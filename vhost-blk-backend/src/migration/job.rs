@@ -537,6 +537,19 @@ impl Migrations {
         // Hand-over: hold new requests, let those in flight finish, last pass, Complete.
         self.set(job, |i| i.phase = "completing");
         let t = Instant::now();
+        // Requests the I/O throttle holds were taken from their rings and not started:
+        // the last pass must see them done. The limits are lifted for the hand-over (put
+        // back when it ends, however), so they start now.
+        let _unthrottled = Unthrottled::lift(&self.shared);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.shared.stats.parked.load(Ordering::Acquire) > 0 {
+            if Instant::now() > deadline {
+                return Err(MigrationError::Protocol(
+                    "throttled requests did not start within 30 s: not handing over".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         self.shared.gate.close();
         let deadline = Instant::now() + Duration::from_secs(30);
         // No worker taking requests (a pass), then nothing in flight: the image is final.
@@ -549,6 +562,13 @@ impl Migrations {
                 ));
             }
             std::thread::sleep(Duration::from_millis(1));
+        }
+        if self.shared.stats.parked.load(Ordering::Acquire) > 0 {
+            // Limits set again meanwhile (set-io-throttle) parked one: never hand over
+            // with a request the last pass cannot see.
+            return Err(MigrationError::Protocol(
+                "a request was throttled during the hand-over: not handing over".into(),
+            ));
         }
         let (_, stats, lease) = src.complete_with_lease()?;
         let downtime = t.elapsed();
@@ -582,6 +602,26 @@ impl Migrations {
             i.mirror_rounds = stats.mirror_rounds;
         });
         Ok(())
+    }
+}
+
+/// The I/O throttle off while it lives (a hand-over starts every parked request); on
+/// drop the limits in force decide again.
+struct Unthrottled<'a>(&'a BlkShared);
+
+impl<'a> Unthrottled<'a> {
+    fn lift(shared: &'a BlkShared) -> Self {
+        shared.throttle_on.store(false, Ordering::SeqCst);
+        // The workers look at their parked requests again (and start them).
+        shared.gate.wake();
+        Self(shared)
+    }
+}
+
+impl Drop for Unthrottled<'_> {
+    fn drop(&mut self) {
+        let on = !self.0.io_limits().unlimited();
+        self.0.throttle_on.store(on, Ordering::SeqCst);
     }
 }
 
