@@ -65,27 +65,58 @@ impl LatencyHistogram {
     }
 }
 
+/// A histogram as `query-stats` shows it, read back (by the `stats` table and the
+/// Prometheus exporter).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistogramView {
+    /// Upper bounds of the bins, µs.
+    pub bounds_us: Vec<u64>,
+    /// Samples per bin (one more than bounds), not cumulative.
+    pub bins: Vec<u64>,
+    /// Sum of the samples, µs.
+    pub sum_us: u64,
+}
+
+impl HistogramView {
+    /// Reads what [`LatencyHistogram::to_json`] wrote; None if `obj` is not a
+    /// histogram (or an inconsistent one).
+    pub fn from_json(obj: &serde_json::Map<String, Value>) -> Option<Self> {
+        let numbers = |key: &str| -> Option<Vec<u64>> {
+            obj.get(key)?
+                .as_array()?
+                .iter()
+                .map(Value::as_u64)
+                .collect::<Option<_>>()
+        };
+        let bounds_us = numbers(BOUNDARIES_KEY)?;
+        let bins = numbers(BINS_KEY)?;
+        if bins.len() != bounds_us.len() + 1 {
+            return None;
+        }
+        let sum_us = obj.get(SUM_KEY).and_then(Value::as_u64).unwrap_or(0);
+        Some(Self {
+            bounds_us,
+            bins,
+            sum_us,
+        })
+    }
+
+    /// Samples.
+    pub fn count(&self) -> u64 {
+        self.bins.iter().sum()
+    }
+}
+
 /// A histogram of `query-stats` (as [`LatencyHistogram::to_json`] writes it) in a few
 /// numbers a table can show: samples, mean, and the bins holding the median and the 99th
 /// percentile (`<=250` µs; `>1000000` for the last bin). None if `v` is not one.
 pub fn summarize(v: &Value) -> Option<Vec<(&'static str, String)>> {
-    let bounds: Vec<u64> = v
-        .get(BOUNDARIES_KEY)?
-        .as_array()?
-        .iter()
-        .map(Value::as_u64)
-        .collect::<Option<_>>()?;
-    let bins: Vec<u64> = v
-        .get(BINS_KEY)?
-        .as_array()?
-        .iter()
-        .map(Value::as_u64)
-        .collect::<Option<_>>()?;
-    if bins.len() != bounds.len() + 1 {
-        return None;
-    }
+    let HistogramView {
+        bounds_us: bounds,
+        bins,
+        sum_us: sum,
+    } = HistogramView::from_json(v.as_object()?)?;
     let count: u64 = bins.iter().sum();
-    let sum = v.get(SUM_KEY).and_then(Value::as_u64).unwrap_or(0);
     let quantile = |q: f64| -> String {
         if count == 0 {
             return "-".into();

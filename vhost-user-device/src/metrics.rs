@@ -60,32 +60,17 @@ type Family = (MetricType, String, Vec<(Labels, Sample)>);
 /// A `query-stats` histogram ([`crate::histogram::LatencyHistogram::to_json`]) as a
 /// Prometheus sample; None if `obj` is not one (or is inconsistent).
 fn histogram(obj: &serde_json::Map<String, Value>) -> Option<Sample> {
-    use crate::histogram::{BINS_KEY, BOUNDARIES_KEY, SUM_KEY};
-    let bounds: Vec<u64> = obj
-        .get(BOUNDARIES_KEY)?
-        .as_array()?
-        .iter()
-        .map(Value::as_u64)
-        .collect::<Option<_>>()?;
-    let bins: Vec<u64> = obj
-        .get(BINS_KEY)?
-        .as_array()?
-        .iter()
-        .map(Value::as_u64)
-        .collect::<Option<_>>()?;
-    if bins.len() != bounds.len() + 1 {
-        return None;
-    }
-    let sum_us = obj.get(SUM_KEY).and_then(Value::as_u64).unwrap_or(0);
-    let buckets = bounds
+    let h = crate::histogram::HistogramView::from_json(obj)?;
+    let buckets = h
+        .bounds_us
         .iter()
         .map(|&b| b as f64 / 1e6)
         .chain([f64::INFINITY])
-        .zip(bins.iter().copied())
+        .zip(h.bins.iter().copied())
         .collect();
     Some(Sample::Histogram {
-        sum: sum_us as f64 / 1e6,
-        count: bins.iter().sum(),
+        sum: h.sum_us as f64 / 1e6,
+        count: h.count(),
         buckets,
     })
 }
