@@ -424,6 +424,36 @@ mod vmm_driven {
 
     /// `ready_job` in `copy_mode`; with `relayed`, the stream goes through a relay the
     /// returned flag stalls (it stops forwarding to the destination, without closing).
+    /// A held destination taking syncs on its own `mig.sock` (serve_incoming, in a job
+    /// thread); returns it and the socket's path.
+    fn listening_destination() -> (TestBackend, std::path::PathBuf) {
+        let dst = backend(false, true);
+        let dst_path = dst.dir.path().join("mig.sock");
+        let mut l = listen(&Uri::Unix(dst_path.clone()), &Security::default()).unwrap();
+        let dshared = dst.shared.clone();
+        job_thread(move || serve_incoming(&dshared, &mut l));
+        (dst, dst_path)
+    }
+
+    /// The migration jobs of `src` (100 ms downtime limit, plain streams).
+    fn migrations(src: &TestBackend) -> Arc<Migrations> {
+        Arc::new(Migrations::new(
+            src.shared.clone(),
+            Security::default(),
+            Duration::from_millis(100),
+        ))
+    }
+
+    /// A full sync to `uri` in `copy_mode`, unlimited.
+    fn full_to(uri: Uri, copy_mode: CopyMode) -> JobParams {
+        JobParams {
+            uri,
+            incremental: false,
+            copy_mode,
+            max_bandwidth: 0,
+        }
+    }
+
     pub(super) fn ready_job_via(
         copy_mode: CopyMode,
         relayed: bool,
@@ -435,11 +465,7 @@ mod vmm_driven {
         Arc<std::sync::atomic::AtomicBool>,
     ) {
         let src = backend(true, false);
-        let dst = backend(false, true);
-        let dst_path = dst.dir.path().join("mig.sock");
-        let mut l = listen(&Uri::Unix(dst_path.clone()), &Security::default()).unwrap();
-        let dshared = dst.shared.clone();
-        job_thread(move || serve_incoming(&dshared, &mut l));
+        let (dst, dst_path) = listening_destination();
         let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let uri = if relayed {
             let relay = dst.dir.path().join("relay.sock");
@@ -450,20 +476,32 @@ mod vmm_driven {
         };
         let mut fe = TestFrontend::connect(src.socket(), FrontendOptions::default()).unwrap();
         assert_eq!(write(&mut fe, 0, &[0x11; 4096]), status::OK);
-        let m = Arc::new(Migrations::new(
-            src.shared.clone(),
-            Security::default(),
-            Duration::from_millis(100),
-        ));
-        m.start(JobParams {
-            uri,
-            incremental: false,
-            copy_mode,
-            max_bandwidth: 0,
-        })
-        .unwrap();
+        let m = migrations(&src);
+        m.start(full_to(uri, copy_mode)).unwrap();
         wait_status(&m, "ready");
         (src, dst, fe, m, stall)
+    }
+
+    /// Listens at `at`; for one connection, relays everything from `to` back as it is,
+    /// and has `forward` move what the source sends on (source side, destination side);
+    /// then shuts the destination's side down.
+    fn relay(
+        at: &std::path::Path,
+        to: std::path::PathBuf,
+        forward: impl FnOnce(&mut UnixStream, &mut UnixStream) + Send + 'static,
+    ) {
+        let l = std::os::unix::net::UnixListener::bind(at).unwrap();
+        std::thread::spawn(move || {
+            let (mut from_src, _) = l.accept().unwrap();
+            let mut to_dst = UnixStream::connect(&to).unwrap();
+            let (mut back_in, mut back_out) =
+                (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut back_in, &mut back_out);
+            });
+            forward(&mut from_src, &mut to_dst);
+            let _ = to_dst.shutdown(std::net::Shutdown::Both);
+        });
     }
 
     /// Listens at `at`; relays one connection to `to` both ways, until `stall` is set:
@@ -474,15 +512,7 @@ mod vmm_driven {
         stall: Arc<std::sync::atomic::AtomicBool>,
     ) {
         use std::sync::atomic::Ordering;
-        let l = std::os::unix::net::UnixListener::bind(at).unwrap();
-        std::thread::spawn(move || {
-            let (mut from_src, _) = l.accept().unwrap();
-            let mut to_dst = UnixStream::connect(&to).unwrap();
-            let (mut back_in, mut back_out) =
-                (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut back_in, &mut back_out);
-            });
+        relay(at, to, move |from_src, to_dst| {
             let mut buf = vec![0u8; 64 << 10];
             loop {
                 let n = match from_src.read(&mut buf) {
@@ -497,7 +527,6 @@ mod vmm_driven {
                     break;
                 }
             }
-            let _ = to_dst.shutdown(std::net::Shutdown::Both);
         });
     }
 
@@ -507,15 +536,7 @@ mod vmm_driven {
     fn relay_cut_after_complete(at: &std::path::Path, to: std::path::PathBuf) {
         const HEADER: usize = 32;
         const COMPLETE: u16 = 5; // the stream's kind number of Complete
-        let l = std::os::unix::net::UnixListener::bind(at).unwrap();
-        std::thread::spawn(move || {
-            let (mut from_src, _) = l.accept().unwrap();
-            let mut to_dst = UnixStream::connect(&to).unwrap();
-            let (mut back_in, mut back_out) =
-                (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut back_in, &mut back_out);
-            });
+        relay(at, to, |from_src, to_dst| {
             let mut head = [0u8; HEADER];
             while from_src.read_exact(&mut head).is_ok() {
                 let kind = u16::from_le_bytes([head[6], head[7]]);
@@ -535,7 +556,6 @@ mod vmm_driven {
                     break;
                 }
             }
-            let _ = to_dst.shutdown(std::net::Shutdown::Both);
             let _ = from_src.shutdown(std::net::Shutdown::Both);
         });
     }
@@ -547,26 +567,13 @@ mod vmm_driven {
     #[test]
     fn a_lost_ack_never_leaves_both_ends_serving_and_a_retry_hands_over() {
         let src = backend(true, false);
-        let dst = backend(false, true);
-        let dst_path = dst.dir.path().join("mig.sock");
-        let mut l = listen(&Uri::Unix(dst_path.clone()), &Security::default()).unwrap();
-        let dshared = dst.shared.clone();
-        job_thread(move || serve_incoming(&dshared, &mut l));
+        let (dst, dst_path) = listening_destination();
         let relay = dst.dir.path().join("relay.sock");
         relay_cut_after_complete(&relay, dst_path.clone());
         let mut fe = TestFrontend::connect(src.socket(), FrontendOptions::default()).unwrap();
-        let m = Arc::new(Migrations::new(
-            src.shared.clone(),
-            Security::default(),
-            Duration::from_millis(100),
-        ));
-        let params = |uri| JobParams {
-            uri,
-            incremental: false,
-            copy_mode: CopyMode::Background,
-            max_bandwidth: 0,
-        };
-        m.start(params(Uri::Unix(relay))).unwrap();
+        let m = migrations(&src);
+        m.start(full_to(Uri::Unix(relay), CopyMode::Background))
+            .unwrap();
         wait_status(&m, "ready");
         m.complete().unwrap();
         wait_status(&m, "concluded");
@@ -582,7 +589,8 @@ mod vmm_driven {
         );
         // The source goes on; then a retry hands over.
         assert_eq!(write(&mut fe, 40, &[0x66; 4096]), status::OK);
-        m.start(params(Uri::Unix(dst_path))).unwrap();
+        m.start(full_to(Uri::Unix(dst_path), CopyMode::Background))
+            .unwrap();
         wait_status(&m, "ready");
         m.complete().unwrap();
         wait_status(&m, "concluded");
@@ -604,11 +612,7 @@ mod vmm_driven {
     #[test]
     fn a_throttled_write_is_in_the_hand_over() {
         let src = backend(true, false);
-        let dst = backend(false, true);
-        let dst_path = dst.dir.path().join("mig.sock");
-        let mut l = listen(&Uri::Unix(dst_path.clone()), &Security::default()).unwrap();
-        let dshared = dst.shared.clone();
-        job_thread(move || serve_incoming(&dshared, &mut l));
+        let (dst, dst_path) = listening_destination();
         let mut fe = TestFrontend::connect(src.socket(), FrontendOptions::default()).unwrap();
         src.shared
             .set_io_limits(vhost_blk_backend::throttle::Limits {
@@ -633,18 +637,9 @@ mod vmm_driven {
             1,
             "the second write waits for the throttle"
         );
-        let m = Arc::new(Migrations::new(
-            src.shared.clone(),
-            Security::default(),
-            Duration::from_millis(100),
-        ));
-        m.start(JobParams {
-            uri: Uri::Unix(dst_path),
-            incremental: false,
-            copy_mode: CopyMode::Background,
-            max_bandwidth: 0,
-        })
-        .unwrap();
+        let m = migrations(&src);
+        m.start(full_to(Uri::Unix(dst_path), CopyMode::Background))
+            .unwrap();
         wait_status(&m, "ready");
         m.complete().unwrap();
         wait_status(&m, "concluded");
