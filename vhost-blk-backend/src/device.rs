@@ -564,29 +564,33 @@ impl VmmState {
     }
 }
 
+/// The unit tests' device: `image` (which exists), one queue of 16, 512-byte blocks.
+#[cfg(test)]
+pub(crate) fn test_device(image: &std::path::Path) -> BlkDevice {
+    let disk = Disk::open(image, false, crate::CacheMode::None, 512).expect("disk");
+    BlkDevice::new(
+        disk,
+        &BlkOptions {
+            num_queues: 1,
+            queue_size: 16,
+            block_size: 512,
+            serial: String::new(),
+            poll_us: 0,
+            dirty: None,
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BlkDevice, BlkOptions, CacheMode, Disk};
 
     fn shared(dir: &std::path::Path) -> Arc<BlkShared> {
         let image = dir.join("disk.img");
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(1 << 20))
             .expect("image");
-        let disk = Disk::open(&image, false, CacheMode::None, 512).expect("disk");
-        let device = BlkDevice::new(
-            disk,
-            &BlkOptions {
-                num_queues: 1,
-                queue_size: 16,
-                block_size: 512,
-                serial: String::new(),
-                poll_us: 0,
-                dirty: None,
-            },
-        );
-        device.shared().clone()
+        test_device(&image).shared().clone()
     }
 
     #[test]

@@ -1435,8 +1435,6 @@ mod tests {
 
     use vhost_tests::freeze::FreezableFs;
 
-    use crate::{BlkDevice, BlkOptions, CacheMode, Disk};
-
     const LEN: u32 = 64 << 10;
     /// 1 MiB of guest memory (a memfd mapping, as a frontend's would be).
     fn guest_memory() -> Arc<GuestMem> {
@@ -1459,18 +1457,7 @@ mod tests {
     /// A worker on an image in `fs`, with one write of LEN bytes of `fill` from guest
     /// memory submitted (the guest memory is referenced only by the request).
     fn worker_with_a_write(image: &std::path::Path, fill: u8, bound: Duration) -> BlkWorker {
-        let disk = Disk::open(image, false, CacheMode::None, 512).expect("disk");
-        let device = BlkDevice::new(
-            disk,
-            &BlkOptions {
-                num_queues: 1,
-                queue_size: 16,
-                block_size: 512,
-                serial: String::new(),
-                poll_us: 0,
-                dirty: None,
-            },
-        );
+        let device = crate::device::test_device(image);
         let shared = device.shared().clone();
         let fd = shared.disk.file().as_raw_fd();
         let mut w = BlkWorker::new(shared, &[0], fd, 0).expect("worker");
