@@ -833,17 +833,7 @@ impl Qsd {
 impl Drop for Qsd {
     fn drop(&mut self) {
         // SIGTERM lets the daemon close its exports and images; SIGKILL if it hangs.
-        // SAFETY: kill(2) on a process we started and have not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::compare::terminate(&mut self.child, Duration::from_secs(5));
     }
 }
 
