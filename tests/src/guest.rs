@@ -1093,6 +1093,25 @@ pub fn spawn_backend_in(
     })
 }
 
+/// Whether `child` still runs; if it ended, it is reaped (`None`) and its exit status
+/// kept in `status`. A process whose state cannot be read counts as running.
+pub fn still_running(
+    child: &mut Option<std::process::Child>,
+    status: &mut Option<std::process::ExitStatus>,
+) -> bool {
+    if let Some(c) = child.as_mut() {
+        match c.try_wait() {
+            Ok(None) => return true,
+            Ok(Some(st)) => {
+                *status = Some(st);
+                *child = None;
+            }
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
 /// A backend process started by [`GuestTest::spawn_backend`]. Killed
 /// (SIGKILL) on drop unless already stopped.
 pub struct Backend {
@@ -1113,17 +1132,7 @@ impl Backend {
 
     /// Whether the process still runs (reaps it if it ended).
     pub fn is_running(&mut self) -> bool {
-        if let Some(c) = self.child.as_mut() {
-            match c.try_wait() {
-                Ok(None) => return true,
-                Ok(Some(st)) => {
-                    self.status = Some(st);
-                    self.child = None;
-                }
-                Err(_) => return true,
-            }
-        }
-        false
+        still_running(&mut self.child, &mut self.status)
     }
 
     /// Exit status once the process has ended.

@@ -125,17 +125,7 @@ impl Vm {
 
     /// Whether QEMU still runs (reaps it if it ended).
     pub fn running(&mut self) -> bool {
-        if let Some(c) = self.child.as_mut() {
-            match c.try_wait() {
-                Ok(None) => return true,
-                Ok(Some(st)) => {
-                    self.status = Some(st);
-                    self.child = None;
-                }
-                Err(_) => return true,
-            }
-        }
-        false
+        crate::guest::still_running(&mut self.child, &mut self.status)
     }
 
     /// Reads the console lines that arrived since the last call into [`Vm::results`].
