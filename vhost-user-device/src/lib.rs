@@ -21,6 +21,9 @@
 //! - [`inflight`]: the INFLIGHT_SHMFD region and the resubmission of chains a previous
 //!   backend process left in flight;
 //! - [`worker`] and [`device`]: worker threads and the two traits devices implement;
+//! - [`iovec`] and [`engine`]: typed iovec lists that own what they point into, and the
+//!   two I/O engines (io_uring, inline) whose operations own their buffers until the
+//!   kernel is done with them;
 //! - [`sandbox`]: the per-thread seccomp filters (`--sandbox`).
 //!
 //! Devices describe themselves with [`device::VhostUserDevice`] and process queues in a
@@ -32,10 +35,12 @@ pub mod chain;
 pub mod control;
 pub mod device;
 pub mod dirty_log;
+pub mod engine;
 pub mod fd_check;
 pub mod handler;
 pub mod histogram;
 pub mod inflight;
+pub mod iovec;
 pub mod memory;
 pub mod metrics;
 pub mod program;
@@ -48,6 +53,8 @@ pub mod server;
 pub mod worker;
 
 pub use chain::{Chain, Segment};
+pub use engine::{Completion, Engine, EngineChoice, EngineKind, Op, Pushed};
+pub use iovec::{AlignedBuf, IovecList};
 pub use device::{DeviceError, QueueWorker, VhostUserDevice, VmmEvent};
 pub use memory::{GuestMem, GuestMemAtomic};
 pub use ring::{QueueStats, Ring};
