@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use vhost_user_device::engine::EngineChoice;
 use vhost_user_device::program::{parse_size, ClientCommand, ListenArgs};
 
 use crate::dirty;
@@ -61,6 +62,16 @@ pub struct Args {
     /// the file system cannot), "writeback" goes through the host page cache.
     #[arg(long, value_enum, default_value_t = CacheMode::None)]
     pub cache: CacheMode,
+
+    /// How the disk's reads and writes are done. "uring": io_uring, asynchronous, what
+    /// disks want. "inline": system calls (preadv2, pwritev2, fdatasync, fallocate) on the
+    /// queue's worker thread; a memory file system's I/O is a memory copy that io_uring
+    /// would hand to a kernel thread (a context switch each way, and a core on a small
+    /// host), but on a disk every request, flushes included, then stalls its queue while it
+    /// runs. "auto" (default): inline on tmpfs, hugetlbfs and ramfs, io_uring elsewhere.
+    /// The choice is logged at start.
+    #[arg(long, value_enum, value_name = "ENGINE", default_value_t = EngineChoice::Auto)]
+    pub io_engine: EngineChoice,
 
     /// Logical block size the guest sees (512 or 4096).
     #[arg(long, default_value_t = 512, value_parser = parse_block_size)]

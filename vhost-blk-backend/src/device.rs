@@ -1,6 +1,5 @@
 //! The virtio-blk device: what it offers the driver and how it builds queue workers.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -507,8 +506,7 @@ impl VhostUserDevice for BlkDevice {
         queues: &[u16],
         acked_features: u64,
     ) -> Result<Box<dyn QueueWorker>, DeviceError> {
-        let fd = self.shared.disk.file().as_raw_fd();
-        let worker = BlkWorker::new(self.shared.clone(), queues, fd, acked_features)
+        let worker = BlkWorker::new(self.shared.clone(), queues, acked_features)
             .map_err(DeviceError::Worker)?;
         Ok(Box::new(worker))
     }

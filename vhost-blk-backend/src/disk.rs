@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use vhost_user_device::engine::{EngineChoice, EngineKind};
 
 /// How the host page cache is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -86,6 +87,9 @@ pub struct Disk {
     pub zero_by_writing: AtomicBool,
     /// The file lives in memory (tmpfs, hugetlbfs, ramfs): see [`is_memory_backed`].
     pub memory_backed: bool,
+    /// The I/O engine each queue worker runs the disk's I/O on: `--io-engine`, by default
+    /// inline for a memory-backed file and io_uring for anything else.
+    pub engine: EngineKind,
 }
 
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -96,8 +100,8 @@ const RAMFS_MAGIC: i64 = 0x8584_58f6;
 /// device, yet such file systems cannot do them without blocking in io_uring's sense (no
 /// IOCB_NOWAIT support), so io_uring hands every one to a kernel worker thread: two
 /// context switches per request for a memory copy. Doing them inline, on the queue's
-/// worker thread, is cheaper and still zero-copy (the kernel copies straight into guest
-/// memory).
+/// worker thread (the inline engine, `vhost_user_device::engine`), is cheaper and still
+/// zero-copy (the kernel copies straight into guest memory).
 pub fn is_memory_backed(file: &File) -> bool {
     // SAFETY: zeroed statfs is a valid out buffer for fstatfs.
     let mut s: libc::statfs = unsafe { std::mem::zeroed() };
@@ -216,7 +220,23 @@ impl Disk {
             zero_range_unsupported: AtomicBool::new(false),
             zero_by_writing: AtomicBool::new(false),
             memory_backed,
+            engine: EngineChoice::Auto.resolve(memory_backed),
         })
+    }
+
+    /// Chooses the I/O engine (`--io-engine`) and says which it is and why.
+    pub fn choose_engine(&mut self, choice: EngineChoice) {
+        self.engine = choice.resolve(self.memory_backed);
+        let why = match (choice, self.memory_backed) {
+            (EngineChoice::Auto, true) => "auto: the file is in memory (tmpfs, hugetlbfs or ramfs)",
+            (EngineChoice::Auto, false) => "auto: the file is not in memory",
+            _ => "--io-engine",
+        };
+        log::info!(
+            "{}: I/O engine {} ({why})",
+            self.path.display(),
+            self.engine
+        );
     }
 
     /// The open file.

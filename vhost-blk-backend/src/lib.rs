@@ -3,8 +3,8 @@
 //! - [`spec`]: virtio-blk structures and constants;
 //! - [`disk`]: opening the image (O_DIRECT where possible), size and alignment;
 //! - [`request`]: parsing and checking a descriptor chain into a [`request::Request`];
-//! - [`uring`]: the io_uring engine;
-//! - [`worker`]: the queue worker (zero-copy submission, completion, dirty logging);
+//! - [`worker`]: the queue worker (zero-copy submission on the layer's I/O engine,
+//!   completion, dirty logging);
 //! - [`device`]: features, config space, worker creation;
 //! - [`throttle`]: the I/O limits' token buckets; [`throttle_client`]: the
 //!   `set-io-throttle` subcommand;
@@ -24,7 +24,6 @@ pub mod seccomp;
 pub mod spec;
 pub mod throttle;
 pub mod throttle_client;
-pub mod uring;
 pub mod worker;
 
 pub use device::{BlkDevice, BlkOptions};

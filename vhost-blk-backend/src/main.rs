@@ -41,22 +41,19 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Checked before anything is opened (the names in the message are set-io-throttle's).
     let limits = args.io_limits()?;
     let path = args.blk_file.ok_or("--blk-file is required")?;
-    let disk = Disk::open(&path, args.read_only, args.cache, args.block_size)?;
+    let mut disk = Disk::open(&path, args.read_only, args.cache, args.block_size)?;
+    disk.choose_engine(args.io_engine);
     let serial = args.serial.unwrap_or_else(|| {
         path.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     });
     log::info!(
-        "serving {} ({} bytes, {}{}{}, block size {}) on {} queue(s) of {}",
+        "serving {} ({} bytes, {}, I/O engine {}{}, block size {}) on {} queue(s) of {}",
         path.display(),
         disk.size,
         if disk.direct { "O_DIRECT" } else { "buffered" },
-        if disk.memory_backed {
-            ", in memory: reads and writes inline"
-        } else {
-            ""
-        },
+        disk.engine,
         if disk.read_only { ", read-only" } else { "" },
         args.block_size,
         args.num_queues,

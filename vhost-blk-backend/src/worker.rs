@@ -1,17 +1,23 @@
-//! The per-queue-group worker: pops chains, parses them, executes them on io_uring with
-//! iovecs pointing straight into guest memory, and completes them when the kernel is done.
+//! The per-queue-group worker: pops chains, parses them, executes them on the disk's I/O
+//! engine (io_uring or inline, see `vhost_user_device::engine`) with iovecs pointing
+//! straight into guest memory, and completes them when the kernel is done.
+//!
+//! Every operation owns its buffers (guest memory snapshot, bounce buffer, the buffer of
+//! zeros) while the engine has it and hands them back with its completion: a request's
+//! buffers live in its [`InFlight`] record only between operations.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::VecDeque;
 use std::io;
-use std::mem::ManuallyDrop;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost_user_device::memory::host_iovecs;
+use vhost_user_device::engine::{Completion, Engine, Op, Pushed};
 use vhost_user_device::rate_limit::RateLimitedLog;
-use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings, Segment};
+use vhost_user_device::{
+    AlignedBuf, Chain, GuestMem, IovecList, QueueWorker, Ring, Rings, Segment,
+};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -19,37 +25,22 @@ use crate::device::{max_request_bytes, BlkQueueStats, BlkShared, Gate};
 use crate::request::{parse, ByteRange, Parsed, Request};
 use crate::spec::{features, status, ID_BYTES};
 use crate::throttle::Dir;
-use crate::uring::{Op, Uring};
 
-/// An aligned buffer for the rare O_DIRECT request whose guest buffers are not aligned.
-struct Bounce {
-    ptr: *mut u8,
-    layout: Layout,
+/// The rings a completion may go to: all of the worker's (events, completions) or the
+/// one `process_queue` is serving.
+trait RingsOf {
+    fn ring(&mut self, queue: u16) -> Option<&mut Ring>;
 }
 
-impl Bounce {
-    fn new(len: usize, align: usize) -> Option<Self> {
-        let layout = Layout::from_size_align(len.max(1), align.max(512)).ok()?;
-        // SAFETY: layout has a non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        (!ptr.is_null()).then_some(Self { ptr, layout })
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: ptr is a live allocation of layout.size() bytes owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+impl RingsOf for Rings {
+    fn ring(&mut self, queue: u16) -> Option<&mut Ring> {
+        self.get_mut(queue)
     }
 }
 
-// SAFETY: a Bounce is the only owner of its heap allocation (no aliases outside the
-// iovecs of operations that its owner keeps alive), so moving it to another thread moves
-// that ownership.
-unsafe impl Send for Bounce {}
-
-impl Drop for Bounce {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { dealloc(self.ptr, self.layout) }
+impl RingsOf for Ring {
+    fn ring(&mut self, queue: u16) -> Option<&mut Ring> {
+        (self.index() == queue).then_some(self)
     }
 }
 
@@ -107,9 +98,12 @@ struct InFlight {
     remaining: u64,
     offset: u64,
     used_len: u32,
-    iovecs: Vec<libc::iovec>,
+    /// Reads and writes: the buffers, here while no operation of the request is in the
+    /// engine (an operation carries them meanwhile). A bounce buffer when O_DIRECT
+    /// cannot use the guest's buffers as they are.
+    bufs: Option<IovecList>,
+    /// Reads and writes: the guest's buffers (dirty logging, bounce copies).
     data: Vec<Segment>,
-    bounce: Option<Bounce>,
     /// Discard and write-zeroes: the byte ranges.
     ranges: Vec<ByteRange>,
     /// Writes: the byte range, as the request asked (short transfers move `offset`).
@@ -136,9 +130,8 @@ impl InFlight {
             remaining: 0,
             offset: 0,
             used_len: 1,
-            iovecs: Vec::new(),
+            bufs: None,
             data: Vec::new(),
-            bounce: None,
             ranges: Vec::new(),
             write_range: ByteRange { offset: 0, len: 0 },
             zeroing: Zeroing::default(),
@@ -147,11 +140,6 @@ impl InFlight {
         }
     }
 }
-
-// SAFETY: the raw pointers (iovecs into guest memory, bounce buffer) are owned by or kept
-// alive through this record (the `mem` Arc, the Bounce), and the record moves between
-// threads only as part of the worker.
-unsafe impl Send for InFlight {}
 
 /// A request parsed and held back by the I/O throttle: taken from its ring, not started.
 /// At most one per queue (its ring is not read further until it starts).
@@ -165,16 +153,19 @@ struct Parked {
 /// The virtio-blk queue worker.
 pub struct BlkWorker {
     shared: Arc<BlkShared>,
-    /// Dropped by hand in `Drop`, only once nothing is in flight (else leaked): closing
-    /// an io_uring does not wait for its operations.
-    uring: ManuallyDrop<Uring>,
+    /// The disk's I/O engine. It owns every operation it has, buffers included, until
+    /// the operation completes (and leaks them if dropped before: see its Drop).
+    engine: Engine,
+    /// Operations the engine did at once (inline), waiting to be handled like reaped
+    /// completions.
+    done: VecDeque<Completion>,
     /// Zeros for write-zeroes requests that must write them; allocated on first use.
-    zeroes: Option<Bounce>,
+    zeroes: Option<Arc<AlignedBuf>>,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     in_flight: Vec<(u16, usize)>,
     chain: Chain,
-    completions: Vec<(u64, i32)>,
+    completions: Vec<Completion>,
     to_notify: Vec<u16>,
     log: RateLimitedLog,
     /// Queues that stopped taking chains with some left: at their in-flight limit, or
@@ -209,9 +200,11 @@ const BUDGET: usize = 256;
 /// long is already in trouble, and leaking is the last resort.
 const TEARDOWN_BOUND: Duration = Duration::from_secs(30);
 /// Index of `more` in [`QueueWorker::event_fds`].
-const MORE_FD: usize = 1;
+const MORE_FD: usize = 0;
 /// Index of the throttle's timer in [`QueueWorker::event_fds`].
-const TIMER_FD: usize = 2;
+const TIMER_FD: usize = 1;
+/// Index of the engine's completion fd in [`QueueWorker::event_fds`] (io_uring only).
+const ENGINE_FD: usize = 2;
 
 /// A non-blocking CLOCK_MONOTONIC timerfd (created at worker setup, in the main thread).
 fn new_timer() -> io::Result<OwnedFd> {
@@ -247,21 +240,18 @@ const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 
 impl BlkWorker {
-    /// A worker for `queues`, with its own io_uring, for a driver that acked
-    /// `acked_features`.
-    pub fn new(
-        shared: Arc<BlkShared>,
-        queues: &[u16],
-        disk_fd: RawFd,
-        acked_features: u64,
-    ) -> io::Result<Self> {
+    /// A worker for `queues`, with its own I/O engine (the kind the disk was given), for
+    /// a driver that acked `acked_features`.
+    pub fn new(shared: Arc<BlkShared>, queues: &[u16], acked_features: u64) -> io::Result<Self> {
         let entries = u32::from(shared.queue_size).clamp(16, 4096);
         let more = Arc::new(EventFd::new(EFD_NONBLOCK)?);
         shared.gate.register(&more);
+        let engine = Engine::new(shared.disk.engine, shared.disk.file().as_fd(), entries)?;
         Ok(Self {
             max_request: max_request_bytes(shared.queue_size),
             size_max_acked: acked_features & features::SIZE_MAX != 0,
-            uring: ManuallyDrop::new(Uring::new(entries, disk_fd, shared.disk.memory_backed)?),
+            engine,
+            done: VecDeque::new(),
             zeroes: None,
             shared,
             slots: Vec::new(),
@@ -551,7 +541,7 @@ impl BlkWorker {
     fn prepare_rw(
         &mut self,
         req: &mut InFlight,
-        mem: &GuestMem,
+        mem: &Arc<GuestMem>,
         offset: u64,
         data: Vec<Segment>,
         write: bool,
@@ -566,30 +556,29 @@ impl BlkWorker {
             (total as u32).saturating_add(1)
         };
         let disk = &self.shared.disk;
-        let mut iovecs = Vec::with_capacity(data.len());
-        let mut ok = true;
-        for s in &data {
-            if host_iovecs(mem, s.addr, u64::from(s.len), &mut iovecs).is_err() {
-                ok = false;
-                break;
+        let guest = match IovecList::from_guest(mem, &data) {
+            Ok(list) => list,
+            Err(_) => {
+                req.status = status::IOERR;
+                req.data = data;
+                return;
             }
-        }
-        let aligned = iovecs
-            .iter()
-            .all(|v| (v.iov_base as u64 | v.iov_len as u64).is_multiple_of(disk.mem_align))
+        };
+        let aligned = guest.is_aligned(disk.mem_align)
             && offset.is_multiple_of(disk.offset_align)
             && total.is_multiple_of(disk.offset_align);
-        if !ok {
-            req.status = status::IOERR;
-        } else if !aligned && total > self.max_request {
+        if aligned {
+            req.bufs = Some(guest);
+        } else if total > self.max_request {
             // A driver that did not ack SIZE_MAX may send larger requests; they are served
             // in place when aligned, but a bounce buffer is never larger than the limit
             // (a guest could otherwise have us allocate up to 4 GiB per request).
             self.refuse_too_large(req.queue, req.head, total);
             req.status = status::IOERR;
-        } else if !aligned {
+        } else {
             self.shared.stats.bounced.fetch_add(1, Ordering::Relaxed);
-            match Bounce::new(total as usize, disk.mem_align.max(512) as usize) {
+            // Page aligned, which is enough for O_DIRECT anywhere.
+            match AlignedBuf::new(total as usize) {
                 Some(mut b) => {
                     if write {
                         let mut at = 0usize;
@@ -604,35 +593,39 @@ impl BlkWorker {
                             at = end;
                         }
                     }
-                    iovecs = vec![libc::iovec {
-                        iov_base: b.ptr.cast(),
-                        iov_len: total as usize,
-                    }];
-                    req.bounce = Some(b);
+                    req.bufs = Some(IovecList::owned(b));
                 }
                 None => req.status = status::IOERR,
             }
         }
-        req.iovecs = iovecs;
         req.data = data;
     }
 
-    fn rw_op(req: &InFlight, dsync: bool) -> Op {
-        let count = req.iovecs.len().min(1024) as u32;
+    /// The read or write of what is left of `req`, carrying its buffers.
+    fn rw_op(req: &mut InFlight, dsync: bool) -> Op {
+        let bufs = req.bufs.take().unwrap_or_else(IovecList::empty);
         if req.kind == Kind::Read {
-            Op::Readv {
-                iovecs: req.iovecs.as_ptr(),
-                count,
+            Op::Read {
                 offset: req.offset,
+                bufs,
             }
         } else {
-            Op::Writev {
-                iovecs: req.iovecs.as_ptr(),
-                count,
+            Op::Write {
                 offset: req.offset,
-                dsync,
+                bufs,
+                flags: if dsync { libc::RWF_DSYNC } else { 0 },
             }
         }
+    }
+
+    /// Gives `op` of the request in `slot` to the engine; an operation done at once
+    /// waits in `done` to be handled like a reaped completion.
+    fn push_op(&mut self, op: Op, slot: usize, link: bool) -> io::Result<()> {
+        match self.engine.push(op, slot as u64, link)? {
+            Pushed::Submitted => {}
+            Pushed::Done(c) => self.done.push_back(c),
+        }
+        Ok(())
     }
 
     fn submit_request(&mut self, ring: &mut Ring, mem: &GuestMem, mut req: InFlight) -> bool {
@@ -655,13 +648,11 @@ impl BlkWorker {
             self.count_queue(req.queue, |q| &q.write_bytes, req.remaining);
         }
         let dsync = !self.shared.writeback.load(Ordering::Relaxed);
-        let op = Self::rw_op(&req, dsync);
+        let op = Self::rw_op(&mut req, dsync);
         req.pending = 1;
         let queue = req.queue;
         let slot = self.alloc_slot(req);
-        // SAFETY: the iovecs (and the guest memory / bounce buffer they point to) live in
-        // the slot until the completion is reaped; the slot is not reused before that.
-        if let Err(e) = unsafe { self.uring.push(op, slot as u64, false) } {
+        if let Err(e) = self.push_op(op, slot, false) {
             self.fail_unsubmitted(ring, mem, slot, 1, &e);
             return true;
         }
@@ -686,8 +677,7 @@ impl BlkWorker {
         let queue = req.queue;
         let slot = self.alloc_slot(req);
         for (pushed, (op, link)) in ops.into_iter().enumerate() {
-            // SAFETY: these ops reference no memory.
-            if let Err(e) = unsafe { self.uring.push(op, slot as u64, link) } {
+            if let Err(e) = self.push_op(op, slot, link) {
                 self.fail_unsubmitted(ring, mem, slot, total - pushed as u32, &e);
                 return true;
             }
@@ -715,7 +705,7 @@ impl BlkWorker {
         unpushed: u32,
         e: &io::Error,
     ) {
-        self.log.warn(|| format!("io_uring submission failed: {e}"));
+        self.log.warn(|| format!("I/O submission failed: {e}"));
         let Some(req) = self.slots.get_mut(slot).and_then(|s| s.as_mut()) else {
             return;
         };
@@ -730,10 +720,15 @@ impl BlkWorker {
     }
 
     /// Handles one completion; returns the request when it is finished.
-    fn on_completion(&mut self, slot: usize, res: i32) -> Option<InFlight> {
+    fn on_completion(&mut self, c: Completion) -> Option<InFlight> {
+        let (slot, res) = (usize::try_from(c.user_data).ok()?, c.result);
         let dsync = !self.shared.writeback.load(Ordering::Relaxed);
         let req = self.slots.get_mut(slot)?.as_mut()?;
         req.pending = req.pending.saturating_sub(1);
+        // The buffers come back with the operation.
+        if let Some(bufs) = c.op.into_bufs() {
+            req.bufs = Some(bufs);
+        }
         if req.kind == Kind::WriteZeroes && req.zeroing.method != Some(ZeroMethod::Write) {
             return self.on_zeroing_completion(slot, res);
         }
@@ -744,13 +739,16 @@ impl BlkWorker {
                 let n = res as u64;
                 req.remaining -= n;
                 req.offset += n;
-                advance_iovecs(&mut req.iovecs, n as usize);
+                if let Some(bufs) = req.bufs.as_mut() {
+                    bufs.advance(n);
+                }
                 let op = Self::rw_op(req, dsync);
                 req.pending += 1;
-                // SAFETY: as in submit_request; the slot stays allocated until reaped.
-                if unsafe { self.uring.push(op, slot as u64, false) }.is_ok() {
+                if self.push_op(op, slot, false).is_ok() {
                     return None;
                 }
+                // The buffers went with the operation that never reached the kernel.
+                let req = self.slots.get_mut(slot)?.as_mut()?;
                 req.pending -= 1;
                 Some(libc::EIO)
             }
@@ -765,11 +763,10 @@ impl BlkWorker {
                         set_zero_write(req, zeroes, piece);
                         let op = Self::rw_op(req, dsync);
                         req.pending += 1;
-                        // SAFETY: the iovecs live in the slot and point into `self.zeroes`,
-                        // which outlives the ring; the slot stays allocated until reaped.
-                        if unsafe { self.uring.push(op, slot as u64, false) }.is_ok() {
+                        if self.push_op(op, slot, false).is_ok() {
                             return None;
                         }
+                        let req = self.slots.get_mut(slot)?.as_mut()?;
                         req.pending -= 1;
                         Some(libc::EIO)
                     }
@@ -853,12 +850,10 @@ impl BlkWorker {
                 return Some(req);
             }
             let dsync = !self.shared.writeback.load(Ordering::Relaxed);
-            let op = Self::rw_op(&req, dsync);
+            let op = Self::rw_op(&mut req, dsync);
             req.pending = 1;
             self.slots[slot] = Some(req);
-            // SAFETY: the iovecs live in the slot and point into `self.zeroes`, which
-            // outlives the ring; the slot stays allocated until the completion is reaped.
-            if unsafe { self.uring.push(op, slot as u64, false) }.is_err() {
+            if self.push_op(op, slot, false).is_err() {
                 return self.fail_queued(slot, 0);
             }
             return None;
@@ -868,8 +863,7 @@ impl BlkWorker {
         req.pending = ops.len() as u32;
         self.slots[slot] = Some(req);
         for (pushed, (op, link)) in ops.into_iter().enumerate() {
-            // SAFETY: fallocate ops reference no memory.
-            if unsafe { self.uring.push(op, slot as u64, link) }.is_err() {
+            if self.push_op(op, slot, link).is_err() {
                 return self.fail_queued(slot, pushed as u32);
             }
         }
@@ -887,7 +881,7 @@ impl BlkWorker {
     /// at the first. False when the buffer of zeros cannot be allocated.
     fn start_zero_writes(&mut self, req: &mut InFlight) -> bool {
         if self.zeroes.is_none() {
-            self.zeroes = Bounce::new(ZERO_BUF, 4096);
+            self.zeroes = AlignedBuf::new(ZERO_BUF).map(Arc::new);
         }
         let Some(zeroes) = self.zeroes.as_ref() else {
             return false;
@@ -950,7 +944,7 @@ impl BlkWorker {
 
     /// A request left the kernel: retire it, then complete it to the guest, unless it
     /// changed the disk while a migration mirrors writes: then it waits for its round.
-    fn finish(&mut self, rings: &mut Rings, req: InFlight) {
+    fn finish(&mut self, rings: &mut impl RingsOf, req: InFlight) {
         self.retire(&req);
         if matches!(req.kind, Kind::Write | Kind::Discard | Kind::WriteZeroes) {
             if let Some(ticket) = self.shared.mirror.ticket() {
@@ -962,7 +956,7 @@ impl BlkWorker {
     }
 
     /// Completes the held writes whose round is on the destination, and tells the guest.
-    fn release_mirrored(&mut self, rings: &mut Rings) {
+    fn release_mirrored(&mut self, rings: &mut impl RingsOf) {
         if self.mirror_held.is_empty() {
             return;
         }
@@ -977,8 +971,8 @@ impl BlkWorker {
     }
 
     /// Writes back a retired request: dirty log, bounce copy, status, used ring.
-    fn complete_to_guest(&mut self, rings: &mut Rings, req: InFlight) {
-        let Some(ring) = rings.get_mut(req.queue) else {
+    fn complete_to_guest(&mut self, rings: &mut impl RingsOf, req: InFlight) {
+        let Some(ring) = rings.ring(req.queue) else {
             // The layer stops a ring only once its requests are done (see its drain), so
             // this is a bug; the disk change is recorded (retire) even then.
             let (queue, head) = (req.queue, req.head);
@@ -990,16 +984,17 @@ impl BlkWorker {
         let mem = &req.mem;
         let mut st = req.status;
         if st == status::OK && req.kind == Kind::Read {
-            match &req.bounce {
+            match req.bufs.as_ref().and_then(IovecList::owned_buf) {
                 Some(b) => {
                     // Copied through vm-memory, which logs the pages itself.
                     let mut at = 0usize;
                     for s in &req.data {
                         let end = at + s.len as usize;
-                        // SAFETY: the bounce buffer holds `total` bytes; `end` <= total.
-                        let src =
-                            unsafe { std::slice::from_raw_parts(b.ptr.add(at), s.len as usize) };
-                        if mem.write_slice(src, GuestAddress(s.addr)).is_err() {
+                        let copied = b
+                            .as_slice()
+                            .get(at..end)
+                            .is_some_and(|src| mem.write_slice(src, GuestAddress(s.addr)).is_ok());
+                        if !copied {
                             st = status::IOERR;
                         }
                         at = end;
@@ -1033,7 +1028,7 @@ impl BlkWorker {
         loop {
             self.completions.clear();
             let mut batch = std::mem::take(&mut self.completions);
-            if let Err(e) = self.uring.reap(&mut batch) {
+            if let Err(e) = self.engine.reap(&mut batch) {
                 self.log
                     .warn(|| format!("io_uring completion wait failed: {e}"));
             }
@@ -1041,23 +1036,34 @@ impl BlkWorker {
                 self.completions = batch;
                 break;
             }
-            for &(user_data, res) in &batch {
-                if let Some(req) = self.on_completion(user_data as usize, res) {
+            for c in batch.drain(..) {
+                if let Some(req) = self.on_completion(c) {
                     self.finish(rings, req);
                 }
             }
             self.completions = batch;
         }
-        if let Err(e) = self.uring.submit() {
+        self.handle_done(rings);
+        if let Err(e) = self.engine.submit() {
             self.log.warn(|| format!("io_uring submit failed: {e}"));
         }
         self.notify_completed(rings);
     }
 
+    /// Handles the operations the engine did at once (and those that handling them did
+    /// at once in turn).
+    fn handle_done(&mut self, rings: &mut impl RingsOf) {
+        while let Some(c) = self.done.pop_front() {
+            if let Some(req) = self.on_completion(c) {
+                self.finish(rings, req);
+            }
+        }
+    }
+
     /// Signals the queues that got completions.
-    fn notify_completed(&mut self, rings: &mut Rings) {
+    fn notify_completed(&mut self, rings: &mut impl RingsOf) {
         for q in std::mem::take(&mut self.to_notify) {
-            if let Some(ring) = rings.get_mut(q) {
+            if let Some(ring) = rings.ring(q) {
                 let mem = ring.memory();
                 ring.notify(&mem);
             }
@@ -1066,7 +1072,7 @@ impl BlkWorker {
 
     /// Drain with writes held for mirroring and nothing in the kernel: wait (a little,
     /// the layer's drain calls again) for the job's next round.
-    fn wait_for_mirror(&mut self, rings: &mut Rings) {
+    fn wait_for_mirror(&mut self, rings: &mut impl RingsOf) {
         if let Some(first) = self.mirror_held.iter().map(|(t, _)| *t).min() {
             self.shared
                 .mirror
@@ -1078,17 +1084,16 @@ impl BlkWorker {
 
 /// Teardown (the worker thread ends: connection closed, device reset, worker failure).
 ///
-/// Requests still in the kernel point into guest memory (through the `mem` snapshots
-/// their slots hold), bounce buffers and the buffer of zeros. Closing the io_uring does
-/// not wait for them: the kernel finishes or cancels them later, in its own time, and a
-/// write blocked in the file system (frozen, stuck NFS) reads its buffer only when it
-/// resumes. Freeing that memory first would have the kernel read (write to disk) or, for
-/// reads, write into whatever reuses the memory. So the drop waits for every operation,
-/// completing what comes back as far as can be done without the rings (in-flight count,
-/// block bitmap; the guest is not told, and with an inflight region the requests stay
-/// marked in flight there for a reconnecting backend to resubmit). The wait is bounded
-/// (`teardown_bound`): past it, everything the kernel may still use is leaked, counted and
-/// logged, rather than freed.
+/// Requests still in the kernel read or write guest memory, bounce buffers and the buffer
+/// of zeros, all of which their operations own inside the engine. Closing an io_uring
+/// does not wait for them: the kernel finishes or cancels them later, in its own time, and
+/// a write blocked in the file system (frozen, stuck NFS) reads its buffer only when it
+/// resumes. So the drop waits for every operation, completing what comes back as far as
+/// can be done without the rings (in-flight count, block bitmap; the guest is not told,
+/// and with an inflight region the requests stay marked in flight there for a
+/// reconnecting backend to resubmit). The wait is bounded (`teardown_bound`): past it the
+/// engine, dropped with operations left, leaks them and their memory rather than free
+/// it; the worker counts and logs them.
 impl Drop for BlkWorker {
     fn drop(&mut self) {
         self.shared
@@ -1110,9 +1115,6 @@ impl Drop for BlkWorker {
         }
         let left = self.slots.iter().flatten().count();
         if left == 0 {
-            // SAFETY: `uring` is not used after this (we are in drop), and nothing the
-            // kernel may still touch remains: every operation completed.
-            unsafe { ManuallyDrop::drop(&mut self.uring) };
             return;
         }
         self.shared
@@ -1125,14 +1127,6 @@ impl Drop for BlkWorker {
              rather than freeing memory the kernel may still use",
             self.teardown_bound
         );
-        // The ring stays as it is (ManuallyDrop, never dropped), and so do the requests
-        // (their `mem` snapshots keep the guest mappings) and the buffer of zeros.
-        for req in self.slots.drain(..).flatten() {
-            std::mem::forget(req);
-        }
-        if let Some(z) = self.zeroes.take() {
-            std::mem::forget(z);
-        }
     }
 }
 
@@ -1142,34 +1136,39 @@ impl BlkWorker {
         let deadline = Instant::now() + self.teardown_bound;
         let mut batch = Vec::new();
         while self.slots.iter().any(Option::is_some) {
-            if let Err(e) = self.uring.submit() {
+            if let Err(e) = self.engine.submit() {
                 self.log
                     .warn(|| format!("teardown: io_uring submit failed: {e}"));
             }
-            self.uring.clear_event();
-            batch.clear();
-            if let Err(e) = self.uring.reap(&mut batch) {
+            self.engine.clear_event();
+            if let Err(e) = self.engine.reap(&mut batch) {
                 self.log
                     .warn(|| format!("teardown: io_uring reap failed: {e}"));
             }
-            for &(user_data, res) in &batch {
+            batch.extend(self.done.drain(..));
+            let progress = !batch.is_empty();
+            for c in batch.drain(..) {
                 // Short transfers and further write-zeroes pieces are resubmitted as
                 // usual: the request is done only when the kernel is done with it.
-                if let Some(req) = self.on_completion(user_data as usize, res) {
+                if let Some(req) = self.on_completion(c) {
                     self.retire(&req);
                 }
             }
-            if !batch.is_empty() {
+            if progress {
                 continue;
             }
             let now = Instant::now();
             if now >= deadline {
                 return;
             }
+            let Some(fd) = self.engine.event_fd() else {
+                // Nothing can come back from an engine without operations in the kernel.
+                return;
+            };
             // Sleep until a completion (the eventfd) or, at the latest, the deadline.
             let ms = (deadline - now).as_millis().clamp(1, 100) as i32;
             let mut pfd = libc::pollfd {
-                fd: self.uring.eventfd(),
+                fd,
                 events: libc::POLLIN,
                 revents: 0,
             };
@@ -1213,47 +1212,19 @@ fn zero_ops(ranges: &[ByteRange], method: ZeroMethod) -> Vec<(Op, bool)> {
     ops
 }
 
-/// Points `req`'s iovecs at `len` bytes of the buffer of zeros for the piece `piece`.
-fn set_zero_write(req: &mut InFlight, zeroes: &Bounce, piece: ByteRange) {
+/// Points `req`'s buffers at the buffer of zeros, as often as the piece `piece` needs.
+fn set_zero_write(req: &mut InFlight, zeroes: &Arc<AlignedBuf>, piece: ByteRange) {
     req.offset = piece.offset;
     req.remaining = piece.len;
-    req.iovecs.clear();
-    let mut left = piece.len as usize;
-    while left > 0 {
-        let n = left.min(ZERO_BUF);
-        req.iovecs.push(libc::iovec {
-            iov_base: zeroes.ptr.cast(),
-            iov_len: n,
-        });
-        left -= n;
-    }
-}
-
-/// Drops the first `n` bytes from an iovec array.
-fn advance_iovecs(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
-    let mut drop_count = 0;
-    for v in iovecs.iter_mut() {
-        if n >= v.iov_len {
-            n -= v.iov_len;
-            drop_count += 1;
-        } else {
-            // SAFETY: n < iov_len, so the pointer stays inside the buffer.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-            v.iov_len -= n;
-            break;
-        }
-    }
-    iovecs.drain(..drop_count);
+    req.bufs = Some(IovecList::repeated(zeroes, piece.len));
 }
 
 impl QueueWorker for BlkWorker {
     fn event_fds(&self) -> Vec<RawFd> {
-        // Order matters: MORE_FD is the index of `more`.
-        vec![
-            self.uring.eventfd(),
-            self.more.as_raw_fd(),
-            self.timer.as_raw_fd(),
-        ]
+        // Order matters: MORE_FD, TIMER_FD and ENGINE_FD are indices into this.
+        let mut fds = vec![self.more.as_raw_fd(), self.timer.as_raw_fd()];
+        fds.extend(self.engine.event_fd());
+        fds
     }
 
     fn poll_duration(&self) -> Option<std::time::Duration> {
@@ -1286,6 +1257,7 @@ impl QueueWorker for BlkWorker {
             let p = self.parked.swap_remove(i);
             taken += 1;
             completed_now |= self.start_parked(ring, &mem, p);
+            self.handle_done(ring);
         }
         'ring: loop {
             ring.disable_notification(&mem);
@@ -1305,7 +1277,13 @@ impl QueueWorker for BlkWorker {
                     break;
                 }
                 taken += 1;
-                match self.start(ring, &mem) {
+                let started = self.start(ring, &mem);
+                // What the engine did at once (inline) completes now, before the next
+                // chain: the in-flight limit counts only what is really in flight.
+                if !self.done.is_empty() {
+                    self.handle_done(ring);
+                }
+                match started {
                     Some(done) => completed_now |= done,
                     // Held by the throttle: notifications stay off, the timer brings us
                     // back.
@@ -1316,8 +1294,14 @@ impl QueueWorker for BlkWorker {
                 break;
             }
         }
-        if let Err(e) = self.uring.submit() {
+        if let Err(e) = self.engine.submit() {
             self.log.warn(|| format!("io_uring submit failed: {e}"));
+        }
+        // Requests finished on the way (by the engine or refused) were added to the used
+        // ring: one notification for all of them.
+        if let Some(i) = self.to_notify.iter().position(|&q| q == queue) {
+            self.to_notify.swap_remove(i);
+            completed_now = true;
         }
         if completed_now {
             ring.notify(&mem);
@@ -1366,7 +1350,8 @@ impl QueueWorker for BlkWorker {
             }
             return;
         }
-        self.uring.clear_event();
+        debug_assert_eq!(fd_index, ENGINE_FD);
+        self.engine.clear_event();
         self.reap_all(rings);
         // Completions made room on a queue held at its in-flight limit.
         let limit = usize::from(self.shared.queue_size);
@@ -1398,7 +1383,13 @@ impl QueueWorker for BlkWorker {
                     continue;
                 };
                 let mem = ring.memory();
-                if self.start_parked(ring, &mem, p) {
+                let mut completed = self.start_parked(ring, &mem, p);
+                self.handle_done(ring);
+                if let Some(i) = self.to_notify.iter().position(|&q| q == ring.index()) {
+                    self.to_notify.swap_remove(i);
+                    completed = true;
+                }
+                if completed {
                     ring.notify(&mem);
                 }
             }
@@ -1413,8 +1404,8 @@ impl QueueWorker for BlkWorker {
             }
             return Ok(());
         }
-        self.uring.submit_and_wait()?;
-        self.uring.clear_event();
+        self.engine.submit_and_wait(1)?;
+        self.engine.clear_event();
         self.reap_all(rings);
         Ok(())
     }
@@ -1459,8 +1450,7 @@ mod tests {
     fn worker_with_a_write(image: &std::path::Path, fill: u8, bound: Duration) -> BlkWorker {
         let device = crate::device::test_device(image);
         let shared = device.shared().clone();
-        let fd = shared.disk.file().as_raw_fd();
-        let mut w = BlkWorker::new(shared, &[0], fd, 0).expect("worker");
+        let mut w = BlkWorker::new(shared, &[0], 0).expect("worker");
         w.teardown_bound = bound;
         let mem = guest_memory();
         mem.write_slice(&vec![fill; LEN as usize], GuestAddress(0x1000))
@@ -1474,12 +1464,11 @@ mod tests {
         w.prepare_rw(&mut req, &mem, 0, vec![seg], true);
         assert_eq!(req.status, status::OK);
         req.pending = 1;
-        let op = BlkWorker::rw_op(&req, false);
+        let op = BlkWorker::rw_op(&mut req, false);
         let slot = w.alloc_slot(req);
-        // SAFETY: the iovecs live in the slot, which the worker keeps until reaped.
-        unsafe { w.uring.push(op, slot as u64, false) }.expect("push");
+        w.push_op(op, slot, false).expect("push");
         w.count(0, 1);
-        w.uring.submit().expect("submit");
+        w.engine.submit().expect("submit");
         w
     }
 

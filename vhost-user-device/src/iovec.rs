@@ -301,13 +301,16 @@ pub(crate) mod tests {
     #[test]
     fn guest_buffers_are_checked_and_split_at_region_ends() {
         let mem = two_regions();
-        let l = IovecList::from_guest(&mem, &[seg(0x100, 512), seg((1 << 20) + 8, 8)])
-            .expect("inside");
+        let l =
+            IovecList::from_guest(&mem, &[seg(0x100, 512), seg((1 << 20) + 8, 8)]).expect("inside");
         assert_eq!(l.bytes(), 520);
         assert_eq!(l.as_iovecs().len(), 2);
         // 64 KiB to 1 MiB is a hole between the regions.
         let e = IovecList::from_guest(&mem, &[seg(0xff00, 0x200)]).expect_err("hole");
-        assert!(matches!(e, IovecError::OutsideMemory { addr: 0xff00, .. }), "{e}");
+        assert!(
+            matches!(e, IovecError::OutsideMemory { addr: 0xff00, .. }),
+            "{e}"
+        );
         let e = IovecList::from_guest(&mem, &[seg(u64::MAX - 3, 8)]).expect_err("wraps");
         assert!(matches!(e, IovecError::OutsideMemory { .. }), "{e}");
     }
@@ -318,7 +321,10 @@ pub(crate) mod tests {
         let segs: Vec<Segment> = (0..IOV_MAX as u64 + 1).map(|i| seg(i * 8, 8)).collect();
         assert!(IovecList::from_guest(&mem, &segs).is_ok());
         let e = IovecList::from_guest_whole(&mem, &segs).expect_err("too many");
-        assert!(matches!(e, IovecError::TooMany(n) if n == IOV_MAX + 1), "{e}");
+        assert!(
+            matches!(e, IovecError::TooMany(n) if n == IOV_MAX + 1),
+            "{e}"
+        );
     }
 
     #[test]

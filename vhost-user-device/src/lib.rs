@@ -53,9 +53,9 @@ pub mod server;
 pub mod worker;
 
 pub use chain::{Chain, Segment};
+pub use device::{DeviceError, QueueWorker, VhostUserDevice, VmmEvent};
 pub use engine::{Completion, Engine, EngineChoice, EngineKind, Op, Pushed};
 pub use iovec::{AlignedBuf, IovecList};
-pub use device::{DeviceError, QueueWorker, VhostUserDevice, VmmEvent};
 pub use memory::{GuestMem, GuestMemAtomic};
 pub use ring::{QueueStats, Ring};
 pub use server::{Server, ServerError, Shutdown};

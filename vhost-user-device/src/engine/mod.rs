@@ -143,8 +143,8 @@ impl std::fmt::Display for EngineKind {
 /// One of the two engines (an enum, not a trait object: the data path calls it per
 /// operation).
 pub enum Engine {
-    /// io_uring.
-    Uring(Uring),
+    /// io_uring (boxed: the ring's state is large beside the inline engine's fd).
+    Uring(Box<Uring>),
     /// Synchronous system calls.
     Inline(Inline),
 }
@@ -153,7 +153,9 @@ impl Engine {
     /// An engine of `kind` for `fd`; `entries` is the io_uring's submission queue size.
     pub fn new(kind: EngineKind, fd: BorrowedFd<'_>, entries: u32) -> io::Result<Self> {
         Ok(match kind {
-            EngineKind::Uring => Engine::Uring(Uring::new(entries, fd, RingMode::PreferDeferred)?),
+            EngineKind::Uring => {
+                Engine::Uring(Box::new(Uring::new(entries, fd, RingMode::PreferDeferred)?))
+            }
             EngineKind::Inline => Engine::Inline(Inline::new(fd)?),
         })
     }

@@ -65,7 +65,11 @@ fn collect(e: &mut Engine, pushed: Vec<Pushed>) -> Vec<Completion> {
 fn wait_more(e: &mut Engine, mut out: Vec<Completion>, n: usize) -> Vec<Completion> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while out.len() < n {
-        assert!(Instant::now() < deadline, "{} of {n} completions", out.len());
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} completions",
+            out.len()
+        );
         e.submit_and_wait(1).expect("wait");
         e.clear_event();
         e.reap(&mut out).expect("reap");
@@ -84,7 +88,9 @@ fn patterned_file() -> std::fs::File {
 fn both_engines(fd: std::os::fd::BorrowedFd<'_>) -> [Engine; 2] {
     [
         Engine::new(EngineKind::Inline, fd, 16).expect("inline"),
-        Engine::Uring(Uring::new(16, fd, RingMode::Plain).expect("io_uring")),
+        Engine::Uring(Box::new(
+            Uring::new(16, fd, RingMode::Plain).expect("io_uring"),
+        )),
     ]
 }
 
@@ -105,10 +111,16 @@ fn the_inline_engine_is_done_at_once_and_io_uring_submits_then_completes() {
             (k, p) => panic!("{k}: {p:?}"),
         }
         let done = wait_for(&mut e, pushed, 1);
-        assert_eq!((done[0].user_data, done[0].result), (77, 8192), "{}", e.kind());
+        assert_eq!(
+            (done[0].user_data, done[0].result),
+            (77, 8192),
+            "{}",
+            e.kind()
+        );
         assert_eq!(e.in_flight(), 0);
         let mut got = vec![0u8; 8192];
-        mem.read_slice(&mut got[..4096], GuestAddress(0x100)).unwrap();
+        mem.read_slice(&mut got[..4096], GuestAddress(0x100))
+            .unwrap();
         mem.read_slice(&mut got[4096..], GuestAddress((1 << 20) + 8))
             .unwrap();
         let want: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
@@ -122,7 +134,9 @@ fn the_inline_engine_is_done_at_once_and_io_uring_submits_then_completes() {
 #[test]
 fn an_operations_buffers_live_until_its_completion() {
     let (r, w) = pipe();
-    let mut e = Engine::Uring(Uring::new(8, r.as_fd(), RingMode::Plain).expect("io_uring"));
+    let mut e = Engine::Uring(Box::new(
+        Uring::new(8, r.as_fd(), RingMode::Plain).expect("io_uring"),
+    ));
     let mem = two_regions();
     let weak = Arc::downgrade(&mem);
     let guest = IovecList::from_guest(&mem, &[seg(0x2000, 5)]).unwrap();
@@ -143,7 +157,10 @@ fn an_operations_buffers_live_until_its_completion() {
         assert!(out.is_empty(), "completed before any data: {out:?}");
         assert_eq!(e.in_flight(), 1);
         if is_guest {
-            assert!(weak.upgrade().is_some(), "guest memory unmapped under a read");
+            assert!(
+                weak.upgrade().is_some(),
+                "guest memory unmapped under a read"
+            );
         }
         // SAFETY: writes from a valid buffer of its length.
         let n = unsafe { libc::write(w.as_raw_fd(), data.as_ptr().cast(), data.len()) };
@@ -155,7 +172,9 @@ fn an_operations_buffers_live_until_its_completion() {
         match bufs.owned_buf() {
             Some(b) => assert_eq!(b.as_slice(), data),
             None => {
-                let mem = weak.upgrade().expect("still mapped: the completion holds it");
+                let mem = weak
+                    .upgrade()
+                    .expect("still mapped: the completion holds it");
                 let mut got = [0u8; 5];
                 mem.read_slice(&mut got, GuestAddress(0x2000)).unwrap();
                 assert_eq!(&got[..], data);
@@ -179,10 +198,14 @@ fn a_failed_submission_keeps_the_operations_until_they_complete() {
     u.fail_next_submit = true;
     assert!(u.submit().is_err(), "the injected failure is reported");
     assert_eq!(u.in_flight(), 1);
-    let mut e = Engine::Uring(u);
+    let mut e = Engine::Uring(Box::new(u));
     let done = wait_for(&mut e, Pushed::Submitted, 1);
     assert_eq!((done[0].user_data, done[0].result), (5, 512));
-    let bufs = done.into_iter().next().and_then(|c| c.op.into_bufs()).unwrap();
+    let bufs = done
+        .into_iter()
+        .next()
+        .and_then(|c| c.op.into_bufs())
+        .unwrap();
     let want: Vec<u8> = (0..512u32).map(|i| (i % 251) as u8).collect();
     assert_eq!(bufs.owned_buf().map(|b| b.as_slice().to_vec()), Some(want));
 }
@@ -197,7 +220,14 @@ fn errors_and_broken_links_are_the_same_on_both_engines() {
         // A read past the end of the file (0 bytes: short), linked to a flush.
         let bufs = IovecList::owned(AlignedBuf::new(512).unwrap());
         let a = e
-            .push(Op::Read { offset: 1 << 20, bufs }, 1, true)
+            .push(
+                Op::Read {
+                    offset: 1 << 20,
+                    bufs,
+                },
+                1,
+                true,
+            )
             .expect("push");
         let b = e.push(Op::Flush, 2, false).expect("push");
         let mut done = collect(&mut e, vec![a, b]);
