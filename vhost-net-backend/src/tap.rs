@@ -103,6 +103,12 @@ pub struct TapQueue {
     file: File,
 }
 
+impl std::os::fd::AsFd for TapQueue {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 impl TapQueue {
     /// The fd.
     pub fn fd(&self) -> RawFd {

@@ -20,14 +20,15 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vhost_user_device::iovec::IovecError;
 use vhost_user_device::memory::host_iovecs;
 use vhost_user_device::rate_limit::RateLimitedLog;
-use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings};
+use vhost_user_device::{Chain, GuestMem, IovecList, QueueWorker, Ring, Rings};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -38,7 +39,7 @@ use crate::spec::{
     MAX_FRAME_LEN,
 };
 use crate::stats::{DropReason, QueueCounters};
-use crate::uring::{KeepAlive, TxUring};
+use crate::uring::TxUring;
 
 /// Chains per TX batch (one io_uring submission).
 const TX_BATCH: usize = 64;
@@ -68,17 +69,14 @@ struct RxBuf {
     pos: u16,
 }
 
-/// A TX chain ready to write: its iovecs into guest memory and frame length.
-#[derive(Default)]
+/// A TX chain ready to write: its buffers in guest memory (which they keep mapped) and
+/// frame length.
 struct TxFrame {
     chain: Chain,
-    iovecs: Vec<libc::iovec>,
+    /// Taken by the write (the engine owns them until it completes).
+    bufs: Option<IovecList>,
     len: usize,
 }
-
-// SAFETY: the iovecs point into guest memory mapped for as long as the worker's memory
-// snapshot lives; a TxFrame never leaves the worker thread except with the worker itself.
-unsafe impl Send for TxFrame {}
 
 /// The worker of queue pair `pair` (queues 2*pair and 2*pair + 1).
 pub struct PairWorker {
@@ -110,6 +108,8 @@ pub struct PairWorker {
     tx_pending: VecDeque<TxFrame>,
     tx_frames: Vec<TxFrame>,
     tx_results: Vec<i32>,
+    /// Reused: the buffers of the frames of one batch, as the engine takes them.
+    tx_bufs: Vec<Option<IovecList>>,
     uring: TxUring,
     chain: Chain,
     iovecs: Vec<libc::iovec>,
@@ -123,22 +123,23 @@ pub struct PairWorker {
     rx_more: bool,
 }
 
-// SAFETY: the raw iovec scratch vector only holds pointers into guest memory while a
+// SAFETY: the raw RX iovec scratch vector only holds pointers into guest memory while a
 // read is in progress on this thread; the worker moves to its thread once, as a whole.
+// (TX buffers are `IovecList`s, Send on their own.)
 unsafe impl Send for PairWorker {}
 
 impl PairWorker {
     /// A worker for `pair`, with the features the driver acked.
     pub fn new(shared: Arc<NetShared>, pair: u16, acked: u64) -> io::Result<Self> {
-        let fd = shared
+        let tap = shared
             .tap
             .queues
             .get(usize::from(pair))
-            .map(|q| q.fd())
             .ok_or_else(|| io::Error::other(format!("no tap queue for queue pair {pair}")))?;
+        let fd = tap.fd();
+        let uring = TxUring::new(TX_BATCH as u32, tap.as_fd())?;
         let epoll = Epoll::new()?;
         let (mrg, hdr, rx_need) = rx_params(&shared, acked);
-        let uring = TxUring::new(TX_BATCH as u32, fd)?;
         let mut w = Self {
             pair,
             rxq: 2 * pair,
@@ -160,6 +161,7 @@ impl PairWorker {
             tx_pending: VecDeque::new(),
             tx_frames: Vec::with_capacity(TX_BATCH),
             tx_results: Vec::with_capacity(TX_BATCH),
+            tx_bufs: Vec::with_capacity(TX_BATCH),
             uring,
             chain: Chain::default(),
             iovecs: Vec::with_capacity(64),
@@ -264,7 +266,11 @@ impl PairWorker {
     // ---- transmit -------------------------------------------------------------------
 
     /// Checks a TX chain and builds its iovecs; on error the drop reason.
-    fn prepare_tx(&self, mem: &GuestMem, chain: Chain) -> Result<TxFrame, (Chain, DropReason)> {
+    fn prepare_tx(
+        &self,
+        mem: &Arc<GuestMem>,
+        chain: Chain,
+    ) -> Result<TxFrame, (Chain, DropReason)> {
         let total = chain.readable_len();
         let hlen = self.hdr_len;
         if total < hlen as u64 {
@@ -282,18 +288,15 @@ impl PairWorker {
         if NetHdr::parse(&hdr).check_tx(self.acked, frame_len).is_err() {
             return Err((chain, DropReason::BadHeader));
         }
-        let mut iovecs = Vec::with_capacity(chain.segments.len() + 1);
-        for s in chain.segments.iter().filter(|s| !s.writable) {
-            if host_iovecs(mem, s.addr, u64::from(s.len), &mut iovecs).is_err() {
-                return Err((chain, DropReason::BadAddress));
-            }
-        }
-        if iovecs.len() > MAX_IOVECS {
-            return Err((chain, DropReason::TooLong));
-        }
+        let readable = chain.segments.iter().filter(|s| !s.writable);
+        let bufs = match IovecList::from_guest_whole(mem, readable) {
+            Ok(bufs) => bufs,
+            Err(IovecError::TooMany(_)) => return Err((chain, DropReason::TooLong)),
+            Err(IovecError::OutsideMemory { .. }) => return Err((chain, DropReason::BadAddress)),
+        };
         Ok(TxFrame {
             chain,
-            iovecs,
+            bufs: Some(bufs),
             len: frame_len,
         })
     }
@@ -304,12 +307,14 @@ impl PairWorker {
         if self.tx_frames.is_empty() {
             return 0;
         }
-        let batch: Vec<&[libc::iovec]> = self.tx_frames.iter().map(|f| &f.iovecs[..]).collect();
-        let keep: KeepAlive = mem.clone();
-        // SAFETY: the iovecs point into `mem`, a snapshot of guest memory that `keep`
-        // keeps mapped; writes that outlive the call (an io_uring error) hold it.
-        let res = unsafe { self.uring.writev_batch(&batch, &mut self.tx_results, &keep) };
-        drop(batch);
+        let mut bufs = std::mem::take(&mut self.tx_bufs);
+        bufs.clear();
+        bufs.extend(self.tx_frames.iter_mut().map(|f| f.bufs.take()));
+        let res = self.uring.writev_batch(&mut bufs, &mut self.tx_results);
+        // Frames the tap could not take yet are rebuilt against the memory of the next
+        // try (see `process_tx`); the buffers that came back are not needed.
+        bufs.clear();
+        self.tx_bufs = bufs;
         if let Err(e) = res {
             self.log
                 .warn(|| format!("tap queue {}: io_uring failed: {e}", self.pair));
