@@ -63,6 +63,7 @@ fn help_explains_every_flag() {
         "--cache",
         "--block-size",
         "--poll-us",
+        "--io-engine",
         "--dirty-granularity",
         "--dirty-bitmap",
         "--control-socket",
@@ -147,6 +148,10 @@ fn bad_command_lines_fail_with_a_clear_message() {
             "0 is not in 1..=64",
         ),
         (
+            &["--blk-file", "x", "--io-engine", "fast", "--socket-path"],
+            "invalid value 'fast' for '--io-engine <ENGINE>'",
+        ),
+        (
             &[
                 "--blk-file",
                 "/dev/null",
@@ -194,6 +199,45 @@ fn bad_command_lines_fail_with_a_clear_message() {
             err.contains(want),
             "{args:?}: stderr {err:?} lacks {want:?}"
         );
+    }
+}
+
+/// The I/O engine is said at start, with why: `auto` on a disk file, and a choice from
+/// the command line.
+#[test]
+fn the_io_engine_is_chosen_and_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    for (args, want) in [
+        (
+            &[][..],
+            "I/O engine io_uring (auto: the file is not in memory)",
+        ),
+        (
+            &["--io-engine", "inline"][..],
+            "I/O engine inline (--io-engine)",
+        ),
+    ] {
+        let sock = dir.path().join("engine.sock");
+        let mut child = Command::new(BIN)
+            .args(["--blk-file"])
+            .arg(&img)
+            .args(args)
+            .arg("--socket-path")
+            .arg(&sock)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_socket(&sock);
+        child.kill().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(want),
+            "{args:?}: stderr {err:?} lacks {want:?}"
+        );
+        let _ = std::fs::remove_file(&sock);
     }
 }
 

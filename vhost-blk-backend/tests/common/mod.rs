@@ -10,6 +10,7 @@ use vhost_blk_backend::device::BlkShared;
 use vhost_blk_backend::spec::{req_type, HEADER_SIZE};
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
 use vhost_tests::frontend::{Buf, TestFrontend, Used};
+pub use vhost_user_device::engine::{EngineChoice, EngineKind};
 use vhost_user_device::server::listen_path;
 use vhost_user_device::{Server, ServerError, Shutdown};
 
@@ -40,6 +41,8 @@ pub struct BackendConfig {
     pub poll_us: u32,
     /// Start with the gate closed, as `--incoming` does: requests wait for a sync.
     pub held: bool,
+    /// `--io-engine`.
+    pub io_engine: EngineChoice,
 }
 
 impl Default for BackendConfig {
@@ -55,6 +58,7 @@ impl Default for BackendConfig {
             in_memory: false,
             poll_us: 0,
             held: false,
+            io_engine: EngineChoice::Auto,
         }
     }
 }
@@ -90,7 +94,9 @@ impl TestBackend {
 
     pub fn start_on(dir: tempfile::TempDir, image: PathBuf, cfg: BackendConfig) -> Self {
         let socket = dir.path().join("blk.sock");
-        let disk = Disk::open(&image, cfg.read_only, cfg.cache, cfg.block_size).expect("open disk");
+        let mut disk =
+            Disk::open(&image, cfg.read_only, cfg.cache, cfg.block_size).expect("open disk");
+        disk.choose_engine(cfg.io_engine);
         let device = BlkDevice::new(
             disk,
             &BlkOptions {
