@@ -27,11 +27,13 @@ pub struct TxUring {
 }
 
 impl TxUring {
-    /// A ring of `entries` slots writing to `tap`. A plain ring: TX completes within the
-    /// submitting call (a tap write does not block), so deferred task work gains nothing.
+    /// A ring of `entries` slots writing to `tap`. A plain ring without an eventfd: the
+    /// worker waits for TX completions in the submitting call (a tap write does not
+    /// block), so deferred task work and a signal per completion would only cost.
     pub fn new(entries: u32, tap: BorrowedFd<'_>) -> io::Result<Self> {
+        let uring = Uring::without_eventfd(entries, tap, RingMode::Plain)?;
         Ok(Self {
-            engine: Engine::Uring(Box::new(Uring::new(entries, tap, RingMode::Plain)?)),
+            engine: Engine::Uring(Box::new(uring)),
             nowait: true,
             generation: 0,
             completions: Vec::new(),

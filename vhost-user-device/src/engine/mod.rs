@@ -207,7 +207,7 @@ impl Engine {
     /// done when `push` returns).
     pub fn event_fd(&self) -> Option<RawFd> {
         match self {
-            Engine::Uring(u) => Some(u.eventfd()),
+            Engine::Uring(u) => u.eventfd(),
             Engine::Inline(_) => None,
         }
     }

@@ -287,7 +287,7 @@ fn a_full_completion_queue_neither_spins_nor_loses_completions() {
             u.reap(&mut out).expect("reap");
             if out.len() == before {
                 let mut pfd = libc::pollfd {
-                    fd: u.eventfd(),
+                    fd: u.eventfd().expect("built with an eventfd"),
                     events: libc::POLLIN,
                     revents: 0,
                 };

@@ -54,7 +54,9 @@ struct InFlight {
 /// kernel may still read or write.
 pub struct Uring {
     ring: ManuallyDrop<IoUring>,
-    eventfd: EventFd,
+    /// Signalled by the kernel for every completion (None: the owner only ever waits in
+    /// `submit_and_wait`, and the kernel saves a wake-up per completion).
+    eventfd: Option<EventFd>,
     /// SQEs pushed but not yet submitted.
     unsubmitted: usize,
     /// Completions are deferred until [`Uring::reap`] asks the kernel for them.
@@ -79,8 +81,25 @@ pub struct Uring {
 
 impl Uring {
     /// A ring of `entries` submission slots for the file `fd`, of the kind `mode` asks
-    /// (tests force a plain ring to run the paths of kernels without DEFER_TASKRUN).
+    /// (tests force a plain ring to run the paths of kernels without DEFER_TASKRUN), whose
+    /// completions signal [`Uring::eventfd`].
     pub fn new(entries: u32, fd: BorrowedFd<'_>, mode: RingMode) -> io::Result<Self> {
+        Self::build(entries, fd, mode, true)
+    }
+
+    /// Like [`Uring::new`], without an eventfd: for an owner that waits for its
+    /// completions in [`Uring::submit_and_wait`] only (net TX), so that the kernel does
+    /// not signal one per completion.
+    pub fn without_eventfd(entries: u32, fd: BorrowedFd<'_>, mode: RingMode) -> io::Result<Self> {
+        Self::build(entries, fd, mode, false)
+    }
+
+    fn build(
+        entries: u32,
+        fd: BorrowedFd<'_>,
+        mode: RingMode,
+        with_eventfd: bool,
+    ) -> io::Result<Self> {
         let deferred = match mode {
             RingMode::PreferDeferred => IoUring::builder()
                 .setup_r_disabled()
@@ -99,8 +118,13 @@ impl Uring {
             None => (IoUring::builder().build(entries)?, false),
         };
         ring.submitter().register_files(&[fd.as_raw_fd()])?;
-        let eventfd = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let eventfd = if with_eventfd {
+            let eventfd = EventFd::new(EFD_NONBLOCK)?;
+            ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+            Some(eventfd)
+        } else {
+            None
+        };
         Ok(Self {
             ring: ManuallyDrop::new(ring),
             eventfd,
@@ -126,14 +150,23 @@ impl Uring {
         Ok(())
     }
 
-    /// The fd that becomes readable when completions arrive.
-    pub fn eventfd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
+    /// The fd that becomes readable when completions arrive (None: built without).
+    pub fn eventfd(&self) -> Option<RawFd> {
+        self.eventfd.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     /// Clears the eventfd (before reaping, so no completion is missed).
     pub fn clear_event(&self) {
-        let _ = self.eventfd.read();
+        if let Some(e) = &self.eventfd {
+            let _ = e.read();
+        }
+    }
+
+    /// Makes the eventfd readable: the owner comes back to reap.
+    fn signal(&self) {
+        if let Some(e) = &self.eventfd {
+            let _ = e.write(1);
+        }
     }
 
     /// Operations queued or in the kernel.
@@ -272,7 +305,7 @@ impl Uring {
         }
         if !self.ready.is_empty() {
             // The worker reaps when the eventfd fires: one write, no sleep.
-            let _ = self.eventfd.write(1);
+            self.signal();
         }
         Ok(())
     }
@@ -358,7 +391,7 @@ impl Uring {
             }
         }
         // More is waiting in the kernel: have the worker come back for it.
-        let _ = self.eventfd.write(1);
+        self.signal();
         Ok(())
     }
 
