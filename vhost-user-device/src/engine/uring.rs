@@ -236,14 +236,15 @@ impl Uring {
     /// wait for this one. On an error `op` never reached the kernel and is dropped.
     pub fn push(&mut self, op: Op, user_data: u64, link: bool) -> io::Result<()> {
         self.enable()?;
-        let key = self.insert(user_data, op);
-        let Some(Some(held)) = self.in_flight.get(key) else {
-            return Err(io::Error::other("io_uring in-flight map lost an entry"));
-        };
-        let mut entry = Self::entry(&held.op, key as u64);
+        // The SQE points at heap memory the operation's buffers own (iovec array, data),
+        // which stays where it is when the operation moves into the map.
+        let next_key = self.free.last().copied().unwrap_or(self.in_flight.len());
+        let mut entry = Self::entry(&op, next_key as u64);
         if link {
             entry = entry.flags(squeue::Flags::IO_LINK);
         }
+        let key = self.insert(user_data, op);
+        debug_assert_eq!(key, next_key);
         for _ in 0..MAX_FULL_RETRIES {
             // SAFETY: the entry points into the operation's buffers, which the in-flight
             // map owns until the completion with this key is reaped (or, if that never
@@ -349,13 +350,18 @@ impl Uring {
 
     /// Moves available completions into `out`, each with its operation (and buffers).
     pub fn reap(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
+        self.reap_each(|c| out.push(c))
+    }
+
+    /// Hands each available completion, with its operation (and buffers), to `f`.
+    pub fn reap_each(&mut self, mut f: impl FnMut(Completion)) -> io::Result<()> {
         let mut raw = std::mem::take(&mut self.scratch);
         raw.clear();
         raw.append(&mut self.ready);
         let r = self.collect_completions(&mut raw);
         for (key, result) in raw.drain(..) {
             match self.remove(key) {
-                Some(InFlight { user_data, op }) => out.push(Completion {
+                Some(InFlight { user_data, op }) => f(Completion {
                     user_data,
                     result,
                     op,
