@@ -115,6 +115,7 @@ unsafe impl Send for IovecList {}
 
 impl IovecList {
     /// An empty list (an operation without data).
+    #[inline]
     pub fn empty() -> Self {
         Self {
             iovecs: Vec::new(),
@@ -198,11 +199,13 @@ impl IovecList {
     }
 
     /// The iovecs, valid for as long as the list lives.
+    #[inline]
     pub fn as_iovecs(&self) -> &[libc::iovec] {
         &self.iovecs
     }
 
     /// Bytes still covered.
+    #[inline]
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -215,6 +218,7 @@ impl IovecList {
     }
 
     /// The owned buffer (a bounce buffer), if the list is one.
+    #[inline]
     pub fn owned_buf(&self) -> Option<&AlignedBuf> {
         match &self.backing {
             Backing::Owned(b) => Some(b),

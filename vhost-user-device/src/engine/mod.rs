@@ -69,6 +69,7 @@ pub enum Op {
 impl Op {
     /// The operation's buffers back (reads and writes), e.g. to resubmit the rest of a
     /// short transfer or to copy a bounce buffer out.
+    #[inline]
     pub fn into_bufs(self) -> Option<IovecList> {
         match self {
             Op::Read { bufs, .. } | Op::Write { bufs, .. } => Some(bufs),
@@ -161,6 +162,7 @@ impl Engine {
     }
 
     /// Which engine this is.
+    #[inline]
     pub fn kind(&self) -> EngineKind {
         match self {
             Engine::Uring(_) => EngineKind::Uring,
@@ -171,6 +173,7 @@ impl Engine {
     /// Takes `op`; `link` makes the next pushed operation run only if this one succeeds
     /// fully (else it completes with -ECANCELED). Errors: the operation never reached the
     /// kernel (its buffers are dropped with it; nothing can still touch them).
+    #[inline]
     pub fn push(&mut self, op: Op, user_data: u64, link: bool) -> io::Result<Pushed> {
         match self {
             Engine::Uring(u) => u.push(op, user_data, link).map(|()| Pushed::Submitted),
@@ -179,6 +182,7 @@ impl Engine {
     }
 
     /// Hands queued operations to the kernel.
+    #[inline]
     pub fn submit(&mut self) -> io::Result<()> {
         match self {
             Engine::Uring(u) => u.submit(),
@@ -188,6 +192,7 @@ impl Engine {
 
     /// Submits and blocks until at least `want` completions are available (at most as
     /// many as are in flight).
+    #[inline]
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
         match self {
             Engine::Uring(u) => u.submit_and_wait(want),
@@ -196,6 +201,7 @@ impl Engine {
     }
 
     /// Moves the available completions into `out`.
+    #[inline]
     pub fn reap(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
         match self {
             Engine::Uring(u) => u.reap(out),
@@ -204,6 +210,7 @@ impl Engine {
     }
 
     /// Hands each available completion to `f` (no vector in between: the data path).
+    #[inline]
     pub fn reap_each(&mut self, f: impl FnMut(Completion)) -> io::Result<()> {
         match self {
             Engine::Uring(u) => u.reap_each(f),
@@ -213,6 +220,7 @@ impl Engine {
 
     /// The fd that becomes readable when completions arrive (None: every operation is
     /// done when `push` returns).
+    #[inline]
     pub fn event_fd(&self) -> Option<RawFd> {
         match self {
             Engine::Uring(u) => u.eventfd(),
@@ -221,6 +229,7 @@ impl Engine {
     }
 
     /// Clears the event fd (before reaping, so no completion is missed).
+    #[inline]
     pub fn clear_event(&self) {
         if let Engine::Uring(u) = self {
             u.clear_event();
@@ -228,6 +237,7 @@ impl Engine {
     }
 
     /// Operations the engine holds for the kernel.
+    #[inline]
     pub fn in_flight(&self) -> usize {
         match self {
             Engine::Uring(u) => u.in_flight(),

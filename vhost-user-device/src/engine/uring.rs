@@ -142,6 +142,7 @@ impl Uring {
     }
 
     /// Enables a ring created disabled; binds it to the calling (worker) thread.
+    #[inline]
     fn enable(&mut self) -> io::Result<()> {
         if !self.enabled {
             self.ring.submitter().register_enable_rings()?;
@@ -170,6 +171,7 @@ impl Uring {
     }
 
     /// Operations queued or in the kernel.
+    #[inline]
     pub fn in_flight(&self) -> usize {
         self.count
     }
@@ -177,6 +179,7 @@ impl Uring {
     /// The SQE of `op`. Its pointers stay valid while `op` sits in the in-flight map: the
     /// iovec arrays and buffers are heap memory its [`crate::IovecList`] owns or keeps
     /// alive, and moving the list does not move them.
+    #[inline]
     fn entry(op: &Op, key: u64) -> squeue::Entry {
         let fd = types::Fixed(0);
         let count = |n: usize| n.min(IOV_MAX) as u32;
@@ -209,6 +212,7 @@ impl Uring {
         e.user_data(key)
     }
 
+    #[inline]
     fn insert(&mut self, user_data: u64, op: Op) -> usize {
         let entry = Some(InFlight { user_data, op });
         self.count += 1;
@@ -224,6 +228,7 @@ impl Uring {
         }
     }
 
+    #[inline]
     fn remove(&mut self, key: u64) -> Option<InFlight> {
         let k = usize::try_from(key).ok()?;
         let entry = self.in_flight.get_mut(k)?.take()?;
@@ -234,6 +239,7 @@ impl Uring {
 
     /// Queues `op` and keeps it until its completion; `link` makes the next pushed op
     /// wait for this one. On an error `op` never reached the kernel and is dropped.
+    #[inline]
     pub fn push(&mut self, op: Op, user_data: u64, link: bool) -> io::Result<()> {
         self.enable()?;
         // The SQE points at heap memory the operation's buffers own (iovec array, data),
@@ -277,6 +283,7 @@ impl Uring {
     /// cannot take more of; kernels before 5.19 or so) means: reap first. The completions
     /// are moved out of the CQ into `ready` and the submission retried, a bounded number
     /// of times: never a busy loop.
+    #[inline]
     pub fn submit(&mut self) -> io::Result<()> {
         #[cfg(test)]
         if std::mem::take(&mut self.fail_next_submit) {
@@ -322,6 +329,7 @@ impl Uring {
 
     /// Submits and blocks until at least `want` completions are available (capped at
     /// the operations in flight; returns at once with none in flight).
+    #[inline]
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
         #[cfg(test)]
         if std::mem::take(&mut self.fail_next_submit) {
@@ -354,6 +362,7 @@ impl Uring {
     }
 
     /// Hands each available completion, with its operation (and buffers), to `f`.
+    #[inline]
     pub fn reap_each(&mut self, mut f: impl FnMut(Completion)) -> io::Result<()> {
         let mut raw = std::mem::take(&mut self.scratch);
         raw.clear();
