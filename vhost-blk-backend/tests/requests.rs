@@ -5,6 +5,7 @@ mod common;
 use common::*;
 use vhost_blk_backend::spec::{req_type, status, ID_BYTES, WRITE_ZEROES_FLAG_UNMAP};
 use vhost_tests::frontend::{Buf, FrontendOptions, TestFrontend};
+use vhost_user_device::engine::EngineKind;
 
 fn connect(b: &TestBackend) -> TestFrontend {
     TestFrontend::connect(b.socket(), FrontendOptions::default()).expect("connect")

@@ -10,7 +10,7 @@ use vhost_blk_backend::device::BlkShared;
 use vhost_blk_backend::spec::{req_type, HEADER_SIZE};
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
 use vhost_tests::frontend::{Buf, TestFrontend, Used};
-pub use vhost_user_device::engine::{EngineChoice, EngineKind};
+pub use vhost_user_device::engine::EngineChoice;
 use vhost_user_device::server::listen_path;
 use vhost_user_device::{Server, ServerError, Shutdown};
 
