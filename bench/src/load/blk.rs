@@ -509,7 +509,7 @@ fn drive(
         dq.publish(&fe.mem, head);
         head
     };
-    let cpu0 = a.pid.map(crate::compare::cpu_seconds);
+    let cpu0 = a.pid.map(crate::load::cpu_seconds);
     // Slot s belongs to queue s / depth.
     let mut in_flight: Vec<HashMap<u16, Pending>> = vec![HashMap::new(); nq];
     // Picks the next request for `slot`, marks its block busy (--verify), stamps and
@@ -609,7 +609,7 @@ fn drive(
     let elapsed = start.elapsed();
     let cpu_us_per_io = match (a.pid, cpu0) {
         (Some(pid), Some(c0)) if ios > 0 => {
-            Some((crate::compare::cpu_seconds(pid) - c0) * 1e6 / ios as f64)
+            Some((crate::load::cpu_seconds(pid) - c0) * 1e6 / ios as f64)
         }
         _ => None,
     };

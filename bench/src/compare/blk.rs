@@ -8,12 +8,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Args;
 
-use crate::blk::{self, parse_duration, parse_size, BlkLoadArgs, Rw};
-use crate::report::{self, machine, Row, Section};
+use super::report::{self, machine, Row, Section};
+use super::{fill_random, wait_socket, CompareError};
+use crate::load::blk::{self, parse_duration, parse_size, BlkLoadArgs, Rw};
+use crate::load::cpu_seconds;
 
 /// Options of `bench compare blk`.
 #[derive(Args, Debug)]
@@ -40,20 +42,6 @@ pub struct CompareBlkArgs {
     /// Check data while measuring (see `bench load blk --verify`).
     #[arg(long)]
     verify: bool,
-}
-
-/// Errors of a comparison run.
-#[derive(Debug, thiserror::Error)]
-pub enum CompareError {
-    /// A program could not be started or failed.
-    #[error("{0}")]
-    Run(String),
-    /// The load generator failed.
-    #[error("load generator: {0}")]
-    Load(#[from] blk::LoadError),
-    /// File I/O.
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
 }
 
 struct Case {
@@ -174,55 +162,6 @@ impl Drop for Backend {
         unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
-}
-
-/// Stops a child of ours: SIGTERM (a clean exit), SIGKILL if it is still there after
-/// `grace`; reaped either way.
-pub fn terminate(child: &mut Child, grace: std::time::Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    // SAFETY: kill(2) on a process we started and have not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + grace;
-    while std::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// User + system CPU seconds of process `pid` (all threads).
-pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the ")" of the command name: state is field 3; utime 14, stime 15.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks / hz
-}
-
-/// Waits for a backend's socket file to appear.
-pub fn wait_socket(p: &Path) -> Result<(), CompareError> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !p.exists() {
-        if Instant::now() > deadline {
-            return Err(CompareError::Run(format!("{} never appeared", p.display())));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    Ok(())
 }
 
 /// Our backend on `image`; `poll_us` > 0 turns on its adaptive polling.
@@ -492,27 +431,4 @@ fn tempfile_dir(base: &Path) -> Result<PathBuf, CompareError> {
     let d = base.join(format!("vhost-bench-{}", std::process::id()));
     std::fs::create_dir_all(&d)?;
     Ok(d)
-}
-
-/// Fills `path` with `size` bytes of xorshift data: reads of an unwritten (sparse) image
-/// would cost the backends nothing and measure only the page cache's zero page.
-pub(crate) fn fill_random(path: &Path, size: u64) -> Result<(), CompareError> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
-    let mut x: u64 = 0x243f_6a88_85a3_08d3;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        for chunk in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    f.sync_all()?;
-    Ok(())
 }

@@ -51,7 +51,7 @@ use vhost_tests::frontend::{
 };
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::blk::parse_duration;
+use crate::load::blk::parse_duration;
 
 /// VIRTIO_F_VERSION_1.
 const VERSION_1: u64 = 1 << 32;

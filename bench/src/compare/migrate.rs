@@ -37,9 +37,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::blk::{parse_duration, parse_size};
+use crate::compare::report::{self, machine, Metric, Row, Section};
 use crate::compare::{fill_random, CompareError};
-use crate::report::{self, machine, Metric, Row, Section};
+use crate::load::blk::{parse_duration, parse_size};
 
 /// Options of `bench compare migrate`.
 #[derive(Args, Debug)]

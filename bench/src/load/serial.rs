@@ -32,7 +32,7 @@ use clap::Args;
 use serial_backend::spec::{event, queue, Control, CONTROL_SIZE, DEFAULT_MAX_PORTS};
 use vhost_tests::frontend::{Buf, FrontendOptions, HarnessError, TestFrontend};
 
-use crate::blk::{parse_duration, parse_size};
+use crate::load::blk::{parse_duration, parse_size};
 
 /// VIRTIO_CONSOLE_F_MULTIPORT.
 const MULTIPORT: u64 = serial_backend::spec::features::MULTIPORT;
