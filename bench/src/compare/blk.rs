@@ -353,7 +353,7 @@ pub fn compare_blk(a: &CompareBlkArgs) -> Result<Section, CompareError> {
     Ok(section)
 }
 
-/// Runs every case on a fresh image in `work`, appending rows named "<kind>: <case>".
+/// Runs every case on a fresh image in `work`, appending rows named `"<kind>: <case>"`.
 fn compare_in(
     a: &CompareBlkArgs,
     work: &Path,

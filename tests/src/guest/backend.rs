@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use super::process::{command_line, set_pdeathsig};
 use super::skip::tail_file;
 
-/// [`GuestTest::spawn_backend`] without the `GuestTest`: for threads that restart backends
+/// [`GuestTest::spawn_backend`](super::GuestTest::spawn_backend) without the `GuestTest`: for threads that restart backends
 /// while the test's guest runs. `dir` is the test directory, `test` its name (for messages).
 /// The child gets `PR_SET_PDEATHSIG`: it dies when the *thread* that spawned it ends.
 pub fn spawn_backend_in(
@@ -73,7 +73,7 @@ pub fn still_running(
     false
 }
 
-/// A backend process started by [`GuestTest::spawn_backend`]. Killed
+/// A backend process started by [`GuestTest::spawn_backend`](super::GuestTest::spawn_backend). Killed
 /// (SIGKILL) on drop unless already stopped.
 pub struct Backend {
     name: String,

@@ -37,7 +37,7 @@
 //!
 //! The harness's parts, one job each (everything public is re-exported here, so
 //! `vhost_tests::guest::X` names them all):
-//! * [`env`]: what the machine has (QEMU, kernel, initramfs, the project's binaries);
+//! * [`env`](mod@env): what the machine has (QEMU, kernel, initramfs, the project's binaries);
 //! * [`skip`]: a test that cannot run says so loudly and is counted;
 //! * [`session`]: one guest test's directory, locks and boots ([`GuestTest`]);
 //! * [`boot`]: what to boot ([`GuestBoot`]); [`qemu`]: its QEMU command line;
