@@ -32,7 +32,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::NetShared;
+use crate::shared::NetShared;
 use crate::spec::{
     features, hdr_len, tap_offloads, tun, NetHdr, ETH_OVERHEAD, HDR_LEN, HDR_NUM_BUFFERS,
     MAX_FRAME_LEN,
@@ -912,8 +912,11 @@ impl QueueWorker for PairWorker {
         vec![self.epoll.as_raw_fd()]
     }
 
-    fn process_queue(&mut self, ring: &mut Ring) {
-        if ring.index() == self.rxq {
+    fn process_queue(&mut self, queue: u16, rings: &mut Rings) {
+        let Some(ring) = rings.get_mut(queue) else {
+            return;
+        };
+        if queue == self.rxq {
             self.rx_enabled = ring.is_enabled();
             self.sync_attached();
             // A kick on the RX ring: the guest posted buffers.
@@ -921,7 +924,7 @@ impl QueueWorker for PairWorker {
             if self.shared.is_attached(self.pair) {
                 self.process_rx(ring);
             }
-        } else if ring.index() == self.txq {
+        } else if queue == self.txq {
             self.tx_enabled = ring.is_enabled();
             self.sync_attached();
             self.process_tx(ring);

@@ -112,6 +112,37 @@ pub struct Ring {
     bad_chain_log: RateLimitedLog,
 }
 
+/// The rings a worker owns, by position in its group.
+pub struct Rings {
+    pub(crate) slots: Vec<(u16, Option<Ring>)>,
+}
+
+impl Rings {
+    /// No ring started yet for any of `queues`.
+    pub(crate) fn new(queues: Vec<u16>) -> Self {
+        Self {
+            slots: queues.into_iter().map(|q| (q, None)).collect(),
+        }
+    }
+
+    /// The started ring of `queue`, if this worker owns it.
+    pub fn get_mut(&mut self, queue: u16) -> Option<&mut Ring> {
+        self.slots
+            .iter_mut()
+            .find(|(q, _)| *q == queue)
+            .and_then(|(_, r)| r.as_mut())
+    }
+
+    pub(crate) fn slot_of(&self, queue: u16) -> Option<usize> {
+        self.slots.iter().position(|(q, _)| *q == queue)
+    }
+
+    /// Iterates over the started rings.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Ring> {
+        self.slots.iter_mut().filter_map(|(_, r)| r.as_mut())
+    }
+}
+
 /// Everything needed to start a ring, gathered by the protocol handler.
 pub struct RingSetup {
     /// Queue index.
