@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serial_backend::device::Shared;
 use serial_backend::ports::HostKind;
+use serial_backend::shared::Shared;
 use serial_backend::spec::{event, queue, Control};
 use serial_backend::{PortSpec, SerialDevice};
 use vhost_tests::frontend::{Buf, FrontendOptions, TestFrontend};

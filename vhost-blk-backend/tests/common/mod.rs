@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vhost_blk_backend::device::BlkShared;
+use vhost_blk_backend::shared::BlkShared;
 use vhost_blk_backend::spec::{req_type, HEADER_SIZE};
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
 use vhost_tests::frontend::{Buf, TestFrontend, Used};
