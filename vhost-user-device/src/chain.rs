@@ -370,6 +370,7 @@ mod tests {
         let mut chain = Chain {
             head: 9,
             segments: vec![seg(1, 1, false); 3],
+            ..Default::default()
         };
         walk(&mem, TABLE, QSIZE, 0, &mut chain).unwrap();
         assert_eq!(chain.head, 0);
