@@ -16,11 +16,12 @@ fn dirty_log_marks_exactly_the_pages_written_and_stops_with_log_all() {
     let mut fe = TestFrontend::connect(b.socket(), FrontendOptions::default()).unwrap();
     let log = fe.enable_dirty_log().unwrap();
     // 3 pages read from one buffer and written into another that spans 4 pages (it starts
-    // 100 bytes into its first): the readable pages must stay clean.
+    // 1 byte into its first, so its last byte is alone on the 4th): the readable pages
+    // must stay clean.
     let data = pattern(5, 3 * 4096);
     let src = fe.alloc(3 * 4096);
     fe.write(src, &data);
-    let dst = fe.alloc(4 * 4096) + 100;
+    let dst = fe.alloc(4 * 4096) + 1;
     log.clear();
     fe.submit(0, &[Buf::ro(src, 3 * 4096), Buf::wo(dst, 3 * 4096)]);
     assert_eq!(fe.wait(0, 1).unwrap()[0].len, 3 * 4096);
