@@ -359,3 +359,515 @@ fn parse_request(
         other => Err(RequestError::Unsupported(other)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+    use std::sync::Arc;
+
+    use vhost::vhost_user::message::VhostUserMemoryRegion;
+    use vhost_user_device::dirty_log::DirtyLog;
+    use vhost_user_device::memory::MemoryTable;
+    use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
+
+    /// Guest memory of the tests: [0, MEM).
+    pub(super) const MEM: u64 = 1 << 20;
+    /// Disk size of the tests: 1 MiB, 2048 sectors.
+    pub(super) const DISK: u64 = 1 << 20;
+
+    pub(super) fn memory() -> Arc<GuestMem> {
+        // SAFETY: valid C string; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"request-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh descriptor we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(MEM).unwrap();
+        let mut table = MemoryTable::new(DirtyLog::new());
+        table
+            .add_region(
+                &VhostUserMemoryRegion::new(0, MEM, 0x7000_0000_0000, 0),
+                file,
+            )
+            .unwrap();
+        table.atomic().memory().into_inner()
+    }
+
+    pub(super) fn geometry() -> DiskGeometry {
+        DiskGeometry {
+            size: DISK,
+            read_only: false,
+            max_discard_seg: 4,
+            max_discard_sectors: 256,
+            max_write_zeroes_seg: 4,
+            max_write_zeroes_sectors: 256,
+            max_data_segments: 8,
+        }
+    }
+
+    pub(super) fn header(type_: u32, sector: u64) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&type_.to_le_bytes());
+        h[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    fn ro(addr: u64, len: u32) -> Segment {
+        Segment {
+            addr,
+            len,
+            writable: false,
+        }
+    }
+
+    fn wo(addr: u64, len: u32) -> Segment {
+        Segment {
+            addr,
+            len,
+            writable: true,
+        }
+    }
+
+    fn chain(segments: Vec<Segment>) -> Chain {
+        Chain { head: 0, segments }
+    }
+
+    const HDR: u64 = 0x1000;
+    const DATA: u64 = 0x10000;
+    const STATUS: u64 = 0x2000;
+
+    /// Parses a chain whose header (at HDR) says `type_` at `sector`.
+    fn parse_with(
+        mem: &GuestMem,
+        type_: u32,
+        sector: u64,
+        segments: Vec<Segment>,
+        geo: &DiskGeometry,
+    ) -> Parsed {
+        mem.write_slice(&header(type_, sector), GuestAddress(HDR))
+            .unwrap();
+        parse(mem, &chain(segments), geo).expect("the chain has a status byte")
+    }
+
+    #[test]
+    fn reads_and_writes_parse_to_their_offset_and_buffers() {
+        let mem = memory();
+        let geo = geometry();
+        let p = parse_with(
+            &mem,
+            req_type::IN,
+            3,
+            vec![
+                ro(HDR, 16),
+                wo(DATA, 1024),
+                wo(DATA + 0x1000, 512),
+                wo(STATUS, 1),
+            ],
+            &geo,
+        );
+        assert_eq!(p.status_addr, STATUS);
+        assert_eq!(
+            p.request,
+            Ok(Request::Read {
+                offset: 3 * 512,
+                data: vec![wo(DATA, 1024), wo(DATA + 0x1000, 512)]
+            })
+        );
+        let p = parse_with(
+            &mem,
+            req_type::OUT,
+            2047,
+            vec![ro(HDR, 16), ro(DATA, 512), wo(STATUS, 1)],
+            &geo,
+        );
+        assert_eq!(
+            p.request,
+            Ok(Request::Write {
+                offset: 2047 * 512,
+                data: vec![ro(DATA, 512)]
+            }),
+            "the last sector of the disk"
+        );
+        // No data at all: a read of nothing is a valid (empty) request.
+        let p = parse_with(
+            &mem,
+            req_type::IN,
+            0,
+            vec![ro(HDR, 16), wo(STATUS, 1)],
+            &geo,
+        );
+        assert_eq!(
+            p.request,
+            Ok(Request::Read {
+                offset: 0,
+                data: vec![]
+            })
+        );
+    }
+
+    /// The specification's "no assumptions about framing": the header may be split across
+    /// descriptors or share one with the data, and the status may be the last byte of the
+    /// last data descriptor.
+    #[test]
+    fn framing_follows_bytes_not_descriptors() {
+        let mem = memory();
+        let geo = geometry();
+        // Header split 10 + 6, the second part followed by 512 bytes of data in one buffer.
+        let h = header(req_type::OUT, 8);
+        mem.write_slice(&h[..10], GuestAddress(HDR)).unwrap();
+        mem.write_slice(&h[10..], GuestAddress(DATA - 6)).unwrap();
+        let p = parse(
+            &mem,
+            &chain(vec![ro(HDR, 10), ro(DATA - 6, 6 + 512), wo(STATUS, 1)]),
+            &geo,
+        )
+        .unwrap();
+        assert_eq!(
+            p.request,
+            Ok(Request::Write {
+                offset: 8 * 512,
+                data: vec![ro(DATA, 512)]
+            })
+        );
+        // Data and status in one writable buffer of 1025 bytes.
+        let p = parse_with(
+            &mem,
+            req_type::IN,
+            0,
+            vec![ro(HDR, 16), wo(DATA, 1025)],
+            &geo,
+        );
+        assert_eq!(p.status_addr, DATA + 1024);
+        assert_eq!(
+            p.request,
+            Ok(Request::Read {
+                offset: 0,
+                data: vec![wo(DATA, 1024)]
+            })
+        );
+    }
+
+    #[test]
+    fn a_chain_without_a_writable_byte_has_no_status_to_answer() {
+        let mem = memory();
+        mem.write_slice(&header(req_type::IN, 0), GuestAddress(HDR))
+            .unwrap();
+        assert!(parse(&mem, &chain(vec![ro(HDR, 16), ro(DATA, 512)]), &geometry()).is_none());
+        assert!(parse(&mem, &chain(vec![]), &geometry()).is_none());
+    }
+
+    #[test]
+    fn flush_get_id_and_unknown_types() {
+        let mem = memory();
+        let geo = geometry();
+        let p = parse_with(
+            &mem,
+            req_type::FLUSH,
+            77,
+            vec![ro(HDR, 16), wo(STATUS, 1)],
+            &geo,
+        );
+        assert_eq!(p.request, Ok(Request::Flush));
+        let p = parse_with(
+            &mem,
+            req_type::GET_ID,
+            0,
+            vec![ro(HDR, 16), wo(DATA, 20), wo(STATUS, 1)],
+            &geo,
+        );
+        assert_eq!(
+            p.request,
+            Ok(Request::GetId {
+                data: vec![wo(DATA, 20)]
+            })
+        );
+        let p = parse_with(
+            &mem,
+            req_type::GET_ID,
+            0,
+            vec![ro(HDR, 16), wo(STATUS, 1)],
+            &geo,
+        );
+        assert_eq!(
+            p.request,
+            Err(RequestError::WrongDirection(req_type::GET_ID))
+        );
+        for t in [2, 3, 7, 9, 12, 14, u32::MAX] {
+            let p = parse_with(&mem, t, 0, vec![ro(HDR, 16), wo(STATUS, 1)], &geo);
+            assert_eq!(p.request, Err(RequestError::Unsupported(t)));
+            assert_eq!(RequestError::Unsupported(t).status(), status::UNSUPP);
+        }
+    }
+
+    #[test]
+    fn malformed_reads_and_writes_are_refused() {
+        let mem = memory();
+        let geo = geometry();
+        let err = |t: u32, sector: u64, segs: Vec<Segment>, geo: &DiskGeometry| {
+            parse_with(&mem, t, sector, segs, geo).request.unwrap_err()
+        };
+        // Fewer than 16 header bytes.
+        assert_eq!(
+            err(req_type::IN, 0, vec![ro(HDR, 15), wo(STATUS, 1)], &geo),
+            RequestError::ShortHeader
+        );
+        assert_eq!(
+            err(req_type::IN, 0, vec![wo(STATUS, 1)], &geo),
+            RequestError::ShortHeader
+        );
+        // A read with device-readable data, a write with device-writable data.
+        assert_eq!(
+            err(
+                req_type::IN,
+                0,
+                vec![ro(HDR, 16), ro(DATA, 512), wo(STATUS, 1)],
+                &geo
+            ),
+            RequestError::WrongDirection(req_type::IN)
+        );
+        assert_eq!(
+            err(
+                req_type::OUT,
+                0,
+                vec![ro(HDR, 16), wo(DATA, 512), wo(STATUS, 1)],
+                &geo
+            ),
+            RequestError::WrongDirection(req_type::OUT)
+        );
+        // Not whole sectors.
+        assert_eq!(
+            err(
+                req_type::IN,
+                0,
+                vec![ro(HDR, 16), wo(DATA, 511), wo(STATUS, 1)],
+                &geo
+            ),
+            RequestError::UnalignedLength(511)
+        );
+        // Past the end of the disk, and offsets that overflow.
+        let one = vec![ro(HDR, 16), wo(DATA, 512), wo(STATUS, 1)];
+        assert_eq!(
+            err(req_type::IN, 2048, one.clone(), &geo),
+            RequestError::OutOfRange {
+                sector: 2048,
+                len: 512
+            }
+        );
+        assert_eq!(
+            err(
+                req_type::IN,
+                2047,
+                vec![ro(HDR, 16), wo(DATA, 1024), wo(STATUS, 1)],
+                &geo
+            ),
+            RequestError::OutOfRange {
+                sector: 2047,
+                len: 1024
+            }
+        );
+        for sector in [u64::MAX, u64::MAX / 512 + 1, (u64::MAX - 511) / 512] {
+            assert_eq!(
+                err(req_type::IN, sector, one.clone(), &geo),
+                RequestError::OutOfRange { sector, len: 512 },
+                "sector {sector:#x}"
+            );
+        }
+        // More data buffers than one I/O may carry.
+        let mut many = vec![ro(HDR, 16)];
+        many.extend((0..9).map(|i| wo(DATA + 512 * i, 512)));
+        many.push(wo(STATUS, 1));
+        assert_eq!(
+            err(req_type::IN, 0, many, &geo),
+            RequestError::TooManySegments(9)
+        );
+        // A write to a read-only disk (reads still work).
+        let ro_geo = DiskGeometry {
+            read_only: true,
+            ..geo
+        };
+        assert_eq!(
+            err(
+                req_type::OUT,
+                0,
+                vec![ro(HDR, 16), ro(DATA, 512), wo(STATUS, 1)],
+                &ro_geo
+            ),
+            RequestError::ReadOnly(req_type::OUT)
+        );
+        assert!(parse_with(&mem, req_type::IN, 0, one, &ro_geo)
+            .request
+            .is_ok());
+    }
+
+    /// Writes discard/write-zeroes segments at DATA; returns their readable buffer.
+    fn segments(mem: &GuestMem, segs: &[(u64, u32, u32)]) -> Segment {
+        let mut raw = Vec::new();
+        for &(sector, num, flags) in segs {
+            raw.extend_from_slice(&sector.to_le_bytes());
+            raw.extend_from_slice(&num.to_le_bytes());
+            raw.extend_from_slice(&flags.to_le_bytes());
+        }
+        mem.write_slice(&raw, GuestAddress(DATA)).unwrap();
+        ro(DATA, raw.len() as u32)
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_parse_their_ranges() {
+        let mem = memory();
+        let geo = geometry();
+        let ranged = |t: u32, segs: &[(u64, u32, u32)], geo: &DiskGeometry| {
+            let payload = segments(&mem, segs);
+            parse_with(&mem, t, 0, vec![ro(HDR, 16), payload, wo(STATUS, 1)], geo).request
+        };
+        assert_eq!(
+            ranged(
+                req_type::DISCARD,
+                &[(8, 16, 0), (100, 0, 0), (2040, 8, 0)],
+                &geo
+            ),
+            Ok(Request::Discard {
+                ranges: vec![
+                    ByteRange {
+                        offset: 8 * 512,
+                        len: 16 * 512
+                    },
+                    ByteRange {
+                        offset: 2040 * 512,
+                        len: 8 * 512
+                    }
+                ]
+            }),
+            "empty segments dropped"
+        );
+        // UNMAP is allowed only when every segment allows it.
+        assert_eq!(
+            ranged(req_type::WRITE_ZEROES, &[(0, 1, 1), (4, 1, 1)], &geo),
+            Ok(Request::WriteZeroes {
+                ranges: vec![
+                    ByteRange {
+                        offset: 0,
+                        len: 512
+                    },
+                    ByteRange {
+                        offset: 2048,
+                        len: 512
+                    }
+                ],
+                unmap: true
+            })
+        );
+        assert!(matches!(
+            ranged(req_type::WRITE_ZEROES, &[(0, 1, 1), (4, 1, 0)], &geo),
+            Ok(Request::WriteZeroes { unmap: false, .. })
+        ));
+        // Refusals: flags, limits, range, framing, direction, read-only disk.
+        assert_eq!(
+            ranged(req_type::DISCARD, &[(0, 1, 1)], &geo),
+            Err(RequestError::UnsupportedFlags(1))
+        );
+        assert_eq!(
+            ranged(req_type::WRITE_ZEROES, &[(0, 1, 2)], &geo),
+            Err(RequestError::UnsupportedFlags(2))
+        );
+        assert_eq!(RequestError::UnsupportedFlags(2).status(), status::UNSUPP);
+        assert_eq!(
+            ranged(req_type::DISCARD, &[(0, 1, 0); 5], &geo),
+            Err(RequestError::OverLimit)
+        );
+        assert_eq!(
+            ranged(req_type::WRITE_ZEROES, &[(0, 257, 0)], &geo),
+            Err(RequestError::OverLimit)
+        );
+        assert_eq!(
+            ranged(req_type::DISCARD, &[(2047, 2, 0)], &geo),
+            Err(RequestError::OutOfRange {
+                sector: 2047,
+                len: 1024
+            })
+        );
+        assert_eq!(
+            ranged(req_type::DISCARD, &[(u64::MAX, 1, 0)], &geo),
+            Err(RequestError::OutOfRange {
+                sector: u64::MAX,
+                len: 512
+            })
+        );
+        assert_eq!(
+            ranged(req_type::DISCARD, &[], &geo),
+            Err(RequestError::BadSegmentList(0))
+        );
+        let payload = segments(&mem, &[(0, 1, 0)]);
+        let short = ro(payload.addr, 15);
+        assert_eq!(
+            parse_with(
+                &mem,
+                req_type::DISCARD,
+                0,
+                vec![ro(HDR, 16), short, wo(STATUS, 1)],
+                &geo
+            )
+            .request,
+            Err(RequestError::BadSegmentList(15))
+        );
+        assert_eq!(
+            parse_with(
+                &mem,
+                req_type::DISCARD,
+                0,
+                vec![ro(HDR, 16), payload, wo(DATA + 0x100, 16), wo(STATUS, 1)],
+                &geo
+            )
+            .request,
+            Err(RequestError::WrongDirection(req_type::DISCARD))
+        );
+        let ro_geo = DiskGeometry {
+            read_only: true,
+            ..geo
+        };
+        assert_eq!(
+            ranged(req_type::WRITE_ZEROES, &[(0, 1, 0)], &ro_geo),
+            Err(RequestError::ReadOnly(req_type::WRITE_ZEROES))
+        );
+        // A segment list split across descriptors mid-segment reads whole.
+        segments(&mem, &[(8, 1, 0), (16, 2, 0)]);
+        assert_eq!(
+            parse_with(
+                &mem,
+                req_type::DISCARD,
+                0,
+                vec![ro(HDR, 16), ro(DATA, 20), ro(DATA + 20, 12), wo(STATUS, 1)],
+                &geo
+            )
+            .request,
+            Ok(Request::Discard {
+                ranges: vec![
+                    ByteRange {
+                        offset: 8 * 512,
+                        len: 512
+                    },
+                    ByteRange {
+                        offset: 16 * 512,
+                        len: 1024
+                    }
+                ]
+            })
+        );
+    }
+
+    #[test]
+    fn a_buffer_the_walker_let_through_but_memory_lost_is_unreadable_not_a_panic() {
+        // A chain checked against one memory table and parsed against a smaller one (a
+        // region removed in between): the header cannot be read.
+        let mem = memory();
+        let p = parse(
+            &mem,
+            &chain(vec![ro(MEM - 8, 16), wo(STATUS, 1)]),
+            &geometry(),
+        )
+        .unwrap();
+        assert_eq!(p.request, Err(RequestError::Unreadable));
+        assert!(mem.find_region(GuestAddress(MEM)).is_none());
+    }
+}
