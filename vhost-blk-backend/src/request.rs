@@ -871,3 +871,524 @@ mod tests {
         assert!(mem.find_region(GuestAddress(MEM)).is_none());
     }
 }
+
+/// Property tests of [`parse`] over random chains (after Firecracker's
+/// `parse_random_requests`): any chain the layer's walker can produce either parses to a
+/// request consistent with it or is refused for a reason the chain shows, and parsing never
+/// panics. The seed is random each run; a failure prints the chain (PROPTEST_RNG_SEED
+/// replays a run).
+#[cfg(test)]
+mod random_chains {
+    use super::tests::{geometry, header, memory, DISK, MEM};
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    use vm_memory::GuestMemoryBackend;
+
+    const KNOWN: [u32; 6] = [
+        req_type::IN,
+        req_type::OUT,
+        req_type::FLUSH,
+        req_type::GET_ID,
+        req_type::DISCARD,
+        req_type::WRITE_ZEROES,
+    ];
+
+    /// A chain as the walker hands it over (readable buffers first, none empty, all inside
+    /// guest memory) and the bytes its readable part holds.
+    #[derive(Clone, Debug)]
+    struct RandomChain {
+        type_: u32,
+        sector: u64,
+        readable: Vec<u32>,
+        writable: Vec<u32>,
+        /// Bytes left free before each buffer (0: adjacent to the previous one).
+        gaps: Vec<u16>,
+        /// Discard/write-zeroes segments (sector, sectors, flags) after the header.
+        payload: Vec<(u64, u32, u32)>,
+        filler: u8,
+        read_only: bool,
+        max_data_segments: usize,
+    }
+
+    fn type_strategy() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            3 => prop::sample::select(KNOWN.to_vec()),
+            1 => any::<u32>(),
+        ]
+    }
+
+    fn sector_strategy() -> impl Strategy<Value = u64> {
+        let sectors = DISK / SECTOR_SIZE;
+        prop_oneof![
+            4 => 0..sectors + 16,
+            1 => u64::MAX / SECTOR_SIZE - 2..=u64::MAX / SECTOR_SIZE + 2,
+            1 => any::<u64>(),
+        ]
+    }
+
+    fn len_strategy() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            2 => (1u32..=8).prop_map(|k| k * 512),
+            1 => 1u32..=40,
+            1 => 1u32..=4096,
+            1 => Just(16u32),
+        ]
+    }
+
+    /// Readable buffers: random, or the header exactly (whole or split) followed by random
+    /// buffers, whole sectors of data or discard/write-zeroes segments.
+    fn readable_strategy() -> impl Strategy<Value = Vec<u32>> {
+        let header = prop_oneof![
+            Just(vec![16u32]),
+            (1u32..16).prop_map(|split| vec![split, 16 - split]),
+        ];
+        let rest = prop_oneof![
+            vec(len_strategy(), 0..4),
+            vec((1u32..=8).prop_map(|k| k * 512), 0..4),
+            vec((1u32..=3).prop_map(|k| k * 16), 1..3),
+        ];
+        prop_oneof![
+            1 => vec(len_strategy(), 0..5),
+            3 => (header, rest).prop_map(|(mut h, rest)| {
+                h.extend(rest);
+                h
+            }),
+        ]
+    }
+
+    /// Writable buffers: random, or whole sectors of data then the status byte (alone or
+    /// at the end of the last data buffer).
+    fn writable_strategy() -> impl Strategy<Value = Vec<u32>> {
+        prop_oneof![
+            vec(len_strategy(), 0..5),
+            (vec((1u32..=8).prop_map(|k| k * 512), 0..4), any::<bool>()).prop_map(
+                |(mut v, status_alone)| {
+                    match v.last_mut() {
+                        Some(last) if !status_alone => *last += 1,
+                        _ => v.push(1),
+                    }
+                    v
+                }
+            ),
+        ]
+    }
+
+    fn payload_strategy() -> impl Strategy<Value = Vec<(u64, u32, u32)>> {
+        let segment = (
+            prop_oneof![3 => 0..DISK / SECTOR_SIZE + 8, 1 => any::<u64>()],
+            prop_oneof![6 => 0u32..300, 1 => any::<u32>()],
+            prop_oneof![6 => Just(0u32), 2 => Just(1), 1 => any::<u32>()],
+        );
+        vec(segment, 0..6)
+    }
+
+    /// Buffers shaped for a request of type `t`: the header (whole or split), then the data
+    /// in the direction `t` needs, then the status. Other fields (sector, payload, limits)
+    /// stay random, so these chains still meet every refusal but also parse often.
+    fn shaped_strategy(t: u32) -> impl Strategy<Value = (Vec<u32>, Vec<u32>)> {
+        let header = prop_oneof![
+            Just(vec![16u32]),
+            (1u32..16).prop_map(|split| vec![split, 16 - split]),
+        ];
+        let sectors = vec((1u32..=8).prop_map(|k| k * 512), 0..4);
+        let segments = vec((1u32..=3).prop_map(|k| k * 16), 1..3);
+        let id = prop_oneof![Just(vec![20u32]), Just(vec![21u32]), Just(vec![8u32, 12])];
+        (header, sectors, segments, id, any::<bool>()).prop_map(
+            move |(mut readable, sectors, segments, id, status_alone)| {
+                let mut writable = Vec::new();
+                match t {
+                    req_type::OUT => readable.extend(sectors),
+                    req_type::DISCARD | req_type::WRITE_ZEROES => readable.extend(segments),
+                    req_type::IN => writable = sectors,
+                    req_type::GET_ID => writable = id,
+                    _ => {}
+                }
+                match writable.last_mut() {
+                    Some(last) if !status_alone => *last += 1,
+                    _ => writable.push(1),
+                }
+                (readable, writable)
+            },
+        )
+    }
+
+    fn chain_strategy() -> impl Strategy<Value = RandomChain> {
+        let random = (type_strategy(), readable_strategy(), writable_strategy());
+        let shaped = type_strategy().prop_flat_map(|t| (Just(t), shaped_strategy(t)));
+        let layout = prop_oneof![
+            random,
+            shaped.prop_map(|(t, (readable, writable))| (t, readable, writable)),
+        ];
+        (
+            layout,
+            sector_strategy(),
+            vec(0u16..64, 10),
+            payload_strategy(),
+            any::<u8>(),
+            prop::bool::weighted(0.2),
+            1usize..10,
+        )
+            .prop_map(
+                |(
+                    (type_, readable, writable),
+                    sector,
+                    gaps,
+                    payload,
+                    filler,
+                    read_only,
+                    max_data_segments,
+                )| RandomChain {
+                    type_,
+                    sector,
+                    readable,
+                    writable,
+                    gaps,
+                    payload,
+                    filler,
+                    read_only,
+                    max_data_segments,
+                },
+            )
+    }
+
+    impl RandomChain {
+        /// Lays the chain out in guest memory from 0x1000 and writes its readable bytes;
+        /// returns the chain and those bytes in order.
+        fn build(&self, mem: &GuestMem) -> (Chain, Vec<u8>) {
+            let mut segments = Vec::new();
+            let mut at = 0x1000u64;
+            let lens = self.readable.iter().map(|&l| (l, false));
+            let lens = lens.chain(self.writable.iter().map(|&l| (l, true)));
+            for (i, (len, writable)) in lens.enumerate() {
+                let addr = at + u64::from(self.gaps.get(i).copied().unwrap_or(0));
+                segments.push(Segment {
+                    addr,
+                    len,
+                    writable,
+                });
+                at = addr + u64::from(len);
+            }
+            assert!(at <= MEM, "test chain does not fit guest memory");
+            let mut stream = header(self.type_, self.sector).to_vec();
+            for &(sector, num, flags) in &self.payload {
+                stream.extend_from_slice(&sector.to_le_bytes());
+                stream.extend_from_slice(&num.to_le_bytes());
+                stream.extend_from_slice(&flags.to_le_bytes());
+            }
+            let readable_len = self.readable.iter().map(|&l| l as usize).sum::<usize>();
+            stream.resize(readable_len.max(stream.len()), self.filler);
+            stream.truncate(readable_len);
+            let mut done = 0usize;
+            for s in segments.iter().filter(|s| !s.writable) {
+                let n = s.len as usize;
+                mem.write_slice(&stream[done..done + n], GuestAddress(s.addr))
+                    .unwrap();
+                done += n;
+            }
+            (Chain { head: 0, segments }, stream)
+        }
+
+        fn geometry(&self) -> DiskGeometry {
+            DiskGeometry {
+                read_only: self.read_only,
+                max_data_segments: self.max_data_segments,
+                ..geometry()
+            }
+        }
+    }
+
+    /// A list of buffers as byte ranges [start, end), adjacent ones merged.
+    fn ranges(segs: &[Segment]) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for s in segs {
+            let (start, end) = (s.addr, s.addr + u64::from(s.len));
+            match out.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => out.push((start, end)),
+            }
+        }
+        out
+    }
+
+    /// `len` bytes of `r` after skipping `skip`, as ranges.
+    fn cut(r: &[(u64, u64)], mut skip: u64, mut len: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for &(start, end) in r {
+            let n = end - start;
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            let take = (n - skip).min(len);
+            if take > 0 {
+                out.push((start + skip, start + skip + take));
+            }
+            len -= take;
+            skip = 0;
+        }
+        out
+    }
+
+    fn disk_range_ok(geo: &DiskGeometry, sector: u64, len: u64) -> bool {
+        sector
+            .checked_mul(SECTOR_SIZE)
+            .and_then(|o| o.checked_add(len))
+            .is_some_and(|end| end <= geo.size)
+    }
+
+    /// What a parse told: for the coverage check at the end.
+    #[derive(Default)]
+    struct Outcomes {
+        none: usize,
+        read: usize,
+        write: usize,
+        flush: usize,
+        get_id: usize,
+        ranged: usize,
+        refused: usize,
+    }
+
+    /// Checks one random chain; `Err` describes the inconsistency.
+    fn check(rc: &RandomChain, outcomes: &mut Outcomes) -> Result<(), TestCaseError> {
+        let mem = memory();
+        let (chain, stream) = rc.build(&mem);
+        let geo = rc.geometry();
+        let readable: Vec<Segment> = chain
+            .segments
+            .iter()
+            .filter(|s| !s.writable)
+            .copied()
+            .collect();
+        let writable: Vec<Segment> = chain
+            .segments
+            .iter()
+            .filter(|s| s.writable)
+            .copied()
+            .collect();
+        let (rtotal, wtotal) = (chain.readable_len(), chain.writable_len());
+        let Some(parsed) = parse(&mem, &chain, &geo) else {
+            prop_assert!(
+                writable.is_empty(),
+                "no status although the chain has a writable byte"
+            );
+            outcomes.none += 1;
+            return Ok(());
+        };
+        prop_assert!(!writable.is_empty(), "a status without a writable byte");
+        let last = writable[writable.len() - 1];
+        prop_assert_eq!(parsed.status_addr, last.addr + u64::from(last.len) - 1);
+        prop_assert!(mem.check_range(GuestAddress(parsed.status_addr), 1));
+        let in_data = cut(&ranges(&writable), 0, wtotal - 1);
+        let out_data = cut(&ranges(&readable), 16, rtotal.saturating_sub(16));
+        // Data buffers: in memory, in the right direction, not the status byte.
+        let check_data = |data: &[Segment], writable: bool| -> Result<(), TestCaseError> {
+            for s in data {
+                prop_assert!(s.len > 0, "empty data buffer {:?}", s);
+                prop_assert_eq!(s.writable, writable);
+                prop_assert!(mem.check_range(GuestAddress(s.addr), s.len as usize));
+                prop_assert!(
+                    !(s.addr..s.addr + u64::from(s.len)).contains(&parsed.status_addr),
+                    "the status byte is also data"
+                );
+            }
+            Ok(())
+        };
+        let check_io = |offset: u64, data: &[Segment]| -> Result<(), TestCaseError> {
+            let len: u64 = data.iter().map(|s| u64::from(s.len)).sum();
+            prop_assert_eq!(len % SECTOR_SIZE, 0);
+            prop_assert_eq!(Some(offset), rc.sector.checked_mul(SECTOR_SIZE));
+            prop_assert!(offset + len <= geo.size, "past the end of the disk");
+            prop_assert!(data.len() <= geo.max_data_segments);
+            Ok(())
+        };
+        match &parsed.request {
+            Ok(Request::Read { offset, data }) => {
+                prop_assert_eq!(rc.type_, req_type::IN);
+                prop_assert_eq!(rtotal, 16, "a read with data to write to the disk");
+                prop_assert_eq!(ranges(data), in_data);
+                check_data(data, true)?;
+                check_io(*offset, data)?;
+                outcomes.read += 1;
+            }
+            Ok(Request::Write { offset, data }) => {
+                prop_assert_eq!(rc.type_, req_type::OUT);
+                prop_assert!(!geo.read_only);
+                prop_assert_eq!(wtotal, 1, "a write with data to read from the disk");
+                prop_assert_eq!(ranges(data), out_data);
+                check_data(data, false)?;
+                check_io(*offset, data)?;
+                outcomes.write += 1;
+            }
+            Ok(Request::Flush) => {
+                prop_assert_eq!(rc.type_, req_type::FLUSH);
+                prop_assert!(rtotal >= 16);
+                outcomes.flush += 1;
+            }
+            Ok(Request::GetId { data }) => {
+                prop_assert_eq!(rc.type_, req_type::GET_ID);
+                prop_assert!(!data.is_empty());
+                prop_assert_eq!(ranges(data), in_data);
+                check_data(data, true)?;
+                outcomes.get_id += 1;
+            }
+            Ok(Request::Discard { ranges: got }) | Ok(Request::WriteZeroes { ranges: got, .. }) => {
+                let discard = matches!(parsed.request, Ok(Request::Discard { .. }));
+                prop_assert_eq!(
+                    rc.type_,
+                    if discard {
+                        req_type::DISCARD
+                    } else {
+                        req_type::WRITE_ZEROES
+                    }
+                );
+                prop_assert!(!geo.read_only);
+                prop_assert_eq!(wtotal, 1);
+                // The segments as the readable bytes hold them.
+                let payload = &stream[16..];
+                prop_assert!(!payload.is_empty() && payload.len() % 16 == 0);
+                prop_assert!(payload.len() / 16 <= geo.max_discard_seg as usize);
+                let mut want = Vec::new();
+                let mut unmap_all = true;
+                for seg in payload.chunks(16) {
+                    let sector = u64::from_le_bytes(seg[..8].try_into().unwrap());
+                    let num = u32::from_le_bytes(seg[8..12].try_into().unwrap());
+                    let flags = u32::from_le_bytes(seg[12..].try_into().unwrap());
+                    prop_assert!(num <= geo.max_discard_sectors);
+                    prop_assert!(flags & !u32::from(!discard) == 0, "flags {:#x}", flags);
+                    unmap_all &= flags & WRITE_ZEROES_FLAG_UNMAP != 0;
+                    let len = u64::from(num) * SECTOR_SIZE;
+                    prop_assert!(disk_range_ok(&geo, sector, len));
+                    if len > 0 {
+                        want.push(ByteRange {
+                            offset: sector * SECTOR_SIZE,
+                            len,
+                        });
+                    }
+                }
+                prop_assert_eq!(got, &want);
+                if let Ok(Request::WriteZeroes { unmap, .. }) = &parsed.request {
+                    prop_assert_eq!(*unmap, unmap_all);
+                }
+                outcomes.ranged += 1;
+            }
+            Err(e) => {
+                justified(rc, &geo, e, rtotal, wtotal, &stream)?;
+                outcomes.refused += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the chain shows the reason `e` gives for refusing it.
+    fn justified(
+        rc: &RandomChain,
+        geo: &DiskGeometry,
+        e: &RequestError,
+        rtotal: u64,
+        wtotal: u64,
+        stream: &[u8],
+    ) -> Result<(), TestCaseError> {
+        let t = rc.type_;
+        let ranged = t == req_type::DISCARD || t == req_type::WRITE_ZEROES;
+        match *e {
+            RequestError::ShortHeader => prop_assert!(rtotal < 16),
+            RequestError::WrongDirection(et) => {
+                prop_assert_eq!(et, t);
+                let wrong = match t {
+                    req_type::IN => rtotal > 16,
+                    req_type::OUT => wtotal > 1,
+                    req_type::GET_ID => wtotal == 1,
+                    _ => ranged && wtotal > 1,
+                };
+                prop_assert!(wrong, "{:?} but the data goes the right way", e);
+            }
+            RequestError::UnalignedLength(len) => {
+                let data = if t == req_type::IN {
+                    wtotal - 1
+                } else {
+                    rtotal - 16
+                };
+                prop_assert_eq!(len, data);
+                prop_assert!(len % SECTOR_SIZE != 0);
+            }
+            RequestError::OutOfRange { sector, len } => {
+                prop_assert!(
+                    !disk_range_ok(geo, sector, len),
+                    "{:?} is inside the disk",
+                    e
+                );
+            }
+            RequestError::ReadOnly(et) => {
+                prop_assert_eq!(et, t);
+                prop_assert!(geo.read_only && (t == req_type::OUT || ranged));
+            }
+            RequestError::TooManySegments(n) => prop_assert!(n > geo.max_data_segments),
+            RequestError::BadSegmentList(bytes) => {
+                prop_assert!(ranged);
+                prop_assert_eq!(bytes, rtotal - 16);
+                prop_assert!(bytes == 0 || bytes % 16 != 0);
+            }
+            RequestError::OverLimit => {
+                prop_assert!(ranged);
+                let payload = &stream[16..];
+                let too_many = payload.len() / 16 > geo.max_discard_seg as usize;
+                let too_long = payload.chunks(16).any(|s| {
+                    u32::from_le_bytes(s[8..12].try_into().unwrap()) > geo.max_discard_sectors
+                });
+                prop_assert!(too_many || too_long, "{:?} within the limits", e);
+            }
+            RequestError::UnsupportedFlags(flags) => {
+                prop_assert!(ranged);
+                let allowed = if t == req_type::DISCARD {
+                    0
+                } else {
+                    WRITE_ZEROES_FLAG_UNMAP
+                };
+                prop_assert!(flags & !allowed != 0);
+            }
+            RequestError::Unsupported(et) => {
+                prop_assert_eq!(et, t);
+                prop_assert!(!KNOWN.contains(&t));
+            }
+            RequestError::Unreadable => {
+                prop_assert!(false, "a chain inside guest memory was unreadable");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn parse_random_chains() {
+        let mut config = Config::with_cases(2000);
+        // Failures print the minimal chain; no regression files in the source tree.
+        config.failure_persistence = None;
+        let mut runner = TestRunner::new(config);
+        let outcomes = std::cell::RefCell::new(Outcomes::default());
+        let result = runner.run(&chain_strategy(), |rc| {
+            check(&rc, &mut outcomes.borrow_mut())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+        // The generator must reach every kind of outcome, or the property says little.
+        let o = outcomes.into_inner();
+        eprintln!(
+            "parsed: {} without status, {} reads, {} writes, {} flushes, {} get-id, {} \
+             discard/write-zeroes, {} refused",
+            o.none, o.read, o.write, o.flush, o.get_id, o.ranged, o.refused
+        );
+        for (what, n) in [
+            ("no status", o.none),
+            ("read", o.read),
+            ("write", o.write),
+            ("flush", o.flush),
+            ("get-id", o.get_id),
+            ("discard/write-zeroes", o.ranged),
+            ("refused", o.refused),
+        ] {
+            assert!(n > 0, "no random chain parsed to {what}");
+        }
+    }
+}
