@@ -218,3 +218,23 @@ fn without_event_idx_no_interrupt_is_honoured() {
     e.check(&fe, "echo after the flag was cleared");
     assert_eq!(b.notifications(0), 1);
 }
+
+/// A started ring that the frontend disabled is not processed: chains wait on it until
+/// SET_VRING_ENABLE turns it back on, which processes them without a kick.
+#[test]
+fn a_disabled_ring_waits_for_set_vring_enable() {
+    let b = EchoBackend::start(1);
+    let mut fe = connect(&b, FrontendOptions::default());
+    fe.fe.set_vring_enable(0, false).unwrap();
+    let e = Echo::new(&mut fe, pattern(12, 1024));
+    fe.submit(0, &e.chain());
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        fe.queues[0].used_idx(&fe.mem),
+        0,
+        "a disabled ring was processed"
+    );
+    fe.fe.set_vring_enable(0, true).unwrap();
+    assert_eq!(fe.wait(0, 1).unwrap()[0].len, 1024);
+    e.check(&fe, "echo after the enable");
+}
