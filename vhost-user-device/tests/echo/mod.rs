@@ -274,7 +274,26 @@ impl EchoBackend {
         &self.socket
     }
 
-    /// Counter of queue `q`.
+    /// Asks the server to finish (as SIGTERM does): it drains in-flight chains first.
+    pub fn trigger_shutdown(&self) {
+        self.shutdown.trigger();
+    }
+
+    /// Whether the server has returned.
+    pub fn has_stopped(&self) -> bool {
+        self.thread
+            .lock()
+            .map(|t| t.as_ref().is_none_or(|t| t.is_finished()))
+            .unwrap_or(true)
+    }
+
+    /// Waits for the server to return and gives what it returned.
+    pub fn join(&self) -> Result<(), ServerError> {
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        thread.map_or(Ok(()), |t| t.join().expect("server thread"))
+    }
+
+    /// Interrupts counted on queue `q`.
     pub fn notifications(&self, q: usize) -> u64 {
         self.stats[q].notifications.load(Ordering::SeqCst)
     }
