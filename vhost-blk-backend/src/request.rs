@@ -430,8 +430,11 @@ mod tests {
         }
     }
 
-    fn chain(segments: Vec<Segment>) -> Chain {
-        Chain { head: 0, segments }
+    /// A chain of `segments`, as the walker would give it (not taken from a ring).
+    pub(super) fn chain(segments: Vec<Segment>) -> Chain {
+        let mut chain = Chain::default();
+        chain.segments = segments;
+        chain
     }
 
     const HDR: u64 = 0x1000;
@@ -1091,7 +1094,7 @@ mod random_chains {
                     .unwrap();
                 done += n;
             }
-            (Chain { head: 0, segments }, stream)
+            (super::tests::chain(segments), stream)
         }
 
         fn geometry(&self) -> DiskGeometry {

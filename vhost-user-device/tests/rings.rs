@@ -86,7 +86,7 @@ fn two_queues_serve_chains_independently() {
     }
     for q in 0..2 {
         assert_eq!(
-            b.stats[q]
+            b.stats(q)
                 .completed
                 .load(std::sync::atomic::Ordering::SeqCst),
             16,

@@ -108,7 +108,7 @@ fn inflight_requests_of_a_dead_backend_are_resubmitted() {
     assert_eq!(got, want, "both in-flight chains completed, each once");
     assert_eq!(fe.read(dst_a, 1024), a);
     assert_eq!(fe.read(dst_z, 512), z);
-    assert_eq!(b.stats[0].resubmitted.load(Ordering::SeqCst), 2);
+    assert_eq!(b.stats(0).resubmitted.load(Ordering::SeqCst), 2);
     // Nothing extra completes.
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(fe.queues[0].used_idx(&fe.mem), 2);
@@ -309,12 +309,20 @@ fn shutdown_waits_for_in_flight_chains_and_completes_them() {
         })
         .collect();
     b.control.wait_held(3);
-    b.trigger_shutdown();
+    let EchoBackend {
+        server,
+        control,
+        dir: _dir,
+    } = b;
+    let stopping = std::thread::spawn(move || server.stop());
     std::thread::sleep(Duration::from_millis(300));
-    let early = b.has_stopped();
-    b.control.release();
+    let early = stopping.is_finished();
+    control.release();
     assert!(!early, "the server stopped with 3 chains in flight");
-    b.join().expect("the server returns cleanly");
+    stopping
+        .join()
+        .expect("server stop thread")
+        .expect("the server returns cleanly");
     assert_eq!(fe.queues[0].used_idx(&fe.mem), 3, "every chain completed");
     for (i, (d, &dst)) in data.iter().zip(&dsts).enumerate() {
         assert_eq!(&fe.read(dst, 2048), d, "chain {i}");

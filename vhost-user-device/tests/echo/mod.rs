@@ -16,21 +16,19 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use vhost_tests::in_process::InProcessServer;
 use vhost_user_device::device::read_config_bytes;
-use vhost_user_device::server::listen_path;
 use vhost_user_device::{
-    Chain, DeviceError, GuestMem, QueueStats, QueueWorker, Ring, Rings, Server, ServerError,
-    Shutdown, VhostUserDevice,
+    Chain, DeviceError, GuestMem, QueueStats, QueueWorker, Rings, VhostUserDevice,
 };
 
 /// Largest ring the echo device accepts.
@@ -176,7 +174,10 @@ impl QueueWorker for EchoWorker {
         vec![self.control.release.as_raw_fd()]
     }
 
-    fn process_queue(&mut self, ring: &mut Ring) {
+    fn process_queue(&mut self, queue: u16, rings: &mut Rings) {
+        let Some(ring) = rings.get_mut(queue) else {
+            return;
+        };
         let mem = ring.memory();
         let mut completed = false;
         loop {
@@ -230,21 +231,18 @@ impl QueueWorker for EchoWorker {
 
 /// A running echo backend listening on a socket in a temporary directory.
 pub struct EchoBackend {
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-    /// Per-queue counters (kept across connections).
-    pub stats: Vec<Arc<QueueStats>>,
+    /// The server (stopped when dropped).
+    pub server: InProcessServer,
     /// Hold and release completions.
     pub control: Arc<EchoControl>,
-    shutdown: Arc<Shutdown>,
-    thread: Mutex<Option<JoinHandle<Result<(), ServerError>>>>,
+    /// Holds the socket; removed last.
+    pub dir: tempfile::TempDir,
 }
 
 impl EchoBackend {
     /// Starts an echo device with `num_queues` queues.
     pub fn start(num_queues: u16) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("echo.sock");
         let control = Arc::new(EchoControl {
             hold: AtomicBool::new(false),
             held: AtomicUsize::new(0),
@@ -254,62 +252,27 @@ impl EchoBackend {
             num_queues,
             control: control.clone(),
         };
-        let shutdown = Shutdown::new().expect("shutdown");
-        let server = Server::new(Arc::new(device), shutdown.clone());
-        let stats = server.stats().to_vec();
-        let listener = listen_path(&socket).expect("listen");
-        let thread = std::thread::spawn(move || server.serve(&listener));
+        let server = InProcessServer::start(device, &dir.path().join("echo.sock"));
         Self {
-            _dir: dir,
-            socket,
-            stats,
+            server,
             control,
-            shutdown,
-            thread: Mutex::new(Some(thread)),
+            dir,
         }
     }
 
     /// The socket a frontend connects to.
     pub fn socket(&self) -> &Path {
-        &self.socket
+        self.server.socket()
     }
 
-    /// Asks the server to finish (as SIGTERM does): it drains in-flight chains first.
-    pub fn trigger_shutdown(&self) {
-        self.shutdown.trigger();
-    }
-
-    /// Whether the server has returned.
-    pub fn has_stopped(&self) -> bool {
-        self.thread
-            .lock()
-            .map(|t| t.as_ref().is_none_or(|t| t.is_finished()))
-            .unwrap_or(true)
-    }
-
-    /// Waits for the server to return and gives what it returned.
-    pub fn join(&self) -> Result<(), ServerError> {
-        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
-        thread.map_or(Ok(()), |t| t.join().expect("server thread"))
+    /// Per-queue counters (kept across connections).
+    pub fn stats(&self, q: usize) -> &QueueStats {
+        &self.server.stats()[q]
     }
 
     /// Interrupts counted on queue `q`.
     pub fn notifications(&self, q: usize) -> u64 {
-        self.stats[q].notifications.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for EchoBackend {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-        // A failing test must fail, not hang: the backend may be stuck in what it caught.
-        if std::thread::panicking() {
-            return;
-        }
-        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(t) = thread {
-            let _ = t.join();
-        }
+        self.stats(q).notifications.load(Ordering::SeqCst)
     }
 }
 
