@@ -52,11 +52,10 @@ mod sandbox_names;
 pub mod server;
 pub mod worker;
 
-pub use chain::{Chain, Segment};
+pub use chain::{Chain, Origin, Segment};
 pub use device::{DeviceError, QueueWorker, VhostUserDevice, VmmEvent};
 pub use engine::{Completion, Engine, EngineChoice, EngineKind, Op, Pushed};
 pub use iovec::{AlignedBuf, IovecList};
 pub use memory::{GuestMem, GuestMemAtomic};
-pub use ring::{QueueStats, Ring};
+pub use ring::{QueueStats, Ring, Rings};
 pub use server::{Server, ServerError, Shutdown};
-pub use worker::Rings;
