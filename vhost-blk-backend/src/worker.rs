@@ -4,7 +4,7 @@
 //!
 //! Every operation owns its buffers (guest memory snapshot, bounce buffer, the buffer of
 //! zeros) while the engine has it and hands them back with its completion: a request's
-//! buffers live in its [`InFlight`] record only between operations.
+//! buffers live in its `InFlight` record only between operations.
 
 use std::collections::VecDeque;
 use std::io;
