@@ -13,6 +13,19 @@ use vhost_user_device::engine::{
 };
 use vhost_user_device::IovecList;
 
+/// A frame to write: where its buffers are (taken by the write, given back only when the
+/// write is to be retried).
+pub trait TxBufs {
+    /// The frame's buffers.
+    fn bufs(&mut self) -> &mut Option<IovecList>;
+}
+
+impl TxBufs for Option<IovecList> {
+    fn bufs(&mut self) -> &mut Option<IovecList> {
+        self
+    }
+}
+
 /// Writes of frames to one tap queue.
 pub struct TxUring {
     engine: Engine,
@@ -56,9 +69,9 @@ impl TxUring {
     /// completed, or with an error; writes still queued or in flight then stay with the
     /// engine (owning their buffers), and the next call completes them before anything
     /// else.
-    pub fn writev_batch(
+    pub fn writev_batch<F: TxBufs>(
         &mut self,
-        frames: &mut [Option<IovecList>],
+        frames: &mut [F],
         results: &mut Vec<i32>,
     ) -> io::Result<()> {
         results.clear();
@@ -73,7 +86,7 @@ impl TxUring {
             let flags = if self.nowait { libc::RWF_NOWAIT } else { 0 };
             let mut outstanding = 0usize;
             for &i in &todo {
-                let Some(bufs) = frames.get_mut(i).and_then(Option::take) else {
+                let Some(bufs) = frames.get_mut(i).and_then(|f| f.bufs().take()) else {
                     continue;
                 };
                 let op = Op::Write {
@@ -126,11 +139,11 @@ impl TxUring {
 
 /// Stores the result of a write of call `generation` (false: a leftover of an earlier
 /// call, dropped). Only a retry without RWF_NOWAIT needs the buffers back.
-fn record(
+fn record<F: TxBufs>(
     c: Completion,
     generation: u32,
     results: &mut [i32],
-    frames: &mut [Option<IovecList>],
+    frames: &mut [F],
 ) -> bool {
     if (c.user_data >> 32) as u32 != generation {
         return false;
@@ -139,7 +152,7 @@ fn record(
     if let (Some(r), Some(f)) = (results.get_mut(i), frames.get_mut(i)) {
         *r = c.result;
         if c.result == -libc::EOPNOTSUPP {
-            *f = c.op.into_bufs();
+            *f.bufs() = c.op.into_bufs();
         }
     }
     true

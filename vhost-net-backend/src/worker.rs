@@ -39,7 +39,7 @@ use crate::spec::{
     MAX_FRAME_LEN,
 };
 use crate::stats::{DropReason, QueueCounters};
-use crate::uring::TxUring;
+use crate::uring::{TxBufs, TxUring};
 
 /// Chains per TX batch (one io_uring submission).
 const TX_BATCH: usize = 64;
@@ -70,9 +70,16 @@ struct RxBuf {
 /// frame length.
 struct TxFrame {
     chain: Chain,
-    /// Taken by the write (the engine owns them until it completes).
+    /// Taken by the write (the engine owns them until it completes). A frame the tap
+    /// could not take yet is rebuilt against the memory of the next try (`process_tx`).
     bufs: Option<IovecList>,
     len: usize,
+}
+
+impl TxBufs for TxFrame {
+    fn bufs(&mut self) -> &mut Option<IovecList> {
+        &mut self.bufs
+    }
 }
 
 /// The worker of queue pair `pair` (queues 2*pair and 2*pair + 1).
@@ -105,8 +112,6 @@ pub struct PairWorker {
     tx_pending: VecDeque<TxFrame>,
     tx_frames: Vec<TxFrame>,
     tx_results: Vec<i32>,
-    /// Reused: the buffers of the frames of one batch, as the engine takes them.
-    tx_bufs: Vec<Option<IovecList>>,
     uring: TxUring,
     chain: Chain,
     iovecs: Vec<libc::iovec>,
@@ -158,7 +163,6 @@ impl PairWorker {
             tx_pending: VecDeque::new(),
             tx_frames: Vec::with_capacity(TX_BATCH),
             tx_results: Vec::with_capacity(TX_BATCH),
-            tx_bufs: Vec::with_capacity(TX_BATCH),
             uring,
             chain: Chain::default(),
             iovecs: Vec::with_capacity(64),
@@ -304,14 +308,9 @@ impl PairWorker {
         if self.tx_frames.is_empty() {
             return 0;
         }
-        let mut bufs = std::mem::take(&mut self.tx_bufs);
-        bufs.clear();
-        bufs.extend(self.tx_frames.iter_mut().map(|f| f.bufs.take()));
-        let res = self.uring.writev_batch(&mut bufs, &mut self.tx_results);
-        // Frames the tap could not take yet are rebuilt against the memory of the next
-        // try (see `process_tx`); the buffers that came back are not needed.
-        bufs.clear();
-        self.tx_bufs = bufs;
+        let res = self
+            .uring
+            .writev_batch(&mut self.tx_frames, &mut self.tx_results);
         if let Err(e) = res {
             self.log
                 .warn(|| format!("tap queue {}: io_uring failed: {e}", self.pair));
