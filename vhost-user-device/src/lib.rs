@@ -17,7 +17,8 @@
 //! - [`memory`] and [`dirty_log`]: guest memory regions (SET_MEM_TABLE, ADD/REM_MEM_REG)
 //!   sharing one dirty log, which covers late regions and honours LOG_ALL on and off;
 //! - [`ring`], [`chain`]: started rings and a descriptor-chain walker that checks every
-//!   index, length and address the guest gives;
+//!   index, length and address the guest gives; [`packed`]: the packed ring format
+//!   (VIRTIO_F_RING_PACKED), which [`ring::Ring`] dispatches to when it was negotiated;
 //! - [`inflight`]: the INFLIGHT_SHMFD region and the resubmission of chains a previous
 //!   backend process left in flight;
 //! - [`worker`] and [`device`]: worker threads and the two traits devices implement;
@@ -38,6 +39,7 @@ pub mod histogram;
 pub mod inflight;
 pub mod memory;
 pub mod metrics;
+pub mod packed;
 pub mod program;
 pub mod rate_limit;
 pub mod ring;
