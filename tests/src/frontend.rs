@@ -20,8 +20,8 @@ use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, Vr
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::frontend_packed::{PackedDesc, PackedDriver};
 pub use crate::frontend_packed::RING_PACKED;
+use crate::frontend_packed::{PackedDesc, PackedDriver};
 
 /// VRING_DESC_F_NEXT.
 pub const F_NEXT: u16 = 1;

@@ -129,7 +129,12 @@ impl PackedDriver {
     /// Takes the next used descriptor, if any: (id, len).
     pub fn take_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u16, u32)> {
         let (id, len) = self.used_at(mem, self.used, self.used_wrap)?;
-        let n = self.counts.get(usize::from(id)).copied().unwrap_or(1).max(1);
+        let n = self
+            .counts
+            .get(usize::from(id))
+            .copied()
+            .unwrap_or(1)
+            .max(1);
         for _ in 0..n {
             (self.used, self.used_wrap) = self.step(self.used, self.used_wrap);
         }
@@ -146,7 +151,13 @@ impl PackedDriver {
             let Some((id, _)) = self.used_at(mem, index, wrap) else {
                 break;
             };
-            for _ in 0..self.counts.get(usize::from(id)).copied().unwrap_or(1).max(1) {
+            for _ in 0..self
+                .counts
+                .get(usize::from(id))
+                .copied()
+                .unwrap_or(1)
+                .max(1)
+            {
                 (index, wrap) = self.step(index, wrap);
             }
             n += 1;

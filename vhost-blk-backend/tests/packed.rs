@@ -34,7 +34,11 @@ fn connect_packed(b: &TestBackend, event_idx: bool, inflight: bool) -> TestFront
 /// Writes `n` distinct 4 KiB blocks, two requests in flight at a time (they may complete
 /// in either order), then reads each back and checks it.
 fn write_read_laps(fe: &mut TestFrontend, b: &TestBackend, first_sector: u64, n: u64) {
-    let block = |i: u64| -> Vec<u8> { (0..4096u64).map(|j| ((i * 31 + j * 7) % 251) as u8).collect() };
+    let block = |i: u64| -> Vec<u8> {
+        (0..4096u64)
+            .map(|j| ((i * 31 + j * 7) % 251) as u8)
+            .collect()
+    };
     for pair in 0..n / 2 {
         let reqs: Vec<_> = (0..2)
             .map(|k| {
@@ -132,7 +136,11 @@ fn packed_ring_moves_to_a_new_backend_with_its_wrap_counters() {
         assert_eq!(data, pattern_range(i * 512, 512));
     }
     let bases = fe.stop_queues().expect("GET_VRING_BASE");
-    assert_eq!(bases, vec![0x0007_0007], "indices 7 with both wrap counters clear");
+    assert_eq!(
+        bases,
+        vec![0x0007_0007],
+        "indices 7 with both wrap counters clear"
+    );
     drop(first);
 
     // A second backend continues from there: a fresh-ring base would have it wait at

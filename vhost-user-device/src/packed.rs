@@ -661,16 +661,42 @@ pub(crate) mod tests {
             let head = self.avail;
             let mut head_flags = 0;
             for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
-                let wrap = if self.avail_wrap { DESC_F_AVAIL } else { DESC_F_USED };
+                let wrap = if self.avail_wrap {
+                    DESC_F_AVAIL
+                } else {
+                    DESC_F_USED
+                };
                 let next = if i + 1 < bufs.len() { DESC_F_NEXT } else { 0 };
                 let f = flags | next | wrap;
                 if i == 0 {
                     head_flags = f;
                     // Not yet available: the wrong wrap bits for this lap.
-                    let stale = if self.avail_wrap { DESC_F_USED } else { DESC_F_AVAIL };
-                    Self::write(mem, self.avail, RawDesc { addr, len, id, flags: stale });
+                    let stale = if self.avail_wrap {
+                        DESC_F_USED
+                    } else {
+                        DESC_F_AVAIL
+                    };
+                    Self::write(
+                        mem,
+                        self.avail,
+                        RawDesc {
+                            addr,
+                            len,
+                            id,
+                            flags: stale,
+                        },
+                    );
                 } else {
-                    Self::write(mem, self.avail, RawDesc { addr, len, id, flags: f });
+                    Self::write(
+                        mem,
+                        self.avail,
+                        RawDesc {
+                            addr,
+                            len,
+                            id,
+                            flags: f,
+                        },
+                    );
                 }
                 self.avail += 1;
                 if self.avail == self.size {
@@ -695,7 +721,12 @@ pub(crate) mod tests {
             }
             let len: u32 = mem.read_obj(GuestAddress(at + 8)).unwrap();
             let id: u16 = mem.read_obj(GuestAddress(at + 12)).unwrap();
-            let n = self.counts.get(usize::from(id)).copied().unwrap_or(1).max(1);
+            let n = self
+                .counts
+                .get(usize::from(id))
+                .copied()
+                .unwrap_or(1)
+                .max(1);
             for _ in 0..n {
                 self.used += 1;
                 if self.used == self.size {
@@ -724,16 +755,36 @@ pub(crate) mod tests {
             drv.add(
                 &mem,
                 id,
-                &[(base, 16, 0), (base + 16, 64, DESC_F_WRITE), (base + 80, 1, DESC_F_WRITE)],
+                &[
+                    (base, 16, 0),
+                    (base + 16, 64, DESC_F_WRITE),
+                    (base + 80, 1, DESC_F_WRITE),
+                ],
             );
-            assert_eq!(ring.pop(&mem, &mut chain), Ok(Popped::Chain), "round {round}");
+            assert_eq!(
+                ring.pop(&mem, &mut chain),
+                Ok(Popped::Chain),
+                "round {round}"
+            );
             assert_eq!(chain.head, id);
             assert_eq!(
                 chain.segments,
                 vec![
-                    Segment { addr: base, len: 16, writable: false },
-                    Segment { addr: base + 16, len: 64, writable: true },
-                    Segment { addr: base + 80, len: 1, writable: true },
+                    Segment {
+                        addr: base,
+                        len: 16,
+                        writable: false
+                    },
+                    Segment {
+                        addr: base + 16,
+                        len: 64,
+                        writable: true
+                    },
+                    Segment {
+                        addr: base + 80,
+                        len: 1,
+                        writable: true
+                    },
                 ]
             );
             assert_eq!(ring.pop(&mem, &mut chain), Ok(Popped::Empty));
@@ -806,7 +857,10 @@ pub(crate) mod tests {
             vec![
                 ChainError::BadIndirect,
                 ChainError::BadIndirectLength(24),
-                ChainError::OutsideMemory { addr: MEM - 16, len: 32 },
+                ChainError::OutsideMemory {
+                    addr: MEM - 16,
+                    len: 32
+                },
             ]
         );
         assert_eq!(ring.pop(&mem, &mut chain), Ok(Popped::Empty));
@@ -822,7 +876,11 @@ pub(crate) mod tests {
         drv.add(
             &mem,
             1,
-            &[(0x4000, 8, DESC_F_WRITE), (0x4100, 8, 0), (0x4200, 8, DESC_F_WRITE)],
+            &[
+                (0x4000, 8, DESC_F_WRITE),
+                (0x4100, 8, 0),
+                (0x4200, 8, DESC_F_WRITE),
+            ],
         );
         // A buffer id outside the ring, a buffer outside memory.
         drv.add(&mem, 9, &[(0x4000, 8, 0)]);
@@ -838,7 +896,14 @@ pub(crate) mod tests {
             vec![
                 (1, 3, ChainError::ReadableAfterWritable),
                 (9, 1, ChainError::HeadOutOfRange(9)),
-                (2, 1, ChainError::OutsideMemory { addr: MEM - 4, len: 8 }),
+                (
+                    2,
+                    1,
+                    ChainError::OutsideMemory {
+                        addr: MEM - 4,
+                        len: 8
+                    }
+                ),
             ]
         );
         // The good chain after them was popped by the loop's last call.
@@ -856,7 +921,12 @@ pub(crate) mod tests {
             Driver::write(
                 &mem,
                 i,
-                RawDesc { addr: 0x4000, len: 8, id: 0, flags: DESC_F_AVAIL | DESC_F_NEXT },
+                RawDesc {
+                    addr: 0x4000,
+                    len: 8,
+                    id: 0,
+                    flags: DESC_F_AVAIL | DESC_F_NEXT,
+                },
             );
         }
         assert_eq!(ring.pop(&mem, &mut chain), Err(PackedFault::Endless(0)));
@@ -868,8 +938,16 @@ pub(crate) mod tests {
         let mut ring = ring(&mem, 4, false);
         let mut drv = Driver::new(4);
         let mut chain = Chain::default();
-        drv.add(&mem, 0, &[(0x4000, 8, DESC_F_WRITE), (0x4100, 8, DESC_F_WRITE)]);
-        drv.add(&mem, 1, &[(0x4200, 8, DESC_F_WRITE), (0x4300, 8, DESC_F_WRITE)]);
+        drv.add(
+            &mem,
+            0,
+            &[(0x4000, 8, DESC_F_WRITE), (0x4100, 8, DESC_F_WRITE)],
+        );
+        drv.add(
+            &mem,
+            1,
+            &[(0x4200, 8, DESC_F_WRITE), (0x4300, 8, DESC_F_WRITE)],
+        );
         assert_eq!(ring.pop(&mem, &mut chain), Ok(Popped::Chain));
         assert_eq!(ring.pop(&mem, &mut chain), Ok(Popped::Chain));
         assert_eq!(ring.base().avail_wrap, false, "went round once");
@@ -885,7 +963,12 @@ pub(crate) mod tests {
 
     #[test]
     fn vring_base_carries_both_wrap_counters() {
-        let b = PackedBase { avail: 5, avail_wrap: false, used: 3, used_wrap: true };
+        let b = PackedBase {
+            avail: 5,
+            avail_wrap: false,
+            used: 3,
+            used_wrap: true,
+        };
         assert_eq!(b.to_vring_base(), 0x8003_0005);
         assert_eq!(PackedBase::from_vring_base(0x8003_0005, 8), Ok(b));
         assert_eq!(PackedBase::from_vring_base(0, 8), Ok(PackedBase::FRESH));
@@ -907,8 +990,10 @@ pub(crate) mod tests {
     fn notification_suppression_both_ways() {
         let mem = memory();
         let set_driver = |off_wrap: u16, flags: u16| {
-            mem.write_obj(off_wrap.to_le(), GuestAddress(DRIVER)).unwrap();
-            mem.write_obj(flags.to_le(), GuestAddress(DRIVER + 2)).unwrap();
+            mem.write_obj(off_wrap.to_le(), GuestAddress(DRIVER))
+                .unwrap();
+            mem.write_obj(flags.to_le(), GuestAddress(DRIVER + 2))
+                .unwrap();
         };
         let device = || -> (u16, u16) {
             (
@@ -924,7 +1009,11 @@ pub(crate) mod tests {
         assert_eq!(ring.enable_notification(&mem), Ok(false));
         assert_eq!(device().1, EVENT_FLAGS_ENABLE);
         drv.add(&mem, 0, &[(0x4000, 8, DESC_F_WRITE)]);
-        assert_eq!(ring.enable_notification(&mem), Ok(true), "a buffer raced in");
+        assert_eq!(
+            ring.enable_notification(&mem),
+            Ok(true),
+            "a buffer raced in"
+        );
         set_driver(0, EVENT_FLAGS_DISABLE);
         assert!(!ring.needs_interrupt(&mem, 1));
         set_driver(0, EVENT_FLAGS_ENABLE);
