@@ -137,7 +137,7 @@ pub fn start_ring(atomic: &GuestMemoryAtomic<GuestMem>, p: RingParams) -> Option
         desc,
         avail,
         used,
-        base: p.base,
+        base: u32::from(p.base),
         event_idx: p.event_idx,
         acked_features: p.acked,
         kick: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
