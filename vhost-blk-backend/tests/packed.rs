@@ -146,6 +146,10 @@ fn packed_ring_moves_to_a_new_backend_with_its_wrap_counters() {
     // A second backend continues from there: a fresh-ring base would have it wait at
     // index 0 for descriptors the driver will never write there.
     let second = TestBackend::start(BackendConfig::default());
+    // A base naming an index outside the 8-entry ring is refused (the ring does not
+    // start), and the backend takes a good one on the next connection.
+    assert!(fe.reconnect_at(second.socket(), &[0x0009_0007]).is_err());
+    assert_eq!(second.stats[0].chains.load(Ordering::Relaxed), 0);
     fe.reconnect_at(second.socket(), &bases)
         .expect("reconnect at the saved base");
     write_read_laps(&mut fe, &second, 512, 10);

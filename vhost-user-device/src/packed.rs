@@ -71,6 +71,9 @@ pub enum PackedFault {
     /// The descriptor at this ring index cannot be read.
     #[error("descriptor {0} cannot be read")]
     Unreadable(u16),
+    /// The used descriptor at this ring index cannot be written.
+    #[error("used descriptor {0} cannot be written")]
+    Unwritable(u16),
     /// A chain's NEXT flags run through the whole ring: there is no end to skip to.
     #[error("a chain starting at descriptor {0} runs through the whole ring")]
     Endless(u16),
@@ -277,7 +280,7 @@ impl PackedRing {
         let area = |what, addr: u64, len: u64, align: u64| {
             let inside = GuestAddress(addr).checked_add(len).is_some()
                 && mem.check_range(GuestAddress(addr), len as usize);
-            if addr % align != 0 || !inside {
+            if !addr.is_multiple_of(align) || !inside {
                 return Err(PackedFault::BadArea { what, addr });
             }
             Ok(())
@@ -467,7 +470,7 @@ impl PackedRing {
             body[..4].copy_from_slice(&len.to_le_bytes());
             body[4..].copy_from_slice(&id.to_le_bytes());
             mem.write_slice(&body, at.unchecked_add(8))
-                .map_err(|_| PackedFault::Unreadable(index))?;
+                .map_err(|_| PackedFault::Unwritable(index))?;
             for _ in 0..count {
                 (index, wrap) = self.step(index, wrap);
             }
@@ -496,7 +499,7 @@ impl PackedRing {
             self.desc_addr(index).unchecked_add(14),
             Ordering::Release,
         )
-        .map_err(|_| PackedFault::Unreadable(index))
+        .map_err(|_| PackedFault::Unwritable(index))
     }
 
     /// Asks the driver not to kick (device event flags DISABLE).
@@ -610,6 +613,10 @@ pub(crate) mod tests {
     const MEM: u64 = 0x10000;
 
     fn memory() -> std::sync::Arc<GuestMem> {
+        atomic_memory().memory().into_inner()
+    }
+
+    fn atomic_memory() -> crate::memory::GuestMemAtomic {
         // SAFETY: valid C string; the result is checked.
         let fd = unsafe { libc::memfd_create(c"packed-test".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0);
@@ -620,7 +627,7 @@ pub(crate) mod tests {
         table
             .add_region(&VhostUserMemoryRegion::new(0, MEM, 0x7000_0000_0000, 0), f)
             .unwrap();
-        table.atomic().memory().into_inner()
+        table.atomic()
     }
 
     /// The driver side of a packed ring, as Linux's virtio_ring writes it.
@@ -950,7 +957,7 @@ pub(crate) mod tests {
         );
         assert_eq!(ring.pop(&mem, &mut chain), Ok(Popped::Chain));
         assert_eq!(ring.pop(&mem, &mut chain), Ok(Popped::Chain));
-        assert_eq!(ring.base().avail_wrap, false, "went round once");
+        assert!(!ring.base().avail_wrap, "went round once");
         assert!(ring.undo_pop());
         assert!(ring.undo_pop());
         assert!(!ring.undo_pop());
@@ -1044,5 +1051,69 @@ pub(crate) mod tests {
         set_driver(1, EVENT_FLAGS_DESC);
         ring.add_used(&mem, &[(5, 8)]).unwrap();
         assert!(!ring.needs_interrupt(&mem, 1));
+    }
+
+    /// Through [`crate::ring::Ring`]: a guest filling its packed ring with malformed
+    /// chains gets the same bounded share of a round as on a split ring, each one returned
+    /// once, and the good chain behind them is taken in a later round.
+    #[test]
+    fn ring_skips_a_bounded_number_of_malformed_packed_chains_per_round() {
+        use crate::ring::{QueueStats, Ring, RingSetup, BAD_CHAINS_PER_ROUND};
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let atomic = atomic_memory();
+        let mem = atomic.memory().into_inner();
+        let size = 256u16;
+        let mut ring = Ring::start(RingSetup {
+            index: 0,
+            size,
+            max_size: size,
+            desc: RING,
+            avail: DRIVER + 0x2000,
+            used: DEVICE + 0x2000,
+            base: 0,
+            event_idx: false,
+            acked_features: VIRTIO_F_RING_PACKED,
+            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+            call: None,
+            err: None,
+            enabled: true,
+            inflight: None,
+            mem: atomic.clone(),
+            log: DirtyLog::new(),
+            stats: std::sync::Arc::new(QueueStats::default()),
+        })
+        .unwrap();
+        assert!(ring.is_packed());
+        let mut drv = Driver::new(size);
+        let bad = 100u16;
+        for id in 0..bad {
+            drv.add(&mem, id, &[(MEM + 4096, 16, 0)]);
+        }
+        drv.add(&mem, bad, &[(0x8000, 16, DESC_F_WRITE)]);
+        let mut chain = Chain::default();
+        assert!(!ring.pop(&mem, &mut chain));
+        let share = BAD_CHAINS_PER_ROUND as u16;
+        assert_eq!(
+            ring.stats().bad_chains.load(Ordering::Relaxed),
+            u64::from(share)
+        );
+        assert!(ring.round_spent());
+        assert!(!ring.enable_notification(&mem));
+        ring.begin_round();
+        assert!(ring.pop(&mem, &mut chain));
+        assert_eq!(chain.head, bad);
+        assert_eq!(
+            ring.stats().bad_chains.load(Ordering::Relaxed),
+            u64::from(bad)
+        );
+        // Each malformed chain came back once, with length 0, in order.
+        for id in 0..bad {
+            assert_eq!(drv.take_used(&mem), Some((id, 0)));
+        }
+        assert_eq!(drv.take_used(&mem), None);
+        ring.add_used(&mem, bad, 16);
+        assert_eq!(drv.take_used(&mem), Some((bad, 16)));
+        // GET_VRING_BASE: 101 descriptors into a 256-entry ring, first lap.
+        assert_eq!(ring.vring_base(), 0x8065_8065);
     }
 }
