@@ -23,6 +23,7 @@
 //! a positive multiple of 16, not nested, not chained). A chain whose NEXT flags run
 //! through the whole ring has no end to skip to: the ring is parked as broken.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{fence, Ordering};
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
@@ -256,7 +257,7 @@ pub struct PackedRing {
     /// Descriptors each in-flight buffer id took (what the used index moves on by).
     counts: Vec<u16>,
     /// Ring positions before recent pops, newest last, for [`PackedRing::undo_pop`].
-    history: Vec<(u16, bool)>,
+    history: VecDeque<(u16, bool)>,
     /// Chains taken, minus those given back: the split ring's "next avail" to callers
     /// that count positions.
     popped: u16,
@@ -297,7 +298,7 @@ impl PackedRing {
             event_idx,
             pos,
             counts: vec![0; usize::from(size)],
-            history: Vec::new(),
+            history: VecDeque::with_capacity(usize::from(size)),
             popped: 0,
             signalled: (pos.used, pos.used_wrap),
         })
@@ -401,6 +402,14 @@ impl PackedRing {
         };
         self.pos.avail = index;
         self.pos.avail_wrap = wrap;
+        // Malformed chains count as taken too, as on a split ring (where each moves the
+        // avail index): a caller giving back its last chains by position then sees the
+        // gap a malformed one leaves and stops before it, instead of re-offering it.
+        if self.history.len() == usize::from(self.size) {
+            self.history.pop_front();
+        }
+        self.history.push_back(start);
+        self.popped = self.popped.wrapping_add(1);
         chain.head = id;
         if id >= self.size {
             error.get_or_insert(ChainError::HeadOutOfRange(id));
@@ -410,18 +419,13 @@ impl PackedRing {
             return Ok(Popped::Bad { id, count, error });
         }
         self.counts[usize::from(id)] = count;
-        if self.history.len() == usize::from(self.size) {
-            self.history.remove(0);
-        }
-        self.history.push(start);
-        self.popped = self.popped.wrapping_add(1);
         Ok(Popped::Chain)
     }
 
     /// Gives back the last chain taken (it is taken again by the next pop). Returns false
     /// if there is none to give back.
     pub fn undo_pop(&mut self) -> bool {
-        let Some((avail, wrap)) = self.history.pop() else {
+        let Some((avail, wrap)) = self.history.pop_back() else {
             return false;
         };
         self.pos.avail = avail;
@@ -433,14 +437,17 @@ impl PackedRing {
     /// Marks buffers used, each with the descriptor count its pop recorded; ids outside
     /// the ring are skipped. Returns how many were written.
     pub fn add_used(&mut self, mem: &GuestMem, used: &[(u16, u32)]) -> Result<u16, PackedFault> {
-        let mut with_counts = Vec::with_capacity(used.len());
-        for &(id, len) in used {
-            if let Some(&count) = self.counts.get(usize::from(id)) {
-                with_counts.push((id, len, count.max(1)));
-            }
-        }
-        self.write_used(mem, &with_counts)?;
-        Ok(with_counts.len() as u16)
+        // Taken out for the call (no copy): the data path allocates nothing here.
+        let counts = std::mem::take(&mut self.counts);
+        let elems = used.iter().filter_map(|&(id, len)| {
+            counts
+                .get(usize::from(id))
+                .map(|&count| (id, len, count.max(1)))
+        });
+        let written = self.write_used(mem, elems.clone());
+        let n = elems.count() as u16;
+        self.counts = counts;
+        written.map(|()| n)
     }
 
     /// Marks one buffer used that took `count` descriptors (a malformed chain's).
@@ -451,30 +458,45 @@ impl PackedRing {
         len: u32,
         count: u16,
     ) -> Result<(), PackedFault> {
-        self.write_used(mem, &[(id, len, count.max(1))])
+        self.write_used(mem, std::iter::once((id, len, count.clamp(1, self.size))))
     }
 
-    /// Writes used descriptors: ids and lengths first, then, after a release fence, the
-    /// flags of all but the first, and the first one's flags last, so the driver (which
-    /// reads in ring order) sees the batch at once, each element complete.
-    fn write_used(&mut self, mem: &GuestMem, used: &[(u16, u32, u16)]) -> Result<(), PackedFault> {
-        let Some(&(_, first_len, _)) = used.first() else {
-            return Ok(());
-        };
-        let mut positions = Vec::with_capacity(used.len());
-        let (mut index, mut wrap) = (self.pos.used, self.pos.used_wrap);
-        for &(id, len, count) in used {
-            positions.push((index, wrap));
+    /// `(index, wrap)` moved on by `count` (at most the ring size) descriptors.
+    fn advance(&self, index: u16, wrap: bool, count: u16) -> (u16, bool) {
+        let n = u32::from(index) + u32::from(count);
+        let size = u32::from(self.size);
+        if n >= size {
+            ((n - size) as u16, !wrap)
+        } else {
+            (n as u16, wrap)
+        }
+    }
+
+    /// Writes used descriptors `(id, len, descriptor count)`: ids and lengths first, then,
+    /// after a release fence, the flags of all but the first, and the first one's flags
+    /// last, so the driver (which reads in ring order) sees the batch at once, each
+    /// element complete.
+    fn write_used(
+        &mut self,
+        mem: &GuestMem,
+        used: impl Iterator<Item = (u16, u32, u16)> + Clone,
+    ) -> Result<(), PackedFault> {
+        let start = (self.pos.used, self.pos.used_wrap);
+        let (mut index, mut wrap) = start;
+        let mut first = None;
+        for (id, len, count) in used.clone() {
+            first.get_or_insert(len);
             let at = self.desc_addr(index);
             let mut body = [0u8; 6];
             body[..4].copy_from_slice(&len.to_le_bytes());
             body[4..].copy_from_slice(&id.to_le_bytes());
             mem.write_slice(&body, at.unchecked_add(8))
                 .map_err(|_| PackedFault::Unwritable(index))?;
-            for _ in 0..count {
-                (index, wrap) = self.step(index, wrap);
-            }
+            (index, wrap) = self.advance(index, wrap, count);
         }
+        let Some(first_len) = first else {
+            return Ok(());
+        };
         let flags = |len: u32, wrap: bool| {
             let mut f = if wrap { DESC_F_AVAIL | DESC_F_USED } else { 0 };
             if len > 0 {
@@ -483,11 +505,14 @@ impl PackedRing {
             f
         };
         fence(Ordering::Release);
-        for (&(_, len, _), &(at, w)) in used.iter().zip(&positions).skip(1) {
-            self.store_flags(mem, at, flags(len, w))?;
+        let (mut at, mut w) = start;
+        for (i, (_, len, count)) in used.enumerate() {
+            if i > 0 {
+                self.store_flags(mem, at, flags(len, w))?;
+            }
+            (at, w) = self.advance(at, w, count);
         }
-        let (at, w) = positions[0];
-        self.store_flags(mem, at, flags(first_len, w))?;
+        self.store_flags(mem, start.0, flags(first_len, start.1))?;
         self.pos.used = index;
         self.pos.used_wrap = wrap;
         Ok(())
