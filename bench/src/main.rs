@@ -2,20 +2,13 @@
 //! speed) that drives any vhost-user backend socket, so ours and the peers' are measured by
 //! the same instrument.
 
-mod blk;
-mod chart;
 mod compare;
-mod compare_all;
-mod compare_guest_blk;
-mod compare_migrate;
-mod compare_net;
-mod compare_serial;
-mod idle;
-mod net;
-mod report;
-mod serial;
+mod load;
 
 use clap::{Parser, Subcommand};
+
+use compare::{all, chart, guest_blk, idle, migrate};
+use load::{blk, net, serial};
 
 /// vhost-user load generator and benchmarks.
 #[derive(Parser, Debug)]
@@ -42,22 +35,22 @@ enum Cmd {
 #[derive(Subcommand, Debug)]
 enum CompareWhat {
     /// vhost-blk-backend vs qemu-storage-daemon vs host fio, through the load generator.
-    Blk(compare::CompareBlkArgs),
+    Blk(compare::blk::CompareBlkArgs),
     /// Each backend's RSS and CPU while idle.
     Idle(idle::CompareIdleArgs),
     /// vhost-net-backend vs DPDK testpmd's vhost PMD through the load generator, and vs
     /// QEMU's own tap in a guest (iperf3).
-    Net(compare_net::CompareNetArgs),
+    Net(compare::net::CompareNetArgs),
     /// Every comparison in one run: bench/results/all.md, all.json and all.png.
-    All(compare_all::CompareAllArgs),
+    All(all::CompareAllArgs),
     /// One console port in a real guest, both directions: serial-backend vs QEMU's
     /// virtio-serial.
-    Serial(compare_serial::CompareSerialArgs),
+    Serial(compare::serial::CompareSerialArgs),
     /// fio in a real guest: vhost-blk-backend vs qemu-storage-daemon vs QEMU's virtio-blk.
-    GuestBlk(compare_guest_blk::CompareGuestBlkArgs),
+    GuestBlk(guest_blk::CompareGuestBlkArgs),
     /// Block migration over loopback: full copy and incremental return (ours not built
     /// yet) vs qemu-storage-daemon's blockdev-mirror / incremental backup to NBD.
-    Migrate(compare_migrate::CompareMigrateArgs),
+    Migrate(migrate::CompareMigrateArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -98,12 +91,12 @@ fn main() -> std::process::ExitCode {
             .map_err(|e| e.to_string()),
         Cmd::Compare {
             what: CompareWhat::Blk(a),
-        } => compare::compare_blk(&a)
+        } => compare::blk::compare_blk(&a)
             .map(|s| s.markdown())
             .map_err(|e| e.to_string()),
         Cmd::Compare {
             what: CompareWhat::Net(a),
-        } => compare_net::compare_net(&a)
+        } => compare::net::compare_net(&a)
             .map(|s| s.markdown())
             .map_err(|e| e.to_string()),
         Cmd::Compare {
@@ -113,20 +106,20 @@ fn main() -> std::process::ExitCode {
             .map_err(|e| e.to_string()),
         Cmd::Compare {
             what: CompareWhat::All(a),
-        } => compare_all::compare_all(&a).map_err(|e| e.to_string()),
+        } => all::compare_all(&a).map_err(|e| e.to_string()),
         Cmd::Compare {
             what: CompareWhat::Serial(a),
-        } => compare_serial::compare_serial(&a)
+        } => compare::serial::compare_serial(&a)
             .map(|s| s.markdown())
             .map_err(|e| e.to_string()),
         Cmd::Compare {
             what: CompareWhat::GuestBlk(a),
-        } => compare_guest_blk::compare_guest_blk(&a)
+        } => guest_blk::compare_guest_blk(&a)
             .map(|s| s.markdown())
             .map_err(|e| e.to_string()),
         Cmd::Compare {
             what: CompareWhat::Migrate(a),
-        } => compare_migrate::compare_migrate(&a)
+        } => migrate::compare_migrate(&a)
             .map(|s| s.markdown())
             .map_err(|e| e.to_string()),
     };

@@ -53,12 +53,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mem = ring.memory();
-    let mut popped: Vec<(u16, u32)> = Vec::new();
+    let mut popped: Vec<(Chain, u32)> = Vec::new();
     let mut pops = 0u32;
-    let mut just_popped = false;
     for &op in &ops[..usize::from(nops)] {
         let arg = op >> 3;
-        let was_pop = std::mem::take(&mut just_popped);
         // Each operation is a new round, as each event is for the layer's worker: a
         // round stops after a bounded number of malformed chains.
         ring.begin_round();
@@ -69,26 +67,26 @@ fuzz_target!(|data: &[u8]| {
                     check_chain(&mem, &chain);
                     assert!(chain.head < ring.size());
                     let len = (chain.writable_len() as u32).min(u32::from(arg) * 64);
-                    popped.push((chain.head, len));
-                    just_popped = true;
+                    popped.push((chain.clone(), len));
                 }
             }
             2 => {
                 if !popped.is_empty() {
-                    let (head, len) = popped.remove(0);
-                    ring.add_used(&mem, head, len);
+                    let (chain, len) = popped.remove(0);
+                    ring.add_used(&mem, chain.head, len);
                 }
             }
             3 => {
-                ring.add_used_batch(&mem, &popped);
-                popped.clear();
+                let used: Vec<(u16, u32)> = popped.drain(..).map(|(c, l)| (c.head, l)).collect();
+                ring.add_used_batch(&mem, &used);
             }
             4 => {
-                // Only right after a pop (what the net worker does).
-                if was_pop {
-                    popped.pop();
-                    ring.undo_pop();
-                }
+                // The last `arg` chains taken go back unused (what the net worker does
+                // with its cached receive buffers when the ring stops).
+                let n = usize::from(arg).min(popped.len());
+                let back: Vec<Chain> = popped.drain(popped.len() - n..).map(|(c, _)| c).collect();
+                let completed = ring.give_back(&mem, &back);
+                assert!(completed <= back.len());
             }
             5 => ring.disable_notification(&mem),
             6 => {

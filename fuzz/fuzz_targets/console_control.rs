@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use serial_backend::spec::{features, queue};
 use serial_backend::{HostKind, PortSpec, SerialDevice};
 use vhost_fuzz::{bump_avail, guest_memory, ring_size, start_ring, Reader, RingParams};
-use vhost_user_device::VhostUserDevice;
+use vhost_user_device::{Rings, VhostUserDevice};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
 fn device() -> &'static SerialDevice {
@@ -61,22 +61,23 @@ fuzz_target!(|data: &[u8]| {
         event_idx: false,
         acked,
     };
-    let Some(mut tx) = start_ring(&atomic, params(queue::CONTROL_TX, 0, tx_size)) else {
+    let Some(tx) = start_ring(&atomic, params(queue::CONTROL_TX, 0, tx_size)) else {
         return;
     };
-    let Some(mut rx) = start_ring(&atomic, params(queue::CONTROL_RX, 1, rx_size)) else {
+    let Some(rx) = start_ring(&atomic, params(queue::CONTROL_RX, 1, rx_size)) else {
         return;
     };
     let mem = tx.memory();
+    let mut rings = Rings::from_started([tx, rx]);
     let rx_used = 0x1600u64;
     let used_idx = |at: u64| -> u16 { mem.read_obj(GuestAddress(at + 2)).unwrap_or(0) };
     for &op in &ops[..usize::from(nops)] {
         let arg = u16::from(op >> 2);
         match op & 3 {
-            0 => worker.process_queue(&mut tx),
+            0 => worker.process_queue(queue::CONTROL_TX, &mut rings),
             1 => {
                 let prev = used_idx(rx_used);
-                worker.process_queue(&mut rx);
+                worker.process_queue(queue::CONTROL_RX, &mut rings);
                 let now = used_idx(rx_used);
                 if now != prev {
                     // The last element is written after every reply of the pass (earlier

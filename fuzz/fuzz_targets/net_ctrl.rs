@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use vhost_fuzz::{bump_avail, guest_memory, ring_size, start_ring, Reader, RingParams};
 use vhost_net_backend::ctrl::CtrlWorker;
 use vhost_net_backend::{NetDevice, NetOptions, Tap};
-use vhost_user_device::QueueWorker;
+use vhost_user_device::{QueueWorker, Rings};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
 fuzz_target!(|data: &[u8]| {
@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
     let queue = device.ctrl_queue();
     let mut worker = CtrlWorker::new(shared.clone(), queue, acked).expect("control worker");
     let atomic = GuestMemoryAtomic::new(mem);
-    let Some(mut ring) = start_ring(
+    let Some(ring) = start_ring(
         &atomic,
         RingParams {
             index: queue,
@@ -57,10 +57,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mem = ring.memory();
+    let mut rings = Rings::from_started([ring]);
     let used_idx = || -> u16 { mem.read_obj(GuestAddress(0x602)).unwrap_or(0) };
     let mut prev = used_idx();
     for _ in 0..passes {
-        worker.process_queue(&mut ring);
+        worker.process_queue(queue, &mut rings);
         // The last used element the worker published (written after everything else of
         // the pass) carries at most the acknowledgement byte.
         let now = used_idx();

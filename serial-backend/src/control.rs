@@ -9,8 +9,8 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use vhost_user_device::control::ControlHandler;
 
-use crate::device::{Counter, Shared};
-use crate::ports::PortInfo;
+use crate::shared::{PortInfo, Shared};
+use crate::stats::Counter;
 
 /// The console device's part of query-status and query-stats.
 pub struct SerialControl {

@@ -399,25 +399,6 @@ impl HostSide {
     }
 }
 
-/// What a port is, for logs, tests and the operator.
-#[derive(Clone, Debug)]
-pub struct PortInfo {
-    /// Port id (virtio).
-    pub id: u32,
-    /// Name, if any.
-    pub name: Option<String>,
-    /// Console port.
-    pub console: bool,
-    /// Host side, e.g. "pty /dev/pts/3".
-    pub host: String,
-    /// The host side is a listening socket (clients connect and go).
-    pub socket: bool,
-    /// The pty path for pty ports.
-    pub pty: Option<PathBuf>,
-    /// Its counters, which the worker's port shares.
-    pub stats: std::sync::Arc<crate::device::PortStats>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,37 +8,38 @@
 //! when the guest has the port open and we hold no undelivered bytes, so data waits in the
 //! host's socket or pty when the guest posts no buffers.
 //!
-//! The layer hands `process_queue` a single ring; whatever needs another ring (a control
-//! reply, the hostinfo port's end-of-document message) is queued and done in `pump`, which
-//! runs from `handle_event` with all rings after we poke our own wake eventfd.
+//! Whatever one ring's work means for another (a control reply, the hostinfo port's
+//! end-of-document message, data a PORT_OPEN lets through) is queued and done in `pump`,
+//! which visits every ring; `process_queue` and `handle_event` both get all rings from the
+//! layer and run it at once.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use vhost_user_device::memory::host_iovecs;
 use vhost_user_device::rate_limit::RateLimitedLog;
 use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::timerfd::TimerFd;
+use vmm_sys_util::epoll::{EpollEvent, EventSet};
 
-use crate::device::{Counter, PortStats, SerialStats, Shared};
+use crate::host_poll::{
+    PortsState, KIND_DATA, KIND_LISTENER, TOKEN_EMERG, TOKEN_TIMER, TOKEN_WAKE,
+};
 use crate::hostinfo;
+use crate::port::{Pending, Port};
 use crate::ports::{window_size, Client, HostSide};
+use crate::shared::Shared;
 use crate::spec::{event, queue, Control, CONTROL_SIZE};
-use crate::state::{self, ConsoleState, PortState};
+use crate::state::{self, ConsoleState};
+use crate::stats::{Counter, PortStats, SerialStats};
 
 /// Bytes read from a host fd at a time (and held until the guest took them).
 const RX_CHUNK: usize = 64 * 1024;
 /// Console output kept while no one is connected (oldest bytes dropped beyond this).
 const CONSOLE_BACKLOG: usize = 64 * 1024;
-/// How often console window sizes are checked.
-const SIZE_POLL: Duration = Duration::from_millis(250);
 /// Most iovecs per writev.
 const MAX_IOV: usize = 1024;
 /// Most guest output a port keeps in host memory when it must give a chain back to the
@@ -54,18 +55,6 @@ const BUDGET: usize = 64;
 /// Bytes copied out of guest memory at a time (a stack buffer).
 const COPY_CHUNK: usize = 16 * 1024;
 
-const TOKEN_WAKE: u64 = u64::MAX;
-const TOKEN_TIMER: u64 = u64::MAX - 1;
-const TOKEN_EMERG: u64 = u64::MAX - 2;
-const KIND_LISTENER: u64 = 0;
-const KIND_DATA: u64 = 1;
-const KIND_STDOUT: u64 = 2;
-
-fn token(idx: usize, kind: u64) -> u64 {
-    (idx as u64) << 2 | kind
-}
-
-/// Bytes waiting to be read on a socket.
 /// The error of a write(2)/writev(2) that returned `n` <= 0. A write of a non-empty buffer
 /// that returns 0 made no progress and never will (errno is not set then): an error too.
 fn write_error(n: isize) -> io::Error {
@@ -76,6 +65,7 @@ fn write_error(n: isize) -> io::Error {
     }
 }
 
+/// Bytes waiting to be read on a socket.
 fn unread_bytes(fd: RawFd) -> usize {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes an int through a valid pointer.
@@ -85,15 +75,6 @@ fn unread_bytes(fd: RawFd) -> usize {
     } else {
         0
     }
-}
-
-/// A tx chain being written to the host.
-struct Pending {
-    head: u16,
-    /// Readable buffers (gpa, len).
-    segs: Vec<(u64, u32)>,
-    total: u64,
-    done: u64,
 }
 
 /// Appends iovecs for the unsent part of `p` (at most `MAX_IOV`) to `iov`; an error if a
@@ -148,297 +129,6 @@ fn writev_pending(
         stats.count(port, Counter::TxBytes, n as u64);
     }
     Ok(n)
-}
-
-/// One fd's registration in our epoll.
-#[derive(Clone, Copy)]
-struct Reg {
-    fd: RawFd,
-    events: u32,
-}
-
-impl Default for Reg {
-    fn default() -> Self {
-        Self { fd: -1, events: 0 }
-    }
-}
-
-/// A port: its host side and what the guest and we know about it.
-pub struct Port {
-    /// Port id.
-    pub id: u32,
-    /// Name.
-    pub name: Option<String>,
-    /// Console port.
-    pub console: bool,
-    /// Host side.
-    pub host: HostSide,
-    /// Its counters (query-stats' `ports`), shared with the control socket.
-    pub stats: Arc<PortStats>,
-    guest_ready: bool,
-    /// Changed only through `set_guest_open`, which also publishes it in `stats`.
-    guest_open: bool,
-    /// What we last told the guest about the host side (PORT_OPEN).
-    host_open_sent: bool,
-    /// Guest output held by us (console backlog, spilled chains), written before new chains.
-    out_buf: VecDeque<u8>,
-    pending: Option<Pending>,
-    rx_buf: Vec<u8>,
-    rx_off: usize,
-    /// The guest closed the port: half-close the socket client once its output is flushed.
-    close_after_flush: bool,
-    /// Hostinfo: a document is being delivered.
-    doc_active: bool,
-    /// Console size (cols, rows).
-    size: (u16, u16),
-    regs: [Reg; 3],
-    /// stdin or stdout cannot be polled (a regular file, /dev/null).
-    unpollable: [bool; 3],
-    /// We asked a driver set up by an earlier backend to announce the port again (see
-    /// `Engine::reattach`); its PORT_READY restores the port's state.
-    reattaching: bool,
-    /// A PORT_OPEN the guest sent while we waited for that PORT_READY.
-    told_open: Option<bool>,
-}
-
-impl Port {
-    /// A port with nothing negotiated yet, counting into `stats`.
-    pub fn new(
-        id: u32,
-        name: Option<String>,
-        console: bool,
-        host: HostSide,
-        stats: Arc<PortStats>,
-    ) -> Self {
-        let size = if console {
-            host.tty_fd().and_then(window_size).unwrap_or((0, 0))
-        } else {
-            (0, 0)
-        };
-        Self {
-            id,
-            name,
-            console,
-            host,
-            stats,
-            guest_ready: false,
-            guest_open: false,
-            host_open_sent: false,
-            out_buf: VecDeque::new(),
-            pending: None,
-            rx_buf: Vec::new(),
-            rx_off: 0,
-            close_after_flush: false,
-            doc_active: false,
-            size,
-            regs: [Reg::default(); 3],
-            unpollable: [false; 3],
-            reattaching: false,
-            told_open: None,
-        }
-    }
-
-    fn rx_empty(&self) -> bool {
-        self.rx_off >= self.rx_buf.len()
-    }
-
-    fn set_guest_open(&mut self, open: bool) {
-        self.guest_open = open;
-        self.stats.guest_open.store(open, Ordering::Relaxed);
-    }
-
-    fn reset_guest(&mut self) {
-        self.guest_ready = false;
-        self.set_guest_open(false);
-        self.host_open_sent = false;
-        self.close_after_flush = false;
-        self.reattaching = false;
-        self.told_open = None;
-        if matches!(self.host, HostSide::Hostinfo) {
-            self.doc_active = false;
-            self.rx_buf.clear();
-            self.rx_off = 0;
-        }
-    }
-}
-
-impl Port {
-    /// What the DEVICE_STATE of the VMM's migration carries of this port.
-    fn saved(&self) -> PortState {
-        PortState {
-            id: self.id,
-            guest_ready: self.guest_ready,
-            guest_open: self.guest_open,
-            host_open_sent: self.host_open_sent,
-            doc_active: self.doc_active,
-            size: self.size,
-            held_output: self.out_buf.iter().copied().collect(),
-            pending_input: self.rx_buf.get(self.rx_off..).unwrap_or_default().to_vec(),
-        }
-    }
-
-    /// Takes up where the source's port stopped (the guest's view of it, and the bytes
-    /// buffered either way). The host side is this process's own.
-    fn restore(&mut self, s: &PortState) {
-        self.guest_ready = s.guest_ready;
-        self.guest_open = s.guest_open;
-        self.host_open_sent = s.host_open_sent;
-        self.doc_active = s.doc_active;
-        self.out_buf = s.held_output.iter().copied().collect();
-        self.rx_buf = s.pending_input.clone();
-        self.rx_off = 0;
-    }
-}
-
-/// Ports and our epoll: everything that outlives a VMM connection.
-pub struct PortsState {
-    /// The ports.
-    pub ports: Vec<Port>,
-    by_id: Vec<Option<usize>>,
-    epoll: Epoll,
-    wake: EventFd,
-    timer: TimerFd,
-}
-
-impl PortsState {
-    /// The console's state for DEVICE_STATE when no worker runs (nothing undelivered on
-    /// the control queue then).
-    pub fn saved(&self) -> ConsoleState {
-        ConsoleState {
-            ports: self.ports.iter().map(Port::saved).collect(),
-            control: Vec::new(),
-        }
-    }
-
-    /// Whether `state` describes these ports (same ids): a destination with another
-    /// port layout refuses it.
-    pub fn check(&self, state: &ConsoleState) -> Result<(), String> {
-        let mut ours: Vec<u32> = self.ports.iter().map(|p| p.id).collect();
-        let mut theirs: Vec<u32> = state.ports.iter().map(|p| p.id).collect();
-        ours.sort_unstable();
-        theirs.sort_unstable();
-        if ours != theirs {
-            return Err(format!(
-                "the source has ports {theirs:?}, this backend {ours:?}: start it with the \
-                 same --port list"
-            ));
-        }
-        Ok(())
-    }
-
-    /// Sets up the epoll fd with the wake, timer and emergency-write fds.
-    pub fn new(ports: Vec<Port>, max_ports: u32, emerg_fd: RawFd) -> io::Result<Self> {
-        let epoll = Epoll::new()?;
-        let wake = EventFd::new(EFD_NONBLOCK)?;
-        let mut timer = TimerFd::new()?;
-        timer.reset(SIZE_POLL, Some(SIZE_POLL))?;
-        for (fd, t) in [
-            (wake.as_raw_fd(), TOKEN_WAKE),
-            (timer.as_raw_fd(), TOKEN_TIMER),
-            (emerg_fd, TOKEN_EMERG),
-        ] {
-            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, t))?;
-        }
-        let mut by_id = vec![None; max_ports as usize];
-        for (i, p) in ports.iter().enumerate() {
-            if let Some(slot) = by_id.get_mut(p.id as usize) {
-                *slot = Some(i);
-            }
-        }
-        let mut st = Self {
-            ports,
-            by_id,
-            epoll,
-            wake,
-            timer,
-        };
-        for i in 0..st.ports.len() {
-            st.update_interest(i);
-        }
-        Ok(st)
-    }
-
-    fn set_reg(&mut self, idx: usize, kind: usize, fd: Option<RawFd>, events: u32, keep: bool) {
-        let port = &mut self.ports[idx];
-        let reg = port.regs[kind];
-        let want = fd.filter(|_| events != 0 || keep);
-        if reg.fd >= 0 && want != Some(reg.fd) {
-            let _ = self
-                .epoll
-                .ctl(ControlOperation::Delete, reg.fd, EpollEvent::default());
-            port.regs[kind] = Reg::default();
-        }
-        let Some(fd) = want else { return };
-        if port.unpollable[kind] || (port.regs[kind].fd == fd && port.regs[kind].events == events) {
-            return;
-        }
-        let ev = EpollEvent::new(
-            EventSet::from_bits_truncate(events),
-            token(idx, kind as u64),
-        );
-        let (first, second) = if port.regs[kind].fd == fd {
-            (ControlOperation::Modify, ControlOperation::Add)
-        } else {
-            (ControlOperation::Add, ControlOperation::Modify)
-        };
-        let r = self
-            .epoll
-            .ctl(first, fd, ev)
-            .or_else(|_| self.epoll.ctl(second, fd, ev));
-        match r {
-            Ok(()) => port.regs[kind] = Reg { fd, events },
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                // A regular file or /dev/null: always ready, never polled.
-                port.unpollable[kind] = true;
-            }
-            Err(e) => log::warn!("port {}: cannot poll fd {fd}: {e}", port.id),
-        }
-    }
-
-    /// Registers exactly the readiness we care about now.
-    fn update_interest(&mut self, idx: usize) {
-        let p = &self.ports[idx];
-        let want_read = p.guest_open && p.rx_empty();
-        let want_write = !p.out_buf.is_empty() || p.pending.is_some();
-        let inn = EventSet::IN.bits();
-        let out = EventSet::OUT.bits();
-        match &p.host {
-            HostSide::Socket {
-                listener, client, ..
-            } => {
-                let lfd = listener.as_raw_fd();
-                let lev = if client.is_none() { inn } else { 0 };
-                let (cfd, cev) = match client {
-                    Some(c) if !c.hung_up => {
-                        let mut ev = 0;
-                        if want_read {
-                            ev |= inn;
-                        }
-                        if want_write && !c.wr_shut {
-                            ev |= out;
-                        }
-                        (Some(c.stream.as_raw_fd()), ev)
-                    }
-                    _ => (None, 0),
-                };
-                self.set_reg(idx, KIND_LISTENER as usize, Some(lfd), lev, false);
-                // The client stays registered with no events, to see it hang up.
-                self.set_reg(idx, KIND_DATA as usize, cfd, cev, true);
-            }
-            HostSide::Pty(pty) => {
-                let fd = pty.master.as_raw_fd();
-                let ev = if want_read { inn } else { 0 } | if want_write { out } else { 0 };
-                self.set_reg(idx, KIND_DATA as usize, Some(fd), ev, false);
-            }
-            HostSide::Stdio { eof } => {
-                let rev = if want_read && !eof { inn } else { 0 };
-                let wev = if want_write { out } else { 0 };
-                self.set_reg(idx, KIND_DATA as usize, Some(0), rev, false);
-                self.set_reg(idx, KIND_STDOUT as usize, Some(1), wev, false);
-            }
-            HostSide::File(_) | HostSide::Hostinfo => {}
-        }
-    }
 }
 
 /// Everything the worker needs, moved back into [`Shared::slot`] when it ends.
@@ -586,11 +276,15 @@ impl QueueWorker for SerialWorker {
             .unwrap_or_default()
     }
 
-    fn process_queue(&mut self, ring: &mut Ring) {
+    fn process_queue(&mut self, queue: u16, rings: &mut Rings) {
         if let Some(e) = self.e.as_mut() {
-            e.process_ring(ring);
+            if let Some(ring) = rings.get_mut(queue) {
+                e.process_ring(ring);
+            }
             if e.dirty || !e.ctrl_out.is_empty() {
-                let _ = e.st.wake.write(1);
+                // What this ring's work means for the others (a control message to
+                // deliver, data a PORT_OPEN lets through), done now.
+                e.pump(rings);
             }
         }
     }
@@ -963,9 +657,7 @@ impl Engine {
                 self.send_resize(id, size);
             }
         }
-        if self.dirty {
-            let _ = self.st.wake.write(1);
-        }
+        // A RESIZE queued here goes out in the `pump` that follows the host events.
     }
 
     fn send_resize(&mut self, id: u32, (cols, rows): (u16, u16)) {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Print the harness's resolved settings as key=value lines (read by
-# tests/src/guest.rs after setup.sh and build-initramfs.sh have run).
+# tests/src/guest/env.rs after setup.sh and build-initramfs.sh have run).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 echo "work=$GUEST_WORK"

@@ -2,6 +2,8 @@
 //!
 //! - [`frontend`]: a vhost-user frontend and guest driver in one, driving a backend over
 //!   its socket without a VM (memfd guest RAM, hand-built split rings);
+//! - [`in_process`]: a device served by the layer inside the test process (the backends'
+//!   frontend tests);
 //! - [`guest`]: boots a real QEMU guest with backends attached and runs a script in it;
 //! - [`console_bench`]: one console port's throughput in a guest, ours vs QEMU's (shared by
 //!   a test and `bench compare serial`);
@@ -28,6 +30,7 @@ pub mod frontend_packed;
 pub mod guest;
 pub mod guest_console;
 pub mod guest_net;
+pub mod in_process;
 pub mod kill_plan;
 pub mod libvirt;
 pub mod net_peer;

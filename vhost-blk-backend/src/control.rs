@@ -7,8 +7,8 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use vhost_user_device::control::{ControlHandler, QmpError};
 
-use crate::device::BlkShared;
 use crate::migration::job::{CopyMode, JobError, JobParams, Migrations};
+use crate::shared::BlkShared;
 use crate::throttle::{Limits, NAMES};
 
 /// The blk commands.

@@ -6,6 +6,8 @@
 //! - [`uring`]: the io_uring engine;
 //! - [`worker`]: the queue worker (zero-copy submission, completion, dirty logging);
 //! - [`device`]: features, config space, worker creation;
+//! - [`shared`]: what the device and its workers share (limits, counters, the disk's
+//!   migration state, the gate that holds requests);
 //! - [`throttle`]: the I/O limits' token buckets; [`throttle_client`]: the
 //!   `set-io-throttle` subcommand;
 //! - [`mirror`]: active mirroring for a migration in write-blocking mode;
@@ -21,11 +23,13 @@ pub mod migration;
 pub mod mirror;
 pub mod request;
 pub mod seccomp;
+pub mod shared;
 pub mod spec;
 pub mod throttle;
 pub mod throttle_client;
 pub mod uring;
 pub mod worker;
 
-pub use device::{BlkDevice, BlkOptions};
+pub use device::BlkDevice;
 pub use disk::{CacheMode, Disk};
+pub use shared::BlkOptions;

@@ -15,8 +15,8 @@ use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings, Segment};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{max_request_bytes, BlkQueueStats, BlkShared, Gate};
 use crate::request::{parse, ByteRange, Parsed, Request};
+use crate::shared::{max_request_bytes, BlkQueueStats, BlkShared, Gate};
 use crate::spec::{features, status, ID_BYTES};
 use crate::throttle::Dir;
 use crate::uring::{Op, Uring};
@@ -185,7 +185,7 @@ pub struct BlkWorker {
     more: Arc<EventFd>,
     /// How long a teardown waits for requests still in the kernel (see `Drop`).
     teardown_bound: Duration,
-    /// The most data bytes one read or write may carry (`device::max_request_bytes`).
+    /// The most data bytes one read or write may carry (`shared::max_request_bytes`).
     max_request: u64,
     /// The driver acked SIZE_MAX: it promised to stay within `max_request`.
     size_max_acked: bool,
@@ -1260,9 +1260,11 @@ impl QueueWorker for BlkWorker {
         self.shared.poll
     }
 
-    fn process_queue(&mut self, ring: &mut Ring) {
+    fn process_queue(&mut self, queue: u16, rings: &mut Rings) {
+        let Some(ring) = rings.get_mut(queue) else {
+            return;
+        };
         let mem = ring.memory();
-        let queue = ring.index();
         // A driver cannot have more chains outstanding than its ring holds; one that
         // re-posts heads still in flight gets no more than that.
         // Every request this call starts, it starts under the pass (see Gate).
@@ -1340,7 +1342,7 @@ impl QueueWorker for BlkWorker {
             for queue in queues {
                 if let Some(ring) = rings.get_mut(queue) {
                     if ring.is_enabled() && !ring.is_broken() {
-                        self.process_queue(ring);
+                        self.process_queue(queue, rings);
                     }
                 }
             }
@@ -1360,7 +1362,7 @@ impl QueueWorker for BlkWorker {
             for queue in queues {
                 if let Some(ring) = rings.get_mut(queue) {
                     if ring.is_enabled() && !ring.is_broken() {
-                        self.process_queue(ring);
+                        self.process_queue(queue, rings);
                     }
                 }
             }
@@ -1457,8 +1459,7 @@ mod tests {
     /// A worker on an image in `fs`, with one write of LEN bytes of `fill` from guest
     /// memory submitted (the guest memory is referenced only by the request).
     fn worker_with_a_write(image: &std::path::Path, fill: u8, bound: Duration) -> BlkWorker {
-        let device = crate::device::test_device(image);
-        let shared = device.shared().clone();
+        let shared = crate::shared::test_shared(image);
         let fd = shared.disk.file().as_raw_fd();
         let mut w = BlkWorker::new(shared, &[0], fd, 0).expect("worker");
         w.teardown_bound = bound;

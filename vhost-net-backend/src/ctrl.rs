@@ -9,11 +9,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost_user_device::rate_limit::RateLimitedLog;
-use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings};
+use vhost_user_device::{Chain, GuestMem, QueueWorker, Rings};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::NetShared;
+use crate::shared::NetShared;
 use crate::spec::{ctrl, features};
 
 /// Largest command we read (a MAC table of a few thousand entries).
@@ -22,39 +22,6 @@ const MAX_COMMAND: u64 = 64 * 1024;
 /// requests: stopping the ring, shutting down): a driver that re-posts commands as fast as
 /// they complete would otherwise keep it in the loop forever.
 const BUDGET: usize = 64;
-
-/// What the driver configured through the control queue.
-#[derive(Clone, Debug, Default)]
-pub struct CtrlState {
-    /// Promiscuous mode.
-    pub promisc: bool,
-    /// All multicast.
-    pub allmulti: bool,
-    /// All unicast.
-    pub alluni: bool,
-    /// No multicast.
-    pub nomulti: bool,
-    /// No unicast.
-    pub nouni: bool,
-    /// No broadcast.
-    pub nobcast: bool,
-    /// Device MAC (MAC_ADDR_SET).
-    pub mac: [u8; 6],
-    /// Unicast filter table.
-    pub unicast: Vec<[u8; 6]>,
-    /// Multicast filter table.
-    pub multicast: Vec<[u8; 6]>,
-}
-
-impl CtrlState {
-    /// Defaults after reset.
-    pub fn new(mac: [u8; 6]) -> Self {
-        Self {
-            mac,
-            ..Default::default()
-        }
-    }
-}
 
 /// The control queue worker.
 pub struct CtrlWorker {
@@ -214,7 +181,10 @@ impl CtrlWorker {
 }
 
 impl QueueWorker for CtrlWorker {
-    fn process_queue(&mut self, ring: &mut Ring) {
+    fn process_queue(&mut self, queue: u16, rings: &mut Rings) {
+        let Some(ring) = rings.get_mut(queue) else {
+            return;
+        };
         // The worker lives as long as the connection; a second SET_FEATURES (without
         // RESET_DEVICE) restarts the ring with the features that now apply.
         self.acked = ring.acked_features();
@@ -253,7 +223,7 @@ impl QueueWorker for CtrlWorker {
         let _ = self.more.read();
         if let Some(ring) = rings.get_mut(self.queue) {
             if ring.is_enabled() {
-                self.process_queue(ring);
+                self.process_queue(self.queue, rings);
             }
         }
     }

@@ -7,6 +7,8 @@
 //! - [`ctrl`]: the control queue (RX mode, MAC filter, queue pairs);
 //! - [`stats`]: per-queue counters;
 //! - [`device`]: features, config space, queue layout, worker creation;
+//! - [`shared`]: what the device and its workers share (options, tap, counters, control
+//!   queue state);
 //! - [`cli`]: the command line (clap), shared by `main` and the man page generator.
 
 pub mod cli;
@@ -14,11 +16,13 @@ pub mod control;
 pub mod ctrl;
 pub mod device;
 pub mod seccomp;
+pub mod shared;
 pub mod spec;
 pub mod stats;
 pub mod tap;
 pub mod uring;
 pub mod worker;
 
-pub use device::{NetDevice, NetOptions, NetShared};
+pub use device::NetDevice;
+pub use shared::{NetOptions, NetShared};
 pub use tap::{Tap, TapSpec};

@@ -22,7 +22,8 @@ pub enum DropReason {
     RxBufferTooSmall,
     /// RX frame larger than the buffers the guest posted (no MRG_RXBUF).
     RxTruncated,
-    /// TX frames given back without sending when the ring stopped with the tap full.
+    /// TX frames completed unsent when the ring stopped with the tap full (those that could
+    /// go back to the avail ring are not lost, and not counted: see `Ring::give_back`).
     TxAbandoned,
 }
 

@@ -9,7 +9,7 @@
 //!   writes the virtio-net header itself); with MRG_RXBUF enough buffers for the largest
 //!   frame are gathered first and the frame's buffers are published with one used-index
 //!   update. Buffers popped but not used yet stay in a cache; when the ring stops they are
-//!   given back to the avail ring (undo_pop), so the guest loses none.
+//!   given back (`Ring::give_back`), so the guest loses none.
 //! - Backpressure: without guest buffers the tap's EPOLLIN interest is dropped until the
 //!   guest kicks; with unsent frames EPOLLOUT is added. The tap fd sits in the worker's
 //!   own epoll, whose fd is the one the layer waits on.
@@ -32,7 +32,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::NetShared;
+use crate::shared::NetShared;
 use crate::spec::{
     features, hdr_len, tap_offloads, tun, NetHdr, ETH_OVERHEAD, HDR_LEN, HDR_NUM_BUFFERS,
     MAX_FRAME_LEN,
@@ -63,9 +63,6 @@ struct RxBuf {
     chain: Chain,
     /// Writable bytes; 0 for a chain the guest got wrong (returned unused at once).
     cap: u64,
-    /// The avail ring position it was taken from: when the ring stops, only a run of
-    /// buffers that are exactly the last positions taken can be given back by rewinding.
-    pos: u16,
 }
 
 /// A TX chain ready to write: its iovecs into guest memory and frame length.
@@ -483,7 +480,6 @@ impl PairWorker {
             if !ring.pop(mem, &mut self.chain) {
                 return cap;
             }
-            let pos = ring.next_avail().wrapping_sub(1);
             let chain = std::mem::take(&mut self.chain);
             let cap = if chain.segments.iter().any(|s| !s.writable) {
                 0
@@ -503,7 +499,7 @@ impl PairWorker {
             } else {
                 cap
             };
-            self.rx_cache.push_back(RxBuf { chain, cap, pos });
+            self.rx_cache.push_back(RxBuf { chain, cap });
         }
     }
 
@@ -788,50 +784,37 @@ impl PairWorker {
             self.count_drop(self.rxq, DropReason::RxTruncated);
         }
         if let Some(ring) = rings.get_mut(self.rxq) {
-            // Rewinding the avail ring gives back the positions between the new and the
-            // old next-avail index: only the run of cached buffers that are exactly the
-            // last positions taken may go back that way. Positions before a hole (a chain
-            // the layer or we returned as malformed) would re-offer the malformed chain,
-            // completed once already; the buffers taken before it are completed unused
-            // (length 0) instead, which gives them back to the driver just as well.
-            let mut next = ring.next_avail();
-            let mut rewind = 0;
-            for b in self.rx_cache.iter().rev() {
-                if b.pos != next.wrapping_sub(1) {
-                    break;
-                }
-                next = b.pos;
-                rewind += 1;
-            }
-            for _ in 0..rewind {
-                ring.undo_pop();
-            }
             let mem = ring.memory();
-            let keep = self.rx_cache.len() - rewind;
-            for b in self.rx_cache.drain(..keep) {
-                ring.add_used(&mem, b.chain.head, 0);
-            }
-            if keep > 0 {
+            // Unused, they go back to the avail ring where the ring allows it, and are
+            // completed unused (length 0) where it does not (see `Ring::give_back`):
+            // either way the driver has them back.
+            if ring.give_back(&mem, self.rx_cache.iter().map(|b| &b.chain)) > 0 {
                 ring.notify(&mem);
             }
         }
         self.rx_cache.clear();
     }
 
-    /// Completes pending TX frames unsent (the ring stops and the tap stays full).
+    /// The ring stops and the tap stays full: gives the pending TX frames back unsent
+    /// (`Ring::give_back`). Those that can go back to the avail ring are sent by whoever
+    /// runs the ring next; the others are completed unsent (length 0) and counted as
+    /// abandoned.
     fn abandon_tx(&mut self, rings: &mut Rings) {
         let Some(ring) = rings.get_mut(self.txq) else {
             self.tx_pending.clear();
             return;
         };
         let mem = ring.memory();
-        for f in self.tx_pending.drain(..) {
-            ring.add_used(&mem, f.chain.head, 0);
+        let abandoned = ring.give_back(&mem, self.tx_pending.iter().map(|f| &f.chain));
+        self.tx_pending.clear();
+        if abandoned > 0 {
             if let Some(c) = self.shared.stats.queue(self.txq) {
-                c.drop(DropReason::TxAbandoned);
+                for _ in 0..abandoned {
+                    c.drop(DropReason::TxAbandoned);
+                }
             }
+            ring.notify(&mem);
         }
-        ring.notify(&mem);
     }
 
     fn refresh(&mut self, rings: &mut Rings) {
@@ -912,8 +895,11 @@ impl QueueWorker for PairWorker {
         vec![self.epoll.as_raw_fd()]
     }
 
-    fn process_queue(&mut self, ring: &mut Ring) {
-        if ring.index() == self.rxq {
+    fn process_queue(&mut self, queue: u16, rings: &mut Rings) {
+        let Some(ring) = rings.get_mut(queue) else {
+            return;
+        };
+        if queue == self.rxq {
             self.rx_enabled = ring.is_enabled();
             self.sync_attached();
             // A kick on the RX ring: the guest posted buffers.
@@ -921,7 +907,7 @@ impl QueueWorker for PairWorker {
             if self.shared.is_attached(self.pair) {
                 self.process_rx(ring);
             }
-        } else if ring.index() == self.txq {
+        } else if queue == self.txq {
             self.tx_enabled = ring.is_enabled();
             self.sync_attached();
             self.process_tx(ring);

@@ -28,6 +28,19 @@ pub struct Segment {
     pub writable: bool,
 }
 
+/// Where [`crate::Ring::pop`] took a chain from: what [`crate::Ring::give_back`] needs to
+/// return it to the right place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// Not taken from a ring (walked directly, or built by hand).
+    #[default]
+    Detached,
+    /// The avail ring, at this avail index.
+    Avail(u16),
+    /// The chains an earlier backend left in flight (the inflight region).
+    Resubmitted,
+}
+
 /// A chain: its head index (what goes back on the used ring) and its buffers.
 #[derive(Clone, Debug, Default)]
 pub struct Chain {
@@ -35,9 +48,16 @@ pub struct Chain {
     pub head: u16,
     /// Buffers in order; all readable ones come first.
     pub segments: Vec<Segment>,
+    /// Set by [`crate::Ring::pop`].
+    pub(crate) origin: Origin,
 }
 
 impl Chain {
+    /// Where the chain was taken from.
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
     /// Total bytes in readable buffers.
     pub fn readable_len(&self) -> u64 {
         self.segments
@@ -137,6 +157,7 @@ pub fn walk(
 ) -> Result<(), ChainError> {
     chain.head = head;
     chain.segments.clear();
+    chain.origin = Origin::Detached;
     if head >= queue_size {
         return Err(ChainError::HeadOutOfRange(head));
     }

@@ -12,8 +12,7 @@ use std::os::fd::RawFd;
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
-use crate::ring::Ring;
-use crate::worker::Rings;
+use crate::ring::Rings;
 
 /// Errors a device reports to the layer.
 #[derive(Debug, thiserror::Error)]
@@ -155,8 +154,12 @@ pub trait QueueWorker: Send {
         Vec::new()
     }
 
-    /// The ring was kicked, started or enabled: process what the guest made available.
-    fn process_queue(&mut self, ring: &mut Ring);
+    /// Ring `queue` was kicked, started or enabled: process what the guest made available
+    /// on it. `rings` holds every started ring of the worker's group, so a device whose
+    /// queues depend on each other (a reply on another queue, a control message) can act
+    /// on them at once; `rings.get_mut(queue)` is started, enabled and not broken, and the
+    /// layer began a new round on it ([`crate::Ring::begin_round`]).
+    fn process_queue(&mut self, queue: u16, rings: &mut Rings);
 
     /// One of [`QueueWorker::event_fds`] is readable (the worker consumes it).
     fn handle_event(&mut self, _fd_index: usize, _rings: &mut Rings) {}

@@ -309,6 +309,15 @@ impl InflightQueue {
         self.write::<u8>(Self::desc_off(head), 1);
     }
 
+    /// `head` went back to the avail ring unused (see [`crate::Ring::give_back`]): no
+    /// longer in flight, and a restart must not resubmit it (the avail ring offers it
+    /// again).
+    pub fn abandon(&mut self, head: u16) {
+        if head < self.ring_size {
+            self.write::<u8>(Self::desc_off(head), 0);
+        }
+    }
+
     /// Called just before `head` is put on the used ring.
     pub fn before_used(&mut self, head: u16) {
         self.write::<u16>(12, head);

@@ -49,9 +49,8 @@ mod sandbox_names;
 pub mod server;
 pub mod worker;
 
-pub use chain::{Chain, Segment};
+pub use chain::{Chain, Origin, Segment};
 pub use device::{DeviceError, QueueWorker, VhostUserDevice, VmmEvent};
 pub use memory::{GuestMem, GuestMemAtomic};
-pub use ring::{QueueStats, Ring};
+pub use ring::{QueueStats, Ring, Rings};
 pub use server::{Server, ServerError, Shutdown};
-pub use worker::Rings;

@@ -1141,4 +1141,67 @@ pub(crate) mod tests {
         // GET_VRING_BASE: 101 descriptors into a 256-entry ring, first lap.
         assert_eq!(ring.vring_base(), 0x8065_8065);
     }
+
+    /// [`crate::ring::Ring::give_back`] on a packed ring: the last chains taken go back by
+    /// moving the avail position (and wrap counter) back over them; a malformed chain pop
+    /// skipped is a gap the rewind stops at, and the chain before it is completed unused.
+    #[test]
+    fn ring_gives_back_packed_chains_up_to_a_malformed_one() {
+        use crate::ring::{QueueStats, Ring, RingSetup};
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let atomic = atomic_memory();
+        let mem = atomic.memory().into_inner();
+        let size = 4u16;
+        let mut ring = Ring::start(RingSetup {
+            index: 0,
+            size,
+            max_size: size,
+            desc: RING,
+            avail: DRIVER,
+            used: DEVICE,
+            base: 0,
+            event_idx: false,
+            acked_features: VIRTIO_F_RING_PACKED,
+            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+            call: None,
+            err: None,
+            enabled: true,
+            inflight: None,
+            mem: atomic.clone(),
+            log: DirtyLog::new(),
+            stats: std::sync::Arc::new(QueueStats::default()),
+        })
+        .unwrap();
+        let mut drv = Driver::new(size);
+        // A (one descriptor), malformed M, then B over the last two descriptors of the
+        // 4-entry ring (the avail wrap counter flips after it).
+        drv.add(&mem, 0, &[(0x4000, 8, DESC_F_WRITE)]);
+        drv.add(&mem, 1, &[(MEM, 8, DESC_F_WRITE)]);
+        drv.add(
+            &mem,
+            2,
+            &[(0x4100, 8, DESC_F_WRITE), (0x4200, 8, DESC_F_WRITE)],
+        );
+        let mut a = Chain::default();
+        let mut b = Chain::default();
+        assert!(ring.pop(&mem, &mut a));
+        assert!(ring.pop(&mem, &mut b));
+        assert_eq!((a.head, b.head), (0, 2));
+        assert_eq!(
+            ring.vring_base() & 0xffff,
+            0,
+            "avail wrapped to index 0, counter 0"
+        );
+        assert_eq!(ring.give_back(&mem, [&a, &b]), 1, "A completed unused");
+        assert_eq!(drv.take_used(&mem), Some((1, 0)), "M, once");
+        assert_eq!(drv.take_used(&mem), Some((0, 0)), "then A");
+        assert_eq!(drv.take_used(&mem), None);
+        // B is read again from where it was, wrap counter and all.
+        let mut again = Chain::default();
+        assert!(ring.pop(&mem, &mut again));
+        assert_eq!(again.head, 2);
+        assert_eq!(again.segments, b.segments);
+        assert!(!ring.pop(&mem, &mut again));
+        assert_eq!(ring.stats().bad_chains.load(Ordering::Relaxed), 1);
+    }
 }

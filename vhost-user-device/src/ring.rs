@@ -9,7 +9,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::chain::{self, Chain, ChainError};
+use crate::chain::{self, Chain, ChainError, Origin};
 use crate::dirty_log::DirtyLog;
 use crate::inflight::InflightQueue;
 use crate::memory::{GuestMem, GuestMemAtomic};
@@ -117,6 +117,46 @@ pub struct Ring {
     published: bool,
     stats: Arc<QueueStats>,
     bad_chain_log: RateLimitedLog,
+}
+
+/// The rings a worker owns, by position in its group.
+pub struct Rings {
+    pub(crate) slots: Vec<(u16, Option<Ring>)>,
+}
+
+impl Rings {
+    /// No ring started yet for any of `queues`.
+    pub(crate) fn new(queues: Vec<u16>) -> Self {
+        Self {
+            slots: queues.into_iter().map(|q| (q, None)).collect(),
+        }
+    }
+
+    /// A group of rings already started, for a harness that drives a
+    /// [`crate::QueueWorker`] itself instead of through the layer's worker thread (fuzz
+    /// targets, tests).
+    pub fn from_started(rings: impl IntoIterator<Item = Ring>) -> Self {
+        Self {
+            slots: rings.into_iter().map(|r| (r.index(), Some(r))).collect(),
+        }
+    }
+
+    /// The started ring of `queue`, if this worker owns it.
+    pub fn get_mut(&mut self, queue: u16) -> Option<&mut Ring> {
+        self.slots
+            .iter_mut()
+            .find(|(q, _)| *q == queue)
+            .and_then(|(_, r)| r.as_mut())
+    }
+
+    pub(crate) fn slot_of(&self, queue: u16) -> Option<usize> {
+        self.slots.iter().position(|(q, _)| *q == queue)
+    }
+
+    /// Iterates over the started rings.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Ring> {
+        self.slots.iter_mut().filter_map(|(_, r)| r.as_mut())
+    }
 }
 
 /// Everything needed to start a ring, gathered by the protocol handler.
@@ -439,6 +479,7 @@ impl Ring {
             return self.pop_packed(mem, chain);
         }
         loop {
+            let at = self.queue.next_avail();
             let (head, resubmitted) = match self.resubmit.pop_front() {
                 Some(h) => (h, true),
                 None => match self.next_avail_head(mem) {
@@ -459,7 +500,14 @@ impl Ring {
             }
             self.stats.chains.fetch_add(1, Ordering::Relaxed);
             match chain::walk(mem, self.queue.desc_table(), self.queue.size(), head, chain) {
-                Ok(()) => return true,
+                Ok(()) => {
+                    chain.origin = if resubmitted {
+                        Origin::Resubmitted
+                    } else {
+                        Origin::Avail(at)
+                    };
+                    return true;
+                }
                 Err(e) => {
                     self.reject_chain(mem, head, e);
                     self.bad_in_round += 1;
@@ -478,10 +526,12 @@ impl Ring {
             return false;
         };
         loop {
+            let at = packed.popped();
             let popped = packed.pop(mem, chain);
             match popped {
                 Ok(Popped::Empty) => return false,
                 Ok(Popped::Chain) => {
+                    chain.origin = Origin::Avail(at);
                     self.stats.chains.fetch_add(1, Ordering::Relaxed);
                     return true;
                 }
@@ -659,16 +709,69 @@ impl Ring {
             .fetch_add(used.len() as u64, Ordering::Relaxed);
     }
 
-    /// Gives back the last chain taken from the avail ring, e.g. when a received frame
-    /// does not fit the buffers the guest posted so far (it is taken again later).
-    /// Not for rings with inflight tracking or resubmissions.
-    pub fn undo_pop(&mut self) {
-        use virtio_queue::QueueOwnedT;
-        if let Some(p) = self.packed.as_mut() {
-            p.undo_pop();
-            return;
+    /// Gives back chains taken with [`Ring::pop`] that the device did not use (nothing
+    /// written to them, not on the used ring), e.g. receive buffers cached for frames that
+    /// never came when the ring stops. Returns how many were completed with length 0
+    /// instead of going back unseen: the caller notifies the guest if any were.
+    ///
+    /// Chains resubmitted from the inflight region go back to the front of the
+    /// resubmission queue. Chains from the avail ring go back by rewinding the avail
+    /// index, which returns exactly the last positions taken: so only those of the given
+    /// chains that are the last positions taken, without a gap, go back that way. A gap is
+    /// a chain the device completed after them, or a malformed chain `pop` skipped on its
+    /// way (already on the used ring: rewinding over it would walk and complete it a second
+    /// time, and give the driver a head it does not own). The chains before a gap are put
+    /// on the used ring with length 0, which gives them back to the driver just as well.
+    /// Chains not taken from this ring ([`Origin::Detached`]) are ignored.
+    pub fn give_back<'a>(
+        &mut self,
+        mem: &GuestMem,
+        chains: impl IntoIterator<Item = &'a Chain>,
+    ) -> usize {
+        // On a packed ring, the count of chains taken (see `next_avail`).
+        let next = self.next_avail();
+        // (how far back from `next`, head) of the chains from the avail ring.
+        let mut avail: Vec<(u16, u16)> = Vec::new();
+        let mut resubmitted: Vec<u16> = Vec::new();
+        for c in chains {
+            match c.origin {
+                Origin::Avail(at) => avail.push((next.wrapping_sub(at), c.head)),
+                Origin::Resubmitted => resubmitted.push(c.head),
+                Origin::Detached => {}
+            }
         }
-        self.queue.go_to_previous_position();
+        for head in resubmitted.into_iter().rev() {
+            self.resubmit.push_front(head);
+        }
+        avail.sort_unstable();
+        avail.dedup_by_key(|(back, _)| *back);
+        // The run of positions next-1, next-2, ... goes back by rewinding.
+        let rewind = avail
+            .iter()
+            .enumerate()
+            .take_while(|(i, (back, _))| usize::from(*back) == i + 1)
+            .count();
+        for &(_, head) in &avail[..rewind] {
+            if let Some(infl) = self.inflight.as_mut() {
+                // Taken again later, recorded again then.
+                infl.abandon(head);
+            }
+        }
+        match self.packed.as_mut() {
+            // Back over the last `rewind` chains taken, malformed ones included (which
+            // the gap rule above never rewinds over).
+            Some(p) => {
+                for _ in 0..rewind {
+                    p.undo_pop();
+                }
+            }
+            None => self.queue.set_next_avail(next.wrapping_sub(rewind as u16)),
+        }
+        // Oldest first, as they were taken.
+        for &(_, head) in avail[rewind..].iter().rev() {
+            self.add_used(mem, head, 0);
+        }
+        avail.len() - rewind
     }
 
     /// Interrupts the guest if the ring's notification rules ask for it.
@@ -822,6 +925,11 @@ pub(crate) mod tests {
     /// A started ring of `size` entries (at most SIZE) in 64 KiB of guest memory: the
     /// descriptor table at DESC, avail at AVAIL, used at USED. Also the worker tests' ring.
     pub(crate) fn ring_of(size: u16) -> Ring {
+        ring_with(size, None)
+    }
+
+    /// A started ring of `size` entries (at most SIZE) recovering from `inflight`.
+    fn ring_with(size: u16, inflight: Option<InflightQueue>) -> Ring {
         let mut table = MemoryTable::new(DirtyLog::new());
         table
             .add_region(
@@ -843,7 +951,7 @@ pub(crate) mod tests {
             call: None,
             err: None,
             enabled: true,
-            inflight: None,
+            inflight,
             mem: table.atomic(),
             log: DirtyLog::new(),
             stats: Arc::new(QueueStats::default()),
@@ -925,5 +1033,170 @@ pub(crate) mod tests {
             "an empty ring does not spend the round"
         );
         assert!(!ring.enable_notification(&mem));
+    }
+
+    /// A chain that is walked as malformed: its one descriptor lies outside guest memory.
+    fn malformed(mem: &GuestMem, i: u16) {
+        desc(mem, i, MEM + 4096, 16);
+    }
+
+    /// Heads on the used ring, oldest first.
+    fn used_heads(mem: &GuestMem) -> Vec<u16> {
+        (0..used_idx(mem))
+            .map(|i| {
+                let at = GuestAddress(USED + 4 + 8 * u64::from(i));
+                u32::from_le(mem.read_obj::<u32>(at).unwrap()) as u16
+            })
+            .collect()
+    }
+
+    /// Pops every chain the ring offers now; their heads.
+    fn pop_all(ring: &mut Ring, mem: &GuestMem) -> Vec<u16> {
+        let mut chain = Chain::default();
+        let mut heads = Vec::new();
+        while ring.pop(mem, &mut chain) {
+            heads.push(chain.head);
+        }
+        heads
+    }
+
+    /// Pops `n` chains and keeps them.
+    fn pop_n(ring: &mut Ring, mem: &GuestMem, n: usize) -> Vec<Chain> {
+        (0..n)
+            .map(|_| {
+                let mut chain = Chain::default();
+                assert!(ring.pop(mem, &mut chain));
+                chain
+            })
+            .collect()
+    }
+
+    /// Chains given back unused are taken again, in their order, and none reaches the
+    /// used ring: the guest sees nothing of the round trip.
+    #[test]
+    fn chains_given_back_are_offered_again_in_order() {
+        let mut ring = ring();
+        let mem = ring.memory();
+        for i in 0..4 {
+            desc(&mem, i, 0x8000 + 0x100 * u64::from(i), 16);
+        }
+        publish(&mem, 4);
+        let chains = pop_n(&mut ring, &mem, 3);
+        assert_eq!(chains[2].origin(), Origin::Avail(2));
+        // The device used the first and gives back the other two.
+        ring.add_used(&mem, chains[0].head, 16);
+        assert_eq!(ring.give_back(&mem, &chains[1..]), 0);
+        assert_eq!(ring.next_avail(), 1);
+        assert_eq!(pop_all(&mut ring, &mem), vec![1, 2, 3]);
+        assert_eq!(used_heads(&mem), vec![0]);
+    }
+
+    /// Undoing two pops by rewinding the avail ring over both (what `undo_pop` did, once
+    /// per chain) re-offers the malformed chain `pop` skipped between them, already on the
+    /// used ring: it was completed twice and the first chain never came back. Giving
+    /// back rewinds only over the last chain and completes the first with length 0.
+    #[test]
+    fn giving_back_over_a_skipped_malformed_chain_completes_it_once() {
+        let mut ring = ring();
+        let mem = ring.memory();
+        desc(&mem, 0, 0x8000, 16);
+        malformed(&mem, 1);
+        desc(&mem, 2, 0x9000, 16);
+        publish(&mem, 3);
+        let chains = pop_n(&mut ring, &mem, 2);
+        assert_eq!(chains[1].head, 2, "pop skipped the malformed chain");
+        assert_eq!(used_heads(&mem), vec![1]);
+        assert_eq!(
+            ring.give_back(&mem, &chains),
+            1,
+            "the first chain is completed"
+        );
+        assert_eq!(
+            used_heads(&mem),
+            vec![1, 0],
+            "the malformed chain is completed once"
+        );
+        assert_eq!(
+            pop_all(&mut ring, &mem),
+            vec![2],
+            "the last chain is offered again"
+        );
+        assert_eq!(used_heads(&mem), vec![1, 0]);
+        assert_eq!(ring.stats().bad_chains.load(Ordering::Relaxed), 1);
+    }
+
+    /// A chain completed after the ones given back is a gap too: rewinding over it would
+    /// hand the driver's head out twice.
+    #[test]
+    fn a_chain_completed_after_those_given_back_stops_the_rewind() {
+        let mut ring = ring();
+        let mem = ring.memory();
+        for i in 0..3 {
+            desc(&mem, i, 0x8000 + 0x100 * u64::from(i), 16);
+        }
+        publish(&mem, 3);
+        let chains = pop_n(&mut ring, &mem, 3);
+        ring.add_used(&mem, chains[2].head, 16);
+        assert_eq!(ring.give_back(&mem, &chains[..2]), 2);
+        assert_eq!(ring.next_avail(), 3);
+        assert_eq!(used_heads(&mem), vec![2, 0, 1]);
+        assert!(pop_all(&mut ring, &mem).is_empty());
+    }
+
+    /// A resubmitted chain (an earlier backend left it in flight) did not come from the
+    /// avail ring: it goes back to the resubmission queue, and the avail index stays.
+    #[test]
+    fn a_resubmitted_chain_given_back_is_resubmitted_again() {
+        use crate::inflight::InflightRegion;
+        let (region, _file) = InflightRegion::create(1, SIZE).unwrap();
+        let mut area = region.queue(0, SIZE).unwrap();
+        let _ = area.recover(0);
+        // A crashed backend had taken heads 5 and 6 (avail positions 0 and 1).
+        area.set_entry(5, 1, true);
+        area.set_entry(6, 2, true);
+        let mut ring = ring_with(SIZE, Some(area));
+        let mem = ring.memory();
+        for i in 0..8 {
+            desc(&mem, i, 0x8000 + 0x100 * u64::from(i), 16);
+        }
+        assert!(ring.has_resubmits());
+        assert_eq!(
+            ring.next_avail(),
+            2,
+            "recovery continues after the two taken"
+        );
+        let chains = pop_n(&mut ring, &mem, 1);
+        assert_eq!(
+            (chains[0].head, chains[0].origin()),
+            (5, Origin::Resubmitted)
+        );
+        assert_eq!(ring.give_back(&mem, &chains), 0);
+        assert_eq!(ring.next_avail(), 2, "the avail ring is not rewound");
+        assert_eq!(pop_all(&mut ring, &mem), vec![5, 6]);
+        assert_eq!(ring.stats().resubmitted.load(Ordering::Relaxed), 3);
+    }
+
+    /// Chains rewound onto the avail ring are no longer in flight: a backend restarted
+    /// on the same inflight region takes them from the avail ring, not as resubmissions
+    /// too (which would run them twice).
+    #[test]
+    fn chains_given_back_leave_the_inflight_region() {
+        use crate::inflight::InflightRegion;
+        let (region, _file) = InflightRegion::create(1, SIZE).unwrap();
+        let mut ring = ring_with(SIZE, region.queue(0, SIZE));
+        let mem = ring.memory();
+        for i in 0..3 {
+            desc(&mem, i, 0x8000 + 0x100 * u64::from(i), 16);
+        }
+        publish(&mem, 3);
+        let chains = pop_n(&mut ring, &mem, 3);
+        ring.add_used(&mem, chains[0].head, 16);
+        assert_eq!(ring.give_back(&mem, &chains[1..]), 0);
+        drop(ring);
+        // A restart on the same region, the used index as the first ring left it.
+        let mut area = region.queue(0, SIZE).unwrap();
+        let recovery = area.recover(used_idx(&mem));
+        assert_eq!(recovery.resubmit, Vec::<u16>::new());
+        assert_eq!(recovery.next_avail, Some(1));
     }
 }

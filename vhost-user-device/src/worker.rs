@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::QueueWorker;
 use crate::rate_limit::RateLimitedLog;
-use crate::ring::Ring;
+use crate::ring::{Ring, Rings};
 use crate::sandbox::{self, ThreadKind};
 
 const TOKEN_WAKE: u64 = 0;
@@ -27,30 +27,6 @@ const TOKEN_KICK_BASE: u64 = 1;
 const TOKEN_DEVICE_BASE: u64 = 1 << 32;
 /// The worker's own eventfd, written to come back to rings whose round was spent.
 const TOKEN_RESUME: u64 = u64::MAX;
-
-/// The rings a worker owns, by position in its group.
-pub struct Rings {
-    slots: Vec<(u16, Option<Ring>)>,
-}
-
-impl Rings {
-    /// The started ring of `queue`, if this worker owns it.
-    pub fn get_mut(&mut self, queue: u16) -> Option<&mut Ring> {
-        self.slots
-            .iter_mut()
-            .find(|(q, _)| *q == queue)
-            .and_then(|(_, r)| r.as_mut())
-    }
-
-    fn slot_of(&self, queue: u16) -> Option<usize> {
-        self.slots.iter().position(|(q, _)| *q == queue)
-    }
-
-    /// Iterates over the started rings.
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Ring> {
-        self.slots.iter_mut().filter_map(|(_, r)| r.as_mut())
-    }
-}
 
 pub(crate) enum Command {
     Start(Box<Ring>),
@@ -102,9 +78,7 @@ impl WorkerHandle {
         let mut state = WorkerState {
             poll: worker.poll_duration().filter(|d| !d.is_zero()),
             worker,
-            rings: Rings {
-                slots: queues.into_iter().map(|q| (q, None)).collect(),
-            },
+            rings: Rings::new(queues),
             epoll,
             rx,
             wake: wake.try_clone()?,
@@ -211,10 +185,13 @@ struct WorkerState {
     exit: Arc<AtomicBool>,
 }
 
-/// Has `worker` process what the guest made available on `ring`, in a new round.
-fn process(worker: &mut dyn QueueWorker, ring: &mut Ring) {
+/// Has `worker` process what the guest made available on ring `queue`, in a new round.
+fn process(worker: &mut dyn QueueWorker, queue: u16, rings: &mut Rings) {
+    let Some(ring) = rings.get_mut(queue) else {
+        return;
+    };
     ring.begin_round();
-    worker.process_queue(ring);
+    worker.process_queue(queue, rings);
 }
 
 impl WorkerState {
@@ -291,22 +268,26 @@ impl WorkerState {
 
     /// Starts a new round on each ring whose round was spent.
     fn resume_spent(&mut self) {
-        for (_, ring) in &mut self.rings.slots {
-            if let Some(ring) = ring.as_mut().filter(|r| Self::spent(r)) {
-                process(self.worker.as_mut(), ring);
+        let queues: Vec<u16> = self.rings.slots.iter().map(|(q, _)| *q).collect();
+        for q in queues {
+            // Looked at right before its turn: processing an earlier ring may have taken
+            // from this one (a device reaching its other rings).
+            if self.rings.get_mut(q).is_some_and(|r| Self::spent(r)) {
+                process(self.worker.as_mut(), q, &mut self.rings);
             }
         }
     }
 
     fn kicked(&mut self, slot: usize) {
-        let Some((_, Some(ring))) = self.rings.slots.get_mut(slot) else {
+        let Some((queue, Some(ring))) = self.rings.slots.get_mut(slot) else {
             return;
         };
         // The kick fd may be blocking; epoll said it is readable, so this does not block.
         // Read it even for a parked ring, or epoll would report it readable for ever.
         let _ = ring.kick.read();
         if ring.is_enabled() && !ring.is_broken() {
-            process(self.worker.as_mut(), ring);
+            let queue = *queue;
+            process(self.worker.as_mut(), queue, &mut self.rings);
         }
     }
 
@@ -322,20 +303,21 @@ impl WorkerState {
                     ring.kick.as_raw_fd(),
                     EpollEvent::new(EventSet::IN, TOKEN_KICK_BASE + slot as u64),
                 )?;
-                let ring = &mut self.rings.slots[slot].1.insert(*ring);
+                let queue = ring.index();
+                let ring = self.rings.slots[slot].1.insert(*ring);
                 // Completions an earlier backend (or session) published without an
                 // interrupt the driver got.
                 ring.resync_call();
                 // Chains made available before the kick fd arrived, and resubmissions.
                 if ring.is_enabled() && !ring.is_broken() {
-                    process(self.worker.as_mut(), ring);
+                    process(self.worker.as_mut(), queue, &mut self.rings);
                 }
             }
             Command::Enable(queue, on) => {
                 if let Some(ring) = self.rings.get_mut(queue) {
                     ring.enabled = on;
                     if on && !ring.is_broken() {
-                        process(self.worker.as_mut(), ring);
+                        process(self.worker.as_mut(), queue, &mut self.rings);
                     }
                 }
             }
@@ -453,7 +435,7 @@ mod tests {
     }
 
     impl QueueWorker for FailingWait {
-        fn process_queue(&mut self, _ring: &mut Ring) {}
+        fn process_queue(&mut self, _queue: u16, _rings: &mut Rings) {}
 
         fn in_flight(&self, _queue: u16) -> usize {
             self.in_flight.load(Ordering::SeqCst)

@@ -4,16 +4,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serial_backend::device::Shared;
 use serial_backend::ports::HostKind;
+use serial_backend::shared::Shared;
 use serial_backend::spec::{event, queue, Control};
 use serial_backend::{PortSpec, SerialDevice};
 use vhost_tests::frontend::{Buf, FrontendOptions, TestFrontend};
-use vhost_user_device::server::listen_path;
-use vhost_user_device::{Server, ServerError, Shutdown};
+use vhost_tests::in_process::InProcessServer;
 
 /// A console port (port 0 if it is the first) on `kind`.
 pub fn console(kind: HostKind) -> PortSpec {
@@ -34,13 +32,13 @@ pub fn named(name: &str, kind: HostKind) -> PortSpec {
 }
 
 pub struct TestBackend {
+    // First, so that it is dropped (the server stopped) before the directory goes.
+    server: InProcessServer,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub shared: Arc<Shared>,
     pub max_ports: u32,
     pub stats: Vec<Arc<vhost_user_device::QueueStats>>,
-    shutdown: Arc<Shutdown>,
-    thread: Option<JoinHandle<Result<(), ServerError>>>,
 }
 
 impl TestBackend {
@@ -50,19 +48,14 @@ impl TestBackend {
         let socket = dir.path().join("vhost.sock");
         let device = SerialDevice::new(&specs(dir.path()), max_ports).expect("device");
         let shared = device.shared().clone();
-        let listener = listen_path(&socket).expect("listen");
-        let shutdown = Shutdown::new().expect("shutdown");
-        let server = Server::new(Arc::new(device), shutdown.clone());
-        let stats = server.stats().to_vec();
-        let thread = std::thread::spawn(move || server.serve(&listener));
+        let server = InProcessServer::start(device, &socket);
         Self {
+            stats: server.stats().to_vec(),
+            server,
             dir,
             socket,
             shared,
             max_ports,
-            stats,
-            shutdown,
-            thread: Some(thread),
         }
     }
 
@@ -80,20 +73,6 @@ impl TestBackend {
     /// Counter `which` of the `i`th port of the spec list.
     pub fn port_stat(&self, i: usize, which: serial_backend::Counter) -> u64 {
         self.shared.ports[i].stats.get(which)
-    }
-}
-
-impl Drop for TestBackend {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-        // A failing test must fail, not hang: after a failed assertion the backend may be
-        // stuck (that may be what the test caught), so it is left behind then.
-        if std::thread::panicking() {
-            return;
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -17,8 +17,8 @@
 use std::io::Write;
 use std::time::Duration;
 
-use crate::device::BlkShared;
 use crate::dirty_file::Checkpoint;
+use crate::shared::BlkShared;
 
 use super::image::SyncImage;
 use super::source::device_config;

@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use vhost_user_device::control::Events;
 use vhost_user_device::sandbox::{self, ThreadKind};
 
-use crate::device::{BlkShared, Revoke};
+use crate::shared::{BlkShared, Revoke};
 
 use super::source::{Pacer, Source};
 use super::stream::Mode;

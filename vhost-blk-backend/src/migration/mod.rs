@@ -9,7 +9,7 @@
 //!   gate that held the guest's requests).
 //!
 //! Dirty block tracking lives in [`crate::dirty`] and [`crate::dirty_file`]; the gate in
-//! [`crate::device::Gate`].
+//! [`crate::shared::Gate`].
 
 pub mod client;
 pub mod dest;

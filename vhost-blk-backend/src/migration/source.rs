@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::device::BlkShared;
 use crate::dirty::DirtyBitmap;
 use crate::dirty_file::Checkpoint;
+use crate::shared::BlkShared;
 
 use super::image::{is_zero, Content, SyncImage};
 use super::stream::{

@@ -4,24 +4,23 @@
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use vhost_blk_backend::device::BlkShared;
+use vhost_blk_backend::shared::BlkShared;
 use vhost_blk_backend::spec::{req_type, HEADER_SIZE};
 use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
 use vhost_tests::frontend::{Buf, TestFrontend, Used};
-use vhost_user_device::server::listen_path;
-use vhost_user_device::{Server, ServerError, Shutdown};
+use vhost_tests::in_process::InProcessServer;
+use vhost_user_device::ServerError;
 
 /// A running backend on a temporary image.
 pub struct TestBackend {
+    // First, so that it is dropped (the server stopped) before the directory goes.
+    server: InProcessServer,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub image: PathBuf,
     pub shared: Arc<BlkShared>,
     pub stats: Vec<Arc<vhost_user_device::QueueStats>>,
-    shutdown: Arc<Shutdown>,
-    thread: Option<JoinHandle<Result<(), ServerError>>>,
 }
 
 pub struct BackendConfig {
@@ -106,19 +105,14 @@ impl TestBackend {
         if cfg.held {
             shared.gate.close();
         }
-        let shutdown = Shutdown::new().expect("shutdown");
-        let server = Server::new(Arc::new(device), shutdown.clone());
-        let stats = server.stats().to_vec();
-        let listener = listen_path(&socket).expect("listen");
-        let thread = std::thread::spawn(move || server.serve(&listener));
+        let server = InProcessServer::start(device, &socket);
         Self {
+            stats: server.stats().to_vec(),
+            server,
             dir,
             socket,
             image,
             shared,
-            stats,
-            shutdown,
-            thread: Some(thread),
         }
     }
 
@@ -134,25 +128,8 @@ impl TestBackend {
     }
 
     /// Stops the server and returns what it returned.
-    pub fn stop(mut self) -> Result<(), ServerError> {
-        self.shutdown.trigger();
-        self.thread
-            .take()
-            .map_or(Ok(()), |t| t.join().expect("server thread"))
-    }
-}
-
-impl Drop for TestBackend {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-        // A failing test must fail, not hang: after a failed assertion the backend may be
-        // stuck (that may be what the test caught), so it is left behind then.
-        if std::thread::panicking() {
-            return;
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    pub fn stop(self) -> Result<(), ServerError> {
+        self.server.stop()
     }
 }
 

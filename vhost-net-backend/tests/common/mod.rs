@@ -6,14 +6,13 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vhost_net_backend::spec::{features, NetHdr, HDR_LEN};
 use vhost_net_backend::{NetDevice, NetOptions, NetShared, Tap, TapSpec};
 use vhost_tests::frontend::{Buf, FrontendOptions, TestFrontend, Used};
-use vhost_user_device::server::listen_path;
-use vhost_user_device::{QueueStats, Server, ServerError, Shutdown};
+use vhost_tests::in_process::InProcessServer;
+use vhost_user_device::{QueueStats, ServerError};
 
 pub const TAP: &str = "vnt0";
 pub const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -68,13 +67,13 @@ impl Default for Config {
 }
 
 pub struct TestBackend {
+    // First, so that it is dropped (the server stopped) before the directory goes.
+    server: InProcessServer,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub shared: Arc<NetShared>,
     pub stats: Vec<Arc<QueueStats>>,
     pub cfg: Config,
-    shutdown: Arc<Shutdown>,
-    thread: Option<JoinHandle<Result<(), ServerError>>>,
 }
 
 impl TestBackend {
@@ -95,19 +94,14 @@ impl TestBackend {
             },
         );
         let shared = device.shared().clone();
-        let shutdown = Shutdown::new().expect("shutdown");
-        let server = Server::new(Arc::new(device), shutdown.clone());
-        let stats = server.stats().to_vec();
-        let listener = listen_path(&socket).expect("listen");
-        let thread = std::thread::spawn(move || server.serve(&listener));
+        let server = InProcessServer::start(device, &socket);
         Self {
+            stats: server.stats().to_vec(),
+            server,
             dir,
             socket,
             shared,
-            stats,
             cfg,
-            shutdown,
-            thread: Some(thread),
         }
     }
 
@@ -135,25 +129,8 @@ impl TestBackend {
             .map_or(0, |c| c.packets.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    pub fn stop(mut self) -> Result<(), ServerError> {
-        self.shutdown.trigger();
-        self.thread
-            .take()
-            .map_or(Ok(()), |t| t.join().expect("server thread"))
-    }
-}
-
-impl Drop for TestBackend {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-        // A failing test must fail, not hang: after a failed assertion the backend may be
-        // stuck (that may be what the test caught), so it is left behind then.
-        if std::thread::panicking() {
-            return;
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    pub fn stop(self) -> Result<(), ServerError> {
+        self.server.stop()
     }
 }
 

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use vhost_tests::frontend::{FrontendOptions, TestFrontend};
 
-use crate::compare::{cpu_seconds, wait_socket, CompareError};
-use crate::report::{machine, Row, Section, CPU_PCT, RSS_MIB};
+use crate::compare::report::{machine, Row, Section, CPU_PCT, RSS_MIB};
+use crate::compare::{wait_socket, CompareError};
+use crate::load::cpu_seconds;
 
 /// RSS target: a backend that waits should cost no more than a small shell.
 const TARGET_RSS_MIB: f64 = 8.0;
@@ -25,7 +26,7 @@ const TARGET_CPU_PCT: f64 = 0.5;
 #[derive(Args, Debug)]
 pub struct CompareIdleArgs {
     /// How long to watch each backend.
-    #[arg(long, default_value = "10s", value_parser = crate::blk::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::load::blk::parse_duration)]
     duration: Duration,
     /// Where to write idle.md, idle.json and idle.png.
     #[arg(long, default_value = "bench/results")]

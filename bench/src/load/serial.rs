@@ -32,7 +32,7 @@ use clap::Args;
 use serial_backend::spec::{event, queue, Control, CONTROL_SIZE, DEFAULT_MAX_PORTS};
 use vhost_tests::frontend::{Buf, FrontendOptions, HarnessError, TestFrontend};
 
-use crate::blk::{parse_duration, parse_size};
+use crate::load::blk::{parse_duration, parse_size};
 
 /// VIRTIO_CONSOLE_F_MULTIPORT.
 const MULTIPORT: u64 = serial_backend::spec::features::MULTIPORT;
@@ -808,8 +808,7 @@ mod tests {
     fn load_generator_moves_data_through_our_backend() {
         use serial_backend::ports::HostKind;
         use serial_backend::{PortSpec, SerialDevice};
-        use vhost_user_device::server::listen_path;
-        use vhost_user_device::{Server, Shutdown};
+        use vhost_tests::in_process::InProcessServer;
 
         let dir = tempfile::tempdir().expect("tempdir");
         let port_socket = dir.path().join("data.sock");
@@ -827,10 +826,7 @@ mod tests {
         ];
         let device = SerialDevice::new(&specs, 4).expect("device");
         let socket = dir.path().join("vhost.sock");
-        let listener = listen_path(&socket).expect("listen");
-        let shutdown = Shutdown::new().expect("shutdown");
-        let server = Server::new(Arc::new(device), shutdown.clone());
-        let thread = std::thread::spawn(move || server.serve(&listener));
+        let server = InProcessServer::start(device, &socket);
         let args = SerialLoadArgs {
             socket,
             port_socket,
@@ -867,7 +863,6 @@ mod tests {
         // What the backend had taken from the ring and not yet written (at least the
         // first buffer; the rest may still have been on the ring, gone with the guest).
         assert!(r.stale_to_host > 0 && r.stale_to_host <= left, "{r}");
-        shutdown.trigger();
-        let _ = thread.join();
+        drop(server);
     }
 }

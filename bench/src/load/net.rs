@@ -51,7 +51,7 @@ use vhost_tests::frontend::{
 };
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::blk::parse_duration;
+use crate::load::blk::parse_duration;
 
 /// VIRTIO_F_VERSION_1.
 const VERSION_1: u64 = 1 << 32;
@@ -912,11 +912,9 @@ pub fn run(a: &NetLoadArgs) -> Result<NetReport, NetLoadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use vhost_net_backend::{NetDevice, NetOptions, Tap, TapSpec};
     use vhost_tests::guest_net::NetNs;
-    use vhost_user_device::server::listen_path;
-    use vhost_user_device::{Server, Shutdown};
+    use vhost_tests::in_process::InProcessServer;
 
     /// The load generator against our backend (in-process, its tap in a namespace of its
     /// own) for about a second each way: every TX frame it saw completed arrived at the
@@ -964,10 +962,7 @@ mod tests {
         let shared = device.shared().clone();
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("net.sock");
-        let shutdown = Shutdown::new().expect("shutdown");
-        let server = Server::new(Arc::new(device), shutdown.clone());
-        let listener = listen_path(&socket).expect("listen");
-        let thread = std::thread::spawn(move || server.serve(&listener));
+        let server = InProcessServer::start(device, &socket);
 
         let args = |mode| NetLoadArgs {
             socket: socket.clone(),
@@ -1027,8 +1022,7 @@ mod tests {
                 .map_or(0, |c| c.packets.load(std::sync::atomic::Ordering::Relaxed))
         };
         assert!(packets(1) > 0 && packets(0) > 0);
-        shutdown.trigger();
-        let _ = thread.join();
+        drop(server);
     }
 
     #[test]

@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vhost_tests::frontend::{Buf, FrontendOptions, TestFrontend};
 
+use super::qmp::Qmp;
 use super::{
     check_writes, dirty_bytes, files_equal, fill_block, free_port, log_tail, tcp_bytes_received,
-    Qmp, WriteOp, BLOCK, MAX_WRITE,
+    WriteOp, BLOCK, MAX_WRITE,
 };
 use crate::compare::{wait_socket, CompareError};
 

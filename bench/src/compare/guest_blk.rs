@@ -16,9 +16,9 @@ use std::time::Duration;
 use clap::Args;
 use vhost_tests::guest::{locate_sibling_binary, Accel, Backend, GuestBoot, GuestTest};
 
-use crate::blk::{parse_duration, parse_size};
+use crate::compare::report::{self, machine, Row, Section};
 use crate::compare::CompareError;
-use crate::report::{self, machine, Row, Section};
+use crate::load::blk::{parse_duration, parse_size};
 
 /// Options of `bench compare guest-blk`.
 #[derive(Args, Debug)]
@@ -302,7 +302,7 @@ pub fn compare_guest_blk(a: &CompareGuestBlkArgs) -> Result<Section, CompareErro
         Accel::Kvm => "KVM",
     };
     let version = |p: &Path| {
-        crate::report::program_version(p)
+        crate::compare::report::program_version(p)
             .unwrap_or_else(|| format!("{} (version unknown)", p.display()))
     };
     let qemu = version(&t.env.qemu);

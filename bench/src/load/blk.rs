@@ -516,7 +516,7 @@ fn drive(
         dq.publish(&fe.mem, head);
         head
     };
-    let cpu0 = a.pid.map(crate::compare::cpu_seconds);
+    let cpu0 = a.pid.map(crate::load::cpu_seconds);
     // Slot s belongs to queue s / depth.
     let mut in_flight: Vec<HashMap<u16, Pending>> = vec![HashMap::new(); nq];
     // Picks the next request for `slot`, marks its block busy (--verify), stamps and
@@ -616,7 +616,7 @@ fn drive(
     let elapsed = start.elapsed();
     let cpu_us_per_io = match (a.pid, cpu0) {
         (Some(pid), Some(c0)) if ios > 0 => {
-            Some((crate::compare::cpu_seconds(pid) - c0) * 1e6 / ios as f64)
+            Some((crate::load::cpu_seconds(pid) - c0) * 1e6 / ios as f64)
         }
         _ => None,
     };
@@ -733,49 +733,21 @@ mod tests {
     }
 
     /// Our backend in-process on an image in a temporary directory.
-    struct Backend {
-        socket: PathBuf,
-        shutdown: std::sync::Arc<vhost_user_device::Shutdown>,
-        thread: Option<std::thread::JoinHandle<Result<(), vhost_user_device::ServerError>>>,
-    }
-
-    impl Backend {
-        fn start(dir: &Path, image: &Path) -> Self {
-            use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
-            let disk = Disk::open(image, false, CacheMode::None, 512).expect("open image");
-            let device = BlkDevice::new(
-                disk,
-                &BlkOptions {
-                    num_queues: 1,
-                    queue_size: 256,
-                    block_size: 512,
-                    serial: "bench-test".into(),
-                    poll_us: 0,
-                    dirty: None,
-                },
-            );
-            let socket = dir.join("blk.sock");
-            let _ = std::fs::remove_file(&socket);
-            let listener = vhost_user_device::server::listen_path(&socket).expect("listen");
-            let shutdown = vhost_user_device::Shutdown::new().expect("shutdown");
-            let server =
-                vhost_user_device::Server::new(std::sync::Arc::new(device), shutdown.clone());
-            let thread = Some(std::thread::spawn(move || server.serve(&listener)));
-            Self {
-                socket,
-                shutdown,
-                thread,
-            }
-        }
-    }
-
-    impl Drop for Backend {
-        fn drop(&mut self) {
-            self.shutdown.trigger();
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
-        }
+    fn start_backend(dir: &Path, image: &Path) -> vhost_tests::in_process::InProcessServer {
+        use vhost_blk_backend::{BlkDevice, BlkOptions, CacheMode, Disk};
+        let disk = Disk::open(image, false, CacheMode::None, 512).expect("open image");
+        let device = BlkDevice::new(
+            disk,
+            &BlkOptions {
+                num_queues: 1,
+                queue_size: 256,
+                block_size: 512,
+                serial: "bench-test".into(),
+                poll_us: 0,
+                dirty: None,
+            },
+        );
+        vhost_tests::in_process::InProcessServer::start(device, &dir.join("blk.sock"))
     }
 
     /// --verify-state carries what was written across backend restarts: the next run
@@ -805,8 +777,8 @@ mod tests {
             packed: false,
         };
         let written = {
-            let b = Backend::start(dir.path(), &image);
-            let r = run(&args(&b.socket, Rw::Randwrite)).expect("first run");
+            let b = start_backend(dir.path(), &image);
+            let r = run(&args(b.socket(), Rw::Randwrite)).expect("first run");
             assert_eq!(r.carried, Some(0));
             let st = VerifyState::take(&state, 4096).expect("state written");
             assert!(!st.written.is_empty());
@@ -815,8 +787,8 @@ mod tests {
             st
         };
         {
-            let b = Backend::start(dir.path(), &image);
-            let r = run(&args(&b.socket, Rw::Randrw)).expect("run after a restart");
+            let b = start_backend(dir.path(), &image);
+            let r = run(&args(b.socket(), Rw::Randrw)).expect("run after a restart");
             assert_eq!(r.carried, Some(written.written.len() as u64));
         }
         // Nobody listening: the state stays as it was.
@@ -834,8 +806,8 @@ mod tests {
                 .expect("image");
             f.write_all_at(&[0xa5; 4096], victim).expect("clobber");
         }
-        let b = Backend::start(dir.path(), &image);
-        match run(&args(&b.socket, Rw::Read)) {
+        let b = start_backend(dir.path(), &image);
+        match run(&args(b.socket(), Rw::Read)) {
             Err(LoadError::Verify { offset, .. }) => assert_eq!(offset, victim),
             other => panic!(
                 "expected a verify error at {victim}, got {:?}",
@@ -854,9 +826,9 @@ mod tests {
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(8 << 20))
             .expect("image");
-        let b = Backend::start(dir.path(), &image);
+        let b = start_backend(dir.path(), &image);
         let r = run(&BlkLoadArgs {
-            socket: b.socket.clone(),
+            socket: b.socket().to_path_buf(),
             rw: Rw::Randrw,
             bs: 4096,
             iodepth: 8,

@@ -8,12 +8,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Args;
 
-use crate::blk::{self, parse_duration, parse_size, BlkLoadArgs, Rw};
-use crate::report::{self, machine, Row, Section};
+use super::report::{self, machine, Row, Section};
+use super::{fill_random, wait_socket, CompareError};
+use crate::load::blk::{self, parse_duration, parse_size, BlkLoadArgs, Rw};
+use crate::load::cpu_seconds;
 
 /// Options of `bench compare blk`.
 #[derive(Args, Debug)]
@@ -40,20 +42,6 @@ pub struct CompareBlkArgs {
     /// Check data while measuring (see `bench load blk --verify`).
     #[arg(long)]
     verify: bool,
-}
-
-/// Errors of a comparison run.
-#[derive(Debug, thiserror::Error)]
-pub enum CompareError {
-    /// A program could not be started or failed.
-    #[error("{0}")]
-    Run(String),
-    /// The load generator failed.
-    #[error("load generator: {0}")]
-    Load(#[from] blk::LoadError),
-    /// File I/O.
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
 }
 
 struct Case {
@@ -198,55 +186,6 @@ impl Drop for Backend {
     }
 }
 
-/// Stops a child of ours: SIGTERM (a clean exit), SIGKILL if it is still there after
-/// `grace`; reaped either way.
-pub fn terminate(child: &mut Child, grace: std::time::Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    // SAFETY: kill(2) on a process we started and have not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + grace;
-    while std::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// User + system CPU seconds of process `pid` (all threads).
-pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the ")" of the command name: state is field 3; utime 14, stime 15.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks / hz
-}
-
-/// Waits for a backend's socket file to appear.
-pub fn wait_socket(p: &Path) -> Result<(), CompareError> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !p.exists() {
-        if Instant::now() > deadline {
-            return Err(CompareError::Run(format!("{} never appeared", p.display())));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    Ok(())
-}
-
 /// Our backend on `image`; `poll_us` > 0 turns on its adaptive polling.
 fn start_ours(image: &Path, work: &Path, poll_us: u32) -> Result<Backend, CompareError> {
     let bin = vhost_tests::guest::locate_sibling_binary("vhost-blk-backend", "VHOST_BLK_BACKEND")
@@ -342,6 +281,7 @@ fn run_fio(image: &Path, c: &Case, runtime: Duration) -> Result<Sample, CompareE
         Rw::Randwrite => "randwrite",
         Rw::Randrw => "randrw",
     };
+    let cpu_before = children_cpu_seconds();
     let out = Command::new("fio")
         .args([
             "--name=host",
@@ -374,9 +314,10 @@ fn run_fio(image: &Path, c: &Case, runtime: Duration) -> Result<Sample, CompareE
         &job["write"]
     };
     let ios = side["total_ios"].as_f64().unwrap_or(0.0);
-    let cpu_s = (job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0))
-        / 100.0
-        * runtime.as_secs_f64();
+    // fio's own usr/sys figures count its job threads only; the reaped child's rusage also
+    // has the io_uring workers (iou-wrk) its submissions punted to, and fio's set-up, which
+    // is small beside seconds of I/O.
+    let cpu_s = children_cpu_seconds() - cpu_before;
     let pct = |k: &str| side["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
     Ok(Sample {
         iops: side["iops"].as_f64().unwrap_or(0.0),
@@ -429,7 +370,7 @@ pub fn compare_blk(a: &CompareBlkArgs) -> Result<Section, CompareError> {
         notes: vec![
             "qemu-storage-daemon: `--blockdev driver=file,aio=io_uring,cache.direct=on`, exported as vhost-user-blk with 2 queues; ours: `--num-queues 2 --queue-size 512` (O_DIRECT).".into(),
             "fio: io_uring, direct=1, the same image, one job per queue: the host without any vhost-user hop.".into(),
-            "CPU per op: the backend process's user+system time (all threads, io_uring workers included) over the I/Os it served.".into(),
+            "CPU per op: the backend process's user+system time (all threads, io_uring workers included) over the I/Os it served; for fio, fio's own (its job and its io_uring workers: submission, completion and the copy), the host's whole cost of the I/O without a vhost-user hop.".into(),
             "\"packed rings\": the load generator with `--packed` (VIRTIO_F_RING_PACKED); qemu-storage-daemon has no packed rings (libvhost-user), so that row compares our packed rings with our split ones in the row of the same case, measured in the same run.".into(),
             format!("\"polling\" cases: ours with `--poll-us {POLL_US}`, qemu-storage-daemon serving the export from an iothread with `poll-max-ns={}` (QEMU's adaptive polling); every other case: no polling (both defaults).", u64::from(POLL_US) * 1000),
         ],
@@ -438,7 +379,7 @@ pub fn compare_blk(a: &CompareBlkArgs) -> Result<Section, CompareError> {
     Ok(section)
 }
 
-/// Runs every case on a fresh image in `work`, appending rows named "<kind>: <case>".
+/// Runs every case on a fresh image in `work`, appending rows named `"<kind>: <case>"`.
 fn compare_in(
     a: &CompareBlkArgs,
     work: &Path,
@@ -475,8 +416,8 @@ fn compare_in(
             samples[2].push(run_fio(&image, c, a.runtime)?);
         }
         let case = format!("{kind}: {}", c.name);
-        // `with` contenders have the metric; fio's CPU is its own submission cost, not a
-        // backend's, so it has no CPU-per-op entry.
+        // `with` contenders have the metric (all three: fio's CPU per op is the host's
+        // whole cost of the I/O, the efficiency limit a backend is measured against).
         let pick = |f: fn(&Sample) -> f64, with: usize| -> Vec<Vec<f64>> {
             (0..3)
                 .map(|i| {
@@ -492,7 +433,7 @@ fn compare_in(
             (report::IOPS, (|s: &Sample| s.iops) as fn(&Sample) -> f64, 3),
             (report::P50_US, |s: &Sample| s.p50_us, 3),
             (report::P99_US, |s: &Sample| s.p99_us, 3),
-            (report::CPU_US_PER_OP, |s: &Sample| s.cpu_us_per_io, 2),
+            (report::CPU_US_PER_OP, |s: &Sample| s.cpu_us_per_io, 3),
         ] {
             rows.push(Row {
                 case: case.clone(),
@@ -502,6 +443,18 @@ fn compare_in(
         }
     }
     Ok(())
+}
+
+/// User+system CPU time of this process's reaped children (fio, once `output()` returned).
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: a zeroed rusage is a valid out buffer for getrusage.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_CHILDREN only fills the buffer.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
 }
 
 fn is_tmpfs(p: &Path) -> bool {
@@ -518,27 +471,4 @@ fn tempfile_dir(base: &Path) -> Result<PathBuf, CompareError> {
     let d = base.join(format!("vhost-bench-{}", std::process::id()));
     std::fs::create_dir_all(&d)?;
     Ok(d)
-}
-
-/// Fills `path` with `size` bytes of xorshift data: reads of an unwritten (sparse) image
-/// would cost the backends nothing and measure only the page cache's zero page.
-pub(crate) fn fill_random(path: &Path, size: u64) -> Result<(), CompareError> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
-    let mut x: u64 = 0x243f_6a88_85a3_08d3;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        for chunk in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    f.sync_all()?;
-    Ok(())
 }

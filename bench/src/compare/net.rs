@@ -34,10 +34,11 @@ use vhost_tests::guest::{harness_dir, locate_sibling_binary, Accel, GuestTest};
 use vhost_tests::guest_console::{qemu_for_console, use_qemu};
 use vhost_tests::guest_net::{iperf_qemu_tap, iperf_vhost_user, NetNs};
 
-use crate::blk::parse_duration;
-use crate::compare::{cpu_seconds, CompareError};
-use crate::net::{self, Mode, NetLoadArgs, NetReport};
-use crate::report::{self, machine, Metric, Row, Section};
+use crate::compare::report::{self, machine, Metric, Row, Section};
+use crate::compare::CompareError;
+use crate::load::blk::parse_duration;
+use crate::load::cpu_seconds;
+use crate::load::net::{self, Mode, NetLoadArgs, NetReport};
 
 /// Gigabits per second of Ethernet frames.
 const GBIT_S: Metric = Metric {

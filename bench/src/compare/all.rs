@@ -14,13 +14,14 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, CommandFactory, Parser};
 
-use crate::compare::{self, CompareBlkArgs, CompareError};
-use crate::compare_guest_blk::{self, CompareGuestBlkArgs};
-use crate::compare_migrate::{self, CompareMigrateArgs};
-use crate::compare_net::{self, CompareNetArgs};
-use crate::compare_serial::{self, CompareSerialArgs};
-use crate::idle::{self, CompareIdleArgs};
-use crate::report::{machine, now_utc, Section};
+use crate::compare::blk::{self, CompareBlkArgs};
+use crate::compare::guest_blk::{self, CompareGuestBlkArgs};
+use crate::compare::idle::{self, CompareIdleArgs};
+use crate::compare::migrate::{self, CompareMigrateArgs};
+use crate::compare::net::{self, CompareNetArgs};
+use crate::compare::report::{machine, now_utc, Section};
+use crate::compare::serial::{self, CompareSerialArgs};
+use crate::compare::CompareError;
 
 /// Options of `bench compare all`.
 #[derive(Args, Debug)]
@@ -48,7 +49,7 @@ pub struct CompareAllArgs {
 /// Checks a duration the way the comparisons parse it, but keeps the text: it is handed
 /// on to each comparison's own parser.
 fn check_duration(s: &str) -> Result<String, String> {
-    crate::blk::parse_duration(s).map(|_| s.to_string())
+    crate::load::blk::parse_duration(s).map(|_| s.to_string())
 }
 
 /// A comparison's options as a command line of their own, so that clap fills in every
@@ -159,7 +160,7 @@ pub fn compare_all(a: &CompareAllArgs) -> Result<String, CompareError> {
         }
     }
     // A missing font would otherwise only show after all the measurements.
-    crate::chart::load_font().map_err(|e| CompareError::Run(e.to_string()))?;
+    crate::compare::chart::load_font().map_err(|e| CompareError::Run(e.to_string()))?;
     std::fs::create_dir_all(&a.out)?;
 
     let command = command_line();
@@ -169,16 +170,12 @@ pub fn compare_all(a: &CompareAllArgs) -> Result<String, CompareError> {
             Outcome::Skipped("left out with --skip".into())
         } else {
             match name {
-                "blk" => run::<CompareBlkArgs, _>(name, a, compare::compare_blk),
-                "net" => run::<CompareNetArgs, _>(name, a, compare_net::compare_net),
-                "serial" => run::<CompareSerialArgs, _>(name, a, compare_serial::compare_serial),
-                "guest-blk" => {
-                    run::<CompareGuestBlkArgs, _>(name, a, compare_guest_blk::compare_guest_blk)
-                }
+                "blk" => run::<CompareBlkArgs, _>(name, a, blk::compare_blk),
+                "net" => run::<CompareNetArgs, _>(name, a, net::compare_net),
+                "serial" => run::<CompareSerialArgs, _>(name, a, serial::compare_serial),
+                "guest-blk" => run::<CompareGuestBlkArgs, _>(name, a, guest_blk::compare_guest_blk),
                 "idle" => run::<CompareIdleArgs, _>(name, a, idle::compare_idle),
-                "migrate" => {
-                    run::<CompareMigrateArgs, _>(name, a, compare_migrate::compare_migrate)
-                }
+                "migrate" => run::<CompareMigrateArgs, _>(name, a, migrate::compare_migrate),
                 other => Outcome::Failed(format!("no such comparison {other}")),
             }
         };
@@ -327,7 +324,7 @@ fn write_all(out: &Path, command: &str, done: &[(&str, Outcome)]) -> Result<(), 
         })
         .collect();
     let owned: Vec<Section> = sections.into_iter().cloned().collect();
-    crate::chart::write_chart_with_notes(&owned, &notes, &out.join("all.png"))
+    crate::compare::chart::write_chart_with_notes(&owned, &notes, &out.join("all.png"))
         .map_err(|e| CompareError::Run(e.to_string()))
 }
 
@@ -389,9 +386,9 @@ mod tests {
             description: "d".into(),
             contenders: vec!["ours".into(), "peer".into()],
             ratios: true,
-            rows: vec![crate::report::Row {
+            rows: vec![crate::compare::report::Row {
                 case: "c".into(),
-                metric: crate::report::IOPS,
+                metric: crate::compare::report::IOPS,
                 samples: vec![vec![2.0], vec![1.0]],
             }],
             notes: vec![],
@@ -428,9 +425,9 @@ mod tests {
             description: "d".into(),
             contenders: vec!["ours".into(), "peer".into()],
             ratios: false,
-            rows: vec![crate::report::Row {
+            rows: vec![crate::compare::report::Row {
                 case: "full copy".into(),
-                metric: crate::report::MB_S,
+                metric: crate::compare::report::MB_S,
                 samples: vec![vec![], vec![900.0]],
             }],
             notes: vec![],

@@ -361,7 +361,7 @@ impl Section {
         std::fs::write(out.join(format!("{}.md", self.name)), self.markdown())?;
         let json = serde_json::to_string_pretty(&self.json()).map_err(std::io::Error::other)?;
         std::fs::write(out.join(format!("{}.json", self.name)), json)?;
-        crate::chart::write_chart(
+        crate::compare::chart::write_chart(
             std::slice::from_ref(self),
             &out.join(format!("{}.png", self.name)),
         )

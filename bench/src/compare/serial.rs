@@ -13,8 +13,8 @@ use clap::Args;
 use vhost_tests::console_bench::{console_guest, console_throughput, ConsoleImpl};
 use vhost_tests::guest::{locate_sibling_binary, Accel};
 
+use crate::compare::report::{self, machine, Row, Section};
 use crate::compare::CompareError;
-use crate::report::{self, machine, Row, Section};
 
 /// Options of `bench compare serial`.
 #[derive(Args, Debug)]
@@ -39,7 +39,7 @@ pub fn compare_serial(a: &CompareSerialArgs) -> Result<Section, CompareError> {
         Accel::Tcg => "TCG",
         Accel::Kvm => "KVM",
     };
-    let qemu = crate::report::program_version(&t.env.qemu)
+    let qemu = crate::compare::report::program_version(&t.env.qemu)
         .unwrap_or_else(|| "QEMU (version unknown)".into());
     // samples[direction][contender]
     let mut samples = vec![vec![Vec::new(); ConsoleImpl::ALL.len()]; 2];

@@ -20,7 +20,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::report::{self, Metric, Row, Section};
+use crate::compare::report::{self, Metric, Row, Section};
 
 /// The chart font, from Debian's fonts-dejavu-core.
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -872,7 +872,7 @@ fn value_panels_of(s: &Section) -> Result<Vec<ValuePanel>, ChartError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{CPU_PCT, IOPS, P50_US, RSS_MIB};
+    use crate::compare::report::{CPU_PCT, IOPS, P50_US, RSS_MIB};
 
     /// Width, height and colour type of a PNG, decoding every pixel (so a truncated or
     /// corrupt file fails).
