@@ -109,7 +109,10 @@ pub struct Used {
     pub len: u32,
 }
 
-/// The driver side of one split ring.
+/// The driver side of one split ring, or of a packed one ([`FrontendOptions::packed`]):
+/// chains, publishing, used elements and kicks work on both; the calls that name split
+/// ring fields (`reserve`, `force_avail_idx`, `set_used_event`, `avail_event`,
+/// `set_avail_flags`, `used_flags`) are for split rings only.
 pub struct DriverQueue {
     /// Queue index.
     pub index: u16,
