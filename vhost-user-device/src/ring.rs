@@ -318,8 +318,9 @@ impl Ring {
         if setup.inflight.is_some() {
             log::warn!(
                 "queue {index}: packed ring: inflight tracking (INFLIGHT_SHMFD) is implemented \
-                 for split rings only; requests in flight if this backend dies will not be \
-                 resubmitted"
+                 for split rings only: if this backend dies under I/O, its successor cannot \
+                 resubmit what was in flight and the guest's I/O on this queue may hang; use \
+                 split rings (QEMU: packed=off, the default) where backend restarts matter"
             );
         }
         Ok(Self {
