@@ -1200,4 +1200,236 @@ pub(crate) mod tests {
         assert_eq!(recovery.resubmit, Vec::<u16>::new());
         assert_eq!(recovery.next_avail, Some(1));
     }
+
+    /// A started ring of SIZE entries whose used index (and avail base) starts at
+    /// `start`, with event_idx as given and a call eventfd, which is returned.
+    fn notifying_ring(event_idx: bool, start: u16) -> (Ring, EventFd) {
+        let mut table = MemoryTable::new(DirtyLog::new());
+        table
+            .add_region(
+                &VhostUserMemoryRegion::new(0, MEM, 0x7000_0000_0000, 0),
+                memfd(MEM),
+            )
+            .unwrap();
+        let mem = table.atomic().memory().into_inner();
+        // Where an earlier session left the used ring (the device continues from it).
+        mem.write_obj(start.to_le(), GuestAddress(USED + 2))
+            .unwrap();
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        let ring = Ring::start(RingSetup {
+            index: 0,
+            size: SIZE,
+            max_size: SIZE,
+            desc: DESC,
+            avail: AVAIL,
+            used: USED,
+            base: start,
+            event_idx,
+            acked_features: 0,
+            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+            call: Some(call.try_clone().unwrap()),
+            err: None,
+            enabled: true,
+            inflight: None,
+            mem: table.atomic(),
+            log: DirtyLog::new(),
+            stats: Arc::new(QueueStats::default()),
+        })
+        .unwrap();
+        (ring, call)
+    }
+
+    /// Interrupts signalled on `call` since the last look.
+    fn interrupts(call: &EventFd) -> u64 {
+        call.read().unwrap_or(0)
+    }
+
+    /// The driver's `used_event` (event_idx): interrupt once the used index passes it.
+    fn set_used_event(mem: &GuestMem, v: u16) {
+        mem.write_obj(v.to_le(), GuestAddress(AVAIL + 4 + 2 * u64::from(SIZE)))
+            .unwrap();
+    }
+
+    /// The avail ring's flags (VRING_AVAIL_F_NO_INTERRUPT).
+    fn set_avail_flags(mem: &GuestMem, flags: u16) {
+        mem.write_obj(flags.to_le(), GuestAddress(AVAIL)).unwrap();
+    }
+
+    /// Used element `slot` as (id, len).
+    fn used_elem(mem: &GuestMem, slot: u16) -> (u32, u32) {
+        let at = USED + 4 + 8 * u64::from(slot);
+        let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
+        (u32::from_le(id), u32::from_le(len))
+    }
+
+    #[test]
+    fn without_event_idx_notify_interrupts_unless_the_driver_said_no_interrupt() {
+        let (mut ring, call) = notifying_ring(false, 0);
+        let mem = ring.memory();
+        ring.add_used(&mem, 3, 100);
+        ring.notify(&mem);
+        assert_eq!(interrupts(&call), 1);
+        assert_eq!(used_idx(&mem), 1);
+        assert_eq!(used_elem(&mem, 0), (3, 100));
+        set_avail_flags(&mem, VRING_AVAIL_F_NO_INTERRUPT);
+        ring.add_used(&mem, 4, 0);
+        ring.add_used_batch(&mem, &[(5, 1), (6, 2)]);
+        ring.notify(&mem);
+        assert_eq!(interrupts(&call), 0, "interrupted under NO_INTERRUPT");
+        assert_eq!(used_idx(&mem), 4, "completions published all the same");
+        // Other flag bits do not ask for silence.
+        set_avail_flags(&mem, 0x8000);
+        ring.add_used(&mem, 7, 0);
+        ring.notify(&mem);
+        assert_eq!(interrupts(&call), 1);
+        assert_eq!(ring.stats().notifications.load(Ordering::Relaxed), 2);
+        assert_eq!(ring.stats().completed.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn with_event_idx_notify_interrupts_once_the_used_index_passes_used_event() {
+        let (mut ring, call) = notifying_ring(true, 0);
+        let mem = ring.memory();
+        // The driver wants to hear after the 3rd completion (used_event 2).
+        set_used_event(&mem, 2);
+        for head in 0..2 {
+            ring.add_used(&mem, head, 0);
+            ring.notify(&mem);
+            assert_eq!(interrupts(&call), 0, "interrupt after completion {head}");
+        }
+        ring.add_used(&mem, 2, 0);
+        ring.notify(&mem);
+        assert_eq!(
+            interrupts(&call),
+            1,
+            "no interrupt when used passed used_event"
+        );
+        // Without new completions since, nothing more, even with used_event still passed.
+        ring.notify(&mem);
+        assert_eq!(interrupts(&call), 0, "interrupt without a new completion");
+        // NO_INTERRUPT is not how an event_idx driver asks: used_event alone decides.
+        set_avail_flags(&mem, VRING_AVAIL_F_NO_INTERRUPT);
+        set_used_event(&mem, 3);
+        ring.add_used(&mem, 3, 0);
+        ring.notify(&mem);
+        assert_eq!(interrupts(&call), 1);
+        // A used_event ahead of the used index: not yet.
+        set_used_event(&mem, 10);
+        ring.add_used(&mem, 4, 0);
+        ring.notify(&mem);
+        assert_eq!(interrupts(&call), 0);
+    }
+
+    /// One decision per batch: a batch published with one used-index update (or several
+    /// completions between two notify calls) interrupts once if `used_event` lies anywhere
+    /// among them, and not if it lies before them (a driver that has not caught up) or
+    /// after them.
+    #[test]
+    fn a_batch_gets_one_notification_decision_over_all_its_entries() {
+        let (mut ring, call) = notifying_ring(true, 0);
+        let mem = ring.memory();
+        // used_event at the first, middle and last entry of the batch 0..4.
+        let mut next = 0u16;
+        for pos in [0u16, 2, 3] {
+            set_used_event(&mem, next + pos);
+            let batch: Vec<(u16, u32)> = (0..4).map(|i| (next + i, u32::from(i))).collect();
+            ring.add_used_batch(&mem, &batch);
+            next += 4;
+            assert_eq!(used_idx(&mem), next);
+            ring.notify(&mem);
+            assert_eq!(
+                interrupts(&call),
+                1,
+                "used_event at entry {pos} of the batch"
+            );
+        }
+        // Behind the batch, or ahead of it: no interrupt.
+        for behind in [true, false] {
+            // The batch's entries are next..next + 4; the used index becomes next + 4.
+            let used_event = if behind { next - 1 } else { next + 4 };
+            set_used_event(&mem, used_event);
+            ring.add_used_batch(&mem, &[(20, 0), (21, 0), (22, 0), (23, 0)]);
+            next += 4;
+            ring.notify(&mem);
+            assert_eq!(
+                interrupts(&call),
+                0,
+                "used_event {used_event}, batch ended at {next}"
+            );
+        }
+        // Single completions and a batch between two notify calls count together.
+        set_used_event(&mem, next);
+        ring.add_used(&mem, 30, 0);
+        ring.add_used_batch(&mem, &[(31, 0), (32, 0)]);
+        ring.notify(&mem);
+        assert_eq!(interrupts(&call), 1);
+        set_used_event(&mem, next + 4);
+        ring.add_used_batch(&mem, &[(33, 0), (34, 0)]);
+        ring.add_used(&mem, 35, 0);
+        ring.notify(&mem);
+        assert_eq!(
+            interrupts(&call),
+            1,
+            "used_event reached by the last single completion"
+        );
+        assert_eq!(used_idx(&mem), next + 6);
+    }
+
+    #[test]
+    fn add_used_batch_publishes_every_entry_with_one_index_update() {
+        let (mut ring, call) = notifying_ring(false, 0);
+        let mem = ring.memory();
+        ring.add_used_batch(&mem, &[(9, 4096), (2, 1), (200, 0)]);
+        assert_eq!(used_idx(&mem), 3);
+        assert_eq!(
+            (0..3).map(|s| used_elem(&mem, s)).collect::<Vec<_>>(),
+            vec![(9, 4096), (2, 1), (200, 0)]
+        );
+        // A head outside the ring is not published (the rest is).
+        ring.add_used_batch(&mem, &[(SIZE, 7), (1, 8)]);
+        assert_eq!(used_idx(&mem), 4);
+        assert_eq!(used_elem(&mem, 3), (1, 8));
+        // An empty batch publishes nothing.
+        ring.add_used_batch(&mem, &[]);
+        assert_eq!(used_idx(&mem), 4);
+        // Without event_idx, one interrupt for everything published.
+        ring.notify(&mem);
+        assert_eq!(interrupts(&call), 1);
+    }
+
+    /// The used index is 16 bits and wraps: a batch across 65535 -> 0 lands in the right
+    /// slots (the index modulo the ring size), and the event_idx decision holds across the
+    /// wrap.
+    #[test]
+    fn the_used_index_wraps_in_batches_and_in_the_notification_decision() {
+        let start = u16::MAX - 1;
+        let (mut ring, call) = notifying_ring(true, start);
+        let mem = ring.memory();
+        set_used_event(&mem, u16::MAX);
+        ring.add_used_batch(&mem, &[(11, 1), (12, 2), (13, 3)]);
+        assert_eq!(used_idx(&mem), 1, "65534 + 3 wraps to 1");
+        // 65534 and 65535 are the last two slots of a 256-entry ring, 0 the first.
+        assert_eq!(used_elem(&mem, SIZE - 2), (11, 1));
+        assert_eq!(used_elem(&mem, SIZE - 1), (12, 2));
+        assert_eq!(used_elem(&mem, 0), (13, 3));
+        ring.notify(&mem);
+        assert_eq!(
+            interrupts(&call),
+            1,
+            "used_event 65535 passed by the wrapping batch"
+        );
+        // used_event 1 lies ahead of the used index (1): passed by the next completion only.
+        set_used_event(&mem, 1);
+        ring.add_used(&mem, 14, 4);
+        assert_eq!(used_idx(&mem), 2);
+        assert_eq!(used_elem(&mem, 1), (14, 4));
+        ring.notify(&mem);
+        assert_eq!(interrupts(&call), 1);
+        // used_event 0, one entry behind the last one: no interrupt for the next.
+        set_used_event(&mem, 0);
+        ring.add_used(&mem, 15, 0);
+        ring.notify(&mem);
+        assert_eq!(interrupts(&call), 0);
+    }
 }

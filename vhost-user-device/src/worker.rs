@@ -30,7 +30,8 @@ const TOKEN_RESUME: u64 = u64::MAX;
 
 pub(crate) enum Command {
     Start(Box<Ring>),
-    Enable(u16, bool),
+    /// The reply comes once the worker applied it (see [`WorkerHandle::enable`]).
+    Enable(u16, bool, Sender<()>),
     SetCall(u16, Option<EventFd>),
     SetErr(u16, Option<EventFd>),
     Stop(u16, Sender<Option<Box<Ring>>>),
@@ -125,8 +126,16 @@ impl WorkerHandle {
         self.send(Command::Start(Box::new(ring)))
     }
 
+    /// Enables or disables a started ring, and returns once the worker applied it: the
+    /// frontend's SET_VRING_ENABLE is acknowledged only then, so a chain it makes
+    /// available after a disable is never taken (the worker handles commands between
+    /// events, never in the middle of processing a ring).
     pub(crate) fn enable(&self, queue: u16, on: bool) -> bool {
-        self.send(Command::Enable(queue, on))
+        let (tx, rx) = bounded(1);
+        if !self.send(Command::Enable(queue, on, tx)) {
+            return false;
+        }
+        rx.recv().is_ok()
     }
 
     pub(crate) fn set_call(&self, queue: u16, call: Option<EventFd>) -> bool {
@@ -313,9 +322,12 @@ impl WorkerState {
                     process(self.worker.as_mut(), queue, &mut self.rings);
                 }
             }
-            Command::Enable(queue, on) => {
+            Command::Enable(queue, on, reply) => {
                 if let Some(ring) = self.rings.get_mut(queue) {
                     ring.enabled = on;
+                    // Applied: the frontend may have its answer (before the processing,
+                    // which it does not wait for).
+                    let _ = reply.send(());
                     if on && !ring.is_broken() {
                         process(self.worker.as_mut(), queue, &mut self.rings);
                     }
