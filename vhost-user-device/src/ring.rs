@@ -1223,7 +1223,7 @@ pub(crate) mod tests {
             desc: DESC,
             avail: AVAIL,
             used: USED,
-            base: start,
+            base: u32::from(start),
             event_idx,
             acked_features: 0,
             kick: EventFd::new(EFD_NONBLOCK).unwrap(),
