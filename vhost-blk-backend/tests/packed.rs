@@ -175,4 +175,13 @@ fn a_split_frontend_gets_a_split_ring_from_the_same_backend() {
     let (data, st) = read(&mut fe, 1, 512);
     assert_eq!(st, status::OK);
     assert_eq!(data, pattern_range(512, 512));
+    // A split ring's base is a 16-bit avail index: a packed-style 32-bit one is refused.
+    let base = fe.stop_queues().expect("GET_VRING_BASE");
+    assert_eq!(base, vec![1]);
+    assert!(fe.start_queue_at_base(0, 0x8001_8001).is_err());
+    fe.start_queue_at_base(0, base[0])
+        .expect("restart at the saved base");
+    let (data, st) = read(&mut fe, 2, 512);
+    assert_eq!(st, status::OK);
+    assert_eq!(data, pattern_range(1024, 512));
 }
