@@ -14,15 +14,16 @@
 //! layer and run it at once.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost_user_device::memory::host_iovecs;
 use vhost_user_device::rate_limit::RateLimitedLog;
-use vhost_user_device::{Chain, GuestMem, QueueWorker, Ring, Rings};
-use vm_memory::{Bytes, GuestAddress};
+use vhost_user_device::{
+    Chain, ChainReader, ChainWriter, GuestMem, QueueWorker, Ring, Rings, Segment,
+};
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
 
 use crate::host_poll::{
@@ -52,8 +53,6 @@ const HELD_LIMIT: usize = 1 << 20;
 /// worker from every other port. A queue stopped at its budget is taken up again through
 /// our own wake eventfd, after the events waiting meanwhile (see `Engine::held`).
 const BUDGET: usize = 64;
-/// Bytes copied out of guest memory at a time (a stack buffer).
-const COPY_CHUNK: usize = 16 * 1024;
 
 /// The error of a write(2)/writev(2) that returned `n` <= 0. A write of a non-empty buffer
 /// that returns 0 made no progress and never will (errno is not set then): an error too.
@@ -85,13 +84,13 @@ fn fill_iov(
     mem: &GuestMem,
 ) -> Result<(), vhost_user_device::memory::MemoryError> {
     let mut skip = p.done;
-    for &(addr, len) in &p.segs {
-        let len = u64::from(len);
+    for s in &p.segs {
+        let len = u64::from(s.len);
         if skip >= len {
             skip -= len;
             continue;
         }
-        host_iovecs(mem, addr + skip, len - skip, iov)?;
+        host_iovecs(mem, s.addr + skip, len - skip, iov)?;
         skip = 0;
         if iov.len() >= MAX_IOV {
             iov.truncate(MAX_IOV);
@@ -696,14 +695,14 @@ impl Engine {
                 break;
             }
             taken += 1;
-            let segs: Vec<(u64, u32)> = self
+            let segs: Vec<Segment> = self
                 .chain
                 .segments
                 .iter()
                 .filter(|s| !s.writable)
-                .map(|s| (s.addr, s.len))
+                .copied()
                 .collect();
-            let total = segs.iter().map(|s| u64::from(s.1)).sum();
+            let total = segs.iter().map(|s| u64::from(s.len)).sum();
             if total == 0 {
                 ring.add_used(&mem, self.chain.head, 0);
                 completed = true;
@@ -797,36 +796,14 @@ impl Engine {
             // Backlog bytes drained above are dropped output too.
             dropped += held.saturating_sub(port.out_buf.len() as u64);
         }
-        let mut skip = from;
-        let mut want = take;
-        let mut bad = false;
-        let mut scratch = [0u8; COPY_CHUNK];
-        for &(addr, len) in &p.segs {
-            if want == 0 {
-                break;
-            }
-            let len = u64::from(len);
-            if skip >= len {
-                skip -= len;
-                continue;
-            }
-            let n = (len - skip).min(want);
-            let mut off = 0;
-            while off < n {
-                let k = (n - off).min(COPY_CHUNK as u64) as usize;
-                // The layer checked that the segment lies in guest memory, so the address
-                // does not overflow; the memory may have changed since (unplug).
-                let at = GuestAddress(addr + skip + off);
-                if mem.read_slice(&mut scratch[..k], at).is_err() {
-                    bad = true;
-                } else {
-                    port.out_buf.extend(&scratch[..k]);
-                }
-                off += k as u64;
-            }
-            skip = 0;
-            want -= n;
-        }
+        // Only the bytes kept are read from guest memory, straight into `out_buf`.
+        let mut chain = ChainReader::over(mem, &p.segs);
+        let bad = match chain.skip(from) {
+            Ok(_) => io::copy(&mut (&mut chain).take(take), &mut port.out_buf)
+                .map(|copied| copied < take)
+                .unwrap_or(true),
+            Err(_) => true,
+        };
         if bad {
             let id = port.id;
             self.bad(|| format!("port {id}: tx buffer outside guest memory"));
@@ -1060,20 +1037,13 @@ impl Engine {
                 break;
             }
             let p = &mut self.st.ports[idx];
-            let mut written = 0usize;
-            let mut bad = false;
-            for s in self.chain.segments.iter().filter(|s| s.writable) {
-                let left = &p.rx_buf[p.rx_off + written..];
-                if left.is_empty() {
-                    break;
-                }
-                let n = left.len().min(s.len as usize);
-                if mem.write_slice(&left[..n], GuestAddress(s.addr)).is_err() {
-                    bad = true;
-                    break;
-                }
-                written += n;
-            }
+            let mut buffers = ChainWriter::new(&mem, &self.chain);
+            // The buffers filling up is no error: the rest waits for the next chain.
+            let bad = match buffers.write_all(&p.rx_buf[p.rx_off..]) {
+                Ok(()) => false,
+                Err(e) => e.kind() != io::ErrorKind::WriteZero,
+            };
+            let written = buffers.bytes_written() as usize;
             p.rx_off += written;
             // Counted before the guest can see the buffer (a reader of the counters after
             // the data must find it there).
@@ -1159,21 +1129,12 @@ impl Engine {
                 }
                 break;
             }
+            // A message is CONTROL_SIZE bytes; fewer (a short chain, unreadable memory)
+            // is refused below.
             let mut buf = [0u8; CONTROL_SIZE];
-            let mut got = 0;
-            for s in self.chain.segments.iter().filter(|s| !s.writable) {
-                let n = (CONTROL_SIZE - got).min(s.len as usize);
-                if mem
-                    .read_slice(&mut buf[got..got + n], GuestAddress(s.addr))
-                    .is_err()
-                {
-                    break;
-                }
-                got += n;
-                if got == CONTROL_SIZE {
-                    break;
-                }
-            }
+            let got = ChainReader::new(&mem, &self.chain)
+                .read(&mut buf)
+                .unwrap_or(0);
             let head = self.chain.head;
             ring.add_used(&mem, head, 0);
             completed = true;
@@ -1339,25 +1300,11 @@ impl Engine {
                 break;
             }
             let head = self.chain.head;
-            let room = self.chain.writable_len();
-            let mut written = 0usize;
-            let mut ok = room >= msg.len() as u64;
-            if ok {
-                for s in self.chain.segments.iter().filter(|s| s.writable) {
-                    let n = (msg.len() - written).min(s.len as usize);
-                    if n == 0 {
-                        break;
-                    }
-                    if mem
-                        .write_slice(&msg[written..written + n], GuestAddress(s.addr))
-                        .is_err()
-                    {
-                        ok = false;
-                        break;
-                    }
-                    written += n;
-                }
-            }
+            let mut reply = ChainWriter::new(&mem, &self.chain);
+            let room = reply.remaining();
+            // A message goes whole or not at all: the driver reads one per buffer.
+            let ok = room >= msg.len() as u64 && reply.write_all(msg).is_ok();
+            let written = reply.bytes_written();
             used = true;
             if ok {
                 ring.add_used(&mem, head, written as u32);

@@ -17,7 +17,8 @@
 //! - [`memory`] and [`dirty_log`]: guest memory regions (SET_MEM_TABLE, ADD/REM_MEM_REG)
 //!   sharing one dirty log, which covers late regions and honours LOG_ALL on and off;
 //! - [`ring`], [`chain`]: started rings and a descriptor-chain walker that checks every
-//!   index, length and address the guest gives;
+//!   index, length and address the guest gives; [`chain_io`]: a chain's buffers as
+//!   `io::Read` and `io::Write`, for headers, statuses and replies;
 //! - [`inflight`]: the INFLIGHT_SHMFD region and the resubmission of chains a previous
 //!   backend process left in flight;
 //! - [`worker`] and [`device`]: worker threads and the two traits devices implement;
@@ -29,6 +30,7 @@
 //! new call fd, stop-after-drain).
 
 pub mod chain;
+pub mod chain_io;
 pub mod control;
 pub mod device;
 pub mod dirty_log;
@@ -48,6 +50,7 @@ pub mod server;
 pub mod worker;
 
 pub use chain::{Chain, Origin, Segment};
+pub use chain_io::{ChainReader, ChainWriter};
 pub use device::{DeviceError, QueueWorker, VhostUserDevice, VmmEvent};
 pub use memory::{GuestMem, GuestMemAtomic};
 pub use ring::{QueueStats, Ring, Rings};
