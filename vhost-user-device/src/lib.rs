@@ -41,6 +41,7 @@ pub mod inflight;
 pub mod memory;
 pub mod metrics;
 pub mod program;
+pub mod qmp_events;
 pub mod rate_limit;
 pub mod ring;
 pub mod sandbox;
