@@ -19,7 +19,7 @@ impl Engine {
     /// dropped and made again under a running guest). The driver set its ports up with that
     /// backend and will not do it again on its own: [`Engine::reattach`]. A driver that
     /// starts (or restarts) the device begins both control rings at 0.
-    pub(crate) fn check_live_driver(&mut self, ring: &Ring) {
+    fn check_live_driver(&mut self, ring: &Ring) {
         let i = usize::from(ring.index() == queue::CONTROL_RX);
         if std::mem::replace(&mut self.control_seen[i], true) {
             return;
@@ -35,7 +35,7 @@ impl Engine {
     /// process cannot know (`port_ready`): the port is ready, and it is open in the guest
     /// (assumed, see serial-backend's README, "Restarts"); and the driver learns the host
     /// side's state now, which may differ from what it last heard.
-    pub(crate) fn reattach(&mut self) {
+    fn reattach(&mut self) {
         self.reattached = true;
         if !self.multiport {
             return;
@@ -52,6 +52,8 @@ impl Engine {
         }
     }
 
+    /// Takes the driver's control messages from `ring` (at most `BUDGET` a call) and acts
+    /// on them.
     pub(crate) fn control_tx(&mut self, ring: &mut Ring) {
         self.check_live_driver(ring);
         let mem = ring.memory();
@@ -91,7 +93,8 @@ impl Engine {
         }
     }
 
-    pub(crate) fn control(&mut self, c: Control) {
+    /// Acts on one control message from the driver.
+    fn control(&mut self, c: Control) {
         if c.event == event::DEVICE_READY {
             if c.value != 1 {
                 log::warn!(
@@ -127,7 +130,7 @@ impl Engine {
         }
     }
 
-    pub(crate) fn port_ready(&mut self, idx: usize, value: u16) {
+    fn port_ready(&mut self, idx: usize, value: u16) {
         let p = &mut self.st.ports[idx];
         let id = p.id;
         if value != 1 {
@@ -173,7 +176,7 @@ impl Engine {
         }
     }
 
-    pub(crate) fn guest_open(&mut self, idx: usize, open: bool) {
+    fn guest_open(&mut self, idx: usize, open: bool) {
         let p = &mut self.st.ports[idx];
         let id = p.id;
         if !p.guest_ready {
@@ -229,6 +232,8 @@ impl Engine {
         self.st.update_interest(idx);
     }
 
+    /// Delivers the queued control messages into the driver's control receive buffers,
+    /// one message per buffer, in order.
     pub(crate) fn control_rx(&mut self, ring: &mut Ring) {
         self.check_live_driver(ring);
         let mem = ring.memory();

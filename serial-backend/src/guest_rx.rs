@@ -12,6 +12,8 @@ use crate::spec::event;
 use crate::stats::Counter;
 
 impl Engine {
+    /// Fills port `idx`'s receive buffers on `ring` with host input while both last, then
+    /// ends a hostinfo document the guest has read whole.
     pub(crate) fn rx(&mut self, idx: usize, ring: &mut Ring) {
         if !self.st.ports[idx].guest_open {
             return;

@@ -39,7 +39,7 @@ fn write_error(n: isize) -> io::Error {
 
 /// Appends iovecs for the unsent part of `p` (at most `MAX_IOV`) to `iov`; an error if a
 /// buffer is no longer in guest memory (the layer checked the chain; memory changed since).
-pub(crate) fn fill_iov(
+fn fill_iov(
     iov: &mut Vec<libc::iovec>,
     p: &Pending,
     mem: &GuestMem,
@@ -65,7 +65,7 @@ pub(crate) fn fill_iov(
 /// `fd`; what was written advances `p.done` and is counted (`tx-bytes`) for `port` and
 /// the device. Returns writev's result, or the error if the chain is no longer inside
 /// guest memory (nothing written then).
-pub(crate) fn writev_pending(
+fn writev_pending(
     iov: &mut Vec<libc::iovec>,
     fd: RawFd,
     p: &mut Pending,
@@ -94,7 +94,7 @@ pub(crate) fn writev_pending(
 /// Which part of a pending chain [`Engine::copy_pending`] keeps when the chain would take
 /// a port's held output beyond its limit.
 #[derive(Clone, Copy)]
-pub(crate) enum Keep {
+enum Keep {
     /// The newest bytes, up to this many held in all (a console's backlog: the latest
     /// output is what a user connecting later wants to see).
     Newest(usize),
@@ -104,7 +104,7 @@ pub(crate) enum Keep {
 }
 
 /// How writing a port's output went.
-pub(crate) enum Flush {
+enum Flush {
     /// Nothing is held any more.
     Idle,
     /// The host cannot take more now.
@@ -112,6 +112,9 @@ pub(crate) enum Flush {
 }
 
 impl Engine {
+    /// Writes port `idx`'s transmit chains on `ring` to its host side (at most `BUDGET` a
+    /// call), keeps one pending while the host is slow or absent, and sends the socket
+    /// client EOF once the guest closed the port and its output is out.
     pub(crate) fn tx(&mut self, idx: usize, ring: &mut Ring) {
         let mem = ring.memory();
         let mut completed = false;
@@ -206,7 +209,7 @@ impl Engine {
         }
     }
 
-    pub(crate) fn complete_pending(&mut self, idx: usize, ring: &mut Ring, mem: &GuestMem) {
+    fn complete_pending(&mut self, idx: usize, ring: &mut Ring, mem: &GuestMem) {
         if let Some(p) = self.st.ports[idx].pending.take() {
             ring.add_used(mem, p.head, 0);
         }
@@ -217,7 +220,7 @@ impl Engine {
     /// the chain may be up to 4 GiB long (an indirect table of large buffers), far more
     /// than any port buffers. Returns how many bytes of the chain were not kept (counted by
     /// the caller, which knows why).
-    pub(crate) fn copy_pending(&mut self, idx: usize, mem: &GuestMem, keep: Keep) -> u64 {
+    fn copy_pending(&mut self, idx: usize, mem: &GuestMem, keep: Keep) -> u64 {
         let port = &mut self.st.ports[idx];
         let Some(p) = &port.pending else { return 0 };
         let left = p.total.saturating_sub(p.done);
@@ -258,7 +261,7 @@ impl Engine {
     /// Writes the pending chain to a file port straight from guest memory, in writevs of
     /// at most `MAX_IOV` pieces (never a copy of the whole chain), and completes it. A
     /// write error drops the rest of the chain (counted in `host_write_errors`).
-    pub(crate) fn write_pending_to_file(&mut self, idx: usize, ring: &mut Ring, mem: &GuestMem) {
+    fn write_pending_to_file(&mut self, idx: usize, ring: &mut Ring, mem: &GuestMem) {
         let port = &mut self.st.ports[idx];
         let id = port.id;
         let fd = match &port.host {
@@ -293,7 +296,7 @@ impl Engine {
         self.complete_pending(idx, ring, mem);
     }
 
-    pub(crate) fn flush(
+    fn flush(
         &mut self,
         idx: usize,
         ring: &mut Ring,
@@ -411,13 +414,7 @@ impl Engine {
     /// the next one. A pty or stdio that cannot be written to will not get better: what is
     /// held and the pending chain are dropped (counted, logged) and the chain goes back to
     /// the guest, rather than retried for ever.
-    pub(crate) fn write_failed(
-        &mut self,
-        idx: usize,
-        ring: &mut Ring,
-        mem: &GuestMem,
-        completed: &mut bool,
-    ) {
+    fn write_failed(&mut self, idx: usize, ring: &mut Ring, mem: &GuestMem, completed: &mut bool) {
         let id = self.st.ports[idx].id;
         if let HostSide::Socket { .. } = &self.st.ports[idx].host {
             log::info!("port {id}: client went away while writing");

@@ -83,7 +83,7 @@ impl Engine {
         self.events = events;
     }
 
-    pub(crate) fn accept(&mut self, idx: usize) {
+    fn accept(&mut self, idx: usize) {
         let HostSide::Socket {
             listener, client, ..
         } = &mut self.st.ports[idx].host
@@ -121,7 +121,7 @@ impl Engine {
     }
 
     /// The socket client went away: tell the guest; keep the fd until its data is read.
-    pub(crate) fn hang_up(&mut self, idx: usize) {
+    fn hang_up(&mut self, idx: usize) {
         self.client_gone(idx);
         self.st.update_interest(idx);
     }
@@ -146,7 +146,7 @@ impl Engine {
         }
     }
 
-    pub(crate) fn host_gone(&mut self, idx: usize) {
+    fn host_gone(&mut self, idx: usize) {
         let p = &mut self.st.ports[idx];
         if p.host_open_sent && p.guest_ready && !p.console {
             p.host_open_sent = false;
@@ -156,7 +156,7 @@ impl Engine {
         }
     }
 
-    pub(crate) fn drop_client(&mut self, idx: usize) {
+    fn drop_client(&mut self, idx: usize) {
         self.host_gone(idx);
         // Deregister before closing, so a reused fd number cannot be confused.
         self.st.set_reg(idx, KIND_DATA as usize, None, 0, false);
@@ -203,7 +203,7 @@ impl Engine {
         false
     }
 
-    pub(crate) fn check_sizes(&mut self) {
+    fn check_sizes(&mut self) {
         for i in 0..self.st.ports.len() {
             let p = &mut self.st.ports[i];
             if !p.console {
