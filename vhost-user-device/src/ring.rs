@@ -929,8 +929,17 @@ pub(crate) mod tests {
         ring_with(size, None)
     }
 
+    /// As [`ring_of`], for queue `index`.
+    pub(crate) fn ring_of_queue(index: u16, size: u16) -> Ring {
+        ring_at(index, size, None)
+    }
+
     /// A started ring of `size` entries (at most SIZE) recovering from `inflight`.
     fn ring_with(size: u16, inflight: Option<InflightQueue>) -> Ring {
+        ring_at(0, size, inflight)
+    }
+
+    fn ring_at(index: u16, size: u16, inflight: Option<InflightQueue>) -> Ring {
         let mut table = MemoryTable::new(DirtyLog::new());
         table
             .add_region(
@@ -939,7 +948,7 @@ pub(crate) mod tests {
             )
             .unwrap();
         Ring::start(RingSetup {
-            index: 0,
+            index,
             size,
             max_size: size,
             desc: DESC,
@@ -961,7 +970,7 @@ pub(crate) mod tests {
     }
 
     /// Writes descriptor `i`: one buffer, no NEXT.
-    fn desc(mem: &GuestMem, i: u16, addr: u64, len: u32) {
+    pub(crate) fn desc(mem: &GuestMem, i: u16, addr: u64, len: u32) {
         let mut raw = [0u8; 16];
         raw[..8].copy_from_slice(&addr.to_le_bytes());
         raw[8..12].copy_from_slice(&len.to_le_bytes());
@@ -970,7 +979,7 @@ pub(crate) mod tests {
     }
 
     /// Publishes heads 0..n on the avail ring.
-    fn publish(mem: &GuestMem, n: u16) {
+    pub(crate) fn publish(mem: &GuestMem, n: u16) {
         for i in 0..n {
             mem.write_obj(i.to_le(), GuestAddress(AVAIL + 4 + 2 * u64::from(i)))
                 .unwrap();
@@ -978,7 +987,7 @@ pub(crate) mod tests {
         mem.write_obj(n.to_le(), GuestAddress(AVAIL + 2)).unwrap();
     }
 
-    fn used_idx(mem: &GuestMem) -> u16 {
+    pub(crate) fn used_idx(mem: &GuestMem) -> u16 {
         u16::from_le(mem.read_obj(GuestAddress(USED + 2)).unwrap())
     }
 
