@@ -126,7 +126,8 @@ fn blk_request() {
 fn chain_ring() {
     let mut m = blk_memory();
     m.avail(0, &[0, 3, 6, 8, 10, 12, 14]);
-    for (flags, name) in [(0u8, "seed-0"), (1, "seed-1")] {
+    // Flags bit 1: the same memory read as a packed ring (mostly malformed: a start).
+    for (flags, name) in [(0u8, "seed-0"), (1, "seed-1"), (2, "seed-2"), (3, "seed-3")] {
         let mut p = vec![4, flags];
         p.extend_from_slice(&0u16.to_le_bytes());
         p.extend_from_slice(&0u64.to_le_bytes());

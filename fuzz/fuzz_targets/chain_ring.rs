@@ -5,10 +5,13 @@
 //! 2. A ring started on the same memory (ring slot 0: descriptor table 0x0, avail 0x400,
 //!    used 0x600), driven by up to 32 operations: pop, complete one or all popped chains
 //!    (one by one or as a batch), give the last pop back, notification on/off, notify, and
-//!    the guest posting more chains (bumping the avail index).
+//!    the guest posting more chains (bumping the avail index). With flags bit 1 the ring
+//!    is packed (VIRTIO_F_RING_PACKED): the descriptor ring at 0x0, the driver's event
+//!    area at 0x400, the device's at 0x600; the guest's descriptors and their wrap flags
+//!    are the input's memory bytes.
 //!
-//! Input: ring size selector, flags (bit 0 event_idx), base u16, walk table u64, walk
-//! queue size u16, walk head u16, op count, 32 op bytes, then guest memory.
+//! Input: ring size selector, flags (bit 0 event_idx, bit 1 packed), base u16, walk table
+//! u64, walk queue size u16, walk head u16, op count, 32 op bytes, then guest memory.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -47,7 +50,11 @@ fuzz_target!(|data: &[u8]| {
             size,
             base,
             event_idx: flags & 1 != 0,
-            acked: 0,
+            acked: if flags & 2 != 0 {
+                vhost_user_device::packed::VIRTIO_F_RING_PACKED
+            } else {
+                0
+            },
         },
     ) else {
         return;

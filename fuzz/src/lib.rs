@@ -137,7 +137,13 @@ pub fn start_ring(atomic: &GuestMemoryAtomic<GuestMem>, p: RingParams) -> Option
         desc,
         avail,
         used,
-        base: p.base,
+        // A packed ring's base has two halves (avail and used, each an index and a wrap
+        // bit): the used half is the same bits turned, so both vary with the input.
+        base: if p.acked & vhost_user_device::packed::VIRTIO_F_RING_PACKED != 0 {
+            u32::from(p.base) | u32::from(p.base.rotate_left(8)) << 16
+        } else {
+            u32::from(p.base)
+        },
         event_idx: p.event_idx,
         acked_features: p.acked,
         kick: EventFd::new(EFD_NONBLOCK).expect("eventfd"),

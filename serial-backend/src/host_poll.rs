@@ -2,7 +2,7 @@
 //! ptys, stdio) together with the worker's own wake-up, the console size timer and the
 //! emergency-write eventfd. The worker's epoll fd is nested in the layer's, so one
 //! readiness of it brings the worker to look at all of them. Each port is registered for
-//! exactly the readiness the worker can act on now ([`PortsState::update_interest`]), so
+//! exactly the readiness the worker can act on now (`PortsState::update_interest`), so
 //! data waits in the host's socket or pty while the guest posts no buffers.
 
 use std::io;

@@ -6,7 +6,10 @@
 //! - [`hostinfo`]: the JSON document of the `org.hostinfo.0` port;
 //! - [`port`]: one port's state (what the guest and we know, bytes held either way);
 //! - [`host_poll`]: the ports and the epoll fd that watches their host sides;
-//! - [`worker`]: the single queue worker (control handshake, data both ways, host fds);
+//! - [`worker`]: the single queue worker the layer runs, and the dispatch of each ring to
+//!   its job: `guest_tx` (guest → host), `guest_rx` (host → guest), `control_queue`
+//!   (MULTIPORT's control messages), `host_io` (the ports' host fds), all on the state in
+//!   `engine`;
 //! - [`stats`]: the device's and each port's counters;
 //! - [`shared`]: what the device, its worker and the protocol thread share;
 //! - [`device`]: features, config space, worker creation;
@@ -14,7 +17,12 @@
 
 pub mod cli;
 pub mod control;
+mod control_queue;
 pub mod device;
+mod engine;
+mod guest_rx;
+mod guest_tx;
+mod host_io;
 pub mod host_poll;
 pub mod hostinfo;
 pub mod port;

@@ -7,6 +7,8 @@ use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use vhost_user_device::Segment;
+
 use crate::ports::{window_size, HostSide};
 use crate::state::PortState;
 use crate::stats::PortStats;
@@ -14,8 +16,8 @@ use crate::stats::PortStats;
 /// A tx chain being written to the host.
 pub(crate) struct Pending {
     pub(crate) head: u16,
-    /// Readable buffers (gpa, len).
-    pub(crate) segs: Vec<(u64, u32)>,
+    /// Its readable buffers.
+    pub(crate) segs: Vec<Segment>,
     pub(crate) total: u64,
     pub(crate) done: u64,
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 /// Where a port's host side is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HostKind {
-    /// A new pseudo terminal; its path is logged (and shown by [`PortInfo`]).
+    /// A new pseudo terminal; its path is logged (and shown by [`crate::shared::PortInfo`]).
     Pty,
     /// A listening unix socket: one client at a time, reconnects allowed.
     Socket(PathBuf),

@@ -3,6 +3,8 @@
 //! It plays both the VMM and the guest driver: guest RAM is a memfd mapped here and handed
 //! to the backend with SET_MEM_TABLE, and each queue is a split ring laid out in that memory
 //! and filled by hand, so a test can build any descriptor chain, well formed or hostile.
+//! With [`FrontendOptions::packed`] the queues are packed rings instead
+//! ([`crate::frontend_packed`]), driven through the same calls.
 
 use std::fs::File;
 use std::io;
@@ -17,6 +19,9 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use crate::frontend_packed::RING_PACKED;
+use crate::frontend_packed::{PackedDesc, PackedDriver};
 
 /// VRING_DESC_F_NEXT.
 pub const F_NEXT: u16 = 1;
@@ -104,7 +109,10 @@ pub struct Used {
     pub len: u32,
 }
 
-/// The driver side of one split ring.
+/// The driver side of one split ring, or of a packed one ([`FrontendOptions::packed`]):
+/// chains, publishing, used elements and kicks work on both; the calls that name split
+/// ring fields (`reserve`, `force_avail_idx`, `set_used_event`, `avail_event`,
+/// `set_avail_flags`, `used_flags`) are for split rings only.
 pub struct DriverQueue {
     /// Queue index.
     pub index: u16,
@@ -124,6 +132,9 @@ pub struct DriverQueue {
     pub kick: EventFd,
     /// Call eventfd (the backend writes it).
     pub call: EventFd,
+    /// The packed ring's driver state, if the queue is packed (then `free` and `chains`
+    /// hold buffer ids, `avail_idx` and `last_used` count chains published and taken).
+    packed: Option<PackedDriver>,
 }
 
 impl DriverQueue {
@@ -138,7 +149,7 @@ impl DriverQueue {
 
     /// Writes descriptor `idx` raw.
     pub fn write_desc(
-        &self,
+        &mut self,
         mem: &GuestMemoryMmap,
         idx: u16,
         addr: u64,
@@ -146,7 +157,17 @@ impl DriverQueue {
         flags: u16,
         next: u16,
     ) {
+        if let Some(p) = self.packed.as_mut() {
+            // A packed ring has no table: this is buffer `idx`, one descriptor long.
+            p.set_chain(idx, vec![PackedDesc { addr, len, flags }]);
+            return;
+        }
         write_desc_at(mem, self.desc, idx, addr, len, flags, next);
+    }
+
+    /// Whether this is a packed ring.
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
     }
 
     fn take_descs(&mut self, n: usize) -> Vec<u16> {
@@ -157,6 +178,20 @@ impl DriverQueue {
 
     /// Builds a chain of direct descriptors; returns its head (not yet published).
     pub fn add_chain(&mut self, mem: &GuestMemoryMmap, bufs: &[Buf]) -> u16 {
+        if let Some(p) = self.packed.as_mut() {
+            let id = self.free.pop().expect("test ring out of buffer ids");
+            let descs = bufs
+                .iter()
+                .map(|b| PackedDesc {
+                    addr: b.addr,
+                    len: b.len,
+                    flags: if b.write { F_WRITE } else { 0 },
+                })
+                .collect();
+            p.set_chain(id, descs);
+            self.chains[usize::from(id)] = vec![id];
+            return id;
+        }
         let ids = self.take_descs(bufs.len().max(1));
         for (i, b) in bufs.iter().enumerate() {
             let last = i + 1 == bufs.len();
@@ -171,6 +206,29 @@ impl DriverQueue {
 
     /// Builds a chain of one indirect descriptor whose table (at `table`) holds `bufs`.
     pub fn add_indirect(&mut self, mem: &GuestMemoryMmap, table: u64, bufs: &[Buf]) -> u16 {
+        if let Some(p) = self.packed.as_mut() {
+            // Packed indirect tables: consecutive `{addr, len, id, flags}` descriptors.
+            for (i, b) in bufs.iter().enumerate() {
+                let at = table + 16 * i as u64;
+                let flags: u16 = if b.write { F_WRITE } else { 0 };
+                let _ = mem.write_obj(b.addr.to_le(), GuestAddress(at));
+                let _ = mem.write_obj(b.len.to_le(), GuestAddress(at + 8));
+                let _ = mem.write_obj(0u16, GuestAddress(at + 12));
+                let _ = mem.write_obj(flags.to_le(), GuestAddress(at + 14));
+            }
+            let id = self.free.pop().expect("test ring out of buffer ids");
+            let len = (bufs.len() * 16) as u32;
+            p.set_chain(
+                id,
+                vec![PackedDesc {
+                    addr: table,
+                    len,
+                    flags: F_INDIRECT,
+                }],
+            );
+            self.chains[usize::from(id)] = vec![id];
+            return id;
+        }
         for (i, b) in bufs.iter().enumerate() {
             let last = i + 1 == bufs.len();
             let flags = if b.write { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
@@ -200,6 +258,11 @@ impl DriverQueue {
 
     /// Publishes `head` on the avail ring (without kicking).
     pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        if let Some(p) = self.packed.as_mut() {
+            p.publish(mem, head);
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            return;
+        }
         let slot = self.avail_idx % self.size;
         Self::write_u16(mem, self.avail + 4 + 2 * u64::from(slot), head);
         fence(Ordering::Release);
@@ -217,6 +280,12 @@ impl DriverQueue {
         if heads.is_empty() {
             return;
         }
+        if self.packed.is_some() {
+            for &head in heads {
+                self.publish(mem, head);
+            }
+            return;
+        }
         for (i, &head) in heads.iter().enumerate() {
             let slot = self.avail_idx.wrapping_add(i as u16) % self.size;
             Self::write_u16(mem, self.avail + 4 + 2 * u64::from(slot), head);
@@ -231,6 +300,18 @@ impl DriverQueue {
     /// allocating and without returning descriptors to the free list (for fixed
     /// descriptors, see [`DriverQueue::publish_many`]). Returns how many were added.
     pub fn take_used_into(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<Used>) -> usize {
+        if let Some(p) = self.packed.as_mut() {
+            let mut n = 0;
+            while let Some((id, len)) = p.take_used(mem) {
+                out.push(Used {
+                    id: u32::from(id),
+                    len,
+                });
+                self.last_used = self.last_used.wrapping_add(1);
+                n += 1;
+            }
+            return n;
+        }
         let idx = self.used_idx(mem);
         let n = usize::from(idx.wrapping_sub(self.last_used));
         for _ in 0..n {
@@ -273,9 +354,23 @@ impl DriverQueue {
         fence(Ordering::SeqCst);
     }
 
-    /// The used index in guest memory.
+    /// The used index in guest memory (packed: the used elements taken plus those
+    /// waiting, the same count).
     pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+        if let Some(p) = &self.packed {
+            return self.last_used.wrapping_add(p.used_waiting(mem));
+        }
         Self::read_u16(mem, self.used + 2)
+    }
+
+    /// The SET_VRING_BASE that restarts this ring on a backend that replaced one which
+    /// died: the used index (split; as QEMU does), or both sides at the device's used
+    /// position with their wrap counters (packed: [`PackedDriver::restart_base`]).
+    pub fn restart_base(&self, mem: &GuestMemoryMmap) -> u32 {
+        match &self.packed {
+            Some(p) => p.restart_base(mem),
+            None => u32::from(self.used_idx(mem)),
+        }
     }
 
     /// Sets `used_event` (for event_idx): interrupt only once used passes it.
@@ -303,8 +398,17 @@ impl DriverQueue {
 
     /// Takes used elements that appeared since the last call; frees their descriptors.
     pub fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<Used> {
-        let idx = self.used_idx(mem);
         let mut out = Vec::new();
+        if self.packed.is_some() {
+            self.take_used_into(mem, &mut out);
+            for u in &out {
+                if let Some(chain) = self.chains.get_mut(u.id as usize) {
+                    self.free.append(chain);
+                }
+            }
+            return out;
+        }
+        let idx = self.used_idx(mem);
         while self.last_used != idx {
             let slot = u64::from(self.last_used % self.size);
             let at = self.used + 4 + 8 * slot;
@@ -450,6 +554,8 @@ pub struct FrontendOptions {
     pub event_idx: bool,
     /// Set up an inflight region (GET_INFLIGHT_FD) before starting rings.
     pub inflight: bool,
+    /// Negotiate VIRTIO_F_RING_PACKED and lay the queues out as packed rings.
+    pub packed: bool,
     /// Virtio features to ack at most (of those offered; `None`: all offered). A driver
     /// that wants a plain device (the net load generator: no offloads) masks here;
     /// VHOST_USER_F_PROTOCOL_FEATURES is kept whenever offered, LOG_ALL never acked.
@@ -468,6 +574,7 @@ impl Default for FrontendOptions {
             queue_size: 128,
             event_idx: false,
             inflight: false,
+            packed: false,
             features: None,
             protocol_features: None,
         }
@@ -590,6 +697,13 @@ impl TestFrontend {
         if !opts.event_idx {
             features &= !EVENT_IDX;
         }
+        if !opts.packed {
+            features &= !RING_PACKED;
+        } else if features & RING_PACKED == 0 {
+            return Err(HarnessError::Memory(
+                "the backend does not offer VIRTIO_F_RING_PACKED".into(),
+            ));
+        }
         fe.set_features(features)?;
         let memfd = memfd(c"test-guest-ram", opts.mem_size)?;
         let mem = GuestMemoryMmap::from_ranges_with_files([(
@@ -636,6 +750,15 @@ impl TestFrontend {
         path: &Path,
         before_rings: impl FnOnce(&mut Frontend) -> Result<()>,
     ) -> Result<()> {
+        self.reconnect_inner(path, before_rings, None)
+    }
+
+    fn reconnect_inner(
+        &mut self,
+        path: &Path,
+        before_rings: impl FnOnce(&mut Frontend) -> Result<()>,
+        bases: Option<&[u32]>,
+    ) -> Result<()> {
         // The old connection is gone (a backend that is still alive sees the hang-up).
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         let sock = connect_socket(path)?;
@@ -660,10 +783,31 @@ impl TestFrontend {
         }
         before_rings(&mut self.fe)?;
         for q in 0..self.queues.len() {
-            let base = self.queues[q].used_idx(&self.mem);
-            self.start_queue_at(q as u16, base)?;
+            let base = match bases {
+                Some(b) => b[q],
+                None => self.queues[q].restart_base(&self.mem),
+            };
+            self.send_ring_setup(q as u16, base, true)?;
         }
         Ok(())
+    }
+
+    /// Connects to a new backend at `path` as [`TestFrontend::reconnect`] does, but
+    /// starts each ring at the base given (what GET_VRING_BASE returned from the previous
+    /// backend: a VMM stopping a device and starting it on another). `bases` holds one
+    /// per queue.
+    pub fn reconnect_at(&mut self, path: &Path, bases: &[u32]) -> Result<()> {
+        assert_eq!(bases.len(), self.queues.len(), "one base per queue");
+        self.reconnect_inner(path, |_| Ok(()), Some(bases))
+    }
+
+    /// Stops every ring (GET_VRING_BASE) and returns their bases.
+    pub fn stop_queues(&mut self) -> Result<Vec<u32>> {
+        let mut bases = Vec::new();
+        for q in 0..self.queues.len() {
+            bases.push(self.fe.get_vring_base(q)?);
+        }
+        Ok(bases)
     }
 
     /// Stops every ring (GET_VRING_BASE) and saves the device state as a VMM's migration
@@ -754,7 +898,8 @@ impl TestFrontend {
     }
 
     /// Lays out queue `q` in guest memory (rings at a fixed place per queue index: see
-    /// [`ring_base`]).
+    /// [`ring_base`]). A packed ring uses the descriptor table's place for its ring and
+    /// the avail and used rings' for the driver's and the device's event areas.
     pub fn add_queue(&mut self, q: u16) -> Result<()> {
         let size = self.opts.queue_size;
         let base = ring_base(q);
@@ -780,10 +925,16 @@ impl TestFrontend {
             last_used: 0,
             kick: EventFd::new(EFD_NONBLOCK)?,
             call: EventFd::new(EFD_NONBLOCK)?,
+            packed: self.opts.packed.then(|| PackedDriver::new(size, desc)),
         };
-        // Zero the ring headers.
+        // Zero the ring headers (and a packed ring, whose flags say what is available).
         for gpa in [avail, used] {
             let _ = self.mem.write_slice(&[0u8; 8], GuestAddress(gpa));
+        }
+        if self.opts.packed {
+            let _ = self
+                .mem
+                .write_slice(&vec![0u8; 16 * usize::from(size)], GuestAddress(desc));
         }
         if self.queues.len() <= usize::from(q) {
             self.queues.push(dq);
@@ -803,6 +954,12 @@ impl TestFrontend {
 
     /// Sends SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE for queue `q` with base `base`.
     pub fn start_queue_at(&mut self, q: u16, base: u16) -> Result<()> {
+        self.send_ring_setup(q, u32::from(base), true)
+    }
+
+    /// [`TestFrontend::start_queue_at`] with a 32-bit base (a packed ring's: both
+    /// indices with their wrap counters).
+    pub fn start_queue_at_base(&mut self, q: u16, base: u32) -> Result<()> {
         self.send_ring_setup(q, base, true)
     }
 
@@ -811,11 +968,11 @@ impl TestFrontend {
     /// SET_VRING_CALL only when it unmasks the guest notifiers after the device started:
     /// [`TestFrontend::set_call`]).
     pub fn start_queue_without_call(&mut self, q: u16, base: u16) -> Result<()> {
-        self.send_ring_setup(q, base, false)
+        self.send_ring_setup(q, u32::from(base), false)
     }
 
     /// NUM, ADDR, BASE, then CALL if `with_call`, then KICK and ENABLE for queue `q`.
-    fn send_ring_setup(&mut self, q: u16, base: u16, with_call: bool) -> Result<()> {
+    fn send_ring_setup(&mut self, q: u16, base: u32, with_call: bool) -> Result<()> {
         let (desc, avail, used, size) = {
             let dq = &self.queues[usize::from(q)];
             (dq.desc, dq.avail, dq.used, dq.size)
@@ -832,12 +989,44 @@ impl TestFrontend {
             log_addr: None,
         };
         self.fe.set_vring_addr(i, &cfg)?;
-        self.fe.set_vring_base(i, base)?;
+        match u16::try_from(base) {
+            Ok(b) => self.fe.set_vring_base(i, b)?,
+            Err(_) => self.set_vring_base_u32(q, base)?,
+        }
         if with_call {
             self.fe.set_vring_call(i, &self.queues[i].call)?;
         }
         self.fe.set_vring_kick(i, &self.queues[i].kick)?;
         self.fe.set_vring_enable(i, true)?;
+        Ok(())
+    }
+
+    /// SET_VRING_BASE with a 32-bit value, which the vhost crate's frontend cannot send
+    /// (it takes a u16): written on the socket by hand, and the REPLY_ACK read back when
+    /// negotiated.
+    fn set_vring_base_u32(&mut self, q: u16, base: u32) -> Result<()> {
+        use std::io::{Read, Write};
+        const SET_VRING_BASE: u32 = 10;
+        const VERSION: u32 = 1;
+        const NEED_REPLY: u32 = 1 << 3;
+        let ack = self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        let flags = VERSION | if ack { NEED_REPLY } else { 0 };
+        let mut msg = Vec::with_capacity(20);
+        for v in [SET_VRING_BASE, flags, 8, u32::from(q), base] {
+            msg.extend_from_slice(&v.to_ne_bytes());
+        }
+        self.sock.write_all(&msg)?;
+        if ack {
+            let mut reply = [0u8; 20];
+            self.sock.read_exact(&mut reply)?;
+            let mut status = [0u8; 8];
+            status.copy_from_slice(&reply[12..]);
+            if u64::from_ne_bytes(status) != 0 {
+                return Err(HarnessError::Memory(format!(
+                    "the backend refused SET_VRING_BASE {base:#x} for queue {q}"
+                )));
+            }
+        }
         Ok(())
     }
 

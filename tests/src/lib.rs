@@ -26,6 +26,7 @@ pub mod console_bench;
 pub mod control;
 pub mod freeze;
 pub mod frontend;
+pub mod frontend_packed;
 pub mod guest;
 pub mod guest_console;
 pub mod guest_net;

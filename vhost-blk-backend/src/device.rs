@@ -62,7 +62,9 @@ impl VhostUserDevice for BlkDevice {
             | features::FLUSH
             | features::TOPOLOGY
             | features::CONFIG_WCE
-            | features::MQ;
+            | features::MQ
+            // The layer runs packed rings too (QEMU: `packed=on`).
+            | vhost_user_device::packed::VIRTIO_F_RING_PACKED;
         if self.shared.disk.read_only {
             f |= features::RO;
         } else {

@@ -5,8 +5,9 @@
 //! 16-byte header is the first 16 readable bytes, the status is the last writable byte, and
 //! the data is whatever lies between, however the guest split it into descriptors.
 
-use vhost_user_device::{Chain, GuestMem, Segment};
-use vm_memory::{Bytes, GuestAddress};
+use std::io::Read;
+
+use vhost_user_device::{Chain, ChainReader, GuestMem, Segment};
 
 use crate::spec::{
     req_type, status, DiscardSegment, RequestHeader, DISCARD_SEGMENT_SIZE, HEADER_SIZE,
@@ -141,35 +142,23 @@ pub struct Parsed {
     pub request: Result<Request, RequestError>,
 }
 
-/// Copies `buf.len()` bytes starting `skip` bytes into `segs`.
-fn read_across(
-    mem: &GuestMem,
-    segs: &[Segment],
-    mut skip: u64,
+/// Reads exactly `buf.len()` bytes: too few readable bytes left is `short`, guest memory
+/// that cannot be read is `Unreadable`.
+fn read_exact(
+    reader: &mut ChainReader<'_>,
     buf: &mut [u8],
+    short: RequestError,
 ) -> Result<(), RequestError> {
-    let mut done = 0usize;
-    for s in segs {
-        if done == buf.len() {
-            break;
-        }
-        let len = u64::from(s.len);
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let take = ((len - skip) as usize).min(buf.len() - done);
-        mem.read_slice(&mut buf[done..done + take], GuestAddress(s.addr + skip))
-            .map_err(|_| RequestError::Unreadable)?;
-        done += take;
-        skip = 0;
-    }
-    if done == buf.len() {
-        Ok(())
-    } else {
-        Err(RequestError::ShortHeader)
-    }
+    reader.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => short,
+        _ => RequestError::Unreadable,
+    })
 }
+
+// The data of a read or write stays a list of guest segments (`skip_bytes`, `drop_tail`),
+// not a copy: the worker hands them to the kernel as iovecs, which reads and writes guest
+// memory in place. Only the header and the discard/write-zeroes payload are copied, through
+// a `ChainReader`.
 
 /// The segments of `segs` after dropping the first `skip` bytes.
 fn skip_bytes(segs: &[Segment], mut skip: u64) -> Vec<Segment> {
@@ -224,8 +213,10 @@ fn check_range(geo: &DiskGeometry, sector: u64, len: u64) -> Result<u64, Request
     Ok(offset)
 }
 
+/// Parses the discard/write-zeroes segments `payload` holds, which `reader` reads (it
+/// stands right after the header).
 fn parse_segments(
-    mem: &GuestMem,
+    reader: &mut ChainReader<'_>,
     geo: &DiskGeometry,
     payload: &[Segment],
     type_: u32,
@@ -245,9 +236,9 @@ fn parse_segments(
     }
     let mut ranges = Vec::with_capacity(count as usize);
     let mut unmap_all = true;
-    for i in 0..count {
+    for _ in 0..count {
         let mut raw = [0u8; DISCARD_SEGMENT_SIZE];
-        read_across(mem, payload, i * DISCARD_SEGMENT_SIZE as u64, &mut raw)?;
+        read_exact(reader, &mut raw, RequestError::BadSegmentList(bytes))?;
         let seg = DiscardSegment {
             sector: u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default()),
             num_sectors: u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default()),
@@ -288,18 +279,23 @@ pub fn parse(mem: &GuestMem, chain: &Chain, geo: &DiskGeometry) -> Option<Parsed
     let status_addr = last.addr + u64::from(last.len) - 1;
     Some(Parsed {
         status_addr,
-        request: parse_request(mem, readable, writable, geo),
+        request: parse_request(
+            &mut ChainReader::over(mem, readable),
+            readable,
+            writable,
+            geo,
+        ),
     })
 }
 
 fn parse_request(
-    mem: &GuestMem,
+    reader: &mut ChainReader<'_>,
     readable: &[Segment],
     writable: &[Segment],
     geo: &DiskGeometry,
 ) -> Result<Request, RequestError> {
     let mut raw = [0u8; HEADER_SIZE];
-    read_across(mem, readable, 0, &mut raw)?;
+    read_exact(reader, &mut raw, RequestError::ShortHeader)?;
     let hdr = RequestHeader {
         type_: u32::from_le_bytes(raw[0..4].try_into().unwrap_or_default()),
         reserved: 0,
@@ -349,7 +345,7 @@ fn parse_request(
             if !in_data.is_empty() {
                 return Err(RequestError::WrongDirection(t));
             }
-            let (ranges, unmap) = parse_segments(mem, geo, &out_data, t)?;
+            let (ranges, unmap) = parse_segments(reader, geo, &out_data, t)?;
             if t == req_type::DISCARD {
                 Ok(Request::Discard { ranges })
             } else {
@@ -370,6 +366,7 @@ mod tests {
     use vhost::vhost_user::message::VhostUserMemoryRegion;
     use vhost_user_device::dirty_log::DirtyLog;
     use vhost_user_device::memory::MemoryTable;
+    use vm_memory::{Bytes, GuestAddress};
     use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 
     /// Guest memory of the tests: [0, MEM).
@@ -888,6 +885,7 @@ mod random_chains {
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestCaseError, TestRunner};
     use vm_memory::GuestMemoryBackend;
+    use vm_memory::{Bytes, GuestAddress};
 
     const KNOWN: [u32; 6] = [
         req_type::IN,

@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use vhost_user_device::engine::{Completion, Engine, Op, Pushed};
 use vhost_user_device::rate_limit::RateLimitedLog;
 use vhost_user_device::{
-    AlignedBuf, Chain, GuestMem, IovecList, QueueWorker, Ring, Rings, Segment,
+    AlignedBuf, Chain, ChainWriter, GuestMem, IovecList, QueueWorker, Ring, Rings, Segment,
 };
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::request::{parse, ByteRange, Parsed, Request};
 use crate::shared::{max_request_bytes, BlkQueueStats, BlkShared, Gate};
-use crate::spec::{features, status, ID_BYTES};
+use crate::spec::{features, status};
 use crate::throttle::Dir;
 
 /// The rings a completion may go to: all of the worker's (events, completions) or the
@@ -436,19 +436,13 @@ impl BlkWorker {
         let base = |kind| InFlight::new(queue, head, status_addr, kind, mem);
         match request {
             Request::GetId { data } => {
-                let mut written = 0usize;
-                for s in &data {
-                    if written == ID_BYTES {
-                        break;
-                    }
-                    let take = (s.len as usize).min(ID_BYTES - written);
-                    let _ = mem.write_slice(
-                        &self.shared.serial[written..written + take],
-                        GuestAddress(s.addr),
-                    );
-                    written += take;
-                }
-                self.complete_now(ring, mem, head, status_addr, status::OK, written as u32 + 1);
+                use std::io::Write;
+                // As much of the serial as the buffers hold; a buffer that cannot be
+                // written ends it (the used length says how much arrived).
+                let mut id = ChainWriter::over(mem, &data);
+                let _ = id.write_all(&self.shared.serial);
+                let written = id.bytes_written() as u32;
+                self.complete_now(ring, mem, head, status_addr, status::OK, written + 1);
                 true
             }
             Request::Read { offset, data } | Request::Write { offset, data } if data.is_empty() => {

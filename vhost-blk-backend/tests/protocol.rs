@@ -43,10 +43,11 @@ fn offers_the_promised_features() {
         (13, "DISCARD"),
         (14, "WRITE_ZEROES"),
         (11, "CONFIG_WCE"),
+        (34, "RING_PACKED"),
     ] {
         assert_ne!(offered & (1 << bit), 0, "{name} offered");
     }
-    assert_eq!(offered & (1 << 34), 0, "no packed ring");
+    assert_eq!(offered & (1 << 35), 0, "no IN_ORDER");
     for p in [
         VhostUserProtocolFeatures::MQ,
         VhostUserProtocolFeatures::LOG_SHMFD,

@@ -4,13 +4,13 @@
 //! pairs with SET_VRING_ENABLE); frontends that pass it on (the test harness, others) get
 //! it answered here.
 
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost_user_device::rate_limit::RateLimitedLog;
-use vhost_user_device::{Chain, GuestMem, QueueWorker, Rings};
-use vm_memory::{Bytes, GuestAddress};
+use vhost_user_device::{Chain, ChainReader, ChainWriter, GuestMem, QueueWorker, Rings};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::shared::NetShared;
@@ -145,7 +145,7 @@ impl CtrlWorker {
 
     /// Handles the chain in `self.chain`; returns the used length.
     fn handle(&mut self, mem: &GuestMem) -> u32 {
-        let Some(ack) = self.chain.segments.iter().find(|s| s.writable).copied() else {
+        if self.chain.writable_len() == 0 {
             self.log
                 .warn(|| "control command without room for the acknowledgement".into());
             self.shared.stats.ctrl_err.fetch_add(1, Ordering::Relaxed);
@@ -155,16 +155,10 @@ impl CtrlWorker {
         let mut status = ctrl::ERR;
         if (2..=MAX_COMMAND).contains(&len) {
             let mut buf = vec![0u8; len as usize];
-            let mut at = 0usize;
-            let mut ok = true;
-            for s in self.chain.segments.iter().filter(|s| !s.writable) {
-                let end = at + s.len as usize;
-                ok &= mem
-                    .read_slice(&mut buf[at..end], GuestAddress(s.addr))
-                    .is_ok();
-                at = end;
-            }
-            if ok {
+            if ChainReader::new(mem, &self.chain)
+                .read_exact(&mut buf)
+                .is_ok()
+            {
                 status = self.execute(buf[0], buf[1], &buf[2..]);
             }
         }
@@ -173,7 +167,9 @@ impl CtrlWorker {
         } else {
             self.shared.stats.ctrl_err.fetch_add(1, Ordering::Relaxed);
         }
-        if mem.write_obj(status, GuestAddress(ack.addr)).is_err() {
+        // The acknowledgement is the first writable byte.
+        let mut ack = ChainWriter::new(mem, &self.chain);
+        if ack.write_all(&[status]).is_err() {
             return 0;
         }
         1

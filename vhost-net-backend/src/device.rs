@@ -83,7 +83,9 @@ impl VhostUserDevice for NetDevice {
             | f::CTRL_VQ
             | f::CTRL_RX
             | f::CTRL_MAC_ADDR
-            | f::GUEST_ANNOUNCE;
+            | f::GUEST_ANNOUNCE
+            // The layer runs packed rings too (QEMU: `packed=on`).
+            | vhost_user_device::packed::VIRTIO_F_RING_PACKED;
         if o.mrg_rxbuf {
             feat |= f::MRG_RXBUF;
         }

@@ -19,7 +19,7 @@
 //! vm-memory and are logged by the layer.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 use vhost_user_device::iovec::IovecError;
 use vhost_user_device::memory::host_iovecs;
 use vhost_user_device::rate_limit::RateLimitedLog;
-use vhost_user_device::{Chain, GuestMem, IovecList, QueueWorker, Ring, Rings};
-use vm_memory::{Bytes, GuestAddress};
+use vhost_user_device::{
+    Chain, ChainReader, ChainWriter, GuestMem, IovecList, QueueWorker, Ring, Rings,
+};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -282,7 +283,10 @@ impl PairWorker {
         }
         // A legacy 10-byte header parses with num_buffers 0, which TX ignores.
         let mut hdr = [0u8; HDR_LEN];
-        if read_chain(mem, &chain, 0, &mut hdr[..hlen]).is_err() {
+        if ChainReader::new(mem, &chain)
+            .read_exact(&mut hdr[..hlen])
+            .is_err()
+        {
             return Err((chain, DropReason::BadAddress));
         }
         let frame_len = total as usize - hlen;
@@ -623,7 +627,10 @@ impl PairWorker {
             if from < end {
                 let off = (from - pos) as usize;
                 let take = ((end - from) as usize).min(data.len() - written);
-                let _ = write_chain(mem, &b.chain, off, &data[written..written + take]);
+                let mut w = ChainWriter::new(mem, &b.chain);
+                if w.skip(off as u64).is_ok() {
+                    let _ = w.write_all(&data[written..written + take]);
+                }
                 written += take;
             }
             pos = end;
@@ -767,7 +774,10 @@ impl PairWorker {
         if let Some(chain) = first.as_ref().filter(|_| self.hdr_len == HDR_LEN) {
             // Through vm-memory: logged by the layer. The legacy 10-byte header has no
             // num_buffers: those bytes are the frame's.
-            let _ = write_chain(mem, chain, HDR_NUM_BUFFERS, &num.to_le_bytes());
+            let mut w = ChainWriter::new(mem, chain);
+            if w.skip(HDR_NUM_BUFFERS as u64).is_ok() {
+                let _ = w.write_all(&num.to_le_bytes());
+            }
         }
         ring.add_used_batch(mem, &batch);
         if let Some(c) = self.counters(self.rxq) {
@@ -840,58 +850,6 @@ fn rx_params(shared: &NetShared, acked: u64) -> (bool, usize, u64) {
     };
     let hlen = hdr_len(acked);
     (mrg, hlen, (hlen + frame) as u64)
-}
-
-/// Reads `out.len()` bytes at `offset` of a chain's readable buffers.
-fn read_chain(mem: &GuestMem, chain: &Chain, offset: usize, out: &mut [u8]) -> Result<(), ()> {
-    let mut skip = offset;
-    let mut at = 0;
-    for s in chain.segments.iter().filter(|s| !s.writable) {
-        if at == out.len() {
-            break;
-        }
-        let len = s.len as usize;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let take = (len - skip).min(out.len() - at);
-        mem.read_slice(&mut out[at..at + take], GuestAddress(s.addr + skip as u64))
-            .map_err(|_| ())?;
-        at += take;
-        skip = 0;
-    }
-    if at == out.len() {
-        Ok(())
-    } else {
-        Err(())
-    }
-}
-
-/// Writes `data` at `offset` of a chain's writable buffers.
-fn write_chain(mem: &GuestMem, chain: &Chain, offset: usize, data: &[u8]) -> Result<(), ()> {
-    let mut skip = offset;
-    let mut at = 0;
-    for s in chain.segments.iter().filter(|s| s.writable) {
-        if at == data.len() {
-            break;
-        }
-        let len = s.len as usize;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let take = (len - skip).min(data.len() - at);
-        mem.write_slice(&data[at..at + take], GuestAddress(s.addr + skip as u64))
-            .map_err(|_| ())?;
-        at += take;
-        skip = 0;
-    }
-    if at == data.len() {
-        Ok(())
-    } else {
-        Err(())
-    }
 }
 
 impl QueueWorker for PairWorker {

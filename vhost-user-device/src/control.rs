@@ -17,12 +17,14 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use crate::qmp_events::ClientQueue;
+pub use crate::qmp_events::Events;
 use crate::server::ServerState;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -30,8 +32,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 const MAX_MESSAGE: usize = 64 << 10;
 /// Most clients connected at once.
 const MAX_CLIENTS: usize = 16;
-/// Events queued for a client that does not read them, before the oldest are dropped.
-const MAX_QUEUED_EVENTS: usize = 1024;
 
 /// A QMP error: its class (as QEMU names them) and a description for the user.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -268,47 +268,6 @@ impl ControlHandler for LayerControl {
     }
 }
 
-/// Sends events to every negotiated client.
-#[derive(Clone, Default)]
-pub struct Events {
-    clients: Arc<Mutex<Vec<Arc<ClientQueue>>>>,
-}
-
-#[derive(Default)]
-struct ClientQueue {
-    events: Mutex<VecDeque<Value>>,
-    ready: AtomicBool,
-    wake: Mutex<Option<UnixStream>>,
-}
-
-impl Events {
-    /// Emits event `name` with `data` (now).
-    pub fn emit(&self, name: &str, data: Value) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let ev = json!({
-            "event": name,
-            "data": data,
-            "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
-        });
-        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        for c in clients.iter().filter(|c| c.ready.load(Ordering::Acquire)) {
-            let mut q = c.events.lock().unwrap_or_else(|e| e.into_inner());
-            if q.len() >= MAX_QUEUED_EVENTS {
-                q.pop_front();
-            }
-            q.push_back(ev.clone());
-            drop(q);
-            // Events are written by the client's own thread; a byte on its wake socket
-            // tells it to look (it waits in read otherwise).
-            if let Some(w) = c.wake.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                let _ = w.write(&[1]);
-            }
-        }
-    }
-}
-
 /// A running control socket; removed (file and thread) on drop.
 pub struct ControlServer {
     /// Readable when the accept loop must end (its thread removes the socket file).
@@ -504,20 +463,9 @@ fn send(conn: &mut UnixStream, v: &Value) -> io::Result<()> {
 }
 
 fn serve_client(mut conn: UnixStream, ctx: &Context) -> io::Result<()> {
-    let queue = Arc::new(ClientQueue::default());
-    let (wake_rx, wake_tx) = UnixStream::pair()?;
-    *queue.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(wake_tx);
-    ctx.events
-        .clients
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(queue.clone());
+    let (queue, wake_rx) = ctx.events.subscribe()?;
     let r = client_loop(&mut conn, ctx, &queue, wake_rx);
-    ctx.events
-        .clients
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|c| !Arc::ptr_eq(c, &queue));
+    ctx.events.unsubscribe(&queue);
     r
 }
 
@@ -534,13 +482,7 @@ fn client_loop(
     let mut replies = Vec::new();
     loop {
         // Events first, then whatever the client sent.
-        let pending: Vec<Value> = queue
-            .events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .collect();
-        for ev in pending {
+        for ev in queue.take() {
             send_blocking(conn, &ev)?;
         }
         let mut chunk = [0u8; 4096];
@@ -558,7 +500,7 @@ fn client_loop(
         };
         let feed = session.feed(&chunk[..n], &mut replies);
         if session.negotiated() {
-            queue.ready.store(true, Ordering::Release);
+            queue.set_ready();
         }
         for r in replies.drain(..) {
             send_blocking(conn, &r)?;
@@ -897,6 +839,7 @@ impl QmpClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
 
     struct Echo;
 

@@ -60,7 +60,8 @@ struct VringConfig {
     desc: Option<u64>,
     avail: Option<u64>,
     used: Option<u64>,
-    base: u16,
+    /// SET_VRING_BASE (32 bits for packed rings: both indices and wrap counters).
+    base: u32,
     call: Option<EventFd>,
     /// SET_VRING_ERR: signalled when the ring is found broken.
     err: Option<EventFd>,
@@ -301,8 +302,8 @@ impl<D: VhostUserDevice> Handler<D> {
         Ok(())
     }
 
-    /// Stops ring `index` (draining it); returns the avail index to report.
-    fn stop_ring(&mut self, index: u16) -> VuResult<u16> {
+    /// Stops ring `index` (draining it); returns the vring base to report.
+    fn stop_ring(&mut self, index: u16) -> VuResult<u32> {
         let started = self.vring(u32::from(index))?.started;
         if !started {
             return Ok(self.vring(u32::from(index))?.base);
@@ -312,7 +313,7 @@ impl<D: VhostUserDevice> Handler<D> {
         vr.started = false;
         match ring {
             Some(ring) => {
-                vr.base = ring.next_avail();
+                vr.base = ring.vring_base();
                 Ok(vr.base)
             }
             None => {
@@ -477,8 +478,14 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        // A packed ring's base carries both sides' indices and wrap counters in 32 bits
+        // (checked against the ring size when it starts); a split ring's is an avail index.
+        let packed = self.acked_features & crate::packed::VIRTIO_F_RING_PACKED != 0;
+        if !packed && base > u32::from(u16::MAX) {
+            return Err(VuError::InvalidParam);
+        }
         let vr = self.vring(index)?;
-        vr.base = u16::try_from(base).map_err(|_| VuError::InvalidParam)?;
+        vr.base = base;
         Ok(())
     }
 
@@ -489,7 +496,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         if was_started {
             self.device.vmm_event(VmmEvent::RingStopped(q));
         }
-        Ok(VhostUserVringState::new(index, u32::from(base)))
+        Ok(VhostUserVringState::new(index, base))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {

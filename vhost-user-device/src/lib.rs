@@ -16,22 +16,29 @@
 //! - [`handler`]: the per-connection protocol state machine;
 //! - [`memory`] and [`dirty_log`]: guest memory regions (SET_MEM_TABLE, ADD/REM_MEM_REG)
 //!   sharing one dirty log, which covers late regions and honours LOG_ALL on and off;
-//! - [`ring`], [`chain`]: started rings and a descriptor-chain walker that checks every
-//!   index, length and address the guest gives;
+//! - [`ring`], [`chain`]: started rings (and [`Rings`], a worker's group of them; chains a
+//!   device did not use go back with [`Ring::give_back`]) and a descriptor-chain walker
+//!   that checks every index, length and address the guest gives; [`chain_io`]: a chain's
+//!   buffers as `io::Read` and `io::Write`, for headers, statuses and replies;
+//!   [`packed`]: the packed ring format (VIRTIO_F_RING_PACKED), which [`ring::Ring`]
+//!   dispatches to when it was negotiated;
 //! - [`inflight`]: the INFLIGHT_SHMFD region and the resubmission of chains a previous
 //!   backend process left in flight;
 //! - [`worker`] and [`device`]: worker threads and the two traits devices implement;
 //! - [`iovec`] and [`engine`]: typed iovec lists that own what they point into, and the
 //!   two I/O engines (io_uring, inline) whose operations own their buffers until the
 //!   kernel is done with them;
+//! - [`control`] and [`qmp_events`]: the QMP control socket and the events it sends;
 //! - [`sandbox`]: the per-thread seccomp filters (`--sandbox`).
 //!
 //! Devices describe themselves with [`device::VhostUserDevice`] and process queues in a
-//! [`device::QueueWorker`]; a worker owns its rings while they run, so the data path takes
+//! [`device::QueueWorker`] (`process_queue(queue, rings)`: the kicked queue, with every
+//! ring of the group at hand); a worker owns its rings while they run, so the data path takes
 //! no locks, and the protocol thread talks to it through a command channel (start, enable,
 //! new call fd, stop-after-drain).
 
 pub mod chain;
+pub mod chain_io;
 pub mod control;
 pub mod device;
 pub mod dirty_log;
@@ -43,7 +50,9 @@ pub mod inflight;
 pub mod iovec;
 pub mod memory;
 pub mod metrics;
+pub mod packed;
 pub mod program;
+pub mod qmp_events;
 pub mod rate_limit;
 pub mod ring;
 pub mod sandbox;
@@ -53,6 +62,7 @@ pub mod server;
 pub mod worker;
 
 pub use chain::{Chain, Origin, Segment};
+pub use chain_io::{ChainReader, ChainWriter};
 pub use device::{DeviceError, QueueWorker, VhostUserDevice, VmmEvent};
 pub use engine::{Completion, Engine, EngineChoice, EngineKind, Op, Pushed};
 pub use iovec::{AlignedBuf, IovecList};

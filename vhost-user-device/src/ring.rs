@@ -13,6 +13,7 @@ use crate::chain::{self, Chain, ChainError, Origin};
 use crate::dirty_log::DirtyLog;
 use crate::inflight::InflightQueue;
 use crate::memory::{GuestMem, GuestMemAtomic};
+use crate::packed::{PackedFault, PackedRing, Popped, VIRTIO_F_RING_PACKED};
 use crate::rate_limit::RateLimitedLog;
 
 /// Counters of one queue, shared with whoever reports statistics.
@@ -77,12 +78,18 @@ pub enum RingFault {
     /// the avail index went back).
     #[error("avail ring entry {0} cannot be read")]
     Entry(u16),
+    /// A packed ring that cannot be read or has a chain without an end.
+    #[error("packed ring: {0}")]
+    Packed(#[from] PackedFault),
 }
 
 /// A started ring, owned by exactly one worker thread while started.
 pub struct Ring {
     index: u16,
     queue: Queue,
+    /// The packed ring when VIRTIO_F_RING_PACKED was negotiated; `queue` then only holds
+    /// the size (see [`crate::packed`]).
+    packed: Option<PackedRing>,
     mem: GuestMemAtomic,
     log: Arc<DirtyLog>,
     pub(crate) kick: EventFd,
@@ -166,8 +173,9 @@ pub struct RingSetup {
     pub avail: u64,
     /// Used ring address.
     pub used: u64,
-    /// Avail index to start from (SET_VRING_BASE).
-    pub base: u16,
+    /// SET_VRING_BASE: the avail index to start from (split), or both indices with their
+    /// wrap counters (packed: [`crate::packed::PackedBase`]).
+    pub base: u32,
     /// VIRTIO_RING_F_EVENT_IDX negotiated.
     pub event_idx: bool,
     /// All acked virtio features.
@@ -213,6 +221,11 @@ impl Ring {
         queue
             .try_set_size(setup.size)
             .map_err(|e| invalid(format!("size {}: {e}", setup.size)))?;
+        if setup.acked_features & VIRTIO_F_RING_PACKED != 0 {
+            return Self::start_packed(setup, queue);
+        }
+        let base = u16::try_from(setup.base)
+            .map_err(|_| invalid(format!("vring base {:#x} above 0xffff", setup.base)))?;
         queue
             .try_set_desc_table_address(GuestAddress(setup.desc))
             .map_err(|e| invalid(format!("descriptor table {:#x}: {e}", setup.desc)))?;
@@ -233,17 +246,17 @@ impl Ring {
             .map_err(|e| invalid(format!("cannot read used index: {e}")))?
             .0;
         queue.set_next_used(used_idx);
-        queue.set_next_avail(setup.base);
+        queue.set_next_avail(base);
         let mut inflight = setup.inflight;
         let mut resubmit = VecDeque::new();
         if let Some(infl) = inflight.as_mut() {
             let rec = infl.recover(used_idx);
             if let Some(next) = rec.next_avail {
-                if next != setup.base {
+                if next != base {
                     log::info!(
                         "queue {index}: continuing from avail index {next} (frontend said {}), \
                          resubmitting {} in-flight request(s)",
-                        setup.base,
+                        base,
                         rec.resubmit.len()
                     );
                 }
@@ -256,6 +269,7 @@ impl Ring {
         Ok(Self {
             index,
             queue,
+            packed: None,
             mem: setup.mem,
             log: setup.log,
             kick: setup.kick,
@@ -275,6 +289,77 @@ impl Ring {
             stats: setup.stats,
             bad_chain_log: RateLimitedLog::new(),
         })
+    }
+
+    /// [`Ring::start`] for a packed ring: `queue` carries only the size.
+    ///
+    /// Inflight tracking is split-only: the INFLIGHT_SHMFD region of a packed ring has
+    /// another layout (vhost-user.rst's `QueueRegionPacked`), which is not implemented. The
+    /// frontend asks for the region before it acks the ring format, so it is not refused;
+    /// the packed ring runs without it, and says so: requests in flight when this
+    /// process dies are not resubmitted by the next.
+    fn start_packed(setup: RingSetup, queue: Queue) -> Result<Self, RingError> {
+        let index = setup.index;
+        let mem = setup.mem.memory();
+        let packed = PackedRing::new(
+            &mem,
+            setup.size,
+            setup.desc,
+            setup.avail,
+            setup.used,
+            setup.base,
+            setup.event_idx,
+        )
+        .map_err(|e| RingError::Invalid {
+            index,
+            reason: e.to_string(),
+        })?;
+        drop(mem);
+        if setup.inflight.is_some() {
+            log::warn!(
+                "queue {index}: packed ring: inflight tracking (INFLIGHT_SHMFD) is implemented \
+                 for split rings only: if this backend dies under I/O, its successor cannot \
+                 resubmit what was in flight and the guest's I/O on this queue may hang; use \
+                 split rings (QEMU: packed=off, the default) where backend restarts matter"
+            );
+        }
+        Ok(Self {
+            index,
+            queue,
+            packed: Some(packed),
+            mem: setup.mem,
+            log: setup.log,
+            kick: setup.kick,
+            call: setup.call,
+            err: setup.err,
+            enabled: setup.enabled,
+            broken: false,
+            bad_in_round: 0,
+            round_spent: false,
+            known_avail: 0,
+            inflight: None,
+            resubmit: VecDeque::new(),
+            acked_features: setup.acked_features,
+            event_idx: setup.event_idx,
+            added_since_notify: 0,
+            published: false,
+            stats: setup.stats,
+            bad_chain_log: RateLimitedLog::new(),
+        })
+    }
+
+    /// Whether this is a packed ring (VIRTIO_F_RING_PACKED).
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
+    /// What GET_VRING_BASE reports: the next avail index (split), or both indices with
+    /// their wrap counters (packed).
+    pub fn vring_base(&self) -> u32 {
+        match &self.packed {
+            Some(p) => p.base().to_vring_base(),
+            None => u32::from(self.queue.next_avail()),
+        }
     }
 
     /// Queue index.
@@ -297,9 +382,13 @@ impl Ring {
         self.enabled
     }
 
-    /// The avail index we will read next.
+    /// The avail index we will read next. On a packed ring, which has no such index,
+    /// the count of chains taken (less those given back), which moves the same way.
     pub fn next_avail(&self) -> u16 {
-        self.queue.next_avail()
+        match &self.packed {
+            Some(p) => p.popped(),
+            None => self.queue.next_avail(),
+        }
     }
 
     /// A snapshot of guest memory; keep it for as long as the kernel may touch buffers.
@@ -342,7 +431,9 @@ impl Ring {
 
     /// Suppresses guest kicks while we drain the ring.
     pub fn disable_notification(&mut self, mem: &GuestMem) {
-        if !self.broken {
+        if let (false, Some(p)) = (self.broken, &self.packed) {
+            p.disable_notification(mem);
+        } else if !self.broken {
             let _ = self.queue.disable_notification(mem);
         }
     }
@@ -356,6 +447,15 @@ impl Ring {
     pub fn enable_notification(&mut self, mem: &GuestMem) -> bool {
         if self.broken || self.round_spent {
             return false;
+        }
+        if let Some(p) = &self.packed {
+            return match p.enable_notification(mem) {
+                Ok(more) => more,
+                Err(fault) => {
+                    self.park(fault.into());
+                    false
+                }
+            };
         }
         match self.queue.enable_notification(mem) {
             Ok(more) => more,
@@ -375,6 +475,9 @@ impl Ring {
     pub fn pop(&mut self, mem: &GuestMem, chain: &mut Chain) -> bool {
         if self.broken || self.round_spent {
             return false;
+        }
+        if self.packed.is_some() {
+            return self.pop_packed(mem, chain);
         }
         loop {
             let at = self.queue.next_avail();
@@ -413,6 +516,46 @@ impl Ring {
                         self.round_spent = true;
                         return false;
                     }
+                }
+            }
+        }
+    }
+
+    /// [`Ring::pop`] on a packed ring (no resubmissions: see [`Ring::start_packed`]).
+    fn pop_packed(&mut self, mem: &GuestMem, chain: &mut Chain) -> bool {
+        let Some(packed) = self.packed.as_mut() else {
+            return false;
+        };
+        loop {
+            let at = packed.popped();
+            let popped = packed.pop(mem, chain);
+            match popped {
+                Ok(Popped::Empty) => return false,
+                Ok(Popped::Chain) => {
+                    chain.origin = Origin::Avail(at);
+                    self.stats.chains.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                Ok(Popped::Bad { id, count, error }) => {
+                    self.stats.chains.fetch_add(1, Ordering::Relaxed);
+                    self.stats.bad_chains.fetch_add(1, Ordering::Relaxed);
+                    let index = self.index;
+                    self.bad_chain_log.warn(|| {
+                        format!("queue {index}: dropping malformed chain (buffer id {id}): {error}")
+                    });
+                    if packed.add_used_counted(mem, id, 0, count).is_ok() {
+                        self.added_since_notify = self.added_since_notify.wrapping_add(1);
+                        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.bad_in_round += 1;
+                    if self.bad_in_round >= BAD_CHAINS_PER_ROUND {
+                        self.round_spent = true;
+                        return false;
+                    }
+                }
+                Err(fault) => {
+                    self.park(fault.into());
+                    return false;
                 }
             }
         }
@@ -484,6 +627,9 @@ impl Ring {
 
     /// Puts `head` on the used ring with `len` bytes written.
     pub fn add_used(&mut self, mem: &GuestMem, head: u16, len: u32) {
+        if self.packed.is_some() {
+            return self.add_used_batch(mem, &[(head, len)]);
+        }
         if let Some(infl) = self.inflight.as_mut() {
             infl.before_used(head);
         }
@@ -505,6 +651,22 @@ impl Ring {
     /// the driver reads `num_buffers` buffers as soon as it sees the first).
     pub fn add_used_batch(&mut self, mem: &GuestMem, used: &[(u16, u32)]) {
         use vm_memory::Bytes;
+        if let Some(p) = self.packed.as_mut() {
+            match p.add_used(mem, used) {
+                Ok(added) => {
+                    self.added_since_notify = self.added_since_notify.wrapping_add(added);
+                    self.stats
+                        .completed
+                        .fetch_add(u64::from(added), Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let index = self.index;
+                    self.bad_chain_log
+                        .warn(|| format!("queue {index}: cannot write used ring: {e}"));
+                }
+            }
+            return;
+        }
         let size = self.queue.size();
         let ring = self.queue.used_ring();
         let mut next = self.queue.next_used();
@@ -567,7 +729,8 @@ impl Ring {
         mem: &GuestMem,
         chains: impl IntoIterator<Item = &'a Chain>,
     ) -> usize {
-        let next = self.queue.next_avail();
+        // On a packed ring, the count of chains taken (see `next_avail`).
+        let next = self.next_avail();
         // (how far back from `next`, head) of the chains from the avail ring.
         let mut avail: Vec<(u16, u16)> = Vec::new();
         let mut resubmitted: Vec<u16> = Vec::new();
@@ -595,7 +758,16 @@ impl Ring {
                 infl.abandon(head);
             }
         }
-        self.queue.set_next_avail(next.wrapping_sub(rewind as u16));
+        match self.packed.as_mut() {
+            // Back over the last `rewind` chains taken, malformed ones included (which
+            // the gap rule above never rewinds over).
+            Some(p) => {
+                for _ in 0..rewind {
+                    p.undo_pop();
+                }
+            }
+            None => self.queue.set_next_avail(next.wrapping_sub(rewind as u16)),
+        }
         // Oldest first, as they were taken.
         for &(_, head) in avail[rewind..].iter().rev() {
             self.add_used(mem, head, 0);
@@ -617,7 +789,9 @@ impl Ring {
         if added > 0 {
             self.published = true;
         }
-        let needed = if self.event_idx {
+        let needed = if let Some(p) = self.packed.as_mut() {
+            p.needs_interrupt(mem, added)
+        } else if self.event_idx {
             std::sync::atomic::fence(Ordering::SeqCst);
             let at = self.queue.avail_ring() + 4 + 2 * u64::from(self.queue.size());
             match mem.load::<u16>(GuestAddress(at), Ordering::Acquire) {
@@ -672,6 +846,14 @@ impl Ring {
     pub(crate) fn resync_call(&mut self) {
         use vm_memory::Bytes;
         let Some(call) = &self.call else { return };
+        if let Some(p) = &self.packed {
+            if (p.is_fresh() && !self.published) || p.interrupts_disabled(&self.mem.memory()) {
+                return;
+            }
+            self.stats.notifications.fetch_add(1, Ordering::Release);
+            let _ = call.write(1);
+            return;
+        }
         if self.queue.next_used() == 0 && !self.published {
             return;
         }
@@ -747,8 +929,17 @@ pub(crate) mod tests {
         ring_with(size, None)
     }
 
+    /// As [`ring_of`], for queue `index`.
+    pub(crate) fn ring_of_queue(index: u16, size: u16) -> Ring {
+        ring_at(index, size, None)
+    }
+
     /// A started ring of `size` entries (at most SIZE) recovering from `inflight`.
     fn ring_with(size: u16, inflight: Option<InflightQueue>) -> Ring {
+        ring_at(0, size, inflight)
+    }
+
+    fn ring_at(index: u16, size: u16, inflight: Option<InflightQueue>) -> Ring {
         let mut table = MemoryTable::new(DirtyLog::new());
         table
             .add_region(
@@ -757,7 +948,7 @@ pub(crate) mod tests {
             )
             .unwrap();
         Ring::start(RingSetup {
-            index: 0,
+            index,
             size,
             max_size: size,
             desc: DESC,
@@ -779,7 +970,7 @@ pub(crate) mod tests {
     }
 
     /// Writes descriptor `i`: one buffer, no NEXT.
-    fn desc(mem: &GuestMem, i: u16, addr: u64, len: u32) {
+    pub(crate) fn desc(mem: &GuestMem, i: u16, addr: u64, len: u32) {
         let mut raw = [0u8; 16];
         raw[..8].copy_from_slice(&addr.to_le_bytes());
         raw[8..12].copy_from_slice(&len.to_le_bytes());
@@ -788,7 +979,7 @@ pub(crate) mod tests {
     }
 
     /// Publishes heads 0..n on the avail ring.
-    fn publish(mem: &GuestMem, n: u16) {
+    pub(crate) fn publish(mem: &GuestMem, n: u16) {
         for i in 0..n {
             mem.write_obj(i.to_le(), GuestAddress(AVAIL + 4 + 2 * u64::from(i)))
                 .unwrap();
@@ -796,7 +987,7 @@ pub(crate) mod tests {
         mem.write_obj(n.to_le(), GuestAddress(AVAIL + 2)).unwrap();
     }
 
-    fn used_idx(mem: &GuestMem) -> u16 {
+    pub(crate) fn used_idx(mem: &GuestMem) -> u16 {
         u16::from_le(mem.read_obj(GuestAddress(USED + 2)).unwrap())
     }
 
@@ -1041,7 +1232,7 @@ pub(crate) mod tests {
             desc: DESC,
             avail: AVAIL,
             used: USED,
-            base: start,
+            base: u32::from(start),
             event_idx,
             acked_features: 0,
             kick: EventFd::new(EFD_NONBLOCK).unwrap(),

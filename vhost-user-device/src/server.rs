@@ -18,10 +18,10 @@ use std::io::Write;
 use vhost::vhost_user::{BackendReqHandler, Error as VuError, VhostUserBackendReqHandlerMut};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::control::Events;
 use crate::device::VhostUserDevice;
 use crate::fd_check::socket_int_option;
 use crate::handler::Handler;
+use crate::qmp_events::Events;
 use crate::rate_limit::RateLimitedLog;
 use crate::ring::QueueStats;
 use crate::sandbox::{self, SandboxError, ThreadKind};

@@ -52,6 +52,9 @@ struct Case {
     queues: u16,
     /// Run against the polling set-ups (ours with --poll-us, QSD with a polling iothread).
     polling: bool,
+    /// Packed rings (`bench load blk --packed`): ours only (QSD's libvhost-user export
+    /// has none), to set beside the same case on split rings.
+    packed: bool,
 }
 
 /// Polling window given to both backends in the polling cases (ours: --poll-us; QSD: an
@@ -66,6 +69,7 @@ const CASES: &[Case] = &[
         qd: 1,
         queues: 1,
         polling: false,
+        packed: false,
     },
     Case {
         name: "4k randread QD32",
@@ -74,6 +78,16 @@ const CASES: &[Case] = &[
         qd: 32,
         queues: 1,
         polling: false,
+        packed: false,
+    },
+    Case {
+        name: "4k randread QD32, packed rings",
+        rw: Rw::Randread,
+        bs: 4096,
+        qd: 32,
+        queues: 1,
+        polling: false,
+        packed: true,
     },
     Case {
         name: "4k randread QD128",
@@ -82,6 +96,7 @@ const CASES: &[Case] = &[
         qd: 128,
         queues: 1,
         polling: false,
+        packed: false,
     },
     Case {
         name: "4k randwrite QD1",
@@ -90,6 +105,7 @@ const CASES: &[Case] = &[
         qd: 1,
         queues: 1,
         polling: false,
+        packed: false,
     },
     Case {
         name: "4k randwrite QD32",
@@ -98,6 +114,7 @@ const CASES: &[Case] = &[
         qd: 32,
         queues: 1,
         polling: false,
+        packed: false,
     },
     Case {
         name: "4k randwrite QD128",
@@ -106,6 +123,7 @@ const CASES: &[Case] = &[
         qd: 128,
         queues: 1,
         polling: false,
+        packed: false,
     },
     Case {
         name: "128k read QD32",
@@ -114,6 +132,7 @@ const CASES: &[Case] = &[
         qd: 32,
         queues: 1,
         polling: false,
+        packed: false,
     },
     Case {
         name: "4k randread QD32 x2 queues",
@@ -122,6 +141,7 @@ const CASES: &[Case] = &[
         qd: 32,
         queues: 2,
         polling: false,
+        packed: false,
     },
     Case {
         name: "4k randread QD1, polling",
@@ -130,6 +150,7 @@ const CASES: &[Case] = &[
         qd: 1,
         queues: 1,
         polling: true,
+        packed: false,
     },
     Case {
         name: "4k randread QD32, polling",
@@ -138,6 +159,7 @@ const CASES: &[Case] = &[
         qd: 32,
         queues: 1,
         polling: true,
+        packed: false,
     },
 ];
 
@@ -236,6 +258,7 @@ fn run_backend(
         pid: None,
         offset: 0,
         verify_state: None,
+        packed: c.packed,
     })?;
     let cpu = cpu_seconds(b.pid) - cpu0;
     Ok(Sample {
@@ -348,6 +371,7 @@ pub fn compare_blk(a: &CompareBlkArgs) -> Result<Section, CompareError> {
             "qemu-storage-daemon: `--blockdev driver=file,aio=io_uring,cache.direct=on`, exported as vhost-user-blk with 2 queues; ours: `--num-queues 2 --queue-size 512` (O_DIRECT).".into(),
             "fio: io_uring, direct=1, the same image, one job per queue: the host without any vhost-user hop.".into(),
             "CPU per op: the backend process's user+system time (all threads, io_uring workers included) over the I/Os it served; for fio, fio's own (its job and its io_uring workers: submission, completion and the copy), the host's whole cost of the I/O without a vhost-user hop.".into(),
+            "\"packed rings\": the load generator with `--packed` (VIRTIO_F_RING_PACKED); qemu-storage-daemon has no packed rings (libvhost-user), so that row compares our packed rings with our split ones in the row of the same case, measured in the same run.".into(),
             format!("\"polling\" cases: ours with `--poll-us {POLL_US}`, qemu-storage-daemon serving the export from an iothread with `poll-max-ns={}` (QEMU's adaptive polling); every other case: no polling (both defaults).", u64::from(POLL_US) * 1000),
         ],
     };
@@ -386,7 +410,9 @@ fn compare_in(
                 (&ours, &qsd)
             };
             samples[0].push(run_backend(o, c, a.runtime, a.verify)?);
-            samples[1].push(run_backend(q, c, a.runtime, a.verify)?);
+            if !c.packed {
+                samples[1].push(run_backend(q, c, a.runtime, a.verify)?);
+            }
             samples[2].push(run_fio(&image, c, a.runtime)?);
         }
         let case = format!("{kind}: {}", c.name);

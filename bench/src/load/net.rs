@@ -626,6 +626,7 @@ pub fn run(a: &NetLoadArgs) -> Result<NetReport, NetLoadError> {
             queue_size: qs,
             event_idx: true,
             inflight: false,
+            packed: false,
             features: Some(VERSION_1 | MRG_RXBUF | EVENT_IDX),
             protocol_features: Some(
                 VhostUserProtocolFeatures::MQ

@@ -5,7 +5,7 @@
 set -u
 ifc=$(ls /sys/class/net | grep -v '^lo$' | head -n1)
 [ -n "$ifc" ] || { echo "no network interface"; exit 2; }
-echo "@@RESULT ifc=$ifc mac=$(cat /sys/class/net/$ifc/address)"
+echo "@@RESULT ifc=$ifc mac=$(cat /sys/class/net/$ifc/address) features=$(cat /sys/class/net/$ifc/device/features 2>/dev/null)"
 ip addr add "$GUEST_IP" dev "$ifc"
 ip link set "$ifc" up
 port=${PORT:-5001}
