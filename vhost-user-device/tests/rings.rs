@@ -164,8 +164,18 @@ fn event_idx_suppresses_and_publishes_indices() {
     // Two completions so far, below used_event: no interrupt may have been sent.
     let _ = fe.queues[0].call.read();
     assert_eq!(b.notifications(0), 0);
-    // The backend tells the driver which avail index to kick at.
-    assert_eq!(fe.queues[0].avail_event(&fe.mem), 2);
+    // The backend tells the driver which avail index to kick at. It writes avail_event
+    // when it re-enables notifications, after publishing the used element the driver
+    // just saw: wait for it rather than read it at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fe.queues[0].avail_event(&fe.mem) != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "avail_event stayed at {} instead of 2",
+            fe.queues[0].avail_event(&fe.mem)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     for e in &echoes[2..] {
         fe.submit(0, &e.chain());
         fe.queues[0]
