@@ -69,3 +69,9 @@ pub use iovec::{AlignedBuf, IovecList};
 pub use memory::{GuestMem, GuestMemAtomic};
 pub use ring::{QueueStats, Ring, Rings};
 pub use server::{Server, ServerError, Shutdown};
+
+/// The README's example device, compiled as a doctest (`cargo test -p vhost-user-device
+/// --doc`) so that it keeps matching the traits it shows.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
