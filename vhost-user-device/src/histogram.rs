@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 /// Upper bounds of the bins in microseconds, inclusive as Prometheus' `le` is: bin i
-/// holds (boundaries[i-1], boundaries[i]], the last bin everything above. From a fast
+/// holds `(boundaries[i-1], boundaries[i]]`, the last bin everything above. From a fast
 /// tmpfs request (a few µs) to a disk in trouble (a second and more).
 pub const BOUNDARIES_US: [u64; 16] = [
     10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
