@@ -10,20 +10,24 @@
 //! buffers alive by hand, and nothing outside [`IovecList`] declares raw iovecs `Send`.
 //!
 //! Two engines, chosen per file and logged ([`EngineChoice`], `--io-engine`):
-//! - [`Uring`]: io_uring with the file registered, completions signalled on an eventfd;
-//!   what disks and taps want.
+//! - [`Uring`]: io_uring with the file registered (fixed file 0: no file lookup and
+//!   reference per operation), completions signalled on an eventfd; what disks and taps
+//!   want. On request it also registers guest memory as fixed buffers
+//!   ([`Uring::register_memory`], see `fixed`).
 //! - [`Inline`]: preadv2/pwritev2/fdatasync/fallocate on the calling thread. On a memory
 //!   file system (tmpfs, hugetlbfs, ramfs) reads and writes never wait for a device, yet
 //!   io_uring cannot issue them without blocking in its sense (no IOCB_NOWAIT there) and
 //!   hands every one to an io-wq kernel thread: two context switches per request and, on
 //!   a small machine, a core. Inline they are a memory copy on the worker's thread.
 
+mod fixed;
 mod inline;
 mod uring;
 
 use std::io;
 use std::os::fd::{BorrowedFd, RawFd};
 
+pub use fixed::{chunks_of, guest_bytes, FixedError, FIXED_BUF_MAX, FIXED_SLOTS};
 pub use inline::Inline;
 pub use uring::{RingMode, Uring};
 
@@ -159,6 +163,15 @@ impl Engine {
             }
             EngineKind::Inline => Engine::Inline(Inline::new(fd)?),
         })
+    }
+
+    /// The io_uring engine, if this is one (fixed buffers are its alone).
+    #[inline]
+    pub fn uring_mut(&mut self) -> Option<&mut Uring> {
+        match self {
+            Engine::Uring(u) => Some(u),
+            Engine::Inline(_) => None,
+        }
     }
 
     /// Which engine this is.

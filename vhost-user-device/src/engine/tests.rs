@@ -308,3 +308,188 @@ fn a_full_completion_queue_neither_spins_nor_loses_completions() {
     assert_eq!(ids.len() as u64, N, "each completion exactly once");
     assert!(got.iter().all(|&(_, res)| res >= 0), "{got:?}");
 }
+
+/// A file on a disk file system opened with O_DIRECT (fixed buffers matter for O_DIRECT
+/// only; tmpfs has none), or None where /var/tmp cannot do it.
+fn direct_file() -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir_in("/var/tmp").ok()?;
+    let path = dir.path().join("direct.img");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path);
+    match f {
+        Ok(f) => {
+            f.set_len(1 << 20).expect("size");
+            Some(f)
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: O_DIRECT on /var/tmp: {e}");
+            None
+        }
+    }
+}
+
+/// Pushes `op` on `u` and waits for its completion; returns the result and the buffers.
+fn run_one(e: &mut Engine, op: Op) -> (i32, Option<IovecList>) {
+    let pushed = e.push(op, 9, false).expect("push");
+    let mut done = wait_for(e, pushed, 1);
+    let c = done.pop().expect("completion");
+    (c.result, c.op.into_bufs())
+}
+
+fn fixed_ops(e: &mut Engine) -> u64 {
+    e.uring_mut().expect("io_uring").fixed_ops()
+}
+
+/// Guest memory registered as fixed buffers: one-buffer reads and writes go through
+/// READ_FIXED/WRITE_FIXED and move the right bytes, others keep readv/writev; a new
+/// memory table is registered while an operation on the old one is in the kernel, which
+/// still completes into the old memory, and the new memory's buffers are fixed at once.
+#[test]
+fn fixed_buffers_carry_io_and_follow_a_memory_change() {
+    let Some(file) = direct_file() else { return };
+    let mut e = Engine::Uring(Box::new(
+        Uring::new(16, file.as_fd(), RingMode::PreferDeferred).expect("io_uring"),
+    ));
+    let old = two_regions();
+    e.uring_mut()
+        .unwrap()
+        .register_memory(&old)
+        .expect("register memfd guest memory");
+    assert!(Arc::ptr_eq(
+        e.uring_mut().unwrap().registered_memory().unwrap(),
+        &old
+    ));
+    let block: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 253) as u8).collect();
+    old.write_slice(&block, GuestAddress(0x1000)).unwrap();
+    let bufs = IovecList::from_guest(&old, &[seg(0x1000, 4096)]).unwrap();
+    let (r, _) = run_one(
+        &mut e,
+        Op::Write {
+            offset: 8192,
+            bufs,
+            flags: 0,
+        },
+    );
+    assert_eq!(r, 4096);
+    assert_eq!(fixed_ops(&mut e), 1, "a one-buffer write is WRITE_FIXED");
+    let mut on_disk = vec![0u8; 4096];
+    // A buffered read of an O_DIRECT-written block sees the data (the write is done).
+    std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .unwrap()
+        .read_exact_at(&mut on_disk, 8192)
+        .unwrap();
+    assert_eq!(on_disk, block);
+
+    // A read into the second region: READ_FIXED on the second chunk.
+    let bufs = IovecList::from_guest(&old, &[seg((1 << 20) + 0x2000, 4096)]).unwrap();
+    let (r, _) = run_one(&mut e, Op::Read { offset: 8192, bufs });
+    assert_eq!(r, 4096);
+    assert_eq!(fixed_ops(&mut e), 2);
+    let mut got = vec![0u8; 4096];
+    old.read_slice(&mut got, GuestAddress((1 << 20) + 0x2000))
+        .unwrap();
+    assert_eq!(got, block);
+
+    // Two buffers: readv, not fixed.
+    let bufs =
+        IovecList::from_guest(&old, &[seg(0x4000, 2048), seg((1 << 20) + 0x4000, 2048)]).unwrap();
+    let (r, _) = run_one(&mut e, Op::Read { offset: 8192, bufs });
+    assert_eq!(r, 4096);
+    assert_eq!(fixed_ops(&mut e), 2, "two buffers keep readv");
+    let mut got = vec![0u8; 2048];
+    old.read_slice(&mut got, GuestAddress((1 << 20) + 0x4000))
+        .unwrap();
+    assert_eq!(got, block[2048..]);
+
+    // An operation on the old memory in the kernel while a new table is registered.
+    let bufs = IovecList::from_guest(&old, &[seg(0x8000, 4096)]).unwrap();
+    let pending = e.push(Op::Read { offset: 8192, bufs }, 1, false).unwrap();
+    assert!(matches!(pending, Pushed::Submitted));
+    let new = two_regions();
+    e.uring_mut()
+        .unwrap()
+        .register_memory(&new)
+        .expect("register the new table");
+    assert_eq!(fixed_ops(&mut e), 3);
+    let done = wait_for(&mut e, pending, 1);
+    assert_eq!(
+        done[0].result, 4096,
+        "the old buffer stayed registered for it"
+    );
+    let mut got = vec![0u8; 4096];
+    old.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
+    assert_eq!(got, block);
+    // The old memory is no longer fixed, the new one is.
+    let bufs = IovecList::from_guest(&old, &[seg(0x9000, 4096)]).unwrap();
+    let (r, _) = run_one(&mut e, Op::Read { offset: 8192, bufs });
+    assert_eq!((r, fixed_ops(&mut e)), (4096, 3));
+    let bufs = IovecList::from_guest(&new, &[seg((1 << 20) + 0x1000, 4096)]).unwrap();
+    let (r, _) = run_one(&mut e, Op::Read { offset: 8192, bufs });
+    assert_eq!((r, fixed_ops(&mut e)), (4096, 4));
+    let mut got = vec![0u8; 4096];
+    new.read_slice(&mut got, GuestAddress((1 << 20) + 0x1000))
+        .unwrap();
+    assert_eq!(got, block);
+    drop(old);
+
+    // Unregistered: plain readv again, still correct.
+    e.uring_mut().unwrap().unregister_memory();
+    assert!(e.uring_mut().unwrap().registered_memory().is_none());
+    let bufs = IovecList::from_guest(&new, &[seg(0x3000, 4096)]).unwrap();
+    let (r, _) = run_one(&mut e, Op::Read { offset: 8192, bufs });
+    assert_eq!((r, fixed_ops(&mut e)), (4096, 4));
+    let mut got = vec![0u8; 4096];
+    new.read_slice(&mut got, GuestAddress(0x3000)).unwrap();
+    assert_eq!(got, block);
+}
+
+/// Memory the kernel will not pin for long (a file on a disk file system, not memfd)
+/// is refused with an error the caller can report, and I/O carries on without it.
+#[test]
+fn memory_that_cannot_be_pinned_is_refused_and_io_carries_on() {
+    let Some(file) = direct_file() else { return };
+    let mut e = Engine::Uring(Box::new(
+        Uring::new(16, file.as_fd(), RingMode::Plain).expect("io_uring"),
+    ));
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let backing = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("ram"))
+        .unwrap();
+    backing.set_len(64 << 10).unwrap();
+    let mut table = crate::memory::MemoryTable::new(crate::dirty_log::DirtyLog::new());
+    table
+        .add_region(
+            &vhost::vhost_user::message::VhostUserMemoryRegion::new(0, 64 << 10, 0x7000_0000, 0),
+            backing,
+        )
+        .unwrap();
+    let mem = vm_memory::GuestAddressSpace::memory(&table.atomic()).into_inner();
+    let err = e
+        .uring_mut()
+        .unwrap()
+        .register_memory(&mem)
+        .expect_err("a disk file's pages are not pinned for long");
+    assert!(matches!(err, FixedError::Register(_)), "{err}");
+    assert!(e.uring_mut().unwrap().registered_memory().is_none());
+    mem.write_slice(&[5u8; 4096], GuestAddress(0)).unwrap();
+    let bufs = IovecList::from_guest(&mem, &[seg(0, 4096)]).unwrap();
+    let (r, _) = run_one(
+        &mut e,
+        Op::Write {
+            offset: 0,
+            bufs,
+            flags: 0,
+        },
+    );
+    assert_eq!((r, fixed_ops(&mut e)), (4096, 0));
+}

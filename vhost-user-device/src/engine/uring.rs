@@ -9,8 +9,11 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use io_uring::{opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::fixed::{chunks_of, FixedError, FixedTable, FIXED_SLOTS};
 use super::{Completion, Op};
 use crate::iovec::IOV_MAX;
+use crate::memory::GuestMem;
+use std::sync::Arc;
 
 /// Which kind of io_uring [`Uring::new`] sets up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +76,8 @@ pub struct Uring {
     ready: Vec<(u64, i32)>,
     /// Reused buffer of `reap`.
     scratch: Vec<(u64, i32)>,
+    /// Guest memory registered as fixed buffers (empty unless the owner asked).
+    fixed: FixedTable,
     /// Test hook: the next submission fails (as io_uring_enter may, e.g. EBUSY) before
     /// anything queued reaches the kernel.
     #[cfg(test)]
@@ -136,6 +141,7 @@ impl Uring {
             count: 0,
             ready: Vec::new(),
             scratch: Vec::new(),
+            fixed: FixedTable::default(),
             #[cfg(test)]
             fail_next_submit: false,
         })
@@ -179,16 +185,27 @@ impl Uring {
     /// The SQE of `op`. Its pointers stay valid while `op` sits in the in-flight map: the
     /// iovec arrays and buffers are heap memory its [`crate::IovecList`] owns or keeps
     /// alive, and moving the list does not move them.
+    /// A read or write of one buffer inside a registered chunk uses that fixed buffer.
     #[inline]
-    fn entry(op: &Op, key: u64) -> squeue::Entry {
+    fn entry(&mut self, op: &Op, key: u64) -> squeue::Entry {
         let fd = types::Fixed(0);
         let count = |n: usize| n.min(IOV_MAX) as u32;
         let e = match op {
             Op::Read { offset, bufs } => {
                 let iov = bufs.as_iovecs();
-                opcode::Readv::new(fd, iov.as_ptr(), count(iov.len()))
+                match self.fixed_slot(iov) {
+                    Some(slot) => opcode::ReadFixed::new(
+                        fd,
+                        iov[0].iov_base.cast(),
+                        iov[0].iov_len as u32,
+                        slot,
+                    )
                     .offset(*offset)
-                    .build()
+                    .build(),
+                    None => opcode::Readv::new(fd, iov.as_ptr(), count(iov.len()))
+                        .offset(*offset)
+                        .build(),
+                }
             }
             Op::Write {
                 offset,
@@ -196,10 +213,21 @@ impl Uring {
                 flags,
             } => {
                 let iov = bufs.as_iovecs();
-                opcode::Writev::new(fd, iov.as_ptr(), count(iov.len()))
+                match self.fixed_slot(iov) {
+                    Some(slot) => opcode::WriteFixed::new(
+                        fd,
+                        iov[0].iov_base.cast(),
+                        iov[0].iov_len as u32,
+                        slot,
+                    )
                     .offset(*offset)
                     .rw_flags(*flags)
-                    .build()
+                    .build(),
+                    None => opcode::Writev::new(fd, iov.as_ptr(), count(iov.len()))
+                        .offset(*offset)
+                        .rw_flags(*flags)
+                        .build(),
+                }
             }
             Op::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
@@ -210,6 +238,115 @@ impl Uring {
                 .build(),
         };
         e.user_data(key)
+    }
+
+    /// The fixed buffer a transfer over `iov` can use: one iovec (of at most what a
+    /// single SQE's length takes) inside one registered chunk.
+    #[inline]
+    fn fixed_slot(&mut self, iov: &[libc::iovec]) -> Option<u16> {
+        let [v] = iov else { return None };
+        let len = u32::try_from(v.iov_len).ok()?;
+        let slot = self.fixed.find(v.iov_base as u64, u64::from(len))?;
+        self.fixed.ops += 1;
+        Some(slot)
+    }
+
+    /// Registers `mem` as the ring's fixed buffers (each region in chunks of at most
+    /// 1 GiB), replacing what was registered: reads and writes of one buffer inside it
+    /// use READ_FIXED/WRITE_FIXED from now on. This pins all of `mem`; the caller checks
+    /// the locked-memory limit first.
+    ///
+    /// Operations already in the kernel keep the buffer they were issued with (the
+    /// kernel holds a reference on a replaced buffer until they complete); operations
+    /// queued but not yet submitted would name the new table, so they are submitted
+    /// first, and if the kernel does not take them all the call fails with
+    /// [`FixedError::Busy`] and changes nothing. On any other error nothing is used as a
+    /// fixed buffer until the next successful call.
+    pub fn register_memory(&mut self, mem: &Arc<GuestMem>) -> Result<(), FixedError> {
+        let iovecs = chunks_of(mem);
+        if iovecs.len() > FIXED_SLOTS as usize {
+            self.unregister_memory();
+            return Err(FixedError::TooManyChunks(iovecs.len()));
+        }
+        self.submit().map_err(FixedError::Register)?;
+        if self.unsubmitted > 0 {
+            return Err(FixedError::Busy);
+        }
+        self.enable().map_err(FixedError::Register)?;
+        if !self.fixed.created {
+            self.ring
+                .submitter()
+                .register_buffers_sparse(FIXED_SLOTS)
+                .map_err(FixedError::Register)?;
+            self.fixed.created = true;
+        }
+        // The new chunks, then empty iovecs over slots the old table used beyond them.
+        let mut update = iovecs.clone();
+        update.resize(
+            self.fixed.slots_to_write(iovecs.len()),
+            libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+        );
+        // SAFETY: the iovecs point into `mem`'s mappings, which the table keeps (an Arc
+        // of the snapshot) for as long as they are registered: until the next call
+        // replaces them or the ring is closed (the kernel holds its own page references
+        // meanwhile).
+        let r = unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(0, &update, None)
+        };
+        match r {
+            Ok(()) => {
+                self.fixed.set(mem, &iovecs);
+                Ok(())
+            }
+            Err(e) => {
+                // Some slots may hold new buffers, some old: use none of them.
+                self.unregister_memory();
+                Err(FixedError::Register(e))
+            }
+        }
+    }
+
+    /// Stops using fixed buffers and empties the kernel's table (which unpins the
+    /// memory once no operation in the kernel still uses it).
+    pub fn unregister_memory(&mut self) {
+        if !self.fixed.created {
+            return;
+        }
+        // Nothing queued may name a slot once it is emptied.
+        let drained = self.submit().is_ok() && self.unsubmitted == 0;
+        let n = self.fixed.slots_to_write(0);
+        let empty = vec![
+            libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            };
+            n
+        ];
+        // SAFETY: empty iovecs register nothing.
+        let cleared = drained
+            && (n == 0
+                || unsafe {
+                    self.ring
+                        .submitter()
+                        .register_buffers_update(0, &empty, None)
+                }
+                .is_ok());
+        self.fixed.clear(cleared);
+    }
+
+    /// The guest memory registered as fixed buffers now.
+    pub fn registered_memory(&self) -> Option<&Arc<GuestMem>> {
+        self.fixed.memory()
+    }
+
+    /// Reads and writes issued on a fixed buffer so far.
+    pub fn fixed_ops(&self) -> u64 {
+        self.fixed.ops
     }
 
     #[inline]
@@ -245,7 +382,7 @@ impl Uring {
         // The SQE points at heap memory the operation's buffers own (iovec array, data),
         // which stays where it is when the operation moves into the map.
         let next_key = self.free.last().copied().unwrap_or(self.in_flight.len());
-        let mut entry = Self::entry(&op, next_key as u64);
+        let mut entry = self.entry(&op, next_key as u64);
         if link {
             entry = entry.flags(squeue::Flags::IO_LINK);
         }
