@@ -207,6 +207,7 @@ pub fn blk_device(target: &str, num_queues: u16) -> vhost_blk_backend::BlkDevice
             serial: "fuzz".into(),
             poll_us: 0,
             dirty: None,
+            pin_guest_memory: false,
         },
     )
 }

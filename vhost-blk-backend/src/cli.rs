@@ -73,6 +73,20 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "ENGINE", default_value_t = EngineChoice::Auto)]
     pub io_engine: EngineChoice,
 
+    /// Register guest memory with each queue's io_uring as fixed buffers, so that
+    /// single-buffer reads and writes skip pinning the guest's pages per request
+    /// (READ_FIXED/WRITE_FIXED). Only for the io_uring engine with O_DIRECT (--cache
+    /// none on a disk file system or block device); otherwise it has no effect. What it
+    /// costs: the guest's whole RAM is pinned in host memory (resident, never swapped)
+    /// once per queue, counted against RLIMIT_MEMLOCK, which must allow guest RAM ×
+    /// --num-queues (systemd LimitMEMLOCK=, ulimit -l); when it does not, or the kernel
+    /// cannot pin the memory (the VMM's RAM must be memfd, shm or hugetlbfs, as with QEMU's
+    /// memory-backend-memfd), one warning says so and the disk is served without them.
+    /// Do not combine with a balloon, free page reporting or virtio-mem: RAM the guest
+    /// gives back and gets again is new pages, which registered buffers would not see.
+    #[arg(long)]
+    pub pin_guest_memory: bool,
+
     /// Logical block size the guest sees (512 or 4096).
     #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
     pub block_size: u32,

@@ -159,6 +159,8 @@ impl ControlHandler for BlkControl {
             "io-errors": g(&s.io_errors),
             "dropped": g(&s.dropped),
             "bounced": g(&s.bounced),
+            "fixed-buffer-ios": g(&s.fixed_buffer_ios),
+            "pinned-bytes": self.shared.pin.as_ref().map_or(0, |p| p.pinned()),
             "in-flight": g(&s.in_flight),
             "in-flight-peak": g(&s.in_flight_peak),
             "teardown-waited": g(&s.teardown_waited),

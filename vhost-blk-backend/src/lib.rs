@@ -11,6 +11,8 @@
 //! - [`throttle`]: the I/O limits' token buckets; [`throttle_client`]: the
 //!   `set-io-throttle` subcommand;
 //! - [`mirror`]: active mirroring for a migration in write-blocking mode;
+//! - [`pin`]: `--pin-guest-memory`, guest memory as io_uring fixed buffers within
+//!   RLIMIT_MEMLOCK;
 //! - [`cli`]: the command line (clap), shared by `main` and the man page generator.
 
 pub mod cli;
@@ -21,6 +23,7 @@ pub mod dirty_file;
 pub mod disk;
 pub mod migration;
 pub mod mirror;
+pub mod pin;
 pub mod request;
 pub mod seccomp;
 pub mod shared;

@@ -111,6 +111,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             serial,
             poll_us: args.poll_us,
             dirty: Some(dirty.clone()),
+            pin_guest_memory: args.pin_guest_memory,
         },
     );
     let shared = device.shared().clone();

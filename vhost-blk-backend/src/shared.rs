@@ -14,6 +14,7 @@ use crate::dirty::DirtyBitmap;
 use crate::dirty_file::{Checkpoint, DirtyFile};
 use crate::disk::Disk;
 use crate::mirror::Mirror;
+use crate::pin::PinBudget;
 use crate::request::DiskGeometry;
 use crate::spec::{Config, ID_BYTES, SECTOR_SIZE};
 use crate::throttle::{Limits, Throttle};
@@ -74,6 +75,8 @@ pub struct BlkStats {
     pub dropped: AtomicU64,
     /// O_DIRECT requests that needed a bounce buffer (unaligned guest buffers).
     pub bounced: AtomicU64,
+    /// Reads and writes issued on an io_uring fixed buffer (`--pin-guest-memory`).
+    pub fixed_buffer_ios: AtomicU64,
     /// Read/write requests refused for carrying more data than the advertised limit
     /// (seg_max × size_max; see `max_request_bytes`).
     pub too_large: AtomicU64,
@@ -135,6 +138,9 @@ pub struct BlkOptions {
     /// Where completed writes, discards and write-zeroes are marked (the persistent one
     /// from `--dirty-bitmap`); None: a new, clean one at 4 KiB granularity.
     pub dirty: Option<Arc<DirtyBitmap>>,
+    /// `--pin-guest-memory`: register guest memory as io_uring fixed buffers (see
+    /// [`crate::pin`]).
+    pub pin_guest_memory: bool,
 }
 
 /// State shared by the device and its workers.
@@ -181,6 +187,9 @@ pub struct BlkShared {
     pub throttle: Mutex<Throttle>,
     /// Some limit is set (else the workers do not look at `throttle`).
     pub throttle_on: AtomicBool,
+    /// `--pin-guest-memory` in effect: the locked-memory budget the workers register
+    /// guest memory within (None: no fixed buffers).
+    pub pin: Option<PinBudget>,
 }
 
 /// Tells a destination its copy is stale, with the reason (set by the migration job,
@@ -210,7 +219,9 @@ impl BlkShared {
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
             max_data_segments: MAX_IOVECS,
         };
+        let pin = PinBudget::for_disk(&disk, opts.pin_guest_memory);
         BlkShared {
+            pin,
             disk,
             geometry,
             serial,
@@ -455,6 +466,7 @@ pub(crate) fn test_shared(image: &std::path::Path) -> Arc<BlkShared> {
             serial: String::new(),
             poll_us: 0,
             dirty: None,
+            pin_guest_memory: false,
         },
     ))
 }

@@ -21,6 +21,7 @@ use vhost_user_device::{
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::pin::PinnedMemory;
 use crate::request::{parse, ByteRange, Parsed, Request};
 use crate::shared::{max_request_bytes, BlkQueueStats, BlkShared, Gate};
 use crate::spec::{features, status};
@@ -190,6 +191,11 @@ pub struct BlkWorker {
     /// Writes done on the disk whose completion waits for the mirroring round of their
     /// ticket (`--copy-mode write-blocking`, see [`crate::mirror`]).
     mirror_held: Vec<(u64, InFlight)>,
+    /// `--pin-guest-memory`: the guest memory the engine has registered as fixed
+    /// buffers, and this worker's share of the locked-memory budget.
+    pinned: PinnedMemory,
+    /// The engine's fixed-buffer operations already added to the device's counter.
+    fixed_ios_counted: u64,
 }
 
 /// Chains one call of `process_queue` takes at most, so that a guest that keeps its ring
@@ -268,6 +274,8 @@ impl BlkWorker {
             timer: new_timer()?,
             timer_deadline: None,
             mirror_held: Vec::new(),
+            pinned: PinnedMemory::default(),
+            fixed_ios_counted: 0,
         })
     }
 
@@ -504,6 +512,38 @@ impl BlkWorker {
                 }
                 req.zeroing.method = Some(method);
                 self.submit_ops(ring, mem, req, |req| zero_ops(&req.ranges, method))
+            }
+        }
+    }
+
+    /// `--pin-guest-memory`: registers `mem` with the engine's io_uring if it is new
+    /// (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG published another table). Operations on
+    /// the old memory still in the kernel keep their registration until they complete.
+    #[inline]
+    fn follow_memory(&mut self, mem: &Arc<GuestMem>) {
+        let (Some(budget), Some(uring)) = (&self.shared.pin, self.engine.uring_mut()) else {
+            return;
+        };
+        self.pinned
+            .follow(budget, uring, mem, self.shared.num_queues);
+    }
+
+    /// Adds the engine's fixed-buffer reads and writes since the last call to the
+    /// device's counter.
+    #[inline]
+    fn count_fixed_ios(&mut self) {
+        if self.shared.pin.is_none() {
+            return;
+        }
+        if let Some(u) = self.engine.uring_mut() {
+            let n = u.fixed_ops();
+            let new = n.saturating_sub(self.fixed_ios_counted);
+            if new > 0 {
+                self.fixed_ios_counted = n;
+                self.shared
+                    .stats
+                    .fixed_buffer_ios
+                    .fetch_add(new, Ordering::Relaxed);
             }
         }
     }
@@ -1090,6 +1130,11 @@ impl BlkWorker {
 /// it; the worker counts and logs them.
 impl Drop for BlkWorker {
     fn drop(&mut self) {
+        // The ring goes with the worker (or is leaked with its operations): either way
+        // this worker's registration ends here as far as the budget goes.
+        if let Some(budget) = &self.shared.pin {
+            self.pinned.release(budget);
+        }
         self.shared
             .stats
             .parked
@@ -1241,6 +1286,8 @@ impl QueueWorker for BlkWorker {
             }
             return;
         };
+        // New guest memory is registered before any request on it is pushed.
+        self.follow_memory(&mem);
         let limit = usize::from(self.shared.queue_size);
         let mut completed_now = false;
         let mut taken = 0usize;
@@ -1293,6 +1340,7 @@ impl QueueWorker for BlkWorker {
         if let Err(e) = self.engine.submit() {
             self.log.warn(|| format!("io_uring submit failed: {e}"));
         }
+        self.count_fixed_ios();
         // Requests finished on the way (by the engine or refused) were added to the used
         // ring: one notification for all of them.
         if let Some(i) = self.to_notify.iter().position(|&q| q == queue) {

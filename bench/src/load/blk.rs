@@ -745,6 +745,7 @@ mod tests {
                 serial: "bench-test".into(),
                 poll_us: 0,
                 dirty: None,
+                pin_guest_memory: false,
             },
         );
         vhost_tests::in_process::InProcessServer::start(device, &dir.join("blk.sock"))

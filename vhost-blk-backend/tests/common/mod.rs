@@ -42,6 +42,8 @@ pub struct BackendConfig {
     pub held: bool,
     /// `--io-engine`.
     pub io_engine: EngineChoice,
+    /// `--pin-guest-memory`.
+    pub pin_guest_memory: bool,
 }
 
 impl Default for BackendConfig {
@@ -58,6 +60,7 @@ impl Default for BackendConfig {
             poll_us: 0,
             held: false,
             io_engine: EngineChoice::Auto,
+            pin_guest_memory: false,
         }
     }
 }
@@ -105,6 +108,7 @@ impl TestBackend {
                 serial: "test-serial-0123".into(),
                 poll_us: cfg.poll_us,
                 dirty: None,
+                pin_guest_memory: cfg.pin_guest_memory,
             },
         );
         let shared = device.shared().clone();

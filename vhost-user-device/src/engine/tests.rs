@@ -328,7 +328,10 @@ fn direct_file() -> Option<std::fs::File> {
             Some(f)
         }
         Err(e) => {
-            eprintln!("SKIPPED: O_DIRECT on /var/tmp: {e}");
+            vhost_tests::guest::report_skip(
+                "engine fixed buffers",
+                &format!("no O_DIRECT on /var/tmp: {e}"),
+            );
             None
         }
     }
