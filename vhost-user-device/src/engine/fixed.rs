@@ -180,6 +180,33 @@ mod tests {
     }
 
     #[test]
+    fn a_region_over_a_gib_is_split_into_gib_chunks() {
+        use crate::dirty_log::DirtyLog;
+        use crate::memory::MemoryTable;
+        use std::os::fd::FromRawFd;
+        use vhost::vhost_user::message::VhostUserMemoryRegion;
+        use vm_memory::GuestAddressSpace;
+        let size = (5u64 << 30) / 2;
+        // SAFETY: valid C string; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"fixed-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor we own.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        // Sparse: nothing is allocated, nothing is touched.
+        file.set_len(size).expect("size");
+        let mut table = MemoryTable::new(DirtyLog::new());
+        table
+            .add_region(&VhostUserMemoryRegion::new(0, size, 0x7000_0000, 0), file)
+            .expect("region");
+        let mem = table.atomic().memory().into_inner();
+        let c = chunks_of(&mem);
+        let lens: Vec<u64> = c.iter().map(|v| v.iov_len as u64).collect();
+        assert_eq!(lens, vec![1 << 30, 1 << 30, 1 << 29]);
+        assert_eq!(c[1].iov_base as u64, c[0].iov_base as u64 + (1 << 30));
+        assert_eq!(guest_bytes(&mem), size);
+    }
+
+    #[test]
     fn regions_are_split_into_chunks_of_at_most_a_gib() {
         let mem = crate::iovec::tests::two_regions();
         let c = chunks_of(&mem);
