@@ -458,7 +458,7 @@ fn the_backends_run_under_systemd_socket_activated_unprivileged_and_restarted() 
         .ok()
         .to_string();
     assert!(
-        journal.contains("bytes, O_DIRECT, block size 512)"),
+        journal.contains("bytes, O_DIRECT, I/O engine io_uring, block size 512)"),
         "an on-disk image through io_uring:\n{journal}"
     );
 
