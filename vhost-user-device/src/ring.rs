@@ -214,7 +214,7 @@ pub enum RingError {
 impl Ring {
     /// Builds and validates a ring; reads the used index from guest memory and applies
     /// inflight recovery.
-    pub fn start(setup: RingSetup) -> Result<Self, RingError> {
+    pub fn start(mut setup: RingSetup) -> Result<Self, RingError> {
         let index = setup.index;
         let invalid = |reason: String| RingError::Invalid { index, reason };
         let mut queue = Queue::new(setup.max_size).map_err(|e| invalid(e.to_string()))?;
@@ -247,7 +247,7 @@ impl Ring {
             .0;
         queue.set_next_used(used_idx);
         queue.set_next_avail(base);
-        let mut inflight = setup.inflight;
+        let mut inflight = setup.inflight.take();
         let mut resubmit = VecDeque::new();
         if let Some(infl) = inflight.as_mut() {
             let rec = infl.recover(used_idx);
@@ -266,10 +266,30 @@ impl Ring {
         }
         drop(mem);
         let known_avail = queue.next_avail();
-        Ok(Self {
-            index,
+        Ok(Self::assemble(
+            setup,
             queue,
-            packed: None,
+            None,
+            known_avail,
+            inflight,
+            resubmit,
+        ))
+    }
+
+    /// The started ring from its checked parts (split: `packed` None; packed: no inflight
+    /// region, nothing to resubmit).
+    fn assemble(
+        setup: RingSetup,
+        queue: Queue,
+        packed: Option<PackedRing>,
+        known_avail: u16,
+        inflight: Option<InflightQueue>,
+        resubmit: VecDeque<u16>,
+    ) -> Self {
+        Self {
+            index: setup.index,
+            queue,
+            packed,
             mem: setup.mem,
             log: setup.log,
             kick: setup.kick,
@@ -288,7 +308,7 @@ impl Ring {
             published: false,
             stats: setup.stats,
             bad_chain_log: RateLimitedLog::new(),
-        })
+        }
     }
 
     /// [`Ring::start`] for a packed ring: `queue` carries only the size.
@@ -323,29 +343,14 @@ impl Ring {
                  split rings (QEMU: packed=off, the default) where backend restarts matter"
             );
         }
-        Ok(Self {
-            index,
+        Ok(Self::assemble(
+            setup,
             queue,
-            packed: Some(packed),
-            mem: setup.mem,
-            log: setup.log,
-            kick: setup.kick,
-            call: setup.call,
-            err: setup.err,
-            enabled: setup.enabled,
-            broken: false,
-            bad_in_round: 0,
-            round_spent: false,
-            known_avail: 0,
-            inflight: None,
-            resubmit: VecDeque::new(),
-            acked_features: setup.acked_features,
-            event_idx: setup.event_idx,
-            added_since_notify: 0,
-            published: false,
-            stats: setup.stats,
-            bad_chain_log: RateLimitedLog::new(),
-        })
+            Some(packed),
+            0,
+            None,
+            VecDeque::new(),
+        ))
     }
 
     /// Whether this is a packed ring (VIRTIO_F_RING_PACKED).
