@@ -1078,23 +1078,22 @@ pub(crate) mod tests {
         assert!(!ring.needs_interrupt(&mem, 1));
     }
 
-    /// Through [`crate::ring::Ring`]: a guest filling its packed ring with malformed
-    /// chains gets the same bounded share of a round as on a split ring, each one returned
-    /// once, and the good chain behind them is taken in a later round.
-    #[test]
-    fn ring_skips_a_bounded_number_of_malformed_packed_chains_per_round() {
-        use crate::ring::{QueueStats, Ring, RingSetup, BAD_CHAINS_PER_ROUND};
+    /// A started packed ring of `size` through [`crate::ring::Ring`], its driver and device
+    /// areas `offset` bytes into theirs.
+    fn started_packed_ring(
+        atomic: &crate::memory::GuestMemAtomic,
+        size: u16,
+        offset: u64,
+    ) -> crate::ring::Ring {
+        use crate::ring::{QueueStats, Ring, RingSetup};
         use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-        let atomic = atomic_memory();
-        let mem = atomic.memory().into_inner();
-        let size = 256u16;
-        let mut ring = Ring::start(RingSetup {
+        Ring::start(RingSetup {
             index: 0,
             size,
             max_size: size,
             desc: RING,
-            avail: DRIVER + 0x2000,
-            used: DEVICE + 0x2000,
+            avail: DRIVER + offset,
+            used: DEVICE + offset,
             base: 0,
             event_idx: false,
             acked_features: VIRTIO_F_RING_PACKED,
@@ -1107,7 +1106,19 @@ pub(crate) mod tests {
             log: DirtyLog::new(),
             stats: std::sync::Arc::new(QueueStats::default()),
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    /// Through [`crate::ring::Ring`]: a guest filling its packed ring with malformed
+    /// chains gets the same bounded share of a round as on a split ring, each one returned
+    /// once, and the good chain behind them is taken in a later round.
+    #[test]
+    fn ring_skips_a_bounded_number_of_malformed_packed_chains_per_round() {
+        use crate::ring::BAD_CHAINS_PER_ROUND;
+        let atomic = atomic_memory();
+        let mem = atomic.memory().into_inner();
+        let size = 256u16;
+        let mut ring = started_packed_ring(&atomic, size, 0x2000);
         assert!(ring.is_packed());
         let mut drv = Driver::new(size);
         let bad = 100u16;
@@ -1147,31 +1158,10 @@ pub(crate) mod tests {
     /// skipped is a gap the rewind stops at, and the chain before it is completed unused.
     #[test]
     fn ring_gives_back_packed_chains_up_to_a_malformed_one() {
-        use crate::ring::{QueueStats, Ring, RingSetup};
-        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
         let atomic = atomic_memory();
         let mem = atomic.memory().into_inner();
         let size = 4u16;
-        let mut ring = Ring::start(RingSetup {
-            index: 0,
-            size,
-            max_size: size,
-            desc: RING,
-            avail: DRIVER,
-            used: DEVICE,
-            base: 0,
-            event_idx: false,
-            acked_features: VIRTIO_F_RING_PACKED,
-            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
-            call: None,
-            err: None,
-            enabled: true,
-            inflight: None,
-            mem: atomic.clone(),
-            log: DirtyLog::new(),
-            stats: std::sync::Arc::new(QueueStats::default()),
-        })
-        .unwrap();
+        let mut ring = started_packed_ring(&atomic, size, 0);
         let mut drv = Driver::new(size);
         // A (one descriptor), malformed M, then B over the last two descriptors of the
         // 4-entry ring (the avail wrap counter flips after it).
