@@ -275,12 +275,12 @@ impl Container {
             log: log.to_path_buf(),
         };
         c.leader = c.find_leader(Duration::from_secs(30))?;
-        // `--wait` returns once start-up is over: running, or degraded if a unit failed;
-        // until systemd listens on its private socket, systemctl cannot connect at all.
+        // `--wait` returns once start-up is over: running, or degraded if a unit failed.
+        // Asked too early, systemctl answers at once that it cannot tell: ask again.
         let deadline = Instant::now() + Duration::from_secs(60);
         let up = loop {
             let up = c.run("timeout 120 systemctl is-system-running --wait");
-            if !up.stderr.contains("Failed to connect to bus") || Instant::now() > deadline {
+            if !systemd_still_starting(&up) || Instant::now() > deadline {
                 break up;
             }
             thread::sleep(Duration::from_millis(100));
@@ -391,5 +391,46 @@ impl Drop for Container {
         }
         let _ = self.nspawn.kill();
         let _ = self.nspawn.wait();
+    }
+}
+
+/// Whether `systemctl is-system-running --wait` answered before systemd could: it cannot
+/// connect until systemd listens on its private socket, and it says `offline` (exit 1, at
+/// once) until systemd has mounted /run and created /run/systemd/system, which is what
+/// systemctl takes as "booted with systemd". Both are the first instants of the boot: ask
+/// again.
+fn systemd_still_starting(up: &Ran) -> bool {
+    up.stderr.contains("Failed to connect to bus") || up.stdout.trim() == "offline"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(code: i32, stdout: &str, stderr: &str) -> Ran {
+        Ran {
+            script: "systemctl is-system-running --wait".to_string(),
+            code,
+            stdout: stdout.to_string(),
+            stderr: stderr.to_string(),
+        }
+    }
+
+    #[test]
+    fn systemctl_asked_before_systemd_set_up_run_is_asked_again() {
+        // What CI saw on 2026-12-06: asked an instant after PID 1 became systemd.
+        assert!(systemd_still_starting(&answer(1, "offline\n", "")));
+        assert!(systemd_still_starting(&answer(
+            1,
+            "",
+            "Failed to connect to bus: No such file or directory\n"
+        )));
+    }
+
+    #[test]
+    fn a_finished_or_failed_start_up_is_an_answer() {
+        for (code, out) in [(0, "running\n"), (1, "degraded\n"), (1, "maintenance\n")] {
+            assert!(!systemd_still_starting(&answer(code, out, "")), "{out}");
+        }
     }
 }
