@@ -201,6 +201,14 @@ pub struct BlkWorker {
 /// Chains one call of `process_queue` takes at most, so that a guest that keeps its ring
 /// full cannot keep the worker from its completions and commands.
 const BUDGET: usize = 256;
+/// Operations handed to the kernel at a time while a ring is being read. Submitting once
+/// per ring pass held the first requests back until the last was parsed, and io_uring
+/// plugs a submission of more than two, so the disk got each pass as one burst. On the
+/// project's test machine (a virtio disk, 4k randread QD32, `bench compare blk`) the
+/// disk's own await was 311 µs against host fio's 251 and we reached 0.80× fio's IOPS;
+/// in pairs the awaits are equal and we reach 0.92-1.0×, for about 0.2 µs more CPU per
+/// I/O in system calls (still below fio's own).
+const SUBMIT_EVERY: usize = 2;
 /// How long a worker being torn down waits for requests still in the kernel before it
 /// leaks their memory instead (see `Drop for BlkWorker`). Long: a disk that takes this
 /// long is already in trouble, and leaking is the last resort.
@@ -1321,6 +1329,11 @@ impl QueueWorker for BlkWorker {
                 }
                 taken += 1;
                 let started = self.start(ring, &mem);
+                if self.engine.unsubmitted() >= SUBMIT_EVERY {
+                    if let Err(e) = self.engine.submit() {
+                        self.log.warn(|| format!("io_uring submit failed: {e}"));
+                    }
+                }
                 // What the engine did at once (inline) completes now, before the next
                 // chain: the in-flight limit counts only what is really in flight.
                 if !self.done.is_empty() {

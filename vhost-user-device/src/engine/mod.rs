@@ -249,6 +249,15 @@ impl Engine {
         }
     }
 
+    /// Operations pushed but not yet handed to the kernel (always 0 for the inline engine).
+    #[inline]
+    pub fn unsubmitted(&self) -> usize {
+        match self {
+            Engine::Uring(u) => u.unsubmitted(),
+            Engine::Inline(_) => 0,
+        }
+    }
+
     /// Operations the engine holds for the kernel.
     #[inline]
     pub fn in_flight(&self) -> usize {

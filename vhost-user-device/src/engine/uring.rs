@@ -414,6 +414,11 @@ impl Uring {
         ))
     }
 
+    /// SQEs pushed but not yet submitted.
+    pub fn unsubmitted(&self) -> usize {
+        self.unsubmitted
+    }
+
     /// Submits queued operations.
     ///
     /// EBUSY (a plain ring whose completion queue overflowed and whose overflow the kernel
