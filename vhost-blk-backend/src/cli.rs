@@ -68,8 +68,12 @@ pub struct Args {
     /// queue's worker thread; a memory file system's I/O is a memory copy that io_uring
     /// would hand to a kernel thread (a context switch each way, and a core on a small
     /// host), but on a disk every request, flushes included, then stalls its queue while it
-    /// runs. "auto" (default): inline on tmpfs, hugetlbfs and ramfs, io_uring elsewhere.
-    /// The choice is logged at start.
+    /// runs. "mapped" (tmpfs only): reads and writes are memory copies through a shared
+    /// mapping of the file, with no system call and no page-cache lookup per request
+    /// (holes are still read with system calls, so a sparse image stays sparse; a page
+    /// that vanishes under the mapping, the file truncated or the tmpfs full, fails its
+    /// request with EIO and the rest goes inline). "auto" (default): mapped on tmpfs,
+    /// inline on hugetlbfs and ramfs, io_uring elsewhere. The choice is logged at start.
     #[arg(long, value_enum, value_name = "ENGINE", default_value_t = EngineChoice::Auto)]
     pub io_engine: EngineChoice,
 

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use vhost_user_device::engine::{EngineChoice, EngineKind};
+use vhost_user_device::engine::{EngineChoice, EngineKind, FileHome, MappedNeedsTmpfs};
 
 /// How the host page cache is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -85,10 +85,12 @@ pub struct Disk {
     /// zero anything here (ramfs; a block device without write-zeroes), so write-zeroes
     /// requests write zeros.
     pub zero_by_writing: AtomicBool,
-    /// The file lives in memory (tmpfs, hugetlbfs, ramfs): see [`is_memory_backed`].
+    /// The file lives in memory (tmpfs, hugetlbfs, ramfs): see [`file_home`].
     pub memory_backed: bool,
+    /// Where the file lives (a block device counts as `Device`).
+    pub home: FileHome,
     /// The I/O engine each queue worker runs the disk's I/O on: `--io-engine`, by default
-    /// inline for a memory-backed file and io_uring for anything else.
+    /// mapped on tmpfs, inline on other memory file systems and io_uring for anything else.
     pub engine: EngineKind,
 }
 
@@ -96,22 +98,26 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 const RAMFS_MAGIC: i64 = 0x8584_58f6;
 
-/// Whether `file` lives on a memory file system. Reads and writes there never wait for a
-/// device, yet such file systems cannot do them without blocking in io_uring's sense (no
-/// IOCB_NOWAIT support), so io_uring hands every one to a kernel worker thread: two
-/// context switches per request for a memory copy. Doing them inline, on the queue's
-/// worker thread (the inline engine, `vhost_user_device::engine`), is cheaper and still
-/// zero-copy (the kernel copies straight into guest memory).
-pub fn is_memory_backed(file: &File) -> bool {
+/// Where `file` lives, for the choice of I/O engine. Reads and writes on a memory file
+/// system never wait for a device, yet such file systems cannot do them without blocking
+/// in io_uring's sense (no IOCB_NOWAIT support), so io_uring hands every one to a kernel
+/// worker thread: two context switches per request for a memory copy. Doing them on the
+/// queue's worker thread (the inline engine, `vhost_user_device::engine`) is cheaper and
+/// still zero-copy; on tmpfs, copying through a mapping of the file (the mapped engine)
+/// also skips the system call and the page-cache lookup.
+pub fn file_home(file: &File) -> FileHome {
     // SAFETY: zeroed statfs is a valid out buffer for fstatfs.
     let mut s: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd and out pointer.
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut s) } != 0 {
-        return false;
+        return FileHome::Device;
     }
     #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets.
-    let t = s.f_type as i64;
-    matches!(t, TMPFS_MAGIC | HUGETLBFS_MAGIC | RAMFS_MAGIC)
+    match s.f_type as i64 {
+        TMPFS_MAGIC => FileHome::Tmpfs,
+        HUGETLBFS_MAGIC | RAMFS_MAGIC => FileHome::OtherMemory,
+        _ => FileHome::Device,
+    }
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -206,7 +212,12 @@ impl Disk {
         } else {
             (1, 1)
         };
-        let memory_backed = !is_block_device && is_memory_backed(&file);
+        let home = if is_block_device {
+            FileHome::Device
+        } else {
+            file_home(&file)
+        };
+        let memory_backed = home != FileHome::Device;
         Ok(Self {
             file,
             path: path.into(),
@@ -220,16 +231,25 @@ impl Disk {
             zero_range_unsupported: AtomicBool::new(false),
             zero_by_writing: AtomicBool::new(false),
             memory_backed,
-            engine: EngineChoice::Auto.resolve(memory_backed),
+            home,
+            engine: if memory_backed {
+                EngineKind::Inline
+            } else {
+                EngineKind::Uring
+            },
         })
     }
 
-    /// Chooses the I/O engine (`--io-engine`) and says which it is and why.
-    pub fn choose_engine(&mut self, choice: EngineChoice) {
-        self.engine = choice.resolve(self.memory_backed);
-        let why = match (choice, self.memory_backed) {
-            (EngineChoice::Auto, true) => "auto: the file is in memory (tmpfs, hugetlbfs or ramfs)",
-            (EngineChoice::Auto, false) => "auto: the file is not in memory",
+    /// Chooses the I/O engine (`--io-engine`) and says which it is and why. Errors:
+    /// `mapped` for a file not on tmpfs.
+    pub fn choose_engine(&mut self, choice: EngineChoice) -> Result<(), MappedNeedsTmpfs> {
+        self.engine = choice.resolve(self.home)?;
+        let why = match (choice, self.home) {
+            (EngineChoice::Auto, FileHome::Tmpfs) => "auto: the file is on tmpfs",
+            (EngineChoice::Auto, FileHome::OtherMemory) => {
+                "auto: the file is in memory (hugetlbfs or ramfs)"
+            }
+            (EngineChoice::Auto, FileHome::Device) => "auto: the file is not in memory",
             _ => "--io-engine",
         };
         log::info!(
@@ -237,6 +257,7 @@ impl Disk {
             self.path.display(),
             self.engine
         );
+        Ok(())
     }
 
     /// The open file.

@@ -17,6 +17,7 @@ use vhost_blk_backend::migration::transport::{self, Security};
 use vhost_blk_backend::shared::SyncState;
 use vhost_blk_backend::throttle_client;
 use vhost_blk_backend::{BlkDevice, BlkOptions, Disk};
+use vhost_user_device::engine::EngineKind;
 use vhost_user_device::program::backend_main;
 use vhost_user_device::sandbox::{self, ThreadKind};
 use vhost_user_device::server::handle_termination_signals;
@@ -42,7 +43,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let limits = args.io_limits()?;
     let path = args.blk_file.ok_or("--blk-file is required")?;
     let mut disk = Disk::open(&path, args.read_only, args.cache, args.block_size)?;
-    disk.choose_engine(args.io_engine);
+    disk.choose_engine(args.io_engine)?;
+    if disk.engine == EngineKind::Mapped {
+        // Process-wide, and before any thread's seccomp filter forbids rt_sigaction.
+        if let Err(e) = vhost_user_device::engine::sigbus::install() {
+            log::warn!("cannot catch SIGBUS ({e}): the disk will not be mapped");
+        }
+    }
     let serial = args.serial.unwrap_or_else(|| {
         path.file_name()
             .map(|n| n.to_string_lossy().into_owned())

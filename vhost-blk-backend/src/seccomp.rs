@@ -9,8 +9,9 @@ pub fn profile(dirty_file: bool) -> Profile {
     Box::new(move |kind| match kind {
         // Each worker's io_uring and throttle timer are created by the main thread (setup,
         // registering the disk and the eventfd); the worker enables it and runs it. Memory-backed disks
-        // (tmpfs) are read and written inline with preadv2/pwritev2; flush, discard and
-        // write-zeroes fall back to fdatasync and fallocate.
+        // are read and written inline with preadv2/pwritev2 (on tmpfs through a mapping the
+        // main thread made, probing for holes with mincore); flush, discard and write-zeroes fall
+        // back to fdatasync and fallocate.
         ThreadKind::Worker => Allow::new().calls(&[
             libc::SYS_io_uring_enter,
             libc::SYS_io_uring_register,
@@ -21,6 +22,7 @@ pub fn profile(dirty_file: bool) -> Profile {
             libc::SYS_fallocate,
             libc::SYS_fdatasync,
             libc::SYS_fsync,
+            libc::SYS_mincore,
             // The I/O throttle's timer (created with the worker, by the main thread).
             libc::SYS_timerfd_settime,
         ]),

@@ -202,42 +202,43 @@ fn bad_command_lines_fail_with_a_clear_message() {
     }
 }
 
-/// Whether `dir` is on a memory file system (tmpfs, hugetlbfs, ramfs), asked of the kernel
-/// here rather than of the backend's own check.
-fn on_memory_fs(dir: &std::path::Path) -> bool {
+/// The engine `auto` picks for a file in `dir`, with its reason as the backend logs it,
+/// from what the kernel says `dir` is (asked here rather than of the backend's own check).
+fn auto_engine(dir: &std::path::Path) -> &'static str {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
     // SAFETY: a zeroed statfs is a valid out buffer; `c` is a valid C string.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
-    // 0x858458f6: RAMFS_MAGIC (not in the libc crate).
-    [libc::TMPFS_MAGIC, libc::HUGETLBFS_MAGIC, 0x8584_58f6].contains(&st.f_type)
+    match st.f_type {
+        libc::TMPFS_MAGIC => "I/O engine mapped (auto: the file is on tmpfs)",
+        // 0x858458f6: RAMFS_MAGIC (not in the libc crate).
+        libc::HUGETLBFS_MAGIC | 0x8584_58f6 => "I/O engine inline (auto: the file is in memory",
+        _ => "I/O engine io_uring (auto: the file is not in memory)",
+    }
 }
 
-/// The I/O engine is said at start, with why: `auto` on a memory file system (/dev/shm)
-/// and on /var/tmp (a disk file system unless this machine mounts tmpfs there: the
-/// expectation follows what the kernel says /var/tmp is; /tmp is tmpfs on many machines),
-/// and a choice from the command line.
+/// The I/O engine is said at start, with why: `auto` on tmpfs (/dev/shm) and on /var/tmp
+/// (a disk file system unless this machine mounts tmpfs there: the expectation follows
+/// what the kernel says /var/tmp is; /tmp is tmpfs on many machines), and choices from the
+/// command line. `mapped` for a file not on tmpfs is refused at start, saying why.
 #[test]
 fn the_io_engine_is_chosen_and_logged() {
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let var = tempfile::tempdir_in("/var/tmp").unwrap();
-    assert!(on_memory_fs(shm.path()), "/dev/shm is tmpfs");
-    let var_want = if on_memory_fs(var.path()) {
-        "I/O engine inline (auto: the file is in memory"
-    } else {
-        "I/O engine io_uring (auto: the file is not in memory)"
-    };
+    let shm_want = auto_engine(shm.path());
+    assert!(shm_want.contains("mapped"), "/dev/shm is tmpfs");
     for (dir, args, want) in [
-        (
-            shm.path(),
-            &[][..],
-            "I/O engine inline (auto: the file is in memory",
-        ),
-        (var.path(), &[][..], var_want),
+        (shm.path(), &[][..], shm_want),
+        (var.path(), &[][..], auto_engine(var.path())),
         (
             var.path(),
+            &["--io-engine", "inline"][..],
+            "I/O engine inline (--io-engine)",
+        ),
+        (
+            shm.path(),
             &["--io-engine", "inline"][..],
             "I/O engine inline (--io-engine)",
         ),
@@ -264,6 +265,23 @@ fn the_io_engine_is_chosen_and_logged() {
         );
         let _ = std::fs::remove_file(&sock);
     }
+    if auto_engine(var.path()).contains("mapped") {
+        return;
+    }
+    let img = image(var.path(), 1 << 20);
+    let out = Command::new(BIN)
+        .args(["--blk-file"])
+        .arg(&img)
+        .args(["--io-engine", "mapped", "--socket-path"])
+        .arg(var.path().join("refused.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mapped on a disk file started");
+    assert!(
+        err.contains("--io-engine mapped needs a file on tmpfs"),
+        "stderr {err:?}"
+    );
 }
 
 /// Serves a write and a read, then SIGTERM while connected: the backend finishes and exits

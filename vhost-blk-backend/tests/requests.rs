@@ -122,13 +122,14 @@ fn discard_and_write_zeroes_read_back_as_zeroes() {
     check_discard_and_write_zeroes(&TestBackend::start(BackendConfig::default()));
 }
 
-/// Every kind of request on tmpfs (inline, as `auto` picks there) and on the engine
-/// `auto` would not pick for the file system (`--io-engine inline` on a disk,
-/// `--io-engine uring` on tmpfs).
+/// Every kind of request on tmpfs (mapped, as `auto` picks there) and on the engines
+/// `auto` would not pick for the file system (`--io-engine inline` on tmpfs and on a
+/// disk, `--io-engine uring` on tmpfs).
 #[test]
-fn every_request_type_on_either_engine() {
+fn every_request_type_on_every_engine() {
     for (in_memory, choice, kind) in [
-        (true, EngineChoice::Auto, EngineKind::Inline),
+        (true, EngineChoice::Auto, EngineKind::Mapped),
+        (true, EngineChoice::Inline, EngineKind::Inline),
         (false, EngineChoice::Inline, EngineKind::Inline),
         (true, EngineChoice::Uring, EngineKind::Uring),
     ] {
@@ -150,11 +151,21 @@ fn every_request_type_on_either_engine() {
 }
 
 /// An engine's error is the guest's IOERR: the image shrinks under the backend, and a
-/// read of what was its end comes back short (end of file), on both engines.
+/// read of what was its end comes back short (end of file; io_uring, inline) or faults
+/// in the mapping (mapped: SIGBUS, caught and made EIO; the process lives on).
 #[test]
 fn an_engine_error_is_an_ioerr_for_the_guest() {
-    for in_memory in [false, true] {
-        let b = backend_in(in_memory);
+    for (in_memory, choice, kind) in [
+        (false, EngineChoice::Auto, EngineKind::Uring),
+        (true, EngineChoice::Inline, EngineKind::Inline),
+        (true, EngineChoice::Auto, EngineKind::Mapped),
+    ] {
+        let b = TestBackend::start(BackendConfig {
+            in_memory,
+            io_engine: choice,
+            ..Default::default()
+        });
+        assert_eq!(b.shared.disk.engine, kind);
         let mut fe = connect(&b);
         let last = (4 << 20) / 512 - 8;
         let (_, st) = read(&mut fe, last, 4096);

@@ -98,7 +98,7 @@ impl TestBackend {
         let socket = dir.path().join("blk.sock");
         let mut disk =
             Disk::open(&image, cfg.read_only, cfg.cache, cfg.block_size).expect("open disk");
-        disk.choose_engine(cfg.io_engine);
+        disk.choose_engine(cfg.io_engine).expect("engine");
         let device = BlkDevice::new(
             disk,
             &BlkOptions {

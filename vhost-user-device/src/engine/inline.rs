@@ -3,8 +3,9 @@
 //! choice).
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
+use super::mapped::FileMap;
 use super::{Completion, Op};
 use crate::iovec::IOV_MAX;
 
@@ -15,6 +16,9 @@ pub struct Inline {
     /// The previous operation was linked and did not succeed fully: this one is
     /// cancelled, as io_uring cancels the rest of a broken link chain.
     cancel_next: bool,
+    /// The file mapped, when reads and writes are memory copies ([`FileMap`]); dropped
+    /// for good after a page vanished under it.
+    map: Option<FileMap>,
 }
 
 impl Inline {
@@ -23,13 +27,37 @@ impl Inline {
         Ok(Self {
             fd: fd.try_clone_to_owned()?,
             cancel_next: false,
+            map: None,
         })
+    }
+
+    /// An engine for `fd` that reads and writes through a mapping of it (a tmpfs file:
+    /// see [`FileMap`]); other operations, and whatever the mapping cannot do, are
+    /// system calls as in [`Inline::new`].
+    /// When the file cannot be mapped, one warning says why and the engine is the plain
+    /// inline one.
+    pub fn mapped(fd: BorrowedFd<'_>) -> io::Result<Self> {
+        let mut engine = Self::new(fd)?;
+        match FileMap::new(engine.fd.as_fd()) {
+            Ok(map) => engine.map = map,
+            Err(e) => log::warn!(
+                "cannot map the file ({e}): its reads and writes are system calls instead"
+            ),
+        }
+        Ok(engine)
+    }
+
+    /// Whether reads and writes go through a mapping.
+    pub fn is_mapped(&self) -> bool {
+        self.map.is_some()
     }
 
     /// Runs `op` now. `link`: the next operation runs only if this one succeeds fully.
     pub fn run(&mut self, op: Op, user_data: u64, link: bool) -> Completion {
         let result = if std::mem::take(&mut self.cancel_next) {
             -libc::ECANCELED
+        } else if let Some(r) = self.through_map(&op) {
+            r
         } else {
             self.syscall(&op)
         };
@@ -46,6 +74,30 @@ impl Inline {
             result,
             op,
         }
+    }
+
+    /// `op` done through the mapping, if it can be.
+    fn through_map(&mut self, op: &Op) -> Option<i32> {
+        let map = self.map.as_mut()?;
+        let result = match op {
+            Op::Read { offset, bufs } => map.read(*offset, bufs),
+            Op::Write { offset, bufs, .. } => map.write(*offset, bufs),
+            Op::Fallocate { offset, len, .. } => {
+                // Holes may appear: the system call does it, the map forgets what it knew.
+                map.forget(*offset, *len);
+                None
+            }
+            Op::Flush => None,
+        };
+        if result == Some(-libc::EIO) {
+            log::warn!(
+                "a page of the mapped file vanished during a copy (truncated under us, or \
+                 the file system is full): that request failed with EIO, and the file's \
+                 reads and writes are system calls from now on"
+            );
+            self.map = None;
+        }
+        result
     }
 
     fn syscall(&self, op: &Op) -> i32 {

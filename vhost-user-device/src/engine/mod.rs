@@ -19,9 +19,13 @@
 //!   io_uring cannot issue them without blocking in its sense (no IOCB_NOWAIT there) and
 //!   hands every one to an io-wq kernel thread: two context switches per request and, on
 //!   a small machine, a core. Inline they are a memory copy on the worker's thread.
+//!   On tmpfs the inline engine can go further and copy through a mapping of the file
+//!   ([`Inline::mapped`], `mapped`): no system call and no page-cache lookup per request.
 
 mod fixed;
 mod inline;
+mod mapped;
+pub mod sigbus;
 mod uring;
 
 use std::io;
@@ -106,7 +110,8 @@ pub enum Pushed {
 /// `--io-engine`: how a file's I/O is done.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum EngineChoice {
-    /// Inline on memory file systems (tmpfs, hugetlbfs, ramfs), io_uring elsewhere.
+    /// Mapped on tmpfs, inline on the other memory file systems (hugetlbfs, ramfs),
+    /// io_uring elsewhere.
     #[default]
     Auto,
     /// io_uring for everything.
@@ -114,6 +119,9 @@ pub enum EngineChoice {
     /// Synchronous system calls on the queue's worker thread for everything (flushes and
     /// discards too: on a disk they then stall the queue while they run).
     Inline,
+    /// tmpfs only: reads and writes are memory copies through a shared mapping of the
+    /// file (holes are read with system calls, so they stay holes); the rest inline.
+    Mapped,
 }
 
 /// The engine a file gets.
@@ -123,16 +131,42 @@ pub enum EngineKind {
     Uring,
     /// [`Inline`].
     Inline,
+    /// [`Inline::mapped`].
+    Mapped,
 }
 
+/// Where a file lives, as far as the choice of engine goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileHome {
+    /// tmpfs: its page cache is the storage.
+    Tmpfs,
+    /// hugetlbfs or ramfs: in memory, but not for mapping by this engine.
+    OtherMemory,
+    /// Anything else: a device stands behind it.
+    Device,
+}
+
+/// `--io-engine mapped` for a file that is not on tmpfs.
+#[derive(Debug, thiserror::Error)]
+#[error("--io-engine mapped needs a file on tmpfs (its page cache is its storage, so a store into the mapping is as durable as a write); this file is {0}: use auto, inline or uring")]
+pub struct MappedNeedsTmpfs(&'static str);
+
 impl EngineChoice {
-    /// The engine for a file that is (`in_memory`) or is not on a memory file system.
-    pub fn resolve(self, in_memory: bool) -> EngineKind {
-        match self {
-            EngineChoice::Auto if in_memory => EngineKind::Inline,
-            EngineChoice::Auto | EngineChoice::Uring => EngineKind::Uring,
-            EngineChoice::Inline => EngineKind::Inline,
-        }
+    /// The engine for a file living at `home`.
+    pub fn resolve(self, home: FileHome) -> Result<EngineKind, MappedNeedsTmpfs> {
+        Ok(match (self, home) {
+            (EngineChoice::Auto, FileHome::Tmpfs) => EngineKind::Mapped,
+            (EngineChoice::Auto, FileHome::OtherMemory) => EngineKind::Inline,
+            (EngineChoice::Auto, FileHome::Device) | (EngineChoice::Uring, _) => EngineKind::Uring,
+            (EngineChoice::Inline, _) => EngineKind::Inline,
+            (EngineChoice::Mapped, FileHome::Tmpfs) => EngineKind::Mapped,
+            (EngineChoice::Mapped, FileHome::OtherMemory) => {
+                return Err(MappedNeedsTmpfs("on hugetlbfs or ramfs"))
+            }
+            (EngineChoice::Mapped, FileHome::Device) => {
+                return Err(MappedNeedsTmpfs("backed by a device"))
+            }
+        })
     }
 }
 
@@ -141,6 +175,7 @@ impl std::fmt::Display for EngineKind {
         f.write_str(match self {
             EngineKind::Uring => "io_uring",
             EngineKind::Inline => "inline",
+            EngineKind::Mapped => "mapped",
         })
     }
 }
@@ -162,6 +197,7 @@ impl Engine {
                 Engine::Uring(Box::new(Uring::new(entries, fd, RingMode::PreferDeferred)?))
             }
             EngineKind::Inline => Engine::Inline(Inline::new(fd)?),
+            EngineKind::Mapped => Engine::Inline(Inline::mapped(fd)?),
         })
     }
 
@@ -179,6 +215,7 @@ impl Engine {
     pub fn kind(&self) -> EngineKind {
         match self {
             Engine::Uring(_) => EngineKind::Uring,
+            Engine::Inline(i) if i.is_mapped() => EngineKind::Mapped,
             Engine::Inline(_) => EngineKind::Inline,
         }
     }
