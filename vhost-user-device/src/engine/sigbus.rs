@@ -9,8 +9,9 @@
 //! where the faulting one was (the access then completes, on memory nobody else sees)
 //! and counts the fault on the mapping. The engine looks at the count after every copy:
 //! a fault makes that operation fail with EIO, and the engine stops mapping the file.
-//! A fault anywhere else is what it always was: the handler restores the default action
-//! and returns, the access faults again and the process dies with SIGBUS.
+//! A fault anywhere else is what it always was: the handler puts back the action there
+//! was before (the Rust runtime's, or the default) and returns, and the access faults
+//! again into it.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -49,6 +50,15 @@ pub fn install() -> io::Result<()> {
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         if page > 0 {
             PAGE_SIZE.store(page as usize, Ordering::Relaxed);
+        }
+        // The action before ours (the Rust runtime's stack-overflow report, or the
+        // default), for faults that are not ours. Read before ours is installed, so the
+        // handler never sees it unwritten.
+        // SAFETY: a valid out pointer; this closure runs once, before the handler exists.
+        let saved = unsafe { libc::sigaction(libc::SIGBUS, std::ptr::null(), PREVIOUS.0.get()) };
+        if saved != 0 {
+            // SAFETY: as above; SIG_DFL is what the process would have had.
+            unsafe { (*PREVIOUS.0.get()).sa_sigaction = libc::SIG_DFL };
         }
         // SAFETY: a zeroed sigaction is a valid starting point; the handler has the
         // SA_SIGINFO signature and only does async-signal-safe work (atomics, mmap,
@@ -150,12 +160,84 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         }
         break;
     }
-    // Not ours (or the page could not be replaced): the default action, when the access
-    // faults again on return.
-    // SAFETY: a zeroed sigaction with SIG_DFL; sigaction is async-signal-safe.
+    // Not ours (or the page could not be replaced): the action there was before ours,
+    // which gets the fault when the access faults again on return.
+    // SAFETY: PREVIOUS was written before this handler was installed and never after;
+    // sigaction is async-signal-safe.
     unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = libc::SIG_DFL;
-        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGBUS, PREVIOUS.0.get(), std::ptr::null_mut());
+    }
+}
+
+/// The SIGBUS action before ours.
+struct Previous(std::cell::UnsafeCell<libc::sigaction>);
+// SAFETY: written once by `install` before the handler that reads it exists, read-only after.
+unsafe impl Sync for Previous {}
+// SAFETY: an all-zero sigaction is valid (SIG_DFL, no flags, empty mask).
+static PREVIOUS: Previous = Previous(std::cell::UnsafeCell::new(unsafe { std::mem::zeroed() }));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fault outside every registered mapping still ends the process with SIGBUS (the
+    /// handler hands it back), while one inside is repaired and counted. Run in a forked
+    /// child, which only makes system calls after the fork.
+    #[test]
+    fn only_faults_in_registered_mappings_are_repaired() {
+        install().expect("install the handler");
+        let page = PAGE_SIZE.load(Ordering::Relaxed);
+        // Two one-page mappings of memfds, both truncated to nothing after mapping: a
+        // load from either faults.
+        let mut maps = [std::ptr::null_mut::<u8>(); 2];
+        for m in &mut maps {
+            // SAFETY: plain system calls; the results are checked.
+            unsafe {
+                let fd = libc::memfd_create(c"sigbus-test".as_ptr(), libc::MFD_CLOEXEC);
+                assert!(fd >= 0);
+                assert_eq!(libc::ftruncate(fd, page as i64), 0);
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    page,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                );
+                assert_ne!(p, libc::MAP_FAILED);
+                assert_eq!(libc::ftruncate(fd, 0), 0);
+                libc::close(fd);
+                *m = p.cast();
+            }
+        }
+        let mut ours = Registration::new(maps[0] as usize, page).expect("a slot");
+        // SAFETY: the loads fault by design; the first is repaired (an anonymous page of
+        // zeros), the second is the child's end.
+        unsafe {
+            let child = libc::fork();
+            assert!(child >= 0);
+            if child == 0 {
+                let v = std::ptr::read_volatile(maps[0]);
+                if v != 0 {
+                    libc::_exit(2);
+                }
+                let _ = std::ptr::read_volatile(maps[1]);
+                libc::_exit(3);
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(child, &mut status, 0), child);
+            assert!(
+                libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
+                "the child did not die of SIGBUS on the unregistered page (status {status:#x})"
+            );
+            // In this process: the registered mapping's fault is repaired and counted.
+            assert!(!ours.faulted());
+            assert_eq!(std::ptr::read_volatile(maps[0]), 0);
+            assert!(ours.faulted());
+            assert!(!ours.faulted(), "counted once");
+            drop(ours);
+            libc::munmap(maps[0].cast(), page);
+            libc::munmap(maps[1].cast(), page);
+        }
     }
 }
