@@ -16,6 +16,7 @@ use clap::{Args, CommandFactory, Parser};
 
 use crate::compare::blk::{self, CompareBlkArgs};
 use crate::compare::guest_blk::{self, CompareGuestBlkArgs};
+use crate::compare::halt_poll::HaltPollArgs;
 use crate::compare::idle::{self, CompareIdleArgs};
 use crate::compare::migrate::{self, CompareMigrateArgs};
 use crate::compare::net::{self, CompareNetArgs};
@@ -44,6 +45,10 @@ pub struct CompareAllArgs {
     /// `--pass 'blk=--only=QD32' --pass blk=--dirs=/dev/shm`.
     #[arg(long = "pass", value_name = "NAME=OPTION")]
     pass: Vec<String>,
+    /// For the whole run, every comparison (not handed on: each header's machine line
+    /// says the setting and that this flag set it).
+    #[command(flatten)]
+    halt_poll: HaltPollArgs,
 }
 
 /// Checks a duration the way the comparisons parse it, but keeps the text: it is handed
@@ -162,6 +167,8 @@ pub fn compare_all(a: &CompareAllArgs) -> Result<String, CompareError> {
     // A missing font would otherwise only show after all the measurements.
     crate::compare::chart::load_font().map_err(|e| CompareError::Run(e.to_string()))?;
     std::fs::create_dir_all(&a.out)?;
+    // One idle setting for every comparison; put back after the last one is written.
+    let _halt_poll = a.halt_poll.apply()?;
 
     let command = command_line();
     let mut done: Vec<(&str, Outcome)> = Vec::new();

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::halt_poll::HaltPollArgs;
 use super::report::{self, machine, Row, Section};
 use super::{fill_random, wait_socket, CompareError};
 use crate::load::blk::{self, parse_duration, parse_size, BlkLoadArgs, Rw};
@@ -42,6 +43,8 @@ pub struct CompareBlkArgs {
     /// Check data while measuring (see `bench load blk --verify`).
     #[arg(long)]
     verify: bool,
+    #[command(flatten)]
+    halt_poll: HaltPollArgs,
 }
 
 struct Case {
@@ -330,6 +333,9 @@ fn run_fio(image: &Path, c: &Case, runtime: Duration) -> Result<Sample, CompareE
 /// Runs the comparison on every image directory and returns the section (also written to
 /// `<out>/blk.{md,json}`).
 pub fn compare_blk(a: &CompareBlkArgs) -> Result<Section, CompareError> {
+    // Before anything is measured; held until the tables are written, whose header
+    // records the setting.
+    let _halt_poll = a.halt_poll.apply()?;
     let contenders = vec![
         "vhost-blk-backend".to_string(),
         "qemu-storage-daemon".to_string(),
@@ -349,7 +355,7 @@ pub fn compare_blk(a: &CompareBlkArgs) -> Result<Section, CompareError> {
         name: "blk".into(),
         title: "Block: the load generator through each vhost-user-blk backend".into(),
         description: format!(
-            "Machine: {}. Image: {} MiB of random data in {}. {} repetitions of {:.0} s per case and contender, alternating; median (±spread = (max-min)/median). Command: `bench compare blk --size {}m --runtime {}ms --reps {}{}{}`.",
+            "Machine: {}. Image: {} MiB of random data in {}. {} repetitions of {:.0} s per case and contender, alternating; median (±spread = (max-min)/median). Command: `bench compare blk --size {}m --runtime {}ms --reps {}{}{}{}`.",
             machine(),
             a.size >> 20,
             places.join(" and "),
@@ -363,6 +369,7 @@ pub fn compare_blk(a: &CompareBlkArgs) -> Result<Section, CompareError> {
                 .map(|o| format!(" --only '{o}'"))
                 .unwrap_or_default(),
             if a.verify { " --verify" } else { "" },
+            a.halt_poll.command_suffix(),
         ),
         contenders,
         ratios: true,

@@ -414,7 +414,12 @@ impl Layout {
             } else {
                 "vhost dataplane: ours vs peers (ratio of medians; > 1 = ours better)".into()
             },
-            subtitle: format!("{} · {when}", report::machine()),
+            // The machine line grew the idle setting: cut to the width, not off the canvas.
+            subtitle: fit(
+                &font(SUBTITLE_PX, FontStyle::Normal),
+                &format!("{} · {when}", report::machine()),
+                WIDTH - 2 * MARGIN as u32,
+            )?,
             peers,
             ratio_sections,
             value_panels,

@@ -16,6 +16,7 @@ use std::time::Duration;
 use clap::Args;
 use vhost_tests::guest::{locate_sibling_binary, Accel, Backend, GuestBoot, GuestTest};
 
+use crate::compare::halt_poll::HaltPollArgs;
 use crate::compare::report::{self, machine, Row, Section};
 use crate::compare::CompareError;
 use crate::load::blk::{parse_duration, parse_size};
@@ -38,6 +39,8 @@ pub struct CompareGuestBlkArgs {
     /// Where to write guest-blk.md and guest-blk.json.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+    #[command(flatten)]
+    halt_poll: HaltPollArgs,
 }
 
 /// One fio job in the guest.
@@ -285,6 +288,9 @@ fn run_boot(
 /// Runs the comparison and returns the section (also written to
 /// `<out>/guest-blk.{md,json}`).
 pub fn compare_guest_blk(a: &CompareGuestBlkArgs) -> Result<Section, CompareError> {
+    // Before anything is started; held until the tables are written, whose header
+    // records the setting. The host's vCPUs run QEMU and the backend: their wake-ups pay it.
+    let _halt_poll = a.halt_poll.apply()?;
     let ours_bin = locate_sibling_binary("vhost-blk-backend", "VHOST_BLK_BACKEND")
         .map_err(CompareError::Run)?;
     let mut t = GuestTest::try_start("bench_compare_guest_blk")
@@ -343,7 +349,7 @@ pub fn compare_guest_blk(a: &CompareGuestBlkArgs) -> Result<Section, CompareErro
         name: "guest-blk".into(),
         title: "Block in a guest: fio through each device".into(),
         description: format!(
-            "Machine: {}. Guest: 1 vCPU ({accel_name}), 512 MiB, Debian kernel, fio {} s per case after a {RAMP_SECS} s ramp (io_uring, direct=1, /dev/vda); {qemu}; {qsd}. Image: {} MiB of random data in {}. One boot per contender and repetition runs every case; {} repetitions, contenders alternating with a rotated start; median (±spread = (max-min)/median). Command: `bench compare guest-blk --size {}m --runtime {}s --reps {}`.",
+            "Machine: {}. Guest: 1 vCPU ({accel_name}), 512 MiB, Debian kernel, fio {} s per case after a {RAMP_SECS} s ramp (io_uring, direct=1, /dev/vda); {qemu}; {qsd}. Image: {} MiB of random data in {}. One boot per contender and repetition runs every case; {} repetitions, contenders alternating with a rotated start; median (±spread = (max-min)/median). Command: `bench compare guest-blk --size {}m --runtime {}s --reps {}{}`.",
             machine(),
             a.runtime.as_secs().max(1),
             a.size >> 20,
@@ -352,6 +358,7 @@ pub fn compare_guest_blk(a: &CompareGuestBlkArgs) -> Result<Section, CompareErro
             a.size >> 20,
             a.runtime.as_secs().max(1),
             a.reps,
+            a.halt_poll.command_suffix(),
         ),
         contenders: CONTENDERS.iter().map(|c| c.name().to_string()).collect(),
         ratios: true,

@@ -3,12 +3,14 @@
 //!
 //! One module a comparison ([`blk`], [`guest_blk`], [`net`], [`serial`], [`idle`],
 //! [`migrate`], and [`all`] for every one of them in one run); here what they share: the
-//! error type, stopping a child, waiting for a socket, filling an image.
+//! error type, stopping a child, waiting for a socket, filling an image. [`halt_poll`]
+//! describes the machine's idle setting for every header and sets it for a run.
 
 pub mod all;
 pub mod blk;
 pub mod chart;
 pub mod guest_blk;
+pub mod halt_poll;
 pub mod idle;
 pub mod migrate;
 pub mod net;
@@ -33,6 +35,9 @@ pub enum CompareError {
     /// File I/O.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// `--guest-halt-poll-ns` could not be applied.
+    #[error(transparent)]
+    HaltPoll(#[from] halt_poll::HaltPollError),
 }
 
 /// Stops a child of ours: SIGTERM (a clean exit), SIGKILL if it is still there after

@@ -156,7 +156,8 @@ pub fn program_version(program: &std::path::Path) -> Option<String> {
         .map(str::to_string)
 }
 
-/// One line describing the machine: CPUs, model, kernel.
+/// One line describing the machine: CPUs, model, memory, kernel, and its idle setting
+/// (which decides what waking a process on an idle vCPU costs, see `halt_poll`).
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -178,7 +179,11 @@ pub fn machine() -> String {
                 .and_then(|v| v.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / (1024.0 * 1024.0));
-    format!("{n} x {cpu}, {mem_gib:.0} GiB, Linux {}", kernel.trim())
+    format!(
+        "{n} x {cpu}, {mem_gib:.0} GiB, Linux {}; {}",
+        kernel.trim(),
+        crate::compare::halt_poll::describe_current()
+    )
 }
 
 /// The current UTC date and time, "YYYY-MM-DD HH:MM UTC", for dating results (computed
