@@ -18,6 +18,9 @@
 //! - **Only the mapped length.** Anything past the file's size when it was mapped (the
 //!   file grew) goes through the system calls, which know the current size.
 //!
+//! What it costs: page tables for what the queue touches, up to 2 MiB per GiB of image
+//! per queue (each queue's worker maps the file), and address space for the whole image.
+//!
 //! Writes are stores into the page cache, which on tmpfs is the storage itself, so
 //! RWF_DSYNC and fdatasync have nothing more to do (this engine is only chosen for
 //! tmpfs; see `EngineChoice::resolve`).
