@@ -656,3 +656,74 @@ fn the_capability_file_matches_the_schema_and_print_capabilities() {
         "vhost-blk-backend",
     );
 }
+
+/// The mapped engine in the real program, under its seccomp filter: on a sparse tmpfs
+/// image (data in its first 2 MiB only) reads of data (copies through the mapping),
+/// reads of the hole (system calls, after a mincore probe), writes into both, all
+/// checked against the image; the hole stays unallocated where nothing was written.
+#[test]
+fn a_sparse_tmpfs_image_is_served_through_the_mapping_under_the_sandbox() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let img = dir.path().join("sparse.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(8 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pattern_range(0, 2 << 20), 0).unwrap();
+    let sock = dir.path().join("mapped.sock");
+    /// Killed if the test fails before it asks the backend to exit.
+    struct Backend(std::process::Child);
+    impl Drop for Backend {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Backend(
+        Command::new(BIN)
+            .args(["--blk-file"])
+            .arg(&img)
+            .arg("--socket-path")
+            .arg(&sock)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_socket(&sock);
+    let mut fe = TestFrontend::connect(&sock, FrontendOptions::default()).unwrap();
+    let blocks = f.metadata().unwrap().blocks();
+    // Data, across pages and twice (the second time the chunk is known).
+    for _ in 0..2 {
+        let (data, st) = read(&mut fe, 1000, 64 << 10);
+        assert_eq!(st, status::OK);
+        assert!(data == pattern_range(1000 * 512, 64 << 10));
+    }
+    // The hole, in two chunks (4 and 5.5 MiB in one, 7 MiB in the next), more times
+    // than the re-probe count.
+    for i in 0..300u64 {
+        let sector = (4 << 20) / 512 + (i % 3) * 3072;
+        let (data, st) = read(&mut fe, sector, 4096);
+        assert_eq!(st, status::OK);
+        assert!(data.iter().all(|&b| b == 0), "zeros at sector {sector}");
+    }
+    assert_eq!(
+        f.metadata().unwrap().blocks(),
+        blocks,
+        "reading the hole allocated it"
+    );
+    // Writes into the data and into the hole, read back through the program and on disk.
+    assert_eq!(write(&mut fe, 8, &[0x5a; 4096]), status::OK);
+    assert_eq!(write(&mut fe, (6 << 20) / 512, &[0xa5; 8192]), status::OK);
+    assert_eq!(read(&mut fe, 8, 4096), (vec![0x5a; 4096], status::OK));
+    assert_eq!(
+        read(&mut fe, (6 << 20) / 512, 8192),
+        (vec![0xa5; 8192], status::OK)
+    );
+    let on_disk = std::fs::read(&img).unwrap();
+    assert_eq!(&on_disk[4096..8192], &[0x5a; 4096][..]);
+    assert_eq!(&on_disk[6 << 20..(6 << 20) + 8192], &[0xa5; 8192][..]);
+    let err = vhost_tests::control::sigterm_expect_clean_exit(&mut child.0);
+    assert!(err.contains("I/O engine mapped"), "stderr {err:?}");
+    assert!(!err.contains("cannot map"), "stderr {err:?}");
+}
