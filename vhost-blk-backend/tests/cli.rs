@@ -670,15 +670,8 @@ fn a_sparse_tmpfs_image_is_served_through_the_mapping_under_the_sandbox() {
     f.set_len(8 << 20).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &pattern_range(0, 2 << 20), 0).unwrap();
     let sock = dir.path().join("mapped.sock");
-    /// Killed if the test fails before it asks the backend to exit.
-    struct Backend(std::process::Child);
-    impl Drop for Backend {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Backend(
+    // Killed if the test fails before it asks the backend to exit.
+    let mut child = vhost_tests::guest::ChildGuard(Some(
         Command::new(BIN)
             .args(["--blk-file"])
             .arg(&img)
@@ -689,7 +682,7 @@ fn a_sparse_tmpfs_image_is_served_through_the_mapping_under_the_sandbox() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
-    );
+    ));
     wait_for_socket(&sock);
     let mut fe = TestFrontend::connect(&sock, FrontendOptions::default()).unwrap();
     let blocks = f.metadata().unwrap().blocks();
@@ -723,7 +716,7 @@ fn a_sparse_tmpfs_image_is_served_through_the_mapping_under_the_sandbox() {
     let on_disk = std::fs::read(&img).unwrap();
     assert_eq!(&on_disk[4096..8192], &[0x5a; 4096][..]);
     assert_eq!(&on_disk[6 << 20..(6 << 20) + 8192], &[0xa5; 8192][..]);
-    let err = vhost_tests::control::sigterm_expect_clean_exit(&mut child.0);
+    let err = vhost_tests::control::sigterm_expect_clean_exit(child.0.as_mut().unwrap());
     assert!(err.contains("I/O engine mapped"), "stderr {err:?}");
     assert!(!err.contains("cannot map"), "stderr {err:?}");
 }

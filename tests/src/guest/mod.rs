@@ -71,7 +71,7 @@ pub use env::{
 };
 pub use image::{file_range_is_zero, sha256_file, sha256_file_range, sha256_zeros, write_random};
 pub use outcome::{GuestOutcome, VHOST_FALLBACK};
-pub use process::{command_line, proc_fd_count, proc_fd_targets, proc_rss_kib};
+pub use process::{command_line, proc_fd_count, proc_fd_targets, proc_rss_kib, ChildGuard};
 pub use qemu::{vhost_user_blk_args, vhost_user_blk_reconnect_args};
 pub use session::{GuestStartError, GuestTest};
 pub use skip::{report_skip, tail_file};

@@ -7,10 +7,11 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 
 /// Kills (SIGKILL) and reaps the child when dropped.
-pub(super) struct ChildGuard(pub(super) Option<Child>);
+pub struct ChildGuard(pub Option<Child>);
 
 impl ChildGuard {
-    pub(super) fn kill(&mut self) {
+    /// Kills and reaps the child now (if it is still ours).
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.0.take() {
             let _ = c.kill();
             let _ = c.wait();
