@@ -85,9 +85,7 @@ pub struct Disk {
     /// zero anything here (ramfs; a block device without write-zeroes), so write-zeroes
     /// requests write zeros.
     pub zero_by_writing: AtomicBool,
-    /// The file lives in memory (tmpfs, hugetlbfs, ramfs): see [`file_home`].
-    pub memory_backed: bool,
-    /// Where the file lives (a block device counts as `Device`).
+    /// Where the file lives (a block device counts as `Device`): see [`file_home`].
     pub home: FileHome,
     /// The I/O engine each queue worker runs the disk's I/O on: `--io-engine`, by default
     /// mapped on tmpfs, inline on other memory file systems and io_uring for anything else.
@@ -217,7 +215,6 @@ impl Disk {
         } else {
             file_home(&file)
         };
-        let memory_backed = home != FileHome::Device;
         Ok(Self {
             file,
             path: path.into(),
@@ -230,9 +227,8 @@ impl Disk {
             logical_block_size: lbs,
             zero_range_unsupported: AtomicBool::new(false),
             zero_by_writing: AtomicBool::new(false),
-            memory_backed,
             home,
-            engine: if memory_backed {
+            engine: if home != FileHome::Device {
                 EngineKind::Inline
             } else {
                 EngineKind::Uring
@@ -258,6 +254,11 @@ impl Disk {
             self.engine
         );
         Ok(())
+    }
+
+    /// The file lives in memory (tmpfs, hugetlbfs, ramfs).
+    pub fn memory_backed(&self) -> bool {
+        self.home != FileHome::Device
     }
 
     /// The open file.

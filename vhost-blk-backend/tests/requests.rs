@@ -18,7 +18,7 @@ fn backend_in(in_memory: bool) -> TestBackend {
         ..Default::default()
     });
     assert_eq!(
-        b.shared.disk.memory_backed,
+        b.shared.disk.memory_backed(),
         in_memory,
         "{} is {}on a memory file system",
         b.image.display(),
@@ -142,7 +142,7 @@ fn every_request_type_on_every_engine() {
         };
         let b = start();
         assert_eq!(b.shared.disk.engine, kind);
-        assert_eq!(b.shared.disk.memory_backed, in_memory);
+        assert_eq!(b.shared.disk.memory_backed(), in_memory);
         check_discard_and_write_zeroes(&b);
         // Each on a fresh image (the discards above zeroed what they check).
         write_then_read(start());
@@ -227,7 +227,7 @@ fn check_discard_and_write_zeroes(b: &TestBackend) {
         b.read_image(2024 * 512, 512),
         pattern_range(2024 * 512, 512)
     );
-    if b.shared.disk.memory_backed {
+    if b.shared.disk.memory_backed() {
         // tmpfs reports allocated pages nothing was written to as a hole (SEEK_HOLE).
         return;
     }

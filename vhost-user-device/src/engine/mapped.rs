@@ -28,7 +28,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use super::sigbus::{self, Registration};
+use super::sigbus::{self, page_size, Registration};
 use crate::iovec::IovecList;
 
 /// Granularity of the hole map.
@@ -217,15 +217,6 @@ impl FileMap {
         }
         true
     }
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf has no memory arguments.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(page)
-        .ok()
-        .filter(|&p| p > 0)
-        .unwrap_or(4096)
 }
 
 /// Whether every page of `[start, end)` of the mapping at `base` is in the file's page

@@ -87,6 +87,11 @@ pub fn install() -> io::Result<()> {
     }
 }
 
+/// The system's page size, as `install` found it (4096 until then).
+pub(super) fn page_size() -> usize {
+    PAGE_SIZE.load(Ordering::Relaxed)
+}
+
 /// A mapping registered with the handler; unregistered on drop (before its unmap).
 pub struct Registration {
     slot: &'static Slot,
