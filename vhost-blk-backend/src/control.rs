@@ -148,11 +148,12 @@ impl ControlHandler for BlkControl {
     fn device_stats(&self) -> Map<String, Value> {
         let s = &self.shared.stats;
         let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let t = self.shared.totals();
         let v = json!({
-            "reads": g(&s.reads),
-            "writes": g(&s.writes),
-            "read-bytes": g(&s.read_bytes),
-            "write-bytes": g(&s.write_bytes),
+            "reads": t.reads,
+            "writes": t.writes,
+            "read-bytes": t.read_bytes,
+            "write-bytes": t.write_bytes,
             "flushes": g(&s.flushes),
             "bad-requests": g(&s.bad_requests),
             "too-large": g(&s.too_large),
@@ -161,7 +162,7 @@ impl ControlHandler for BlkControl {
             "bounced": g(&s.bounced),
             "fixed-buffer-ios": g(&s.fixed_buffer_ios),
             "pinned-bytes": self.shared.pin.as_ref().map_or(0, |p| p.pinned()),
-            "in-flight": g(&s.in_flight),
+            "in-flight": self.shared.in_flight(),
             "in-flight-peak": g(&s.in_flight_peak),
             "teardown-waited": g(&s.teardown_waited),
             "teardown-leaked": g(&s.teardown_leaked),

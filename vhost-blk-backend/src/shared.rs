@@ -57,14 +57,6 @@ pub fn max_request_bytes(queue_size: u16) -> u64 {
 /// Device counters, readable from the process.
 #[derive(Debug, Default)]
 pub struct BlkStats {
-    /// Read requests submitted.
-    pub reads: AtomicU64,
-    /// Write requests submitted.
-    pub writes: AtomicU64,
-    /// Bytes read.
-    pub read_bytes: AtomicU64,
-    /// Bytes written.
-    pub write_bytes: AtomicU64,
     /// Flush requests.
     pub flushes: AtomicU64,
     /// Requests refused after parsing (bad header, range, direction, limits...).
@@ -80,8 +72,6 @@ pub struct BlkStats {
     /// Read/write requests refused for carrying more data than the advertised limit
     /// (seg_max × size_max; see `max_request_bytes`).
     pub too_large: AtomicU64,
-    /// Requests handed to the kernel and not yet completed, all queues.
-    pub in_flight: AtomicU64,
     /// The most requests ever in flight at once on one queue.
     pub in_flight_peak: AtomicU64,
     /// Requests still in the kernel when their worker was torn down (it waits for them).
@@ -99,9 +89,16 @@ pub struct BlkStats {
 }
 
 /// Counters of one request queue (the device-wide [`BlkStats`] count the same requests
-/// for all queues).
+/// for all queues; reads, writes, their bytes and what is in flight are only counted here
+/// and summed by [`BlkShared::totals`]).
+///
+/// The queue's worker is the only thread that adds to them, on the data path, without a
+/// locked instruction ([`vhost_user_device::counter::add_single_writer`]).
 #[derive(Debug, Default)]
 pub struct BlkQueueStats {
+    /// Requests handed to the kernel and not yet retired (stored with Release after
+    /// retiring marks the dirty bitmap: see [`BlkShared::in_flight`]).
+    pub in_flight: AtomicU64,
     /// Read requests submitted.
     pub reads: AtomicU64,
     /// Write requests submitted.
@@ -120,6 +117,19 @@ pub struct BlkQueueStats {
     /// write-zeroes): from the start of their I/O (after any throttle wait) to their
     /// completion to the guest (after any wait for active mirroring).
     pub latency: vhost_user_device::histogram::LatencyHistogram,
+}
+
+/// Device-wide sums of the per-queue request counters ([`BlkShared::totals`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoTotals {
+    /// Read requests submitted.
+    pub reads: u64,
+    /// Write requests submitted.
+    pub writes: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
 }
 
 /// Options the device is built from (the command line).
@@ -203,6 +213,27 @@ impl std::fmt::Debug for Revoke {
 }
 
 impl BlkShared {
+    /// Requests handed to the kernel and not yet retired, all queues. Acquire: who sees
+    /// a request gone also sees the dirty marks its retirement made.
+    pub fn in_flight(&self) -> u64 {
+        self.queue_stats
+            .iter()
+            .map(|q| q.in_flight.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// Reads, writes and their bytes over all queues.
+    pub fn totals(&self) -> IoTotals {
+        let mut t = IoTotals::default();
+        for q in &self.queue_stats {
+            t.reads += q.reads.load(Ordering::Relaxed);
+            t.writes += q.writes.load(Ordering::Relaxed);
+            t.read_bytes += q.read_bytes.load(Ordering::Relaxed);
+            t.write_bytes += q.write_bytes.load(Ordering::Relaxed);
+        }
+        t
+    }
+
     /// The state of a device serving `disk` as `opts` say.
     pub fn new(disk: Disk, opts: &BlkOptions) -> Self {
         let size = disk.size;

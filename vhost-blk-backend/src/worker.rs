@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vhost_user_device::counter::add_single_writer;
 use vhost_user_device::engine::{Completion, Engine, Op, Pushed};
 use vhost_user_device::rate_limit::RateLimitedLog;
 use vhost_user_device::{
@@ -165,6 +166,9 @@ pub struct BlkWorker {
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     in_flight: Vec<(u16, usize)>,
+    /// The most requests this worker had in flight on one queue: the device-wide peak is
+    /// only written when this grows.
+    in_flight_peak: u64,
     chain: Chain,
     completions: Vec<Completion>,
     to_notify: Vec<u16>,
@@ -271,6 +275,7 @@ impl BlkWorker {
             slots: Vec::new(),
             free: Vec::new(),
             in_flight: queues.iter().map(|&q| (q, 0)).collect(),
+            in_flight_peak: 0,
             chain: Chain::default(),
             completions: Vec::with_capacity(64),
             to_notify: Vec::new(),
@@ -290,14 +295,23 @@ impl BlkWorker {
     fn count(&mut self, queue: u16, delta: isize) {
         if let Some((_, n)) = self.in_flight.iter_mut().find(|(q, _)| *q == queue) {
             *n = n.saturating_add_signed(delta);
-            let stats = &self.shared.stats;
-            if delta > 0 {
-                stats.in_flight.fetch_add(1, Ordering::Relaxed);
-                stats.in_flight_peak.fetch_max(*n as u64, Ordering::Relaxed);
-            } else {
-                // Release: a hand-over that sees the request gone sees its dirty marks
-                // (retire marks first).
-                stats.in_flight.fetch_sub(1, Ordering::Release);
+            let n = *n as u64;
+            if let Some(q) = self.shared.queue_stats.get(usize::from(queue)) {
+                // Added to, not overwritten with `n`: requests a previous worker of this
+                // queue leaked at teardown stay counted (a hand-over must not think the
+                // kernel is done with the disk). This worker is the only one adding (see
+                // `add_single_writer`). Release: a hand-over that sees the request gone
+                // sees its dirty marks (retire marks first).
+                let now = q.in_flight.load(Ordering::Relaxed);
+                q.in_flight
+                    .store(now.wrapping_add_signed(delta as i64), Ordering::Release);
+            }
+            if n > self.in_flight_peak {
+                self.in_flight_peak = n;
+                self.shared
+                    .stats
+                    .in_flight_peak
+                    .fetch_max(n, Ordering::Relaxed);
             }
         }
     }
@@ -559,7 +573,8 @@ impl BlkWorker {
     /// Adds `n` to the counter `which` picks of queue `queue`.
     fn count_queue(&self, queue: u16, which: impl Fn(&BlkQueueStats) -> &AtomicU64, n: u64) {
         if let Some(q) = self.shared.queue_stats.get(usize::from(queue)) {
-            which(q).fetch_add(n, Ordering::Relaxed);
+            // This worker is the queue's only writer.
+            add_single_writer(which(q), n);
         }
     }
 
@@ -675,17 +690,10 @@ impl BlkWorker {
             self.complete_now(ring, mem, req.head, req.status_addr, req.status, 1);
             return true;
         }
-        let stats = &self.shared.stats;
         if req.kind == Kind::Read {
-            stats.reads.fetch_add(1, Ordering::Relaxed);
-            stats.read_bytes.fetch_add(req.remaining, Ordering::Relaxed);
             self.count_queue(req.queue, |q| &q.reads, 1);
             self.count_queue(req.queue, |q| &q.read_bytes, req.remaining);
         } else if req.kind == Kind::Write {
-            stats.writes.fetch_add(1, Ordering::Relaxed);
-            stats
-                .write_bytes
-                .fetch_add(req.remaining, Ordering::Relaxed);
             self.count_queue(req.queue, |q| &q.writes, 1);
             self.count_queue(req.queue, |q| &q.write_bytes, req.remaining);
         }
@@ -1595,7 +1603,7 @@ mod tests {
         );
         assert_eq!(shared.stats.teardown_waited.load(Ordering::Relaxed), 1);
         assert_eq!(shared.stats.teardown_leaked.load(Ordering::Relaxed), 0);
-        assert_eq!(shared.stats.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(shared.in_flight(), 0);
         assert!(shared.dirty.is_dirty(0), "the written block is marked");
         assert_eq!(read_image(&image), vec![0x5a; LEN as usize]);
     }

@@ -223,7 +223,7 @@ fn get_vring_base_waits_for_writes_stuck_in_a_frozen_file_system() {
     }
     fe.queues[0].notify();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while b.shared.stats.in_flight.load(Ordering::Relaxed) < n {
+    while b.shared.in_flight() < n {
         assert!(std::time::Instant::now() < deadline, "writes not in flight");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -238,7 +238,7 @@ fn get_vring_base_waits_for_writes_stuck_in_a_frozen_file_system() {
         // Longer than any drain deadline a backend could reasonably have for a stuck disk.
         std::thread::sleep(Duration::from_millis(1500));
         let early = answered.load(Ordering::SeqCst);
-        let left = b.shared.stats.in_flight.load(Ordering::Relaxed);
+        let left = b.shared.in_flight();
         fs.thaw();
         let base = t.join().expect("GET_VRING_BASE thread");
         assert!(
@@ -253,7 +253,7 @@ fn get_vring_base_waits_for_writes_stuck_in_a_frozen_file_system() {
         n as u16,
         "every write on the used ring before the answer"
     );
-    assert_eq!(b.shared.stats.in_flight.load(Ordering::Relaxed), 0);
+    assert_eq!(b.shared.in_flight(), 0);
     for (i, r) in reqs.iter().enumerate() {
         assert_eq!(r.status(&fe), status::OK, "write {i}");
         assert!(

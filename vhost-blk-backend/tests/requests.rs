@@ -588,3 +588,47 @@ fn sixteen_queues_each_carry_their_own_data() {
         );
     }
 }
+
+#[test]
+fn device_counters_are_the_sums_of_every_queue() {
+    let b = TestBackend::start(BackendConfig {
+        num_queues: 2,
+        ..Default::default()
+    });
+    let mut fe = TestFrontend::connect(
+        b.socket(),
+        FrontendOptions {
+            num_queues: 2,
+            ..Default::default()
+        },
+    )
+    .expect("connect");
+    // Queue 0: three 4 KiB writes; queue 1: two 8 KiB reads and one 4 KiB write.
+    for i in 0..3u64 {
+        let r = blk_req(&mut fe, req_type::OUT, i * 8, 4096);
+        assert_eq!(run(&mut fe, 0, &r, false).1, status::OK);
+    }
+    for i in 0..2u64 {
+        let r = blk_req(&mut fe, req_type::IN, i * 16, 8192);
+        assert_eq!(run(&mut fe, 1, &r, true).1, status::OK);
+    }
+    let r = blk_req(&mut fe, req_type::OUT, 64, 4096);
+    assert_eq!(run(&mut fe, 1, &r, false).1, status::OK);
+
+    use std::sync::atomic::Ordering::Relaxed;
+    let q = &b.shared.queue_stats;
+    assert_eq!(
+        (q[0].writes.load(Relaxed), q[0].reads.load(Relaxed)),
+        (3, 0)
+    );
+    assert_eq!(
+        (q[1].writes.load(Relaxed), q[1].reads.load(Relaxed)),
+        (1, 2)
+    );
+    let t = b.shared.totals();
+    assert_eq!((t.writes, t.write_bytes), (4, 4 * 4096));
+    assert_eq!((t.reads, t.read_bytes), (2, 2 * 8192));
+    assert_eq!(b.shared.in_flight(), 0);
+    // Each queue's peak was one request at a time.
+    assert_eq!(b.shared.stats.in_flight_peak.load(Relaxed), 1);
+}

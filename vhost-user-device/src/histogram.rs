@@ -1,11 +1,13 @@
 //! A lock-free latency histogram with fixed bucket boundaries, for per-queue request
-//! latencies: the data path adds a sample with two relaxed atomic adds (and a sum), the
+//! latencies: the data path adds a sample with two single-writer adds (a bin and the sum), the
 //! control socket reads it as QEMU's `BlockLatencyHistogramInfo` does (`boundaries` and
 //! `bins`, one more bin than boundaries), and the Prometheus exporter turns that into a
 //! `_seconds` histogram (`_bucket{le=...}`, `_sum`, `_count`; see [`crate::metrics`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::counter::add_single_writer;
 
 use serde_json::{json, Value};
 
@@ -37,12 +39,13 @@ impl LatencyHistogram {
         Self::default()
     }
 
-    /// Adds one sample.
+    /// Adds one sample. One thread at a time adds to a histogram (a queue's worker: see
+    /// [`add_single_writer`]); any may read it.
     pub fn record(&self, latency: Duration) {
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         let bin = BOUNDARIES_US.partition_point(|&b| b < us);
-        self.bins[bin].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        add_single_writer(&self.bins[bin], 1);
+        add_single_writer(&self.sum_us, us);
     }
 
     /// Samples so far.

@@ -40,6 +40,7 @@
 pub mod chain;
 pub mod chain_io;
 pub mod control;
+pub mod counter;
 pub mod device;
 pub mod dirty_log;
 pub mod engine;

@@ -10,13 +10,15 @@ use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::chain::{self, Chain, ChainError, Origin};
+use crate::counter::add_single_writer;
 use crate::dirty_log::DirtyLog;
 use crate::inflight::InflightQueue;
 use crate::memory::{GuestMem, GuestMemAtomic};
 use crate::packed::{PackedFault, PackedRing, Popped, VIRTIO_F_RING_PACKED};
 use crate::rate_limit::RateLimitedLog;
 
-/// Counters of one queue, shared with whoever reports statistics.
+/// Counters of one queue, shared with whoever reports statistics. The thread holding the
+/// ring is the only one that adds to them ([`crate::counter::add_single_writer`]).
 #[derive(Debug, Default)]
 pub struct QueueStats {
     /// Chains taken from the avail ring (or resubmitted).
@@ -502,9 +504,9 @@ impl Ring {
                     infl.begin(head);
                 }
             } else {
-                self.stats.resubmitted.fetch_add(1, Ordering::Relaxed);
+                add_single_writer(&self.stats.resubmitted, 1);
             }
-            self.stats.chains.fetch_add(1, Ordering::Relaxed);
+            add_single_writer(&self.stats.chains, 1);
             match chain::walk(mem, self.queue.desc_table(), self.queue.size(), head, chain) {
                 Ok(()) => {
                     chain.origin = if resubmitted {
@@ -538,11 +540,11 @@ impl Ring {
                 Ok(Popped::Empty) => return false,
                 Ok(Popped::Chain) => {
                     chain.origin = Origin::Avail(at);
-                    self.stats.chains.fetch_add(1, Ordering::Relaxed);
+                    add_single_writer(&self.stats.chains, 1);
                     return true;
                 }
                 Ok(Popped::Bad { id, count, error }) => {
-                    self.stats.chains.fetch_add(1, Ordering::Relaxed);
+                    add_single_writer(&self.stats.chains, 1);
                     self.stats.bad_chains.fetch_add(1, Ordering::Relaxed);
                     let index = self.index;
                     self.bad_chain_log.warn(|| {
@@ -550,7 +552,7 @@ impl Ring {
                     });
                     if packed.add_used_counted(mem, id, 0, count).is_ok() {
                         self.added_since_notify = self.added_since_notify.wrapping_add(1);
-                        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                        add_single_writer(&self.stats.completed, 1);
                     }
                     self.bad_in_round += 1;
                     if self.bad_in_round >= BAD_CHAINS_PER_ROUND {
@@ -648,7 +650,7 @@ impl Ring {
             infl.after_used(head, self.queue.next_used());
         }
         self.added_since_notify = self.added_since_notify.wrapping_add(1);
-        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        add_single_writer(&self.stats.completed, 1);
     }
 
     /// Puts several chains on the used ring and publishes them with one used-index update,
@@ -660,9 +662,7 @@ impl Ring {
             match p.add_used(mem, used) {
                 Ok(added) => {
                     self.added_since_notify = self.added_since_notify.wrapping_add(added);
-                    self.stats
-                        .completed
-                        .fetch_add(u64::from(added), Ordering::Relaxed);
+                    add_single_writer(&self.stats.completed, u64::from(added));
                 }
                 Err(e) => {
                     let index = self.index;
@@ -710,9 +710,7 @@ impl Ring {
                 infl.after_used(head, next);
             }
         }
-        self.stats
-            .completed
-            .fetch_add(used.len() as u64, Ordering::Relaxed);
+        add_single_writer(&self.stats.completed, used.len() as u64);
     }
 
     /// Gives back chains taken with [`Ring::pop`] that the device did not use (nothing

@@ -200,7 +200,7 @@ impl fmt::Display for Report {
             secs
         )?;
         if let Some(c) = self.cpu_us_per_io {
-            write!(f, ", backend CPU {c:.1} us per I/O")?;
+            write!(f, ", backend CPU {c:.2} us per I/O")?;
         }
         if self.verified > 0 {
             write!(f, ", {} blocks verified", self.verified)?;

@@ -553,9 +553,7 @@ impl Migrations {
         self.shared.gate.close();
         let deadline = Instant::now() + Duration::from_secs(30);
         // No worker taking requests (a pass), then nothing in flight: the image is final.
-        while !self.shared.gate.is_quiet()
-            || self.shared.stats.in_flight.load(Ordering::Acquire) > 0
-        {
+        while !self.shared.gate.is_quiet() || self.shared.in_flight() > 0 {
             if Instant::now() > deadline {
                 return Err(MigrationError::Protocol(
                     "requests still in flight after 30 s: not handing over".into(),
