@@ -3,6 +3,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use vhost_user_device::counter::add_single_writer;
+
 /// Why a frame (or a guest buffer) was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
@@ -57,7 +59,8 @@ impl DropReason {
     }
 }
 
-/// Counters of one data queue.
+/// Counters of one data queue. Only the worker that owns the queue adds to them, per
+/// frame, without a locked instruction ([`add_single_writer`]); anyone reads them.
 #[derive(Debug, Default)]
 pub struct QueueCounters {
     /// Frames moved.
@@ -74,14 +77,24 @@ pub struct QueueCounters {
 impl QueueCounters {
     /// Counts a moved frame.
     pub fn packet(&self, bytes: usize) {
-        self.packets.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        add_single_writer(&self.packets, 1);
+        add_single_writer(&self.bytes, bytes as u64);
+    }
+
+    /// Counts an RX frame spread over more than one buffer.
+    pub fn merged_frame(&self) {
+        add_single_writer(&self.merged, 1);
+    }
+
+    /// Counts a wait (RX for guest buffers, TX for room in the tap).
+    pub fn waited(&self) {
+        add_single_writer(&self.waits, 1);
     }
 
     /// Counts a drop.
     pub fn drop(&self, why: DropReason) {
         if let Some(i) = DropReason::ALL.iter().position(|&d| d == why) {
-            self.drops[i].fetch_add(1, Ordering::Relaxed);
+            add_single_writer(&self.drops[i], 1);
         }
     }
 

@@ -423,7 +423,7 @@ impl PairWorker {
                 if !self.tx_pending.is_empty() {
                     // The tap is full: wait for EPOLLOUT with guest kicks off.
                     if let Some(c) = self.counters(self.txq) {
-                        c.waits.fetch_add(1, Ordering::Relaxed);
+                        c.waited();
                     }
                     break 'outer;
                 }
@@ -594,7 +594,7 @@ impl PairWorker {
         }
         if !self.rx_starved {
             if let Some(c) = self.counters(self.rxq) {
-                c.waits.fetch_add(1, Ordering::Relaxed);
+                c.waited();
             }
         }
         self.rx_starved = true;
@@ -783,7 +783,7 @@ impl PairWorker {
         if let Some(c) = self.counters(self.rxq) {
             c.packet((n as usize).saturating_sub(self.hdr_len));
             if num > 1 {
-                c.merged.fetch_add(1, Ordering::Relaxed);
+                c.merged_frame();
             }
         }
         batch.len()
