@@ -373,12 +373,13 @@ pub fn compare_blk(a: &CompareBlkArgs) -> Result<Section, CompareError> {
         name: "blk".into(),
         title: "Block: the load generator through each vhost-user-blk backend".into(),
         description: format!(
-            "Machine: {}. Image: {} MiB of random data in {}. {} repetitions of {:.0} s per case and contender, alternating; median (±spread = (max-min)/median). Command: `bench compare blk --size {}m --runtime {}ms --reps {}{}{}{}`.",
+            "Machine: {}. Image: {} MiB of random data in {}. {} repetitions of {:.0} s per case and contender, alternating; median (±spread = (max-min)/median). Command: `bench compare blk{} --size {}m --runtime {}ms --reps {}{}{}{}`.",
             machine(),
             a.size >> 20,
             places.join(" and "),
             a.reps,
             a.runtime.as_secs_f64(),
+            dirs_option(&a.dirs),
             a.size >> 20,
             a.runtime.as_millis(),
             a.reps,
@@ -402,6 +403,16 @@ pub fn compare_blk(a: &CompareBlkArgs) -> Result<Section, CompareError> {
     };
     section.write(&a.out)?;
     Ok(section)
+}
+
+/// The `--dirs` of the command line that measured `dirs` ("" for the default).
+fn dirs_option(dirs: &[PathBuf]) -> String {
+    let default = [Path::new("/dev/shm"), Path::new("/var/tmp")];
+    if dirs.iter().map(PathBuf::as_path).eq(default) {
+        return String::new();
+    }
+    let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    format!(" --dirs {}", list.join(","))
 }
 
 /// Runs every case on a fresh image in `work`, appending rows named `"<kind>: <case>"`.
@@ -526,6 +537,17 @@ mod tests {
         assert_eq!(s.p99_us, 71.0);
         assert_eq!(s.iops, 1234.5);
         assert!((s.cpu_us_per_io - 0.5).abs() < 1e-9, "{}", s.cpu_us_per_io);
+    }
+
+    #[test]
+    fn the_recorded_command_names_directories_other_than_the_default() {
+        let p = |v: &[&str]| v.iter().map(PathBuf::from).collect::<Vec<_>>();
+        assert_eq!(dirs_option(&p(&["/dev/shm", "/var/tmp"])), "");
+        assert_eq!(dirs_option(&p(&["/var/tmp"])), " --dirs /var/tmp");
+        assert_eq!(
+            dirs_option(&p(&["/var/tmp", "/dev/shm"])),
+            " --dirs /var/tmp,/dev/shm"
+        );
     }
 
     #[test]
