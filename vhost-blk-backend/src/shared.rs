@@ -93,11 +93,12 @@ pub struct BlkStats {
 /// and summed by [`BlkShared::totals`]).
 ///
 /// The queue's worker is the only thread that adds to them, on the data path, without a
-/// locked instruction ([`vhost_user_device::counter::add_single_writer`]).
+/// locked instruction ([`vhost_user_device::counter::add_single_writer`]), except
+/// `in_flight`, which a hand-over decides on.
 #[derive(Debug, Default)]
 pub struct BlkQueueStats {
-    /// Requests handed to the kernel and not yet retired (stored with Release after
-    /// retiring marks the dirty bitmap: see [`BlkShared::in_flight`]).
+    /// Requests handed to the kernel and not yet retired (a locked add, with Release
+    /// after retiring marks the dirty bitmap: see [`BlkShared::in_flight`]).
     pub in_flight: AtomicU64,
     /// Read requests submitted.
     pub reads: AtomicU64,
@@ -216,10 +217,11 @@ impl BlkShared {
     /// Requests handed to the kernel and not yet retired, all queues. Acquire: who sees
     /// a request gone also sees the dirty marks its retirement made.
     pub fn in_flight(&self) -> u64 {
+        // Saturating: a counter gone wrong must read as busy, never wrap the sum to 0.
         self.queue_stats
             .iter()
             .map(|q| q.in_flight.load(Ordering::Acquire))
-            .sum()
+            .fold(0, u64::saturating_add)
     }
 
     /// Reads, writes and their bytes over all queues.
@@ -487,11 +489,17 @@ impl VmmState {
 /// The unit tests' shared state: `image` (which exists), one queue of 16, 512-byte blocks.
 #[cfg(test)]
 pub(crate) fn test_shared(image: &std::path::Path) -> Arc<BlkShared> {
+    test_shared_queues(image, 1)
+}
+
+/// [`test_shared`] with `num_queues` queues.
+#[cfg(test)]
+pub(crate) fn test_shared_queues(image: &std::path::Path, num_queues: u16) -> Arc<BlkShared> {
     let disk = Disk::open(image, false, crate::CacheMode::None, 512).expect("disk");
     Arc::new(BlkShared::new(
         disk,
         &BlkOptions {
-            num_queues: 1,
+            num_queues,
             queue_size: 16,
             block_size: 512,
             serial: String::new(),
@@ -512,6 +520,27 @@ mod tests {
             .and_then(|f| f.set_len(1 << 20))
             .expect("image");
         test_shared(&image)
+    }
+
+    #[test]
+    fn requests_in_flight_are_summed_over_queues_and_a_wrong_count_reads_as_busy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("image");
+        let s = test_shared_queues(&image, 2);
+        assert_eq!(s.in_flight(), 0);
+        s.queue_stats[0].in_flight.store(3, Ordering::Release);
+        s.queue_stats[1].in_flight.store(2, Ordering::Release);
+        assert_eq!(s.in_flight(), 5);
+        // A counter that went below zero must not wrap the sum to 0 (a hand-over waits
+        // for 0).
+        s.queue_stats[0]
+            .in_flight
+            .store(u64::MAX, Ordering::Release);
+        s.queue_stats[1].in_flight.store(1, Ordering::Release);
+        assert_eq!(s.in_flight(), u64::MAX);
     }
 
     #[test]

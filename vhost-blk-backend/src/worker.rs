@@ -299,12 +299,16 @@ impl BlkWorker {
             if let Some(q) = self.shared.queue_stats.get(usize::from(queue)) {
                 // Added to, not overwritten with `n`: requests a previous worker of this
                 // queue leaked at teardown stay counted (a hand-over must not think the
-                // kernel is done with the disk). This worker is the only one adding (see
-                // `add_single_writer`). Release: a hand-over that sees the request gone
-                // sees its dirty marks (retire marks first).
-                let now = q.in_flight.load(Ordering::Relaxed);
-                q.in_flight
-                    .store(now.wrapping_add_signed(delta as i64), Ordering::Release);
+                // kernel is done with the disk). A locked add although this worker is the
+                // queue's only writer: a hand-over decides on this count, so it does not
+                // rest on that rule as the statistics do. Release: a hand-over that sees
+                // the request gone sees its dirty marks (retire marks first).
+                let d = delta.unsigned_abs() as u64;
+                if delta >= 0 {
+                    q.in_flight.fetch_add(d, Ordering::Release);
+                } else {
+                    q.in_flight.fetch_sub(d, Ordering::Release);
+                }
             }
             if n > self.in_flight_peak {
                 self.in_flight_peak = n;

@@ -8,13 +8,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// waits for every store before it to leave the store buffer, and on the data path those
 /// are stores to guest memory (a status byte, a used-ring entry) whose cache lines the
 /// driver on another CPU is reading, so each one waits for a cache-line transfer. A request
-/// passes about ten counters; as locked adds they cost 4% of the backend's CPU at tmpfs
-/// QD 32 (`bench load blk`).
+/// passes about ten counters; as locked adds they cost 6% of the backend's CPU at tmpfs
+/// QD 32 (2.00 against 1.88 µs per I/O, `bench load blk`).
 ///
-/// Two threads adding at once would lose counts, nothing worse. The counters this is used
-/// for have one writer at a time: those of a ring are added to by the thread that holds
-/// the ring, those of a request queue by the queue's worker. Ownership changes through a
-/// channel or a thread join, which orders one owner's adds before the next one's.
+/// Two threads adding at once would lose counts, so this is for statistics only, never
+/// for a count something decides on (blk's requests in flight, which a migration's
+/// hand-over waits for, keep their locked add). The counters this is used for have one
+/// writer at a time: those of a ring are added to by the thread that holds the ring,
+/// those of a request queue by the queue's worker. Ownership changes through a channel or
+/// a thread join, which orders one owner's adds before the next one's.
 #[inline]
 pub fn add_single_writer(counter: &AtomicU64, n: u64) {
     counter.store(
@@ -34,19 +36,5 @@ mod tests {
         assert_eq!(c.load(Ordering::Relaxed), u64::MAX);
         add_single_writer(&c, 3);
         assert_eq!(c.load(Ordering::Relaxed), 2);
-    }
-
-    #[test]
-    fn a_reader_on_another_thread_sees_every_add_after_a_join() {
-        let c = std::sync::Arc::new(AtomicU64::new(0));
-        let w = c.clone();
-        std::thread::spawn(move || {
-            for _ in 0..10_000 {
-                add_single_writer(&w, 2);
-            }
-        })
-        .join()
-        .unwrap();
-        assert_eq!(c.load(Ordering::Relaxed), 20_000);
     }
 }

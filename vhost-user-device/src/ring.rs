@@ -710,7 +710,7 @@ impl Ring {
                 infl.after_used(head, next);
             }
         }
-        add_single_writer(&self.stats.completed, used.len() as u64);
+        add_single_writer(&self.stats.completed, u64::from(added));
     }
 
     /// Gives back chains taken with [`Ring::pop`] that the device did not use (nothing
@@ -1402,6 +1402,8 @@ pub(crate) mod tests {
         ring.add_used_batch(&mem, &[(SIZE, 7), (1, 8)]);
         assert_eq!(used_idx(&mem), 4);
         assert_eq!(used_elem(&mem, 3), (1, 8));
+        // ... and counted as completed only for what was published.
+        assert_eq!(ring.stats().completed.load(Ordering::Relaxed), 4);
         // An empty batch publishes nothing.
         ring.add_used_batch(&mem, &[]);
         assert_eq!(used_idx(&mem), 4);

@@ -552,21 +552,30 @@ impl Migrations {
         }
         self.shared.gate.close();
         let deadline = Instant::now() + Duration::from_secs(30);
-        // No worker taking requests (a pass), then nothing in flight: the image is final.
-        while !self.shared.gate.is_quiet() || self.shared.in_flight() > 0 {
+        // No worker taking requests (a pass), nothing parked, then nothing in flight: the
+        // image is final.
+        loop {
+            // `parked` before `in_flight`: a drain starts a parked request without a pass
+            // (the ring is stopping), counting it in flight before it leaves `parked`
+            // (AcqRel), so one that left `parked` after this load is seen in flight by
+            // the next. In the other order it could start between the two loads and be
+            // in neither.
+            if self.shared.stats.parked.load(Ordering::Acquire) > 0 {
+                // Limits set again meanwhile (set-io-throttle) parked one: never hand
+                // over with a request the last pass cannot see.
+                return Err(MigrationError::Protocol(
+                    "a request was throttled during the hand-over: not handing over".into(),
+                ));
+            }
+            if self.shared.gate.is_quiet() && self.shared.in_flight() == 0 {
+                break;
+            }
             if Instant::now() > deadline {
                 return Err(MigrationError::Protocol(
                     "requests still in flight after 30 s: not handing over".into(),
                 ));
             }
             std::thread::sleep(Duration::from_millis(1));
-        }
-        if self.shared.stats.parked.load(Ordering::Acquire) > 0 {
-            // Limits set again meanwhile (set-io-throttle) parked one: never hand over
-            // with a request the last pass cannot see.
-            return Err(MigrationError::Protocol(
-                "a request was throttled during the hand-over: not handing over".into(),
-            ));
         }
         let (_, stats, lease) = src.complete_with_lease()?;
         let downtime = t.elapsed();
