@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 
-use vhost_user_device::{ChainReader, ChainWriter, Ring};
+use vhost_user_device::{ChainReader, ChainWriter, PassEnd, Ring, RingPass};
 
 use crate::engine::{Engine, BUDGET};
 use crate::hostinfo;
@@ -58,20 +58,8 @@ impl Engine {
         self.check_live_driver(ring);
         let mem = ring.memory();
         let mut completed = false;
-        let mut taken = 0;
-        loop {
-            ring.disable_notification(&mem);
-            if taken >= BUDGET {
-                // Kicks stay off: we come back through `held`.
-                self.hold(ring.index());
-                break;
-            }
-            if !ring.pop(&mem, &mut self.chain) {
-                if ring.enable_notification(&mem) {
-                    continue;
-                }
-                break;
-            }
+        let mut pass = RingPass::new(BUDGET);
+        while pass.pop(ring, &mem, &mut self.chain) {
             // A message is CONTROL_SIZE bytes; fewer (a short chain, unreadable memory)
             // is refused below.
             let mut buf = [0u8; CONTROL_SIZE];
@@ -81,12 +69,15 @@ impl Engine {
             let head = self.chain.head;
             ring.add_used(&mem, head, 0);
             completed = true;
-            taken += 1;
             self.shared.stats.control_in.fetch_add(1, Ordering::Relaxed);
             match Control::parse(&buf[..got]) {
                 Some(c) => self.control(c),
                 None => self.bad(|| format!("control message of {got} bytes (need 8) ignored")),
             }
+        }
+        if pass.end() == PassEnd::Budget {
+            // Kicks stay off: we come back through `held`.
+            self.hold(ring.index());
         }
         if completed {
             ring.notify(&mem);

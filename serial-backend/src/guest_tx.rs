@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
 use vhost_user_device::memory::host_iovecs;
-use vhost_user_device::{ChainReader, GuestMem, Ring, Rings, Segment};
+use vhost_user_device::{ChainReader, GuestMem, PassEnd, Ring, RingPass, Rings, Segment};
 
 use crate::engine::{Engine, BUDGET, MAX_IOV};
 use crate::port::Pending;
@@ -119,29 +119,24 @@ impl Engine {
         let mem = ring.memory();
         let mut completed = false;
         let mut drained = false;
-        let mut taken = 0;
+        let mut pass = RingPass::new(BUDGET);
         loop {
             if let Flush::Blocked = self.flush(idx, ring, &mem, &mut completed) {
                 break;
             }
-            ring.disable_notification(&mem);
-            if taken >= BUDGET {
-                // A host side that takes everything at once (a console without client, a
-                // file) would let a guest refilling the ring keep us here: kicks stay off,
-                // we come back through `held`.
-                self.hold(ring.index());
-                break;
-            }
-            if !ring.pop(&mem, &mut self.chain) {
-                if ring.enable_notification(&mem) {
-                    continue;
+            if !pass.pop(ring, &mem, &mut self.chain) {
+                match pass.end() {
+                    // A host side that takes everything at once (a console without
+                    // client, a file) would let a guest refilling the ring keep us here:
+                    // kicks stay off, we come back through `held`.
+                    PassEnd::Budget => self.hold(ring.index()),
+                    PassEnd::Empty => drained = true,
+                    // A round spent on malformed chains may have left data behind them:
+                    // the layer comes back for it, and EOF waits until then.
+                    PassEnd::RoundSpent | PassEnd::Open => {}
                 }
-                // A round spent on malformed chains may have left data behind them:
-                // the layer comes back for it, and EOF waits until then.
-                drained = !ring.round_spent();
                 break;
             }
-            taken += 1;
             let segs: Vec<Segment> = self
                 .chain
                 .segments
@@ -189,22 +184,21 @@ impl Engine {
     pub(crate) fn discard_tx(&mut self, ring: &mut Ring) {
         let mem = ring.memory();
         let q = ring.index();
-        let mut n = 0;
-        ring.disable_notification(&mem);
-        while n < BUDGET && ring.pop(&mem, &mut self.chain) {
+        let mut pass = RingPass::new(BUDGET);
+        while pass.pop(ring, &mem, &mut self.chain) {
             // Counted before the guest can see the buffer back (a driver, or a test,
             // reading the counter after the completion must find it there).
             self.shared.stats.bad_input.fetch_add(1, Ordering::Relaxed);
             ring.add_used(&mem, self.chain.head, 0);
-            n += 1;
         }
+        let n = pass.taken();
         if n > 0 {
             ring.notify(&mem);
             self.log
                 .warn(|| format!("queue {q}: {n} buffer(s) for a port that does not exist"));
         }
-        if n >= BUDGET || ring.enable_notification(&mem) {
-            // More may be waiting (kicks stay off if we stopped at the budget).
+        if pass.end() == PassEnd::Budget {
+            // More may be waiting; kicks stay off.
             self.hold(q);
         }
     }

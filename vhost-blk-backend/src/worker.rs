@@ -17,7 +17,8 @@ use vhost_user_device::counter::add_single_writer;
 use vhost_user_device::engine::{Completion, Engine, Op, Pushed};
 use vhost_user_device::rate_limit::RateLimitedLog;
 use vhost_user_device::{
-    AlignedBuf, Chain, ChainWriter, GuestMem, IovecList, QueueWorker, Ring, Rings, Segment,
+    AlignedBuf, Chain, ChainWriter, GuestMem, IovecList, PassEnd, QueueWorker, Ring, RingPass,
+    Rings, Segment,
 };
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -1322,44 +1323,42 @@ impl QueueWorker for BlkWorker {
             completed_now |= self.start_parked(ring, &mem, p);
             self.handle_done(ring);
         }
-        'ring: loop {
-            ring.disable_notification(&mem);
-            loop {
-                if self.in_flight(queue) >= limit || taken >= BUDGET {
-                    // Notifications stay off: we come back through `more`, when
-                    // completions make room or right after the other events.
+        let mut pass = RingPass::new(BUDGET - taken);
+        loop {
+            if self.in_flight(queue) >= limit {
+                // Kicks stay off: we come back through `more` when completions make room.
+                pass.hold(ring, &mem);
+                if !self.held.contains(&queue) {
+                    self.held.push(queue);
+                }
+                break;
+            }
+            if !pass.pop(ring, &mem, &mut self.chain) {
+                if pass.end() == PassEnd::Budget {
+                    // Kicks stay off: we come back through `more`, right after the
+                    // other events.
                     if !self.held.contains(&queue) {
                         self.held.push(queue);
                     }
-                    if taken >= BUDGET {
-                        self.schedule_more();
-                    }
-                    break 'ring;
+                    self.schedule_more();
                 }
-                if !ring.pop(&mem, &mut self.chain) {
-                    break;
-                }
-                taken += 1;
-                let started = self.start(ring, &mem);
-                if self.engine.unsubmitted() >= SUBMIT_EVERY {
-                    if let Err(e) = self.engine.submit() {
-                        self.log.warn(|| format!("io_uring submit failed: {e}"));
-                    }
-                }
-                // What the engine did at once (inline) completes now, before the next
-                // chain: the in-flight limit counts only what is really in flight.
-                if !self.done.is_empty() {
-                    self.handle_done(ring);
-                }
-                match started {
-                    Some(done) => completed_now |= done,
-                    // Held by the throttle: notifications stay off, the timer brings us
-                    // back.
-                    None => break 'ring,
+                break;
+            }
+            let started = self.start(ring, &mem);
+            if self.engine.unsubmitted() >= SUBMIT_EVERY {
+                if let Err(e) = self.engine.submit() {
+                    self.log.warn(|| format!("io_uring submit failed: {e}"));
                 }
             }
-            if !ring.enable_notification(&mem) {
-                break;
+            // What the engine did at once (inline) completes now, before the next chain:
+            // the in-flight limit counts only what is really in flight.
+            if !self.done.is_empty() {
+                self.handle_done(ring);
+            }
+            match started {
+                Some(done) => completed_now |= done,
+                // Held by the throttle: kicks stay off, the timer brings us back.
+                None => break,
             }
         }
         if let Err(e) = self.engine.submit() {

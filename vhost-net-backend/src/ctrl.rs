@@ -10,7 +10,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost_user_device::rate_limit::RateLimitedLog;
-use vhost_user_device::{Chain, ChainReader, ChainWriter, GuestMem, QueueWorker, Rings};
+use vhost_user_device::{
+    Chain, ChainReader, ChainWriter, GuestMem, PassEnd, QueueWorker, RingPass, Rings,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::shared::NetShared;
@@ -185,28 +187,20 @@ impl QueueWorker for CtrlWorker {
         // RESET_DEVICE) restarts the ring with the features that now apply.
         self.acked = ring.acked_features();
         let mem = ring.memory();
-        let mut done = 0usize;
-        loop {
-            ring.disable_notification(&mem);
-            while done < BUDGET && ring.pop(&mem, &mut self.chain) {
-                let used = self.handle(&mem);
-                ring.add_used(&mem, self.chain.head, used);
-                done += 1;
-            }
-            if done >= BUDGET {
-                // Kicks stay off: we come back through `more` once the worker has served
-                // its other events.
-                if self.more.write(1).is_err() {
-                    self.log
-                        .warn(|| "cannot signal the control worker's own eventfd".into());
-                }
-                break;
-            }
-            if !ring.enable_notification(&mem) {
-                break;
+        let mut pass = RingPass::new(BUDGET);
+        while pass.pop(ring, &mem, &mut self.chain) {
+            let used = self.handle(&mem);
+            ring.add_used(&mem, self.chain.head, used);
+        }
+        if pass.end() == PassEnd::Budget {
+            // Kicks stay off: we come back through `more` once the worker has served its
+            // other events.
+            if self.more.write(1).is_err() {
+                self.log
+                    .warn(|| "cannot signal the control worker's own eventfd".into());
             }
         }
-        if done > 0 {
+        if pass.taken() > 0 {
             ring.notify(&mem);
         }
     }

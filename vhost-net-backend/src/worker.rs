@@ -29,7 +29,8 @@ use vhost_user_device::iovec::IovecError;
 use vhost_user_device::memory::host_iovecs;
 use vhost_user_device::rate_limit::RateLimitedLog;
 use vhost_user_device::{
-    Chain, ChainReader, ChainWriter, GuestMem, IovecList, QueueWorker, Ring, Rings,
+    Chain, ChainReader, ChainWriter, GuestMem, IovecList, PassEnd, QueueWorker, Ring, RingPass,
+    Rings,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -49,6 +50,7 @@ const RX_NOTIFY_EVERY: usize = 64;
 /// Frames one direction may move per call before the other gets its turn (Linux vhost-net
 /// uses the same packet weight): one worker serves both rings of a pair, and a direction
 /// that always has work (a flooding peer, a busy-polling driver) must not starve the other.
+/// TX counts every chain it takes, dropped ones too.
 const BUDGET: usize = 256;
 /// `epoll` data of the tap fd and of the "more work" eventfd.
 const TOKEN_TAP: u64 = 0;
@@ -366,12 +368,12 @@ impl PairWorker {
         }
     }
 
-    /// Sends what the TX ring holds (pending frames first), at most `BUDGET` frames.
+    /// Sends what the TX ring holds (pending frames first), taking at most `BUDGET` chains
+    /// (frames sent or dropped).
     fn process_tx(&mut self, ring: &mut Ring) {
         self.follow_features(ring.acked_features());
         let mem = ring.memory();
         let mut completed = 0;
-        let mut sent = 0usize;
         self.tx_more = false;
         if !self.tx_pending.is_empty() {
             // Rebuild iovecs against the current memory snapshot.
@@ -388,58 +390,58 @@ impl PairWorker {
             }
             completed += self.write_frames(ring, &mem);
         }
-        'outer: while self.tx_pending.is_empty() {
-            ring.disable_notification(&mem);
-            loop {
-                while self.tx_frames.len() < TX_BATCH && ring.pop(&mem, &mut self.chain) {
-                    let chain = std::mem::take(&mut self.chain);
-                    match self.prepare_tx(&mem, chain) {
-                        Ok(f) => self.tx_frames.push(f),
-                        Err((chain, why)) => {
-                            self.count_drop(self.txq, why);
-                            let pair = self.pair;
-                            self.log.warn(|| {
-                                format!(
-                                    "tx queue {pair}: dropping frame (head {}): {why:?}",
-                                    chain.head
-                                )
-                            });
-                            ring.add_used(&mem, chain.head, 0);
-                            completed += 1;
-                        }
+        // The budget counts every chain taken, dropped ones too: a guest whose frames are
+        // all dropped (and never sent) must not keep the worker either.
+        let mut pass = RingPass::new(BUDGET);
+        while self.tx_pending.is_empty() {
+            while self.tx_frames.len() < TX_BATCH && pass.pop(ring, &mem, &mut self.chain) {
+                let chain = std::mem::take(&mut self.chain);
+                match self.prepare_tx(&mem, chain) {
+                    Ok(f) => self.tx_frames.push(f),
+                    Err((chain, why)) => {
+                        self.count_drop(self.txq, why);
+                        let pair = self.pair;
+                        self.log.warn(|| {
+                            format!(
+                                "tx queue {pair}: dropping frame (head {}): {why:?}",
+                                chain.head
+                            )
+                        });
+                        ring.add_used(&mem, chain.head, 0);
+                        completed += 1;
                     }
-                }
-                if self.tx_frames.is_empty() {
-                    break;
-                }
-                sent += self.tx_frames.len();
-                completed += self.write_frames(ring, &mem);
-                // Hand each batch back at once: a driver waiting on used_event must not
-                // wait for the whole ring to drain before it can refill it.
-                if completed > 0 {
-                    ring.notify(&mem);
-                    completed = 0;
-                }
-                if !self.tx_pending.is_empty() {
-                    // The tap is full: wait for EPOLLOUT with guest kicks off.
-                    if let Some(c) = self.counters(self.txq) {
-                        c.waited();
-                    }
-                    break 'outer;
-                }
-                if sent >= BUDGET {
-                    // Kicks stay off: we come back through `more`.
-                    self.tx_more = true;
-                    self.schedule_more();
-                    break 'outer;
                 }
             }
-            if !ring.enable_notification(&mem) {
+            if !self.tx_frames.is_empty() {
+                completed += self.write_frames(ring, &mem);
+            }
+            // Hand each batch back at once: a driver waiting on used_event must not wait
+            // for the whole ring to drain before it can refill it.
+            if completed > 0 {
+                ring.notify(&mem);
+                completed = 0;
+            }
+            if !self.tx_pending.is_empty() {
+                // The tap is full: wait for EPOLLOUT with guest kicks off.
+                pass.hold(ring, &mem);
+                if let Some(c) = self.counters(self.txq) {
+                    c.waited();
+                }
+                break;
+            }
+            // The pass ended (the ring empty with kicks on, the budget, the round): this
+            // batch was its last.
+            if pass.end() != PassEnd::Open {
                 break;
             }
         }
         if completed > 0 {
             ring.notify(&mem);
+        }
+        if pass.end() == PassEnd::Budget {
+            // Kicks stay off: we come back through `more`.
+            self.tx_more = true;
+            self.schedule_more();
         }
     }
 

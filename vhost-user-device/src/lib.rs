@@ -22,6 +22,8 @@
 //!   buffers as `io::Read` and `io::Write`, for headers, statuses and replies;
 //!   [`packed`]: the packed ring format (VIRTIO_F_RING_PACKED), which [`ring::Ring`]
 //!   dispatches to when it was negotiated;
+//! - [`ring_pass`]: the loop every consumer of a driver-to-device ring needs (kicks off
+//!   while taking chains, a budget, kicks back on only after a last look at an empty ring);
 //! - [`inflight`]: the INFLIGHT_SHMFD region and the resubmission of chains a previous
 //!   backend process left in flight;
 //! - [`worker`] and [`device`]: worker threads and the two traits devices implement;
@@ -56,6 +58,7 @@ pub mod program;
 pub mod qmp_events;
 pub mod rate_limit;
 pub mod ring;
+pub mod ring_pass;
 pub mod sandbox;
 #[cfg(target_arch = "x86_64")]
 mod sandbox_names;
@@ -69,6 +72,7 @@ pub use engine::{Completion, Engine, EngineChoice, EngineKind, Op, Pushed};
 pub use iovec::{AlignedBuf, IovecList};
 pub use memory::{GuestMem, GuestMemAtomic};
 pub use ring::{QueueStats, Ring, Rings};
+pub use ring_pass::{PassEnd, RingPass};
 pub use server::{Server, ServerError, Shutdown};
 
 /// The README's example device, compiled as a doctest (`cargo test -p vhost-user-device

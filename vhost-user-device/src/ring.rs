@@ -907,7 +907,7 @@ pub(crate) mod tests {
     const SIZE: u16 = 256;
     const DESC: u64 = 0;
     const AVAIL: u64 = 0x1000;
-    const USED: u64 = 0x2000;
+    pub(crate) const USED: u64 = 0x2000;
     /// Guest memory size; anything at or above is outside it.
     const MEM: u64 = 0x10000;
 
