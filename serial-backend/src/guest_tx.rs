@@ -27,13 +27,29 @@ const CONSOLE_BACKLOG: usize = 64 * 1024;
 /// (`SerialStats::tx_dropped`).
 const HELD_LIMIT: usize = 1 << 20;
 
-/// The error of a write(2)/writev(2) that returned `n` <= 0. A write of a non-empty buffer
-/// that returns 0 made no progress and never will (errno is not set then): an error too.
-fn write_error(n: isize) -> io::Error {
+/// What a write(2)/writev(2) of a non-empty buffer that returned `n` <= 0 means for the
+/// loop around it.
+#[derive(Debug)]
+enum Stall {
+    /// A signal came first (EINTR): write again.
+    Retry,
+    /// The host side is full (EAGAIN): wait for EPOLLOUT.
+    Blocked,
+    /// It will not get better: an error, or 0 bytes taken (no progress, and errno is
+    /// not set then).
+    Failed(io::Error),
+}
+
+/// Reads errno right after the write that returned `n`.
+fn stall(n: isize) -> Stall {
     if n == 0 {
-        io::Error::from(io::ErrorKind::WriteZero)
-    } else {
-        io::Error::last_os_error()
+        return Stall::Failed(io::Error::from(io::ErrorKind::WriteZero));
+    }
+    let err = io::Error::last_os_error();
+    match err.kind() {
+        io::ErrorKind::Interrupted => Stall::Retry,
+        io::ErrorKind::WouldBlock => Stall::Blocked,
+        _ => Stall::Failed(err),
     }
 }
 
@@ -275,11 +291,13 @@ impl Engine {
                 continue;
             }
             // A regular file taking nothing is an error too: do not retry for ever.
-            let err = write_error(n);
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            failed = Some(err);
+            failed = Some(match stall(n) {
+                Stall::Retry => continue,
+                // A file opened blocking does not say this; if it does, it is no state
+                // to wait in (files are not watched for EPOLLOUT).
+                Stall::Blocked => io::Error::from(io::ErrorKind::WouldBlock),
+                Stall::Failed(e) => e,
+            });
             break;
         }
         if let Some(e) = failed {
@@ -362,14 +380,11 @@ impl Engine {
                         .count(&port.stats, Counter::TxBytes, n as u64);
                     continue;
                 }
-                let err = write_error(n);
-                if err.kind() == io::ErrorKind::WouldBlock {
-                    return Flush::Blocked;
+                match stall(n) {
+                    Stall::Retry => continue,
+                    Stall::Blocked => return Flush::Blocked,
+                    Stall::Failed(_) => break,
                 }
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                break;
             }
             if !port.out_buf.is_empty() {
                 self.write_failed(idx, ring, mem, completed);
@@ -393,14 +408,11 @@ impl Engine {
                 }
                 continue;
             }
-            let err = write_error(n);
-            if err.kind() == io::ErrorKind::WouldBlock {
-                return Flush::Blocked;
+            match stall(n) {
+                Stall::Retry => continue,
+                Stall::Blocked => return Flush::Blocked,
+                Stall::Failed(_) => self.write_failed(idx, ring, mem, completed),
             }
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            self.write_failed(idx, ring, mem, completed);
         }
     }
 
@@ -457,5 +469,59 @@ impl Engine {
             }
             ring.notify(&mem);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pipe with a non-blocking write end: (read, write).
+    fn pipe() -> (i32, i32) {
+        let mut fds = [0i32; 2];
+        // SAFETY: fds has room for the two descriptors pipe2 writes.
+        let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        assert_eq!(r, 0);
+        (fds[0], fds[1])
+    }
+
+    fn write(fd: i32, buf: &[u8]) -> isize {
+        // SAFETY: writes from a live buffer of its length.
+        unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) }
+    }
+
+    #[test]
+    fn a_full_host_side_is_waited_for_and_a_gone_reader_is_a_failure() {
+        let (r, w) = pipe();
+        let chunk = [0u8; 65536];
+        let mut n;
+        loop {
+            n = write(w, &chunk);
+            if n <= 0 {
+                break;
+            }
+        }
+        assert!(matches!(stall(n), Stall::Blocked), "a full pipe");
+        // SAFETY: r is ours and closed once.
+        unsafe { libc::close(r) };
+        // The Rust runtime ignores SIGPIPE: the write fails with EPIPE.
+        let n = write(w, &chunk[..1]);
+        match stall(n) {
+            Stall::Failed(e) => assert_eq!(e.raw_os_error(), Some(libc::EPIPE)),
+            other => panic!("EPIPE taken as {other:?}"),
+        }
+        // SAFETY: w is ours and closed once.
+        unsafe { libc::close(w) };
+    }
+
+    #[test]
+    fn no_progress_is_a_failure_and_a_signal_is_a_retry() {
+        match stall(0) {
+            Stall::Failed(e) => assert_eq!(e.kind(), io::ErrorKind::WriteZero),
+            other => panic!("0 bytes taken as {other:?}"),
+        }
+        // SAFETY: errno is this thread's; set as a write interrupted by a signal sets it.
+        unsafe { *libc::__errno_location() = libc::EINTR };
+        assert!(matches!(stall(-1), Stall::Retry));
     }
 }
