@@ -367,7 +367,7 @@ pub fn compare_guest_blk(a: &CompareGuestBlkArgs) -> Result<Section, CompareErro
             bound.into(),
             format!("vhost-blk-backend: `--num-queues 1 --queue-size {QUEUE_SIZE}` (O_DIRECT, io_uring); qemu-storage-daemon: `driver=file,aio=io_uring,cache.direct=on`, vhost-user-blk export, 1 queue; both as `vhost-user-blk-pci,num-queues=1,queue-size={QUEUE_SIZE}`."),
             format!("QEMU virtio-blk: `-drive file=...,if=none,format=raw,cache=none,aio=io_uring` + `virtio-blk-pci,num-queues=1,queue-size={QUEUE_SIZE}`, served in QEMU's main loop (no iothread)."),
-            "With the image in memory (tmpfs, the default `--dir /dev/shm`) vhost-blk-backend reads and writes inline (preadv2/pwritev2 on its queue thread) instead of through io_uring; `--dir /var/tmp` measures its io_uring path.".into(),
+            "With the image in memory (tmpfs, the default `--dir /dev/shm`) vhost-blk-backend's I/O engine is `mapped` (`--io-engine auto` on tmpfs: reads and writes are memory copies through a shared mapping of the file, on its queue thread, so a request completes before the next is taken) instead of io_uring; `--dir /var/tmp` measures its io_uring path.".into(),
             "Guest interrupts per I/O: the disk's interrupts in the guest over the I/Os it completed (ramp included); fewer means completions were batched or suppressed, which under TCG buys IOPS.".into(),
         ],
     };

@@ -77,6 +77,13 @@ pub enum HaltPollError {
         /// The parameter file.
         path: PathBuf,
     },
+    /// The parameter exists (the haltpoll governor is built in) but another governor
+    /// runs, and only haltpoll reads it: setting it would change nothing.
+    #[error("--guest-halt-poll-ns: the cpuidle governor here is {governor}, and only the haltpoll governor reads guest_halt_poll_ns: the run would not have the setting it asks for (its idle vCPUs behave as they do without the flag); run without --guest-halt-poll-ns")]
+    OtherGovernor {
+        /// The governor in use.
+        governor: String,
+    },
     /// The parameter could not be read.
     #[error("--guest-halt-poll-ns: cannot read {}: {source}", path.display())]
     Read {
@@ -271,6 +278,13 @@ impl HaltPollGuard {
                 text: previous,
             });
         }
+        // An unknown governor (no cpuidle sysfs) is given the benefit of the doubt.
+        if let Some(governor) = IdleSetting::read(sysfs)
+            .governor
+            .filter(|g| g != "haltpoll")
+        {
+            return Err(HaltPollError::OtherGovernor { governor });
+        }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         // Installed before the write: a signal in between puts back a value that is
         // still there, which is harmless.
@@ -302,16 +316,6 @@ impl HaltPollGuard {
             "guest_halt_poll_ns set to {ns} for this run (was {}; put back at the end)",
             guard.previous
         );
-        // The parameter exists whenever the governor is built in; say so when it is not
-        // the one in use (the header says it too).
-        if let Some(g) = IdleSetting::read(sysfs)
-            .governor
-            .filter(|g| g != "haltpoll")
-        {
-            eprintln!(
-                "bench: WARNING: the cpuidle governor is {g}, not haltpoll: --guest-halt-poll-ns changes nothing"
-            );
-        }
         LIVE.lock().unwrap_or_else(|e| e.into_inner()).push((
             id,
             guard.path.clone(),
@@ -627,6 +631,26 @@ mod tests {
         std::fs::create_dir_all(root.path().join(PARAM)).unwrap();
         let e = HaltPollGuard::set(root.path(), 1).unwrap_err();
         assert!(matches!(e, HaltPollError::Read { .. }), "{e:?}");
+    }
+
+    /// The parameter exists whenever the haltpoll governor is built in, but only that
+    /// governor reads it: under another one the flag would change nothing, and a table
+    /// headed "--guest-halt-poll-ns 200000" would claim a condition the run did not have.
+    #[test]
+    fn refuses_a_machine_whose_governor_does_not_read_the_parameter() {
+        let root = fake_sysfs(&[(DRIVER, "none\n"), (GOVERNOR, "menu\n"), (PARAM, "0\n")]);
+        let e = HaltPollGuard::set(root.path(), 200_000).unwrap_err();
+        assert!(matches!(e, HaltPollError::OtherGovernor { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains("menu"), "{msg}");
+        assert!(msg.contains("run without --guest-halt-poll-ns"), "{msg}");
+        assert_eq!(param(&root), "0\n", "touched the parameter");
+        // The haltpoll governor (read-only file on some kernels) is accepted.
+        let root = fake_sysfs(&[(GOVERNOR_RO, "haltpoll\n"), (PARAM, "0\n")]);
+        let g = HaltPollGuard::set(root.path(), 5).unwrap();
+        assert_eq!(param(&root), "5\n");
+        drop(g);
+        assert_eq!(param(&root), "0\n");
     }
 
     #[test]
