@@ -26,6 +26,11 @@ use crate::chain::Chain;
 use crate::memory::GuestMem;
 use crate::ring::Ring;
 
+/// Times one [`RingPass::pop`] looks again after turning kicks on found chains that `pop`
+/// then did not (a guest moving its avail index back and forth while we look). Past it
+/// the pass ends as if its budget were spent: kicks off, the device comes back on its own.
+const RECHECKS: usize = 8;
+
 /// Why a pass stopped taking chains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PassEnd {
@@ -64,7 +69,8 @@ impl RingPass {
     }
 
     /// Takes the next chain into `chain`, with kicks off. False when the pass should
-    /// stop ([`RingPass::end`] says why): the budget is spent (kicks stay off), the ring
+    /// stop ([`RingPass::end`] says why): the budget is spent (kicks stay off; also when
+    /// the avail index kept moving back and forth under it, see `RECHECKS`), the ring
     /// is empty (kicks are on again, after a last look that found nothing published
     /// meanwhile), or the ring's round is spent. Calling it again after an empty ring
     /// looks once more, within the same budget.
@@ -77,7 +83,7 @@ impl RingPass {
             self.end = PassEnd::Budget;
             return false;
         }
-        loop {
+        for _ in 0..=RECHECKS {
             if ring.pop(mem, chain) {
                 self.taken += 1;
                 self.end = PassEnd::Open;
@@ -93,11 +99,15 @@ impl RingPass {
                 self.end = PassEnd::Empty;
                 return false;
             }
-            // Chains came while kicks were going back on: take them with kicks off.
-            // Bounded: each turn either takes a chain, or spends the round, or finds the
-            // ring empty or broken (`enable_notification` is false for both).
+            // Chains came while kicks were going back on: take them with kicks off. A
+            // driver that publishes them takes them on the next turn (or spends the
+            // round, or breaks the ring); only one that moves its avail index back and
+            // forth under us makes `enable_notification` see chains `pop` then does not,
+            // and that is what the bound is for.
             ring.disable_notification(mem);
         }
+        self.end = PassEnd::Budget;
+        false
     }
 
     /// Ends the pass before the ring is empty, with kicks off (the device comes back on

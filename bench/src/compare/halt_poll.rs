@@ -79,9 +79,9 @@ pub enum HaltPollError {
     },
     /// The parameter exists (the haltpoll governor is built in) but another governor
     /// runs, and only haltpoll reads it: setting it would change nothing.
-    #[error("--guest-halt-poll-ns: the cpuidle governor here is {governor}, and only the haltpoll governor reads guest_halt_poll_ns: the run would not have the setting it asks for (its idle vCPUs behave as they do without the flag); run without --guest-halt-poll-ns")]
+    #[error("--guest-halt-poll-ns: this machine idles with {governor}, and only the haltpoll governor reads guest_halt_poll_ns: the run would not have the setting it asks for (its idle vCPUs behave as they do without the flag); run without --guest-halt-poll-ns")]
     OtherGovernor {
-        /// The governor in use.
+        /// What idles this machine instead ("the menu governor", "no cpuidle driver").
         governor: String,
     },
     /// The parameter could not be read.
@@ -278,11 +278,18 @@ impl HaltPollGuard {
                 text: previous,
             });
         }
-        // An unknown governor (no cpuidle sysfs) is given the benefit of the doubt.
-        if let Some(governor) = IdleSetting::read(sysfs)
-            .governor
-            .filter(|g| g != "haltpoll")
-        {
+        // An unknown governor (no cpuidle sysfs) is given the benefit of the doubt; with
+        // the driver `none` no governor runs at all.
+        let idle = IdleSetting::read(sysfs);
+        let unused = match (idle.driver.as_deref(), idle.governor) {
+            (Some("none"), g) => Some(format!(
+                "no cpuidle driver (governor {})",
+                g.as_deref().unwrap_or("unknown")
+            )),
+            (_, Some(g)) if g != "haltpoll" => Some(format!("the {g} governor")),
+            _ => None,
+        };
+        if let Some(governor) = unused {
             return Err(HaltPollError::OtherGovernor { governor });
         }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -644,6 +651,11 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("menu"), "{msg}");
         assert!(msg.contains("run without --guest-halt-poll-ns"), "{msg}");
+        assert_eq!(param(&root), "0\n", "touched the parameter");
+        // No cpuidle driver: no governor runs, whatever the file says.
+        let root = fake_sysfs(&[(DRIVER, "none\n"), (GOVERNOR, "haltpoll\n"), (PARAM, "0\n")]);
+        let e = HaltPollGuard::set(root.path(), 200_000).unwrap_err();
+        assert!(e.to_string().contains("no cpuidle driver"), "{e}");
         assert_eq!(param(&root), "0\n", "touched the parameter");
         // The haltpoll governor (read-only file on some kernels) is accepted.
         let root = fake_sysfs(&[(GOVERNOR_RO, "haltpoll\n"), (PARAM, "0\n")]);
