@@ -28,7 +28,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vhost_tests::in_process::InProcessServer;
 use vhost_user_device::device::read_config_bytes;
 use vhost_user_device::{
-    Chain, DeviceError, GuestMem, QueueStats, QueueWorker, RingPass, Rings, VhostUserDevice,
+    Chain, DeviceError, GuestMem, PassEnd, QueueStats, QueueWorker, RingPass, Rings,
+    VhostUserDevice,
 };
 
 /// Largest ring the echo device accepts.
@@ -181,19 +182,25 @@ impl QueueWorker for EchoWorker {
         let mem = ring.memory();
         let mut completed = false;
         // No budget: the tests' own frontend is the only driver (a real device's budget
-        // would need a way back, as blk's `more`).
-        let mut pass = RingPass::new(usize::MAX);
-        while pass.pop(ring, &mem, &mut self.chain) {
-            if self.control.hold.load(Ordering::SeqCst) {
-                self.held.push(Held {
-                    queue: ring.index(),
-                    chain: self.chain.clone(),
-                });
-                self.control.held.fetch_add(1, Ordering::SeqCst);
-            } else {
-                let len = echo(&mem, &self.chain);
-                ring.add_used(&mem, self.chain.head, len);
-                completed = true;
+        // would need a way back, as blk's `more`). A pass can still end as `Budget` when
+        // the avail index moves back and forth under it: then simply look again.
+        loop {
+            let mut pass = RingPass::new(usize::MAX);
+            while pass.pop(ring, &mem, &mut self.chain) {
+                if self.control.hold.load(Ordering::SeqCst) {
+                    self.held.push(Held {
+                        queue: ring.index(),
+                        chain: self.chain.clone(),
+                    });
+                    self.control.held.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    let len = echo(&mem, &self.chain);
+                    ring.add_used(&mem, self.chain.head, len);
+                    completed = true;
+                }
+            }
+            if pass.end() != PassEnd::Budget {
+                break;
             }
         }
         if completed {
