@@ -514,22 +514,23 @@ pub(crate) fn test_shared_queues(image: &std::path::Path, num_queues: u16) -> Ar
 mod tests {
     use super::*;
 
-    fn shared(dir: &std::path::Path) -> Arc<BlkShared> {
+    /// A 1 MiB image in `dir`.
+    fn image(dir: &std::path::Path) -> std::path::PathBuf {
         let image = dir.join("disk.img");
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(1 << 20))
             .expect("image");
-        test_shared(&image)
+        image
+    }
+
+    fn shared(dir: &std::path::Path) -> Arc<BlkShared> {
+        test_shared(&image(dir))
     }
 
     #[test]
     fn requests_in_flight_are_summed_over_queues_and_a_wrong_count_reads_as_busy() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let image = dir.path().join("disk.img");
-        std::fs::File::create(&image)
-            .and_then(|f| f.set_len(1 << 20))
-            .expect("image");
-        let s = test_shared_queues(&image, 2);
+        let s = test_shared_queues(&image(dir.path()), 2);
         assert_eq!(s.in_flight(), 0);
         s.queue_stats[0].in_flight.store(3, Ordering::Release);
         s.queue_stats[1].in_flight.store(2, Ordering::Release);

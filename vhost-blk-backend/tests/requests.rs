@@ -244,19 +244,11 @@ fn check_discard_and_write_zeroes(b: &TestBackend) {
 
 #[test]
 fn config_space_describes_the_disk() {
-    let b = TestBackend::start(BackendConfig {
+    let (b, mut fe) = with_every_queue(BackendConfig {
         num_queues: 2,
         block_size: 4096,
         ..Default::default()
     });
-    let mut fe = TestFrontend::connect(
-        b.socket(),
-        FrontendOptions {
-            num_queues: 2,
-            ..Default::default()
-        },
-    )
-    .expect("connect");
     let c = fe.config(0, 60).expect("config");
     let u64at = |o: usize| u64::from_le_bytes(c[o..o + 8].try_into().unwrap());
     let u32at = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
@@ -549,18 +541,10 @@ fn requests_beyond_the_advertised_size_limits_are_refused() {
 /// from the last queue to the first, and every block is read back.
 #[test]
 fn sixteen_queues_each_carry_their_own_data() {
-    let b = TestBackend::start(BackendConfig {
+    let (_b, mut fe) = with_every_queue(BackendConfig {
         num_queues: 16,
         ..Default::default()
     });
-    let mut fe = TestFrontend::connect(
-        b.socket(),
-        FrontendOptions {
-            num_queues: 16,
-            ..Default::default()
-        },
-    )
-    .expect("connect");
     let data = |q: u16| vec![0xa0 + q as u8; 4096];
     let writes: Vec<_> = (0..16u16)
         .map(|q| {
@@ -591,18 +575,10 @@ fn sixteen_queues_each_carry_their_own_data() {
 
 #[test]
 fn device_counters_are_the_sums_of_every_queue() {
-    let b = TestBackend::start(BackendConfig {
+    let (b, mut fe) = with_every_queue(BackendConfig {
         num_queues: 2,
         ..Default::default()
     });
-    let mut fe = TestFrontend::connect(
-        b.socket(),
-        FrontendOptions {
-            num_queues: 2,
-            ..Default::default()
-        },
-    )
-    .expect("connect");
     // Queue 0: three 4 KiB writes; queue 1: two 8 KiB reads and one 4 KiB write.
     for i in 0..3u64 {
         let r = blk_req(&mut fe, req_type::OUT, i * 8, 4096);
@@ -631,4 +607,19 @@ fn device_counters_are_the_sums_of_every_queue() {
     assert_eq!(b.shared.in_flight(), 0);
     // Each queue's peak was one request at a time.
     assert_eq!(b.shared.stats.in_flight_peak.load(Relaxed), 1);
+}
+
+/// A backend started with `cfg` and a frontend that set up every one of its queues.
+fn with_every_queue(cfg: BackendConfig) -> (TestBackend, TestFrontend) {
+    let num_queues = cfg.num_queues;
+    let b = TestBackend::start(cfg);
+    let fe = TestFrontend::connect(
+        b.socket(),
+        FrontendOptions {
+            num_queues,
+            ..Default::default()
+        },
+    )
+    .expect("connect");
+    (b, fe)
 }

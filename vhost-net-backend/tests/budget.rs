@@ -133,13 +133,7 @@ fn control_queue_flood_does_not_keep_its_worker() {
     if !enter_netns("control_queue_flood_does_not_keep_its_worker") {
         return;
     }
-    // A big ring, so the worker has a long run of commands before it could ever run dry.
-    let be = TestBackend::start(Config {
-        queue_size: 1024,
-        ..Config::default()
-    });
-    let mut fe = be.connect();
-    let sock = PacketSocket::open(TAP, false);
+    let (_be, mut fe, sock) = big_rings();
     // One heavy command (a MAC table of about 60 KiB), shared by every chain through one
     // indirect table.
     let macs = (60 * 1024) / 6;
@@ -160,16 +154,37 @@ fn control_queue_flood_does_not_keep_its_worker() {
     fe.wait(1, 1).expect("tx completion while flooded");
     sock.recv_matching(T, |f| has_tag(f, 0xc100))
         .expect("tx frame while flooded");
-    let rx = post_rx(&mut fe, 0, 4, 2048);
-    let frame = test_frame(GUEST_MAC, HOST_MAC, 0xc101, 200);
-    sock.send(None, &frame).expect("send");
-    let mut pending = Vec::new();
-    let (_, _, data) = recv_rx(&mut fe, 0, &rx, &mut pending);
-    assert_eq!(data, frame);
+    assert_rx_moves(&mut fe, &sock, 0xc101);
 
     // The control queue's worker still answers the frontend: stopping the flooded ring
     // (GET_VRING_BASE) needs it to leave its loop.
     flood.stop_answers(&mut fe, 64);
+}
+
+/// A backend with 1024-entry rings (a long run of chains before a flooded ring could ever
+/// run dry), a frontend connected to it and a packet socket on its tap.
+fn big_rings() -> (
+    TestBackend,
+    vhost_tests::frontend::TestFrontend,
+    PacketSocket,
+) {
+    let be = TestBackend::start(Config {
+        queue_size: 1024,
+        ..Config::default()
+    });
+    let fe = be.connect();
+    let sock = PacketSocket::open(TAP, false);
+    (be, fe, sock)
+}
+
+/// A frame sent on the tap with `tag` reaches the guest, whole.
+fn assert_rx_moves(fe: &mut vhost_tests::frontend::TestFrontend, sock: &PacketSocket, tag: u32) {
+    let rx = post_rx(fe, 0, 4, 2048);
+    let frame = test_frame(GUEST_MAC, HOST_MAC, tag, 200);
+    sock.send(None, &frame).expect("send");
+    let mut pending = Vec::new();
+    let (_, _, data) = recv_rx(fe, 0, &rx, &mut pending);
+    assert_eq!(data, frame);
 }
 
 /// A flooding driver: every chain of one queue re-posted as soon as it comes back, with a
@@ -287,23 +302,13 @@ fn tx_flood_of_dropped_frames_does_not_keep_its_worker() {
     if !enter_netns("tx_flood_of_dropped_frames_does_not_keep_its_worker") {
         return;
     }
-    let be = TestBackend::start(Config {
-        queue_size: 1024,
-        ..Config::default()
-    });
-    let mut fe = be.connect();
-    let sock = PacketSocket::open(TAP, false);
+    let (be, mut fe, sock) = big_rings();
     let short = fe.alloc(4);
     let table = fe.alloc(16);
     let flood = Flood::start(&mut fe, 1, table, &[Buf::ro(short, 4)]);
 
     // RX, served by the same worker, still moves.
-    let rx = post_rx(&mut fe, 0, 4, 2048);
-    let frame = test_frame(GUEST_MAC, HOST_MAC, 0xc201, 200);
-    sock.send(None, &frame).expect("send");
-    let mut pending = Vec::new();
-    let (_, _, data) = recv_rx(&mut fe, 0, &rx, &mut pending);
-    assert_eq!(data, frame);
+    assert_rx_moves(&mut fe, &sock, 0xc201);
     assert!(be.drops(1, vhost_net_backend::stats::DropReason::ShortChain) > 256);
 
     flood.stop_answers(&mut fe, 256);
