@@ -130,11 +130,6 @@ impl RingPass {
     pub fn end(&self) -> PassEnd {
         self.end
     }
-
-    /// Whether the ring was left empty with kicks on.
-    pub fn drained(&self) -> bool {
-        self.end == PassEnd::Empty
-    }
 }
 
 #[cfg(test)]
@@ -175,7 +170,7 @@ mod tests {
         let mut pass = RingPass::new(64);
         assert_eq!(heads_of_pass(&mut ring, &mem, &mut pass), [0, 1, 2, 3, 4]);
         assert_eq!(pass.end(), PassEnd::Empty);
-        assert!(pass.drained());
+        assert_eq!(pass.end(), PassEnd::Empty);
         assert_eq!(pass.taken(), 5);
         assert!(!kicks_off(&mem), "an empty ring leaves kicks on");
         // Chains published later are found by the same pass, within its budget.
@@ -196,7 +191,6 @@ mod tests {
         let mut pass = RingPass::new(4);
         assert_eq!(heads_of_pass(&mut ring, &mem, &mut pass), [0, 1, 2, 3]);
         assert_eq!(pass.end(), PassEnd::Budget);
-        assert!(!pass.drained());
         assert!(
             kicks_off(&mem),
             "the device comes back on its own: no kicks"
@@ -208,7 +202,7 @@ mod tests {
             heads_of_pass(&mut ring, &mem, &mut next),
             [4, 5, 6, 7, 8, 9]
         );
-        assert!(next.drained());
+        assert_eq!(next.end(), PassEnd::Empty);
     }
 
     #[test]
@@ -249,7 +243,7 @@ mod tests {
         let mut pass = RingPass::new(64);
         let mut chain = Chain::default();
         assert!(!pass.pop(&mut ring, &mem, &mut chain));
-        assert!(pass.drained());
+        assert_eq!(pass.end(), PassEnd::Empty);
         assert_eq!(pass.taken(), 0);
         assert!(!kicks_off(&mem));
         // A zero budget takes nothing even from a full ring, and leaves kicks off.

@@ -18,12 +18,15 @@ use super::{fill_random, wait_socket, CompareError};
 use crate::load::blk::{self, parse_duration, parse_size, BlkLoadArgs, Rw};
 use crate::load::cpu_seconds;
 
+/// `--dirs` when not given: tmpfs, then a disk file system.
+const DEFAULT_DIRS: &str = "/dev/shm,/var/tmp";
+
 /// Options of `bench compare blk`.
 #[derive(Args, Debug)]
 pub struct CompareBlkArgs {
     /// Directories for the test image, comma-separated: tmpfs (/dev/shm) and a disk file
     /// system (/var/tmp) by default; each gets its own set of rows.
-    #[arg(long, value_delimiter = ',', default_value = "/dev/shm,/var/tmp")]
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_DIRS)]
     dirs: Vec<PathBuf>,
     /// Image size.
     #[arg(long, default_value = "1g", value_parser = parse_size)]
@@ -407,12 +410,12 @@ pub fn compare_blk(a: &CompareBlkArgs) -> Result<Section, CompareError> {
 
 /// The `--dirs` of the command line that measured `dirs` ("" for the default).
 fn dirs_option(dirs: &[PathBuf]) -> String {
-    let default = [Path::new("/dev/shm"), Path::new("/var/tmp")];
-    if dirs.iter().map(PathBuf::as_path).eq(default) {
+    let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    let list = list.join(",");
+    if list == DEFAULT_DIRS {
         return String::new();
     }
-    let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    format!(" --dirs {}", list.join(","))
+    format!(" --dirs {list}")
 }
 
 /// Runs every case on a fresh image in `work`, appending rows named `"<kind>: <case>"`.
